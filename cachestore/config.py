@@ -1,0 +1,67 @@
+"""Store configuration: one frozen, validated value object built at the edge from CLI flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+KINDS = ("anchor", "waypoint", "evict", "shutdown")
+"""Checkpoint kinds (ds4 vocabulary): cold anchor, continued waypoint, evict-time and shutdown-time stores."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Settings of one store directory.
+
+    Fields (units in the name or noted):
+      directory: store root; created with mode 0o700 if missing.
+      disk_budget_bytes: upper bound on the sum of payload sizes, bytes (``--kv-cache-disk-mb``).
+      min_tokens: no checkpoint shorter than this is planned, tokens (``--kv-cache-min-tokens``).
+      cold_max_tokens: a cold anchor longer than this is skipped, tokens; checked against the
+        anchor, never the prompt (store case C2) and never on load (C3).
+      continued_interval_tokens: waypoint spacing, tokens; rounded UP to a multiple of
+        ``boundary_align_tokens`` (see ``interval_tokens``).
+      boundary_trim_tokens: tokens dropped from the end of a cold prompt without an anchor
+        before aligning down (ds4: the last BPE tokens change when text is appended).
+      boundary_align_tokens: alignment of trimmed cold stores and of waypoints, tokens (>= 1).
+      hit_half_life_s: half-life of the hit count in the eviction score, seconds.
+
+    Raises ValueError on a non-positive or non-integer count, a negative trim or a
+    non-positive half-life.
+    """
+
+    directory: Path
+    disk_budget_bytes: int = 4096 * 2**20
+    min_tokens: int = 512
+    cold_max_tokens: int = 30000
+    continued_interval_tokens: int = 10000
+    boundary_trim_tokens: int = 32
+    boundary_align_tokens: int = 2048
+    hit_half_life_s: float = 6 * 3600
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", Path(self.directory))
+        positive = (
+            "disk_budget_bytes",
+            "min_tokens",
+            "cold_max_tokens",
+            "continued_interval_tokens",
+            "boundary_align_tokens",
+        )
+        for name in positive + ("boundary_trim_tokens",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"StoreConfig.{name} must be an int, got {value!r}")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"StoreConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.boundary_trim_tokens < 0:
+            raise ValueError(f"StoreConfig.boundary_trim_tokens must be >= 0, got {self.boundary_trim_tokens}")
+        if not self.hit_half_life_s > 0:
+            raise ValueError(f"StoreConfig.hit_half_life_s must be > 0 seconds, got {self.hit_half_life_s!r}")
+
+    @property
+    def interval_tokens(self) -> int:
+        """Waypoint interval in tokens: ``continued_interval_tokens`` rounded up to a multiple of the alignment."""
+        align = self.boundary_align_tokens
+        return -(-self.continued_interval_tokens // align) * align

@@ -1,0 +1,49 @@
+"""Index row value objects shared by the store and the eviction policy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One index row: a checkpoint of ``n_tokens`` tokens stored in one payload file.
+
+    id: fresh unique hex id (also the payload file stem; never reused).
+    kind: one of ``KINDS``.  namespace / model_id: part of every key (case C9).
+    n_tokens: checkpoint length, tokens.  payload_name: file name under ``payloads/``.
+    payload_bytes: payload size, bytes.  checksum: xxh3_64 hex digest of the payload file.
+    created / last_used: unix seconds.  hits: times the checkpoint was reused (``touch``).
+    text_preview: first ~80 characters of the text, for ``cache ls``.
+    quarantined: empty for a usable row; otherwise the reason it is never returned again (C11).
+    """
+
+    id: str
+    kind: str
+    namespace: str
+    model_id: str
+    n_tokens: int
+    payload_name: str
+    payload_bytes: int
+    checksum: str
+    created: float
+    last_used: float
+    hits: int
+    text_preview: str = ""
+    quarantined: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Entry":
+        return cls(**json.loads(bytes(raw)))
+
+
+@dataclass(frozen=True)
+class Hit:
+    """Result of ``CheckpointStore.lookup``: the entry and its length in tokens (== entry.n_tokens)."""
+
+    entry: Entry
+    n_tokens: int

@@ -1,0 +1,391 @@
+"""The one LMDB wrapper of the store: environment lifecycle, transactions and the on-disk layout.
+
+Layout (named sub-databases of one environment at ``<store>/index/``):
+  rows    entry id (ascii)            -> Entry as JSON (quarantined rows keep a ``quarantined`` reason)
+  tokens  entry id (ascii)            -> the entry's token ids, packed little-endian uint32
+  nodes   chain node c_k (16 bytes)   -> uint32 refcount + registrations (uint32 r, 16-byte tail hash, 32-byte id)
+  meta    b"live_bytes"               -> int64 sum of payload bytes of usable rows
+          b"qsum:" + checksum         -> reason: payload bytes that were quarantined and are never re-added
+
+Process rules (py-lmdb docs): one environment per path per process, shared by every
+``Index`` on that path in the process and opened lazily in the process that uses it; a
+handle inherited through fork is closed in the child and reopened. Every transaction runs
+in a ``with``; a write that fills the map doubles ``map_size`` and is retried; another
+process having grown the map (MapResizedError) is adopted with ``set_mapsize(0)``.
+Transactions of one process are serialised by a lock, so the map can be resized safely.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+
+from . import keys
+from .entry import Entry
+
+log = logging.getLogger("kvrouter.cachestore")
+
+T = TypeVar("T")
+
+INITIAL_MAP_SIZE = 1 << 30
+"""Starting map size, bytes (address space, not disk); doubled on MapFullError."""
+
+MAX_MAP_SIZE = 1 << 40
+_MAX_RETRIES = 16
+
+DB_NAMES = (b"rows", b"tokens", b"nodes", b"meta")
+
+# Every flag of lmdb.open, with the reason it has this value.
+ENV_FLAGS: dict[str, object] = {
+    "subdir": True,  # data.mdb + lock.mdb live in <store>/index/, apart from payloads/
+    "create": True,  # the first process to open a store directory creates the index
+    "readonly": False,  # workers write; a CLI that only lists still takes the same env
+    "lock": True,  # several workers, the router and the CLI share the env at once
+    "sync": True,  # a committed row survives power loss (its payload was fsynced first, C10)
+    "metasync": True,  # same: no window where the last commit can be lost
+    "map_async": False,  # only meaningful with writemap
+    "writemap": False,  # a stray write through a pointer cannot corrupt the file; map grows safely on macOS
+    "readahead": False,  # point reads of a few pages per lookup; read-ahead only evicts payload pages
+    "meminit": True,  # unused page bytes are zeroed: no leftover heap memory written to disk
+    "max_dbs": len(DB_NAMES) + 4,  # the named sub-databases above, with room for later ones
+    "max_readers": 254,  # one slot per concurrent reader thread across all processes on the host
+    "max_spare_txns": 0,  # a cached read txn holds a reader slot; nothing to inherit across fork
+    "mode": 0o600,  # index files private to the user (the directory itself is created 0o700 by us)
+}
+
+_NODE_HEAD = struct.Struct("<I")
+_REG = struct.Struct("<I16s32s")
+_I64 = struct.Struct("<q")
+_LIVE_BYTES = b"live_bytes"
+_QSUM = b"qsum:"
+
+
+@dataclass
+class _EnvHandle:
+    env: lmdb.Environment
+    dbs: dict[bytes, object]
+    pid: int
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    refs: int = 0
+
+
+_REGISTRY: dict[str, _EnvHandle] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _open_env(path: Path) -> _EnvHandle:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, **ENV_FLAGS)
+    cleared = env.reader_check()  # free reader slots of processes that died (kill -9) holding a read txn
+    if cleared:
+        log.info("index reader_check cleared %d stale readers path=%s", cleared, path)
+    dbs: dict[bytes, object] = {}
+    with env.begin(write=True) as txn:
+        for name in DB_NAMES:
+            dbs[name] = env.open_db(name, txn=txn)
+    return _EnvHandle(env=env, dbs=dbs, pid=os.getpid())
+
+
+class Txn:
+    """A transaction bound to the store's sub-databases; counts point reads for the lookup-cost test."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[bytes, object], index: "Index") -> None:
+        self._txn = txn
+        self._dbs = dbs
+        self._index = index
+
+    def get(self, db: bytes, key: bytes) -> bytes | None:
+        self._index.point_reads += 1
+        return self._txn.get(key, db=self._dbs[db])
+
+    def put(self, db: bytes, key: bytes, value: bytes) -> None:
+        self._txn.put(key, value, db=self._dbs[db])
+
+    def delete(self, db: bytes, key: bytes) -> bool:
+        return self._txn.delete(key, db=self._dbs[db])
+
+    def items(self, db: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Full scan of a sub-database (listing, eviction, open-time repair; never lookup)."""
+        self._index.scans += 1
+        with self._txn.cursor(db=self._dbs[db]) as cur:
+            for k, v in cur:
+                yield bytes(k), bytes(v)
+
+    # ---- layout helpers -------------------------------------------------------------
+
+    def row(self, entry_id: str) -> Entry | None:
+        raw = self.get(b"rows", entry_id.encode())
+        return Entry.from_json(raw) if raw is not None else None
+
+    def rows(self) -> list[Entry]:
+        return [Entry.from_json(v) for _, v in self.items(b"rows")]
+
+    def tokens(self, entry_id: str) -> bytes | None:
+        return self.get(b"tokens", entry_id.encode())
+
+    def live_bytes(self) -> int:
+        raw = self.get(b"meta", _LIVE_BYTES)
+        return _I64.unpack(raw)[0] if raw is not None else 0
+
+    def _add_live_bytes(self, delta: int) -> None:
+        self.put(b"meta", _LIVE_BYTES, _I64.pack(max(0, self.live_bytes() + delta)))
+
+    def set_live_bytes(self, value: int) -> None:
+        self.put(b"meta", _LIVE_BYTES, _I64.pack(value))
+
+    def quarantined_checksum(self, checksum: str) -> str | None:
+        raw = self.get(b"meta", _QSUM + checksum.encode())
+        return raw.decode() if raw is not None else None
+
+    def node(self, node: bytes) -> tuple[int, list[tuple[int, bytes, str]]] | None:
+        raw = self.get(b"nodes", node)
+        if raw is None:
+            return None
+        (refs,) = _NODE_HEAD.unpack_from(raw)
+        regs = [
+            (r, th, eid.decode())
+            for r, th, eid in _REG.iter_unpack(raw[_NODE_HEAD.size :])
+        ]
+        return refs, regs
+
+    def _put_node(self, node: bytes, refs: int, regs: list[tuple[int, bytes, str]]) -> None:
+        if refs <= 0 and not regs:
+            self.delete(b"nodes", node)
+            return
+        body = b"".join(_REG.pack(r, th, eid.encode()) for r, th, eid in regs)
+        self.put(b"nodes", node, _NODE_HEAD.pack(refs) + body)
+
+    def add_entry(self, entry: Entry, packed: bytes) -> None:
+        """Insert a usable row: row, tokens, refcounts on c_0..c_q and the registration at c_q."""
+        root = keys.root_key(entry.model_id, entry.namespace)
+        path = keys.path_nodes(root, packed)
+        q, r = keys.split(entry.n_tokens)
+        for k, node in enumerate(path):
+            refs, regs = self.node(node) or (0, [])
+            if k == q:
+                regs.append((r, keys.tail_hash(node, packed[q * keys.BLOCK_TOKENS * 4 :]), entry.id))
+            self._put_node(node, refs + 1, regs)
+        self.put(b"rows", entry.id.encode(), entry.to_json())
+        self.put(b"tokens", entry.id.encode(), packed)
+        self._add_live_bytes(entry.payload_bytes)
+
+    def _unregister(self, entry: Entry) -> None:
+        packed = self.tokens(entry.id)
+        if packed is None:
+            return
+        root = keys.root_key(entry.model_id, entry.namespace)
+        path = keys.path_nodes(root, packed)
+        q, _ = keys.split(entry.n_tokens)
+        for k, node in enumerate(path):
+            found = self.node(node)
+            if found is None:
+                continue
+            refs, regs = found
+            if k == q:
+                regs = [reg for reg in regs if reg[2] != entry.id]
+            self._put_node(node, refs - 1, regs)
+        self.delete(b"tokens", entry.id.encode())
+        self._add_live_bytes(-entry.payload_bytes)
+
+    def remove_entry(self, entry_id: str) -> Entry | None:
+        """Delete a row (usable or quarantined) and its keys; returns the removed row."""
+        entry = self.row(entry_id)
+        if entry is None:
+            return None
+        if not entry.quarantined:
+            self._unregister(entry)
+        self.delete(b"tokens", entry_id.encode())
+        self.delete(b"rows", entry_id.encode())
+        return entry
+
+    def quarantine_entry(self, entry_id: str, reason: str, bad_checksum: str | None) -> Entry | None:
+        """Unregister a row's keys, keep the row with its reason, and remember the bad payload checksum."""
+        if bad_checksum:
+            self.put(b"meta", _QSUM + bad_checksum.encode(), reason.encode())
+        entry = self.row(entry_id)
+        if entry is None or entry.quarantined:
+            return entry
+        self._unregister(entry)
+        marked = Entry(**{**entry.__dict__, "quarantined": reason or "unspecified"})
+        self.put(b"rows", entry_id.encode(), marked.to_json())
+        return marked
+
+    def update_row(self, entry: Entry) -> None:
+        self.put(b"rows", entry.id.encode(), entry.to_json())
+
+    def find_exact(self, model_id: str, namespace: str, packed: bytes) -> Entry | None:
+        """The usable row holding exactly these tokens, or None (one node read plus the confirmation reads)."""
+        n = len(packed) // 4
+        q, r = keys.split(n)
+        node = keys.path_nodes(keys.root_key(model_id, namespace), packed)[q]
+        found = self.node(node)
+        if found is None:
+            return None
+        th = keys.tail_hash(node, packed[q * keys.BLOCK_TOKENS * 4 :])
+        for rr, tth, eid in found[1]:
+            if rr == r and tth == th:
+                entry = self._confirm(eid, model_id, namespace, packed, n)
+                if entry is not None:
+                    return entry
+        return None
+
+    def find_longest(self, model_id: str, namespace: str, packed: bytes) -> Entry | None:
+        """Longest usable row whose tokens are exactly a prefix of ``packed``.
+
+        Walks c_0, c_1, ... and stops at the first absent node, then searches registrations
+        from the deepest node back: at most len/64 + 1 node reads plus two reads per
+        confirmed candidate.
+        """
+        n = len(packed) // 4
+        root = keys.root_key(model_id, namespace)
+        first = self.node(root)
+        if first is None:
+            return None
+        chain: list[tuple[bytes, list[tuple[int, bytes, str]]]] = [(root, first[1])]
+        for node in keys.iter_nodes(root, packed):
+            found = self.node(node)
+            if found is None:
+                break
+            chain.append((node, found[1]))
+        step = keys.BLOCK_TOKENS * 4
+        for k in range(len(chain) - 1, -1, -1):
+            node, regs = chain[k]
+            base = k * keys.BLOCK_TOKENS
+            fitting = sorted((reg for reg in regs if base + reg[0] <= n), key=lambda reg: -reg[0])
+            tails: dict[int, bytes] = {}
+            for r, th, eid in fitting:
+                if r not in tails:
+                    tails[r] = keys.tail_hash(node, packed[k * step : k * step + 4 * r])
+                if tails[r] != th:
+                    continue
+                entry = self._confirm(eid, model_id, namespace, packed, base + r)
+                if entry is not None:
+                    return entry
+        return None
+
+    def _confirm(self, eid: str, model_id: str, namespace: str, packed: bytes, n: int) -> Entry | None:
+        entry = self.row(eid)
+        if (
+            entry is None
+            or entry.quarantined
+            or entry.model_id != model_id
+            or entry.namespace != namespace
+            or entry.n_tokens != n
+        ):
+            return None
+        stored = self.tokens(eid)
+        if stored is None or stored != packed[: 4 * n]:
+            return None
+        return entry
+
+
+class Index:
+    """LMDB index of one store directory (``path`` is the environment directory).
+
+    ``point_reads`` / ``scans`` count ``Txn.get`` calls and full sub-database scans made
+    through this object (a cheap way for tests to assert that lookup never scans).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.point_reads = 0
+        self.scans = 0
+        self._handle: _EnvHandle | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    def _acquire(self) -> _EnvHandle:
+        pid = os.getpid()
+        handle = self._handle
+        if handle is not None and handle.pid == pid:
+            return handle
+        key = os.path.realpath(self.path)
+        with _REGISTRY_LOCK:
+            shared = _REGISTRY.get(key)
+            if shared is not None and shared.pid != pid:
+                # Inherited through fork: LMDB handles must not be used in the child. Closing
+                # it here is safe (fcntl locks are not inherited) and lets us reopen.
+                try:
+                    shared.env.close()
+                except lmdb.Error:
+                    pass
+                del _REGISTRY[key]
+                shared = None
+            if shared is None:
+                shared = _open_env(self.path)
+                _REGISTRY[key] = shared
+            shared.refs += 1
+            self._handle = shared
+            return shared
+
+    def close(self) -> None:
+        """Drop this object's share of the environment; the last share in the process closes it."""
+        handle, self._handle = self._handle, None
+        if handle is None or handle.pid != os.getpid():
+            return
+        key = os.path.realpath(self.path)
+        with _REGISTRY_LOCK:
+            handle.refs -= 1
+            if handle.refs <= 0:
+                with handle.lock:
+                    handle.env.close()
+                if _REGISTRY.get(key) is handle:
+                    del _REGISTRY[key]
+
+    # ---- transactions -----------------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[Txn]:
+        """A read transaction (consistent snapshot)."""
+        handle = self._acquire()
+        with handle.lock:
+            for attempt in range(_MAX_RETRIES):
+                try:
+                    txn = handle.env.begin(write=False)
+                except lmdb.MapResizedError:
+                    handle.env.set_mapsize(0)  # another process grew the map: adopt its size
+                    continue
+                with txn:
+                    yield Txn(txn, handle.dbs, self)
+                return
+            raise lmdb.MapResizedError("map resized repeatedly while beginning a read transaction")
+
+    def write(self, fn: Callable[[Txn], T]) -> T:
+        """Run ``fn`` in one write transaction and commit; retried after growing the map when full.
+
+        ``fn`` may run more than once, so it must only touch the transaction. Raises the
+        lmdb.Error of any other failure (the transaction is aborted).
+        """
+        handle = self._acquire()
+        with handle.lock:
+            for attempt in range(_MAX_RETRIES):
+                try:
+                    with handle.env.begin(write=True) as txn:
+                        return fn(Txn(txn, handle.dbs, self))
+                except lmdb.MapResizedError:
+                    handle.env.set_mapsize(0)
+                except lmdb.MapFullError:
+                    size = handle.env.info()["map_size"]
+                    if size >= MAX_MAP_SIZE:
+                        raise
+                    handle.env.set_mapsize(size * 2)
+                    log.info("index map grown to %d MiB path=%s", size * 2 >> 20, self.path)
+            raise lmdb.MapFullError("index write retried too many times")

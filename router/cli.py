@@ -1,0 +1,196 @@
+"""The `kvrouter` command line: `serve` (router + local workers) and `worker`
+(one worker process alone). Flags are parsed here, at the edge, into frozen
+config dataclasses; nothing below reads argparse namespaces."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from router import __version__
+
+DESCRIPTION = """\
+kvrouter: a cache-aware router for local LLM inference on MLX.
+
+It serves the OpenAI API, tokenizes each prompt, and reuses stored KV
+checkpoints (cold anchors and continued waypoints) so that a long shared
+prefix (system prompt, tool definitions, project context) is prefilled once
+and loaded from disk afterwards, across sessions, processes and restarts.
+"""
+
+
+def default_cache_dir() -> Path:
+    """The user's kvrouter cache directory: $KVROUTER_CACHE_DIR, else
+    ~/Library/Caches/kvrouter on macOS, else $XDG_CACHE_HOME/kvrouter or ~/.cache/kvrouter."""
+    if os.environ.get("KVROUTER_CACHE_DIR"):
+        return Path(os.environ["KVROUTER_CACHE_DIR"]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "kvrouter"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvrouter"
+
+
+def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
+    """The store's policy knobs. Names follow ds4's disk KV cache; its
+    --kv-disk-dir and --kv-disk-space-mb are accepted as aliases."""
+    g = p.add_argument_group("KV checkpoint store (on by default)")
+    g.add_argument("--kv-cache-dir", "--kv-disk-dir", type=Path, default=None,
+                   help="store directory (default: a 'kv' folder in the cache directory)")
+    g.add_argument("--kv-cache-disk-mb", "--kv-disk-space-mb", type=int, default=4096,
+                   help="disk budget of the store in MiB; the lowest-value checkpoints are evicted past it (default 4096)")
+    g.add_argument("--kv-cache-min-tokens", type=int, default=512,
+                   help="do not store checkpoints shorter than this many tokens (default 512)")
+    g.add_argument("--kv-cache-cold-max-tokens", type=int, default=30000,
+                   help="longest cold anchor to store, in tokens (default 30000)")
+    g.add_argument("--kv-cache-continued-interval-tokens", type=int, default=10000,
+                   help="store a continued waypoint every this many tokens, rounded up to the alignment (default 10000)")
+    g.add_argument("--kv-cache-boundary-trim-tokens", type=int, default=32,
+                   help="tokens dropped from the end of a cold store without an anchor (default 32)")
+    g.add_argument("--kv-cache-boundary-align-tokens", type=int, default=2048,
+                   help="cold stores without an anchor are aligned down to a multiple of this (default 2048)")
+    g.add_argument("--no-kv-cache", action="store_true", help="turn the disk checkpoint store off")
+
+
+def kv_flags_as_args(ns: argparse.Namespace) -> list[str]:
+    """The KV flags of `ns` as command-line arguments, to pass on to worker processes."""
+    if ns.no_kv_cache:
+        return ["--no-kv-cache"]
+    return [
+        "--kv-cache-dir", str(store_dir(ns)),
+        "--kv-cache-disk-mb", str(ns.kv_cache_disk_mb),
+        "--kv-cache-min-tokens", str(ns.kv_cache_min_tokens),
+        "--kv-cache-cold-max-tokens", str(ns.kv_cache_cold_max_tokens),
+        "--kv-cache-continued-interval-tokens", str(ns.kv_cache_continued_interval_tokens),
+        "--kv-cache-boundary-trim-tokens", str(ns.kv_cache_boundary_trim_tokens),
+        "--kv-cache-boundary-align-tokens", str(ns.kv_cache_boundary_align_tokens),
+    ]
+
+
+def store_dir(ns: argparse.Namespace) -> Path:
+    return ns.kv_cache_dir or (ns.cache_dir / "kv")
+
+
+def store_config(ns: argparse.Namespace):
+    """A cachestore.StoreConfig from the flags, or None with --no-kv-cache.
+    Raises ValueError with a message naming the bad flag value."""
+    if ns.no_kv_cache:
+        return None
+    from cachestore import StoreConfig
+
+    return StoreConfig(
+        directory=store_dir(ns),
+        disk_budget_bytes=ns.kv_cache_disk_mb * 2**20,
+        min_tokens=ns.kv_cache_min_tokens,
+        cold_max_tokens=ns.kv_cache_cold_max_tokens,
+        continued_interval_tokens=ns.kv_cache_continued_interval_tokens,
+        boundary_trim_tokens=ns.kv_cache_boundary_trim_tokens,
+        boundary_align_tokens=ns.kv_cache_boundary_align_tokens,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvrouter", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kvrouter {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("KVROUTER_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None,
+                       help="a GGUF file, an mlx-lm model directory, or a Hugging Face repo id already in the "
+                            "local cache (default: SmolLM2-135M-Instruct, fetched on first start)")
+        p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                       help=f"where models and the default store live (default: {default_cache_dir()})")
+        p.add_argument("--prefill-chunk-tokens", type=int, default=256,
+                       help="prefill chunk size in tokens; chunks end at its multiples (default 256)")
+        add_kv_cache_flags(p)
+
+    serve = sub.add_parser("serve", help="run the gateway and its local worker processes",
+                           description="Start the OpenAI-compatible gateway and N local worker processes; "
+                                       "Ctrl-C or SIGTERM stops them all.")
+    common(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    serve.add_argument("--max-tokens-default", type=int, default=512,
+                       help="max_tokens when a request gives none (default 512)")
+
+    worker = sub.add_parser("worker", help="run one worker process alone (gRPC)",
+                            description="Serve one model over gRPC (kvrouter.worker.v1.Worker + grpc.health.v1).")
+    common(worker)
+    worker.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT for gRPC (default 127.0.0.1:50051)")
+    worker.add_argument("--name", default="w0", help="worker name in logs (default w0)")
+    worker.add_argument("--port-file", type=Path, default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def setup_logging(level: str, name: str | None = None) -> None:
+    tag = f"[{name}] " if name else ""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from router.config import RouterConfig, ServeConfig
+    from router.supervisor import run_serve
+
+    setup_logging(ns.log_level)
+    if ns.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    cfg = ServeConfig(
+        router=RouterConfig(host=ns.host, port=ns.port, store=store_config(ns),
+                            default_max_tokens=ns.max_tokens_default),
+        model=ns.model,
+        workers=ns.workers,
+        cache_dir=ns.cache_dir,
+        prefill_chunk_tokens=ns.prefill_chunk_tokens,
+    )
+    return asyncio.run(run_serve(cfg, kv_flags_as_args(ns)))
+
+
+def _worker(ns: argparse.Namespace) -> int:
+    from worker.blas import reexec_with_preload
+
+    reexec_with_preload([sys.executable, "-m", "router.cli", *sys.argv[1:]])
+    from worker.config import WorkerConfig
+    from worker.server import serve
+
+    setup_logging(ns.log_level, ns.name)
+    cfg = WorkerConfig(
+        model=ns.model,
+        listen=ns.listen,
+        store=store_config(ns),
+        cache_dir=ns.cache_dir,
+        prefill_chunk_tokens=ns.prefill_chunk_tokens,
+        port_file=ns.port_file,
+        parent_pid=ns.parent_pid,
+        worker_name=ns.name,
+    )
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"serve": _serve, "worker": _worker}[ns.command](ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

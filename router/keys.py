@@ -1,0 +1,15 @@
+"""Typed aiohttp application keys (instead of globals)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from router.config import RouterConfig
+from router.dispatch import Dispatcher
+from router.metrics import RouterMetrics
+from router.pool import WorkerPool
+
+ROUTER_CONFIG = web.AppKey("router_config", RouterConfig)
+POOL = web.AppKey("pool", WorkerPool)
+METRICS = web.AppKey("metrics", RouterMetrics)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)

@@ -1,0 +1,151 @@
+"""`kvrouter serve`: start the worker processes, wait until they are ready, run
+the gateway, and stop every process it started on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from router.app import create_app
+from router.config import ServeConfig
+from worker.blas import preload_env
+
+log = logging.getLogger("kvrouter.serve")
+
+STOP_GRACE_S = 30.0
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux only)
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent dies
+    except OSError:
+        pass
+
+
+class WorkerProcess:
+    """One local worker process and the port it reports when ready."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port_file: Path):
+        self.name = name
+        self.port_file = port_file
+        self.proc = subprocess.Popen(
+            argv, env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None
+        )
+
+    async def wait_port(self, timeout_s: float) -> int:
+        """The worker's gRPC port once it is serving. Raises RuntimeError if it exits or times out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.port_file.exists():
+                return int(self.port_file.read_text())
+            code = self.proc.poll()
+            if code is not None:
+                raise RuntimeError(f"worker {self.name} exited with status {code} during start (see its log above)")
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"worker {self.name} not ready after {timeout_s:.0f} s")
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> None:
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("worker %s did not stop in %.0f s; killing it", self.name, timeout_s)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def worker_argv(cfg: ServeConfig, model: str | None, name: str, port_file: Path, kv_args: list[str]) -> list[str]:
+    """The command line of one local worker process."""
+    return [
+        sys.executable, "-m", "router.cli", "worker",
+        "--listen", "127.0.0.1:0",
+        "--name", name,
+        "--cache-dir", str(cfg.cache_dir),
+        "--port-file", str(port_file),
+        "--parent-pid", str(os.getpid()),
+        "--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens),
+        *kv_args,
+        *(["--model", model] if model else []),
+    ]
+
+
+async def run_serve(cfg: ServeConfig, kv_args: list[str]) -> int:
+    """Runs until SIGINT/SIGTERM. Returns the process exit status."""
+    from worker.models import default_model_path
+
+    # Fetch the default model once, here, so workers do not race to download it.
+    if cfg.model is None:
+        await asyncio.to_thread(default_model_path, cfg.cache_dir)
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    env = preload_env(dict(os.environ), threads=threads)
+    tmp = Path(tempfile.mkdtemp(prefix="kvrouter-"))
+    workers: list[WorkerProcess] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = None
+    try:
+        for i in range(cfg.workers):
+            name = f"w{i}"
+            port_file = tmp / f"{name}.port"
+            workers.append(WorkerProcess(name, worker_argv(cfg, cfg.model, name, port_file, kv_args), env, port_file))
+        log.info("starting %d worker(s) for %s (BLAS threads each: %d)", cfg.workers, cfg.model or "the default model", threads)
+        wait = asyncio.gather(*(w.wait_port(cfg.router.worker_ready_timeout_s) for w in workers))
+        done, _ = await asyncio.wait([asyncio.ensure_future(wait), asyncio.ensure_future(stop.wait())],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            return 130
+        ports = wait.result()
+        from dataclasses import replace
+
+        router_cfg = replace(cfg.router, worker_addresses=tuple(f"127.0.0.1:{p}" for p in ports))
+        app = create_app(router_cfg)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
+        await runner.setup()
+        site = web.TCPSite(runner, router_cfg.host, router_cfg.port)
+        await site.start()
+        log.info("kvrouter serving on http://%s:%d (OpenAI API under /v1)", router_cfg.host, router_cfg.port)
+        while not stop.is_set():
+            dead = [w for w in workers if w.proc.poll() is not None]
+            if dead:
+                for w in dead:
+                    log.error("worker %s exited with status %s", w.name, w.proc.returncode)
+                workers = [w for w in workers if w not in dead]
+                if not workers:
+                    log.error("no worker left; stopping")
+                    return 1
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        log.info("stopping")
+        return 0
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            await asyncio.to_thread(w.wait, STOP_GRACE_S)
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+        log.info("all processes stopped")

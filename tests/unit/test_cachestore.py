@@ -1,0 +1,414 @@
+"""CheckpointStore on a real LMDB environment in tmp_path (cases C7, C9, C10, C11, C12, C4)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import multiprocessing as mp
+import os
+import random
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+import cachestore
+from cachestore import CheckpointStore, Entry, PayloadError, StoreConfig, keys
+from cachestore import store as store_mod
+
+
+def writer(data: bytes):
+    def write(path: Path) -> None:
+        path.write_bytes(data)
+
+    return write
+
+
+def toks(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(0, 150_000) for _ in range(n)]
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> StoreConfig:
+    return StoreConfig(directory=tmp_path / "store", disk_budget_bytes=1 << 30, min_tokens=1)
+
+
+@pytest.fixture
+def store(cfg: StoreConfig):
+    with CheckpointStore(cfg) as s:
+        yield s
+
+
+def test_public_api():
+    assert set(cachestore.__all__) == {
+        "KINDS", "StoreConfig", "Entry", "Hit", "CheckpointStore", "PayloadError", "PlannedStore", "SkippedStore",
+        "StorePlan", "align_down", "eviction_score", "eviction_victims", "plan_stores",
+    }
+    assert cachestore.KINDS == ("anchor", "waypoint", "evict", "shutdown")
+    assert issubclass(PayloadError, RuntimeError)
+
+
+def test_layout_is_private(store: CheckpointStore, cfg: StoreConfig):
+    e = store.save("anchor", "m", "ns", toks(100), writer(b"abc"), text_preview="x" * 200)
+    assert stat.S_IMODE(cfg.directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.payload_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((store.payload_dir / e.payload_name).stat().st_mode) == 0o600
+    assert e.payload_name == f"{e.id}.safetensors" and len(e.text_preview) == 80
+
+
+def test_save_lookup_longest_exact_prefix(store: CheckpointStore):
+    prompt = toks(1000)
+    saved = {n: store.save("waypoint", "m", "ns", prompt[:n], writer(bytes([n % 256]) * n)) for n in (1, 63, 64, 65, 300, 512)}
+    assert all(saved.values())
+    assert store.get(saved[512].id) == saved[512]
+    hit = store.lookup("m", "ns", prompt)
+    assert hit.n_tokens == 512 and hit.entry.id == saved[512].id
+    for n, want in [(512, 512), (511, 300), (300, 300), (299, 65), (64, 64), (63, 63), (62, 1), (1, 1)]:
+        assert store.lookup("m", "ns", prompt[:n]).n_tokens == want, n
+    assert store.lookup("m", "ns", []) is None
+    assert store.tokens_of(saved[300].id) == prompt[:300]
+    assert store.total_bytes() == sum((1, 63, 64, 65, 300, 512))
+    assert store.payload_path(hit.entry).read_bytes() == bytes([0]) * 512
+
+
+def test_c7_divergent_token_stops_reuse_there(store: CheckpointStore):
+    prompt = toks(800, seed=1)
+    for n in (128, 300, 700):
+        store.save("waypoint", "m", "ns", prompt[:n], writer(b"p" * n))
+    for pos, want in [(0, None), (127, None), (128, 128), (200, 128), (299, 128), (300, 300), (699, 300), (700, 700)]:
+        other = list(prompt)
+        other[pos] = (other[pos] + 1) % 150_000
+        # a retokenised boundary: two tokens replaced by one shifts everything after it
+        merged = prompt[:pos] + [999_999] + prompt[pos + 2 :]
+        for variant in (other, merged):
+            hit = store.lookup("m", "ns", variant)
+            assert (hit.n_tokens if hit else None) == want, (pos, variant is merged)
+            if hit:
+                assert store.tokens_of(hit.entry.id) == variant[: hit.n_tokens]
+
+
+def test_identical_save_writes_nothing(store: CheckpointStore):
+    t = toks(200)
+    assert store.save("anchor", "m", "ns", t, writer(b"a")) is not None
+    called = []
+    assert store.save("anchor", "m", "ns", t, lambda p: called.append(p)) is None
+    assert called == [] and len(store.entries()) == 1 and len(os.listdir(store.payload_dir)) == 1
+
+
+def test_c9_namespaces_and_models_isolated(store: CheckpointStore):
+    prompt = toks(500, seed=2)
+    a = store.save("anchor", "m", "a", prompt[:256], writer(b"a"))
+    assert store.lookup("m", "b", prompt) is None
+    b = store.save("anchor", "m", "b", prompt[:256], writer(b"b"))  # same prompt: not a duplicate across namespaces
+    assert b is not None and b.id != a.id
+    assert store.lookup("m", "a", prompt).entry.id == a.id  # positive control
+    assert store.lookup("m", "b", prompt).entry.id == b.id
+    assert store.lookup("m2", "a", prompt) is None  # model identity is part of the key too
+    assert store.remove_namespace("a") == 1
+    assert store.lookup("m", "a", prompt) is None and store.lookup("m", "b", prompt).entry.id == b.id
+
+
+@pytest.mark.parametrize(
+    "victim,forged",
+    [
+        (("m", "a"), ("m", "ans")),
+        (("xns", "y"), ("x", "nsy")),  # naive concat: "model"+"xns"+"ns"+"y" == "model"+"x"+"ns"+"nsy"
+        (("m", ""), ("m", "ns")),
+        (("m", "a"), ("ma", "")),
+        (("m", "a\x00"), ("m", "a")),
+        (("m", "x"), ("m", "x" + "\x00" * 8)),
+    ],
+)
+def test_c9_forged_namespace_collides_with_nothing(store: CheckpointStore, victim, forged):
+    prompt = toks(300, seed=3)
+    assert keys.root_key(*victim) != keys.root_key(*forged)
+    store.save("anchor", *victim, prompt, writer(b"v"))
+    assert store.lookup(*forged, prompt) is None
+    store.save("anchor", *forged, prompt, writer(b"f"))
+    assert store.lookup(*victim, prompt).entry.namespace == victim[1]
+    assert store.lookup(*forged, prompt).entry.namespace == forged[1]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("after_bytes", [0, 4096])
+def test_c12_failed_store_never_visible(store: CheckpointStore, caplog, code, after_bytes):
+    prompt = toks(300)
+
+    def failing(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.write(b"z" * after_bytes)
+        raise OSError(code, os.strerror(code))
+
+    with caplog.at_level(logging.WARNING, logger="kvrouter.cachestore"):
+        assert store.save("anchor", "m", "ns", prompt, failing) is None
+    assert "io_error" in caplog.text and os.strerror(code) in caplog.text
+    assert store.lookup("m", "ns", prompt) is None
+    assert store.entries() == [] and os.listdir(store.payload_dir) == [] and store.total_bytes() == 0
+    # the request goes on and a later store of the same prefix succeeds
+    assert store.save("anchor", "m", "ns", prompt, writer(b"ok")) is not None
+
+
+def test_other_exception_propagates_after_cleanup(store: CheckpointStore):
+    def boom(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise RuntimeError("mlx failed")
+
+    with pytest.raises(RuntimeError):
+        store.save("anchor", "m", "ns", toks(10), boom)
+    assert os.listdir(store.payload_dir) == [] and store.entries() == []
+
+
+def test_c11_checksum_mismatch_quarantines(store: CheckpointStore, caplog):
+    prompt = toks(400)
+    short = store.save("waypoint", "m", "ns", prompt[:100], writer(b"s" * 10))
+    e = store.save("waypoint", "m", "ns", prompt[:300], writer(b"good" * 10))
+    path = store.payload_dir / e.payload_name
+    assert store.payload_path(e) == path
+    path.write_bytes(b"evil" * 10)  # same size, different bytes
+    store._verified.clear()  # as a new process would
+    with caplog.at_level(logging.WARNING, logger="kvrouter.cachestore"), pytest.raises(PayloadError):
+        store.payload_path(e)
+    assert "quarantined" in caplog.text and "checksum_mismatch" in caplog.text
+    assert store.lookup("m", "ns", prompt).entry.id == short.id  # falls back, never the poisoned one
+    assert not path.exists() and store.get(e.id).quarantined.startswith("checksum_mismatch")
+    assert store.total_bytes() == 10 and [x.id for x in store.entries()] == [short.id]
+    with pytest.raises(PayloadError):
+        store.payload_path(e)
+    # the corrupted bytes are never re-added; good bytes for the same prefix are
+    assert store.save("waypoint", "m", "ns", prompt[:300], writer(b"evil" * 10)) is None
+    assert store.save("waypoint", "m", "ns", prompt[:300], writer(b"good" * 10)) is not None
+
+
+def test_c11_caller_quarantine_after_failed_restore(store: CheckpointStore):
+    prompt = toks(400)
+    e = store.save("anchor", "m", "ns", prompt, writer(b"poison"))
+    store.quarantine(e.id, "restore failed: prefill raised")
+    assert store.lookup("m", "ns", prompt) is None
+    assert store.save("anchor", "m", "ns", prompt, writer(b"poison")) is None  # same bytes: never again
+    fresh = store.save("anchor", "m", "ns", prompt, writer(b"cold recompute"))
+    assert store.lookup("m", "ns", prompt).entry.id == fresh.id
+    assert store.verify() == []
+    store.quarantine("nope", "missing")  # no-op
+
+
+def test_missing_or_resized_payload(store: CheckpointStore):
+    e1 = store.save("anchor", "m", "ns", toks(100, 1), writer(b"1" * 10))
+    e2 = store.save("anchor", "m", "ns", toks(100, 2), writer(b"2" * 10))
+    (store.payload_dir / e1.payload_name).unlink()
+    (store.payload_dir / e2.payload_name).write_bytes(b"2" * 11)
+    assert len(store.verify()) == 2
+    for e, seed in ((e1, 1), (e2, 2)):
+        with pytest.raises(PayloadError):
+            store.payload_path(e)
+        assert store.lookup("m", "ns", toks(100, seed)) is None
+    assert store.entries() == [] and store.verify() == []
+
+
+def test_budget_eviction_keeps_anchor_c4(tmp_path: Path, caplog):
+    size = 1000
+    cfg = StoreConfig(directory=tmp_path / "s", disk_budget_bytes=int(3.5 * size), min_tokens=1)
+    with CheckpointStore(cfg) as store, caplog.at_level(logging.INFO, logger="kvrouter.cachestore"):
+        anchor = store.save("anchor", "m", "ns", toks(4088 // 8, 100), writer(b"a" * size))
+        written = []
+        for i in range(5):  # five unrelated long sessions, more tokens per byte than the anchor
+            e = store.save("waypoint", "m", "ns", toks(1000, 200 + i), writer(b"w" * size))
+            assert e is not None and store.get(e.id) is not None  # never evicts what it just wrote
+            written.append(e)
+            assert store.total_bytes() <= cfg.disk_budget_bytes
+        ids = {e.id for e in store.entries()}
+        assert anchor.id in ids and written[-1].id in ids and len(ids) == 3
+        assert len(os.listdir(store.payload_dir)) == 3
+        assert "evicted" in caplog.text and "reason=budget" in caplog.text
+        # a payload larger than the whole budget is skipped, nothing evicted
+        assert store.save("waypoint", "m", "ns", toks(50, 9), writer(b"x" * (4 * size))) is None
+        assert "payload_over_budget" in caplog.text and {e.id for e in store.entries()} == ids
+        assert os.listdir(store.payload_dir).__len__() == 3 and store.verify() == []
+
+
+def test_touch_remove_entries(store: CheckpointStore):
+    e = store.save("evict", "m", "ns", toks(70), writer(b"e"))
+    store.touch(e.id)
+    store.touch(e.id)
+    got = store.get(e.id)
+    assert got.hits == 2 and got.last_used >= e.last_used
+    assert store.remove(e.id) and not store.remove(e.id)
+    assert store.entries() == [] and os.listdir(store.payload_dir) == [] and store.total_bytes() == 0
+    with pytest.raises(KeyError):
+        store.tokens_of(e.id)
+
+
+# ---- crash safety (C10) -------------------------------------------------------------------
+
+
+def _crash_child(directory: str, point: str, prompt: list[int]) -> None:
+    from cachestore import index as index_mod
+
+    store = CheckpointStore(StoreConfig(directory=Path(directory), min_tokens=1))
+
+    def write(path: Path) -> None:
+        path.write_bytes(b"k" * 5000)
+        if point == "after_payload_write":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if point == "before_commit":  # payload renamed and synced; killed before the index txn runs
+        index_mod.Index.write = lambda self, fn: os.kill(os.getpid(), signal.SIGKILL)
+    store.save("anchor", "m", "ns", prompt, write)
+    os._exit(3)
+
+
+@pytest.mark.parametrize("point", ["after_payload_write", "before_commit"])
+def test_c10_kill_mid_store_leaves_no_row(cfg: StoreConfig, monkeypatch, point):
+    prompt = toks(300)
+    with CheckpointStore(cfg) as store:
+        old = store.save("waypoint", "m", "ns", prompt[:128], writer(b"old" * 100))
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_crash_child, args=(str(cfg.directory), point, prompt))
+    p.start()
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL
+    leftovers = set(os.listdir(cfg.directory / "payloads")) - {old.payload_name}
+    assert len(leftovers) == 1  # the killed writer's file
+    # a young leftover may belong to a live writer: kept at open
+    with CheckpointStore(cfg) as store:
+        assert set(os.listdir(store.payload_dir)) - {old.payload_name} == leftovers
+        assert store.lookup("m", "ns", prompt).entry.id == old.id
+    monkeypatch.setattr(store_mod, "ORPHAN_AGE_S", 0.0)
+    with CheckpointStore(cfg) as store:
+        assert os.listdir(store.payload_dir) == [old.payload_name]
+        assert [e.id for e in store.entries()] == [old.id]
+        assert store.lookup("m", "ns", prompt).entry.id == old.id
+        assert store.verify() == [] and store.total_bytes() == 300
+        assert store.payload_path(old).read_bytes() == b"old" * 100
+
+
+def test_open_drops_rows_without_payload(cfg: StoreConfig):
+    with CheckpointStore(cfg) as store:
+        e = store.save("anchor", "m", "ns", toks(100), writer(b"x"))
+        keep = store.save("anchor", "m", "ns", toks(100, 5), writer(b"y"))
+    (cfg.directory / "payloads" / e.payload_name).unlink()
+    with CheckpointStore(cfg) as store:
+        assert [x.id for x in store.entries()] == [keep.id]
+        assert store.lookup("m", "ns", toks(100)) is None and store.total_bytes() == 1
+
+
+# ---- several processes ----------------------------------------------------------------------
+
+
+def _worker(directory: str, worker: int, rounds: int) -> None:
+    store = CheckpointStore(StoreConfig(directory=Path(directory), min_tokens=1))
+    shared = toks(256, seed=999)
+    for i in range(rounds):
+        mine = shared + toks(64 + i, seed=worker * 1000 + i)
+        e = store.save("waypoint", "m", "ns", mine, writer(bytes([worker]) * (100 + i)))
+        assert e is not None
+        hit = store.lookup("m", "ns", mine + [1, 2, 3])
+        assert hit is not None and hit.entry.id == e.id, (worker, i)
+        assert store.payload_path(hit.entry).read_bytes() == bytes([worker]) * (100 + i)
+        store.touch(e.id)
+        other = shared + toks(64 + i, seed=(1 - worker) * 1000 + i)
+        found = store.lookup("m", "ns", other)
+        assert found is None or found.n_tokens == len(other) or found.n_tokens == 256
+    store.save("anchor", "m", "ns", shared, writer(b"s"))  # both race to store the same prefix
+    store.close()
+
+
+def test_two_processes_share_one_directory(cfg: StoreConfig):
+    rounds = 25
+    with CheckpointStore(cfg):
+        pass  # create the directory and index first
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(str(cfg.directory), w, rounds)) for w in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    with CheckpointStore(cfg) as store:
+        entries = store.entries()
+        assert len(entries) == 2 * rounds + 1  # the shared anchor exactly once
+        assert sum(e.kind == "anchor" for e in entries) == 1
+        assert all(e.hits == 1 for e in entries if e.kind == "waypoint")
+        assert store.verify() == []
+        shared = toks(256, seed=999)
+        for w in (0, 1):
+            mine = shared + toks(64 + 3, seed=w * 1000 + 3)
+            assert store.lookup("m", "ns", mine).n_tokens == len(mine)
+        assert store.lookup("m", "ns", shared + [7]).n_tokens == 256
+
+
+def _forked_child(store: CheckpointStore, prompt: list[int], expect_id: str) -> None:
+    # the LMDB handle inherited through fork must not be used: the index reopens it here
+    assert store.lookup("m", "ns", prompt).entry.id == expect_id
+    assert store.save("waypoint", "m", "ns", prompt + [5], writer(b"child")) is not None
+    os._exit(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_store_used_after_fork_reopens_index(store: CheckpointStore):
+    prompt = toks(200)
+    e = store.save("anchor", "m", "ns", prompt, writer(b"parent"))
+    p = mp.get_context("fork").Process(target=_forked_child, args=(store, prompt, e.id))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    assert store.lookup("m", "ns", prompt + [5, 6]).n_tokens == 201  # parent's handle still fine
+    assert store.verify() == []
+
+
+# ---- lookup cost ----------------------------------------------------------------------------
+
+
+def test_lookup_reads_o_prompt_over_64_keys_with_10k_entries(store: CheckpointStore):
+    prompt = toks(32 * 1024, seed=7)
+    rng = random.Random(11)
+    now = time.time()
+
+    def bulk(txn):
+        # 10,000 rows inserted through the index layout directly (one txn; payload files are
+        # irrelevant to lookup). Half share the prompt's first blocks and then diverge, so the
+        # walk meets many registrations along its path.
+        for i in range(10_000):
+            if i % 2:
+                cut = rng.randrange(64, 30_000)
+                t = prompt[:cut] + [150_001 + i] + toks(rng.randrange(0, 100), seed=i)
+            else:
+                t = toks(rng.randrange(64, 600), seed=10_000 + i)
+            packed = keys.pack_tokens(t)
+            eid = f"{i:032x}"
+            txn.add_entry(Entry(id=eid, kind="waypoint", namespace="ns", model_id="m", n_tokens=len(t),
+                                payload_name=eid + ".safetensors", payload_bytes=1, checksum="0",
+                                created=now, last_used=now, hits=0), packed)
+
+    store.index.write(bulk)
+    best = store.save("waypoint", "m", "ns", prompt[:30_000 + 17], writer(b"best"))
+    store.save("waypoint", "m", "ns", prompt[:20_480], writer(b"mid"))
+    reads0, scans0 = store.index.point_reads, store.index.scans
+    t0 = time.perf_counter()
+    hit = store.lookup("m", "ns", prompt)
+    elapsed = time.perf_counter() - t0
+    reads = store.index.point_reads - reads0
+    assert hit.entry.id == best.id
+    assert store.index.scans == scans0
+    assert reads <= len(prompt) // 64 + 1 + 4, reads  # chain walk + confirmation of the winner
+    # a miss in another namespace stops at the root
+    reads0 = store.index.point_reads
+    assert store.lookup("m", "other", prompt) is None
+    assert store.index.point_reads - reads0 == 1
+    print(f"lookup of {len(prompt)} tokens over 10k rows: {reads} reads, {elapsed * 1000:.1f} ms")
+
+
+def test_index_map_grows_on_map_full(tmp_path: Path, monkeypatch):
+    from cachestore import index as index_mod
+
+    monkeypatch.setattr(index_mod, "INITIAL_MAP_SIZE", 1 << 20)
+    cfg = StoreConfig(directory=tmp_path / "small", min_tokens=1)
+    with CheckpointStore(cfg) as store:
+        saved = [store.save("waypoint", "m", "ns", toks(100_000, seed=i), writer(b"p")) for i in range(8)]
+        assert all(saved)  # 8 x 400 KB of token ids do not fit in 1 MiB: the map doubled
+        assert store.index._handle.env.info()["map_size"] > 1 << 20
+        assert store.lookup("m", "ns", toks(100_000, seed=3)).entry.id == saved[3].id
+    assert stat.S_IMODE((cfg.directory / "index").stat().st_mode) == 0o700
+    assert stat.S_IMODE((cfg.directory / "index" / "data.mdb").stat().st_mode) == 0o600

@@ -1,0 +1,1 @@
+"""kvrouter's worker process: owns the model through MLX and serves it over gRPC."""

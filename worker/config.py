@@ -1,0 +1,31 @@
+"""Worker configuration, parsed once at the edge (command line) into frozen dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cachestore import StoreConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker process needs.
+
+    model: a GGUF path, an mlx-lm model directory, a Hugging Face repo id in the
+        local cache, or None for the default model.
+    listen: "HOST:PORT" of the gRPC service (port 0 picks a free port).
+    store: the disk checkpoint store, or None with --no-kv-cache.
+    cache_dir: where models and digests are cached.
+    port_file: when set, the bound port is written there once the worker is ready.
+    parent_pid: when set, the worker exits if that process goes away (no orphans).
+    """
+
+    model: str | None
+    listen: str
+    store: StoreConfig | None
+    cache_dir: Path
+    prefill_chunk_tokens: int = 256
+    port_file: Path | None = None
+    parent_pid: int | None = None
+    worker_name: str = "w0"
