@@ -23,6 +23,7 @@ from worker.blas import preload_env
 log = logging.getLogger("kvrouter.serve")
 
 STOP_GRACE_S = 30.0
+RESTART_MAX_BACKOFF_S = 30.0
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux only)
@@ -39,9 +40,39 @@ class WorkerProcess:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], port_file: Path):
         self.name = name
         self.port_file = port_file
-        self.proc = subprocess.Popen(
-            argv, env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None
+        self.argv = argv
+        self.env = env
+        self.restarts = 0
+        self._restart_at: float | None = None
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.argv, env=self.env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None
         )
+
+    def pin_port(self, port: int) -> None:
+        """Makes restarts listen on `port` (the one the router's client dials)."""
+        i = self.argv.index("--listen")
+        self.argv[i + 1] = f"127.0.0.1:{port}"
+
+    def restart_if_dead(self) -> None:
+        """Restarts a worker that exited, with exponential backoff (1 s doubling to
+        RESTART_MAX_BACKOFF_S), logging how it died."""
+        code = self.proc.poll()
+        if code is None:
+            return
+        now = time.monotonic()
+        if self._restart_at is None:
+            how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            delay = min(RESTART_MAX_BACKOFF_S, 2.0 ** self.restarts)
+            log.error("worker %s (pid %d) %s; restarting in %.0f s", self.name, self.proc.pid, how, delay)
+            self._restart_at = now + delay
+        elif now >= self._restart_at:
+            self._restart_at = None
+            self.restarts += 1
+            self.proc = self._spawn()
+            log.info("worker %s restarted (pid %d, restart %d)", self.name, self.proc.pid, self.restarts)
 
     async def wait_port(self, timeout_s: float) -> int:
         """The worker's gRPC port once it is serving. Raises RuntimeError if it exits or times out."""
@@ -120,17 +151,13 @@ async def run_serve(cfg: ServeConfig, kv_args: list[str]) -> int:
         site = web.TCPSite(runner, router_cfg.host, router_cfg.port)
         await site.start()
         log.info("kvrouter serving on http://%s:%d (OpenAI API under /v1)", router_cfg.host, router_cfg.port)
+        for w, port in zip(workers, ports):
+            w.pin_port(port)  # a restarted worker listens where the router already connects
         while not stop.is_set():
-            dead = [w for w in workers if w.proc.poll() is not None]
-            if dead:
-                for w in dead:
-                    log.error("worker %s exited with status %s", w.name, w.proc.returncode)
-                workers = [w for w in workers if w not in dead]
-                if not workers:
-                    log.error("no worker left; stopping")
-                    return 1
+            for w in workers:
+                w.restart_if_dead()
             try:
-                await asyncio.wait_for(stop.wait(), 1.0)
+                await asyncio.wait_for(stop.wait(), 0.5)
             except asyncio.TimeoutError:
                 pass
         log.info("stopping")

@@ -127,37 +127,3 @@ def test_identity_function() -> None:
     assert base == model_identity("ab" * 16, '{"t": 1}', "layers=30;kv_heads=3;head_dim=64;dtype=float32", **patch)
     minor = dict(mlx_version="0.33.0", mlx_lm_version="0.32.2")
     assert base != model_identity("ab" * 16, '{"t": 1}', "layers=30;kv_heads=3;head_dim=64;dtype=float32", **minor)
-
-
-PREFILL_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    from pathlib import Path
-    import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-    from worker.models import load_model
-    bundle = load_model(None, Path(sys.argv[1]))
-    ids = mx.array([[(i * 7919) % 40000 + 100 for i in range(512)]], dtype=mx.int32)
-    mx.eval(bundle.model(ids[:, :16], cache=make_prompt_cache(bundle.model)))  # warm-up
-    start = time.perf_counter()
-    mx.eval(bundle.model(ids, cache=make_prompt_cache(bundle.model)))
-    print(f"RESULT {512 / (time.perf_counter() - start):.1f}")
-    """
-)
-
-
-def test_prefill_speed_report() -> None:
-    """Prints prefill tok/s for 512 tokens with and without OpenBLAS preloaded (no assertion)."""
-    if not OPENBLAS.exists():
-        pytest.skip(f"{OPENBLAS} not installed")
-    root = Path(__file__).resolve().parents[2]
-    for label, preload in (("reference BLAS", None), ("OpenBLAS preloaded", str(OPENBLAS))):
-        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-        if preload:
-            env["LD_PRELOAD"] = preload
-        done = subprocess.run(
-            [sys.executable, "-c", PREFILL_SCRIPT, str(CACHE_DIR)],
-            cwd=root, env=env, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        rate = [line for line in done.stdout.splitlines() if line.startswith("RESULT")][-1].split()[1]
-        print(f"\nprefill 512 tokens, fp32 CPU, {label}: {rate} tok/s")
