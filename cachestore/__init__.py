@@ -7,7 +7,7 @@ This package never imports mlx: payload bytes come from a caller-supplied functi
 """
 
 from .config import KINDS, StoreConfig
-from .entry import Entry, Hit
+from .entry import Entry, Hit, StoreEvent
 from .policy import (
     PlannedStore,
     SkippedStore,
@@ -24,6 +24,7 @@ __all__ = [
     "StoreConfig",
     "Entry",
     "Hit",
+    "StoreEvent",
     "CheckpointStore",
     "PayloadError",
     "PlannedStore",

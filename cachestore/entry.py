@@ -47,3 +47,21 @@ class Hit:
 
     entry: Entry
     n_tokens: int
+
+
+@dataclass(frozen=True)
+class StoreEvent:
+    """Something the store did, reported to ``CheckpointStore(on_event=...)`` listeners.
+
+    action: "stored", "skipped", "evicted", "quarantined" or "removed".
+    kind: the checkpoint kind; n_tokens: its length, tokens; n_bytes: payload size, bytes;
+    seconds: time the action took (stores and skips), 0 otherwise; reason: why (skips,
+    evictions, quarantines), e.g. "duplicate", "io_error", "budget".
+    """
+
+    action: str
+    kind: str
+    n_tokens: int
+    n_bytes: int = 0
+    seconds: float = 0.0
+    reason: str = ""

@@ -24,7 +24,7 @@ import lmdb
 
 from . import keys, payload
 from .config import KINDS, StoreConfig
-from .entry import Entry, Hit
+from .entry import Entry, Hit, StoreEvent
 from .index import Index, Txn
 from .policy import eviction_victims
 
@@ -58,8 +58,11 @@ class CheckpointStore:
     and lmdb.Error when the index cannot be opened.
     """
 
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig, on_event: Callable[[StoreEvent], None] | None = None) -> None:
+        """on_event: called (in the calling thread) for every store, skip, eviction and
+        quarantine, so a worker can count them and report them per request."""
         self.config = config
+        self.on_event = on_event
         self.directory = config.directory
         self.payload_dir = self.directory / "payloads"
         for d in (self.directory, self.payload_dir):
@@ -81,6 +84,13 @@ class CheckpointStore:
     def close(self) -> None:
         """Release this store's share of the LMDB environment. Safe to call twice."""
         self._index.close()
+
+    def _emit(self, event: StoreEvent) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # a listener must never break a store
+                log.exception("store event listener failed")
 
     @property
     def index(self) -> Index:
@@ -231,6 +241,7 @@ class CheckpointStore:
                 "store skipped kind=%s tokens=%d mib=%.1f ms=%.0f namespace=%r reason=%s",
                 kind, n, size / _MIB, (time.monotonic() - t0) * 1000, namespace, reason,
             )
+            self._emit(StoreEvent("skipped", kind, n, size, time.monotonic() - t0, reason.split()[0]))
 
         with self._index.read() as txn:
             if txn.find_exact(model_id, namespace, packed) is not None:
@@ -304,10 +315,12 @@ class CheckpointStore:
                 victim.id, victim.kind, victim.n_tokens, victim.payload_bytes / _MIB, victim.hits,
                 now - victim.created, entry_id,
             )
+            self._emit(StoreEvent("evicted", victim.kind, victim.n_tokens, victim.payload_bytes, 0.0, "budget"))
         log.info(
             "stored id=%s kind=%s tokens=%d mib=%.1f ms=%.0f evicted=%d namespace=%r",
             entry_id, kind, n, size / _MIB, (time.monotonic() - t0) * 1000, len(victims), namespace,
         )
+        self._emit(StoreEvent("stored", kind, n, size, time.monotonic() - t0))
         return entry
 
     def quarantine(self, entry_id: str, reason: str) -> None:
@@ -330,6 +343,8 @@ class CheckpointStore:
             "quarantined id=%s kind=%s tokens=%d mib=%.1f namespace=%r reason=%s",
             entry_id, marked.kind, marked.n_tokens, marked.payload_bytes / _MIB, marked.namespace, reason,
         )
+        self._emit(StoreEvent("quarantined", marked.kind, marked.n_tokens, marked.payload_bytes, 0.0,
+                              reason.split(":")[0]))
 
     def touch(self, entry_id: str) -> None:
         """Record a hit: hits += 1, last_used = now (unix seconds). No-op for a missing or quarantined row."""

@@ -118,6 +118,15 @@ class Dispatcher:
         if c.cached_tokens:
             m.prompt_tokens.labels(model_name, c.cache_source).inc(c.cached_tokens)
         m.completion_tokens.labels(model_name).inc(c.completion_tokens)
+        if c.prompt_tokens > c.cached_tokens:
+            m.prefill_seconds.labels(model_name).observe(c.prefill_seconds)
+        if c.cache_source == "disk":
+            m.checkpoint_load_seconds.labels(model_name).observe(c.load_seconds)
+        for e in c.store_events:
+            m.checkpoint_events.labels(model_name, e.action, e.kind, e.reason).inc()
+            if e.action == "stored":
+                m.checkpoint_store_seconds.labels(model_name, e.kind).observe(e.seconds)
+                m.checkpoint_store_bytes.labels(model_name, e.kind).observe(e.bytes)
         self.pool.live_tokens[worker_name] = tokens
         log.info(
             "done worker=%s prompt=%d cached=%d source=%s prefill_ms=%.0f completion=%d finish=%s",

@@ -19,6 +19,11 @@ class RouterMetrics:
     requests: Counter
     in_flight: Gauge
     worker_healthy: Gauge
+    prefill_seconds: Histogram
+    checkpoint_load_seconds: Histogram
+    checkpoint_store_seconds: Histogram
+    checkpoint_store_bytes: Histogram
+    checkpoint_events: Counter
 
 
 def create_metrics() -> RouterMetrics:
@@ -46,4 +51,25 @@ def create_metrics() -> RouterMetrics:
         in_flight=Gauge("kvrouter_worker_in_flight", "Requests dispatched to a worker and not finished",
                         ["worker"], registry=reg),
         worker_healthy=Gauge("kvrouter_worker_healthy", "1 when the worker reports SERVING", ["worker"], registry=reg),
+        prefill_seconds=Histogram(
+            "kvrouter_prefill_seconds", "Time a worker spent prefilling a prompt's uncached tokens",
+            ["model"], buckets=LATENCY_BUCKETS, registry=reg,
+        ),
+        checkpoint_load_seconds=Histogram(
+            "kvrouter_checkpoint_load_seconds", "Time to load a disk checkpoint into a worker",
+            ["model"], buckets=LATENCY_BUCKETS, registry=reg,
+        ),
+        checkpoint_store_seconds=Histogram(
+            "kvrouter_checkpoint_store_seconds", "Time to write a checkpoint (payload, fsync, index commit)",
+            ["model", "kind"], buckets=LATENCY_BUCKETS, registry=reg,
+        ),
+        checkpoint_store_bytes=Histogram(
+            "kvrouter_checkpoint_store_bytes", "Payload size of stored checkpoints",
+            ["model", "kind"], buckets=tuple(2.0**i for i in range(20, 36, 2)), registry=reg,
+        ),
+        checkpoint_events=Counter(
+            "kvrouter_checkpoint_events", "Checkpoint store actions: stored, skipped, evicted, quarantined; "
+            "with the checkpoint kind and the reason (skips, evictions, quarantines)",
+            ["model", "action", "kind", "reason"], registry=reg,
+        ),
     )

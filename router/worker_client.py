@@ -40,6 +40,18 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class StoreEvent:
+    """A checkpoint store action a worker took for the request (see worker.proto)."""
+
+    action: str
+    kind: str
+    tokens: int
+    bytes: int
+    seconds: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class Completion:
     """The end of a generation. Counts in tokens, times in seconds."""
 
@@ -50,6 +62,12 @@ class Completion:
     cache_source: str
     prefill_seconds: float
     load_seconds: float
+    store_events: tuple[StoreEvent, ...] = ()
+
+    @property
+    def stored_tokens(self) -> int:
+        """Tokens of the longest checkpoint this request wrote (0 when none)."""
+        return max((e.tokens for e in self.store_events if e.action == "stored"), default=0)
 
 
 _SOURCE_NAMES = {
@@ -160,6 +178,10 @@ class GrpcWorkerClient:
                         cache_source=_SOURCE_NAMES.get(u.cache_source, "none"),
                         prefill_seconds=u.prefill_seconds,
                         load_seconds=u.load_seconds,
+                        store_events=tuple(
+                            StoreEvent(e.action, e.kind, e.tokens, e.bytes, e.seconds, e.reason)
+                            for e in msg.final.store_events
+                        ),
                     )
         except grpc.aio.AioRpcError as exc:
             code = exc.code()

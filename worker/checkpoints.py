@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from cachestore import CheckpointStore, Entry, PayloadError, plan_stores
+from cachestore import CheckpointStore, Entry, PayloadError, StoreEvent, plan_stores
 
 from worker import kv_state
 from worker.kv_state import CheckpointFormatError
@@ -66,6 +66,15 @@ class CheckpointManager:
         self.model = model
         self.model_id = model_id
         self.store = store
+        self.events: list[StoreEvent] = []  # what the store did for the current request
+        if store is not None:
+            store.on_event = self.events.append
+
+    def take_events(self) -> tuple[StoreEvent, ...]:
+        """The store events since the last call (the current request's)."""
+        out = tuple(self.events)
+        self.events.clear()
+        return out
 
     def restore(self, prompt: list[int], namespace: str, live: LiveState | None) -> Restored:
         """The longest reusable prefix of `prompt`, loaded into a fresh or recycled state.
@@ -128,6 +137,7 @@ class CheckpointManager:
         plan = plan_stores(prompt_len, stored_prefix, anchor_tokens or None, self.store.config)
         for skip in plan.skipped:
             log.info("skip store tokens=%d reason=%s", skip.n_tokens, skip.reason)
+            self.events.append(StoreEvent("skipped", "anchor", skip.n_tokens, reason=skip.reason))
         return plan.stores
 
     def save(self, kind: str, caches: list, tokens: list[int], namespace: str, preview: str) -> Entry | None:

@@ -116,6 +116,7 @@ class Engine:
                 if job[1]:
                     self._store_live("shutdown")
                 return
+            self.checkpoints.take_events()  # drop events of earlier failed work
             try:
                 if job.cancelled.is_set():
                     job.emit(FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none")))
@@ -160,7 +161,8 @@ class Engine:
             logits, prefill_s = self._prefill(prompt, restored, req, job)
         if logits is None:  # cancelled during prefill
             self.live = LiveState(req.namespace, prompt[: kv_state.state_length(restored.caches)], restored.caches)
-            job.emit(FinishEvent("cancelled", self._usage(prompt, restored, 0, prefill_s)))
+            job.emit(FinishEvent("cancelled", self._usage(prompt, restored, 0, prefill_s),
+                                 self.checkpoints.take_events()))
             return
         self._decode(job, prompt, restored, logits, prefill_s)
 
@@ -234,7 +236,8 @@ class Engine:
             job.emit(TokenEvent((), tail))
         history = prompt + generated
         self.live = LiveState(req.namespace, history[: kv_state.state_length(caches)], caches)
-        job.emit(FinishEvent(finish, self._usage(prompt, restored, len(generated), prefill_s)))
+        job.emit(FinishEvent(finish, self._usage(prompt, restored, len(generated), prefill_s),
+                             self.checkpoints.take_events()))
 
     @staticmethod
     def _usage(prompt, restored: Restored, completion: int, prefill_s: float) -> Usage:

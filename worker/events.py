@@ -68,10 +68,14 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class FinishEvent:
-    """The last event of a successful request. finish_reason: "stop", "length" or "cancelled"."""
+    """The last event of a successful request. finish_reason: "stop", "length" or "cancelled".
+
+    store_events: what the checkpoint store did for this request (`cachestore.StoreEvent`).
+    """
 
     finish_reason: str
     usage: Usage
+    store_events: tuple = ()
 
 
 @dataclass(frozen=True)

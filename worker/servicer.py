@@ -89,6 +89,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                 prefill_seconds=u.prefill_seconds,
                                 load_seconds=u.load_seconds,
                             ),
+                            store_events=[
+                                worker_pb2.StoreEvent(action=e.action, kind=e.kind, tokens=e.n_tokens,
+                                                      bytes=e.n_bytes, seconds=e.seconds, reason=e.reason)
+                                for e in ev.store_events
+                            ],
                         )
                     )
                     return

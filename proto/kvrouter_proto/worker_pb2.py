@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvrouter_proto/worker.proto\x12\x12kvrouter.worker.v1\"d\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xb5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".kvrouter.worker.v1.SamplingParams\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x15\n\ranchor_tokens\x18\x05 \x01(\r\x12\x14\n\x0ctext_preview\x18\x06 \x01(\t\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xd0\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x35\n\x0c\x63\x61\x63he_source\x18\x04 \x01(\x0e\x32\x1f.kvrouter.worker.v1.CacheSource\x12\x18\n\x10prefilled_tokens\x18\x05 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\"H\n\x05\x46inal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.kvrouter.worker.v1.Usage\"w\n\x10GenerateResponse\x12/\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1e.kvrouter.worker.v1.TokenDeltaH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.kvrouter.worker.v1.FinalH\x00\x42\x06\n\x04kind\"\x12\n\x10ModelInfoRequest\"\xce\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x03 \x01(\t\x12\x15\n\rchat_template\x18\x04 \x01(\t\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x11\n\tkv_layout\x18\x08 \x01(\tB\x0f\n\r_bos_token_id\"\x0f\n\rStatusRequest\"\x8f\x01\n\x0cWorkerStatus\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1a\n\x12live_prefix_tokens\x18\x02 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x17\n\x0frequests_served\x18\x04 \x01(\x04\x12\x14\n\x0c\x65ngine_alive\x18\x05 \x01(\x08\x12\x0b\n\x03pid\x18\x06 \x01(\x03*h\n\x0b\x43\x61\x63heSource\x12\x15\n\x11\x43\x41\x43HE_SOURCE_NONE\x10\x00\x12\x15\n\x11\x43\x41\x43HE_SOURCE_LIVE\x10\x01\x12\x14\n\x10\x43\x41\x43HE_SOURCE_RAM\x10\x02\x12\x15\n\x11\x43\x41\x43HE_SOURCE_DISK\x10\x03\x32\x88\x02\n\x06Worker\x12W\n\x08Generate\x12#.kvrouter.worker.v1.GenerateRequest\x1a$.kvrouter.worker.v1.GenerateResponse0\x01\x12S\n\x0cGetModelInfo\x12$.kvrouter.worker.v1.ModelInfoRequest\x1a\x1d.kvrouter.worker.v1.ModelInfo\x12P\n\tGetStatus\x12!.kvrouter.worker.v1.StatusRequest\x1a .kvrouter.worker.v1.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvrouter_proto/worker.proto\x12\x12kvrouter.worker.v1\"d\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xb5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".kvrouter.worker.v1.SamplingParams\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x15\n\ranchor_tokens\x18\x05 \x01(\r\x12\x14\n\x0ctext_preview\x18\x06 \x01(\t\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xd0\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x35\n\x0c\x63\x61\x63he_source\x18\x04 \x01(\x0e\x32\x1f.kvrouter.worker.v1.CacheSource\x12\x18\n\x10prefilled_tokens\x18\x05 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\"j\n\nStoreEvent\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"~\n\x05\x46inal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.kvrouter.worker.v1.Usage\x12\x34\n\x0cstore_events\x18\x03 \x03(\x0b\x32\x1e.kvrouter.worker.v1.StoreEvent\"w\n\x10GenerateResponse\x12/\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1e.kvrouter.worker.v1.TokenDeltaH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.kvrouter.worker.v1.FinalH\x00\x42\x06\n\x04kind\"\x12\n\x10ModelInfoRequest\"\xce\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x03 \x01(\t\x12\x15\n\rchat_template\x18\x04 \x01(\t\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x11\n\tkv_layout\x18\x08 \x01(\tB\x0f\n\r_bos_token_id\"\x0f\n\rStatusRequest\"\x8f\x01\n\x0cWorkerStatus\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1a\n\x12live_prefix_tokens\x18\x02 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x17\n\x0frequests_served\x18\x04 \x01(\x04\x12\x14\n\x0c\x65ngine_alive\x18\x05 \x01(\x08\x12\x0b\n\x03pid\x18\x06 \x01(\x03*h\n\x0b\x43\x61\x63heSource\x12\x15\n\x11\x43\x41\x43HE_SOURCE_NONE\x10\x00\x12\x15\n\x11\x43\x41\x43HE_SOURCE_LIVE\x10\x01\x12\x14\n\x10\x43\x41\x43HE_SOURCE_RAM\x10\x02\x12\x15\n\x11\x43\x41\x43HE_SOURCE_DISK\x10\x03\x32\x88\x02\n\x06Worker\x12W\n\x08Generate\x12#.kvrouter.worker.v1.GenerateRequest\x1a$.kvrouter.worker.v1.GenerateResponse0\x01\x12S\n\x0cGetModelInfo\x12$.kvrouter.worker.v1.ModelInfoRequest\x1a\x1d.kvrouter.worker.v1.ModelInfo\x12P\n\tGetStatus\x12!.kvrouter.worker.v1.StatusRequest\x1a .kvrouter.worker.v1.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvrouter_proto.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CACHESOURCE']._serialized_start=1182
-  _globals['_CACHESOURCE']._serialized_end=1286
+  _globals['_CACHESOURCE']._serialized_start=1344
+  _globals['_CACHESOURCE']._serialized_end=1448
   _globals['_SAMPLINGPARAMS']._serialized_start=51
   _globals['_SAMPLINGPARAMS']._serialized_end=151
   _globals['_GENERATEREQUEST']._serialized_start=154
@@ -41,18 +41,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENDELTA']._serialized_end=382
   _globals['_USAGE']._serialized_start=385
   _globals['_USAGE']._serialized_end=593
-  _globals['_FINAL']._serialized_start=595
-  _globals['_FINAL']._serialized_end=667
-  _globals['_GENERATERESPONSE']._serialized_start=669
-  _globals['_GENERATERESPONSE']._serialized_end=788
-  _globals['_MODELINFOREQUEST']._serialized_start=790
-  _globals['_MODELINFOREQUEST']._serialized_end=808
-  _globals['_MODELINFO']._serialized_start=811
-  _globals['_MODELINFO']._serialized_end=1017
-  _globals['_STATUSREQUEST']._serialized_start=1019
-  _globals['_STATUSREQUEST']._serialized_end=1034
-  _globals['_WORKERSTATUS']._serialized_start=1037
-  _globals['_WORKERSTATUS']._serialized_end=1180
-  _globals['_WORKER']._serialized_start=1289
-  _globals['_WORKER']._serialized_end=1553
+  _globals['_STOREEVENT']._serialized_start=595
+  _globals['_STOREEVENT']._serialized_end=701
+  _globals['_FINAL']._serialized_start=703
+  _globals['_FINAL']._serialized_end=829
+  _globals['_GENERATERESPONSE']._serialized_start=831
+  _globals['_GENERATERESPONSE']._serialized_end=950
+  _globals['_MODELINFOREQUEST']._serialized_start=952
+  _globals['_MODELINFOREQUEST']._serialized_end=970
+  _globals['_MODELINFO']._serialized_start=973
+  _globals['_MODELINFO']._serialized_end=1179
+  _globals['_STATUSREQUEST']._serialized_start=1181
+  _globals['_STATUSREQUEST']._serialized_end=1196
+  _globals['_WORKERSTATUS']._serialized_start=1199
+  _globals['_WORKERSTATUS']._serialized_end=1342
+  _globals['_WORKER']._serialized_start=1451
+  _globals['_WORKER']._serialized_end=1715
 # @@protoc_insertion_point(module_scope)

@@ -72,13 +72,31 @@ class Usage(_message.Message):
     load_seconds: float
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cache_source: _Optional[_Union[CacheSource, str]] = ..., prefilled_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
+class StoreEvent(_message.Message):
+    __slots__ = ("action", "kind", "tokens", "bytes", "seconds", "reason")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    kind: str
+    tokens: int
+    bytes: int
+    seconds: float
+    reason: str
+    def __init__(self, action: _Optional[str] = ..., kind: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class Final(_message.Message):
-    __slots__ = ("finish_reason", "usage")
+    __slots__ = ("finish_reason", "usage", "store_events")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    STORE_EVENTS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     usage: Usage
-    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    store_events: _containers.RepeatedCompositeFieldContainer[StoreEvent]
+    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., store_events: _Optional[_Iterable[_Union[StoreEvent, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")

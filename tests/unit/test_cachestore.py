@@ -44,7 +44,7 @@ def store(cfg: StoreConfig):
 
 def test_public_api():
     assert set(cachestore.__all__) == {
-        "KINDS", "StoreConfig", "Entry", "Hit", "CheckpointStore", "PayloadError", "PlannedStore", "SkippedStore",
+        "KINDS", "StoreConfig", "Entry", "Hit", "StoreEvent", "CheckpointStore", "PayloadError", "PlannedStore", "SkippedStore",
         "StorePlan", "align_down", "eviction_score", "eviction_victims", "plan_stores",
     }
     assert cachestore.KINDS == ("anchor", "waypoint", "evict", "shutdown")
@@ -412,3 +412,18 @@ def test_index_map_grows_on_map_full(tmp_path: Path, monkeypatch):
         assert store.lookup("m", "ns", toks(100_000, seed=3)).entry.id == saved[3].id
     assert stat.S_IMODE((cfg.directory / "index").stat().st_mode) == 0o700
     assert stat.S_IMODE((cfg.directory / "index" / "data.mdb").stat().st_mode) == 0o600
+
+
+def test_store_events_report_stores_skips_and_evictions(cfg: StoreConfig):
+    events = []
+    small = StoreConfig(**{**cfg.__dict__, "disk_budget_bytes": 2500})
+    with CheckpointStore(small, on_event=events.append) as store:
+        store.save("waypoint", "m", "ns", toks(100), writer(b"x" * 1000))
+        store.save("waypoint", "m", "ns", toks(100), writer(b"x" * 1000))  # duplicate
+        store.save("waypoint", "m", "ns", toks(200), writer(b"y" * 1000))
+        store.save("anchor", "m", "ns", toks(300), writer(b"z" * 1000))  # over budget: evicts the oldest waypoint
+    actions = [(e.action, e.kind, e.n_tokens, e.reason) for e in events]
+    assert actions[0] == ("stored", "waypoint", 100, "")
+    assert actions[1] == ("skipped", "waypoint", 100, "duplicate")
+    assert ("evicted", "waypoint", 100, "budget") in actions
+    assert actions[-1][:3] == ("stored", "anchor", 300)
