@@ -384,9 +384,15 @@ class CheckpointStore:
             log.info("removed id=%s kind=%s tokens=%d mib=%.1f reason=%s",
                      e.id, e.kind, e.n_tokens, e.payload_bytes / _MIB, reason)
 
-    def _repair(self) -> None:
-        """Open-time cleanup (C10): stale temp files, orphan payloads, rows without payload, byte counter."""
+    def collect_garbage(self) -> int:
+        """Runs the open-time cleanup now (see `_repair`). Returns the number of files removed."""
+        return self._repair()
+
+    def _repair(self) -> int:
+        """Open-time cleanup (C10): stale temp files, orphan payloads, rows without payload, byte counter.
+        Returns the number of files removed."""
         now = time.time()
+        removed_files = 0
         names = os.listdir(self.payload_dir)
         with self._index.read() as txn:
             rows = txn.rows()
@@ -405,6 +411,7 @@ class CheckpointStore:
                 if row is not None and not row.quarantined:
                     continue  # committed since our snapshot
             if payload.unlink_quiet(path):
+                removed_files += 1
                 log.info("removed stale file=%s reason=%s", name, "temp" if eid is None else "orphan_payload")
 
         present = set(os.listdir(self.payload_dir))
@@ -414,7 +421,7 @@ class CheckpointStore:
             if e.payload_name in present and _size(self.payload_dir / e.payload_name) not in (None, e.payload_bytes)
         ]
         if not missing and not wrong_size and counted == sum(e.payload_bytes for e in live.values()):
-            return
+            return removed_files
 
         def fix(txn: Txn) -> list[Entry]:
             dropped = []
@@ -429,3 +436,4 @@ class CheckpointStore:
             log.warning("dropped row id=%s kind=%s tokens=%d reason=payload_missing", e.id, e.kind, e.n_tokens)
         for e in wrong_size:
             self._quarantine(e.id, "size_mismatch_at_open", None)
+        return removed_files

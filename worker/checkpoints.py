@@ -2,10 +2,14 @@
 and write the checkpoints the store's policy asks for.
 
 Sources, cheapest first: the live state (the KV state of this worker's last
-request, still in memory) and the disk store (`cachestore`). A restored prefix
-never covers the whole prompt: at most `len(prompt) - 1` tokens are reused, so
-the last prompt token is always fed and the next-token logits come from a real
-forward pass (store case C6: never feed the last token twice, never skip it).
+request, still in memory), the RAM tier (recent checkpoints kept in memory) and
+the disk store (`cachestore`). A restored prefix never covers the whole prompt:
+at most `len(prompt) - 1` tokens are reused, so the last prompt token is always
+fed and the next-token logits come from a real forward pass (store case C6:
+never feed the last token twice, never skip it).
+
+Loading never deletes or skips a checkpoint because of its length: the
+cold-max limit applies to what is stored, not to what is loaded (case C3).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from cachestore import CheckpointStore, Entry, PayloadError, StoreEvent, plan_st
 
 from worker import kv_state
 from worker.kv_state import CheckpointFormatError
+from worker.ram_tier import RamTier
 
 log = logging.getLogger("kvrouter.worker.checkpoints")
 
@@ -28,22 +33,33 @@ class LiveState:
 
     tokens: the token ids whose keys and values are in `caches`
     (len(tokens) == kv_state.state_length(caches)).
+    prompt_tokens: how many of them the client sent (the rest were generated);
+    the client-sent part is what comes back verbatim in the next turn, so
+    `evict` and `shutdown` checkpoints stop there (generated text may
+    re-tokenize differently when sent back, case C7).
     """
 
     namespace: str
     tokens: list[int]
     caches: list
+    prompt_tokens: int
+    preview: str = ""
 
 
 @dataclass
 class Restored:
-    """A KV state ready for prefill: `caches` holds the first `n_tokens` prompt tokens."""
+    """A KV state ready for prefill: `caches` holds the first `n_tokens` prompt tokens.
+
+    source: "none", "live", "ram" or "disk". stored_prefix_tokens: length of the
+    longest stored checkpoint that matched (the policy's input), whatever source won.
+    """
 
     caches: list
     n_tokens: int
-    source: str  # "none", "live", "disk"
-    stored_prefix_tokens: int  # longest stored checkpoint that matched (policy input)
+    source: str
+    stored_prefix_tokens: int
     load_seconds: float = 0.0
+    entry_id: str | None = None
 
 
 def common_prefix_length(a, b) -> int:
@@ -59,16 +75,20 @@ class CheckpointManager:
     """Restores and stores KV checkpoints for one model on one worker.
 
     store: the shared disk store, or None when the cache is off (then only the
-    live state is reused).
+    live state is reused). ram: the RAM tier (may have max_bytes 0).
     """
 
-    def __init__(self, model, model_id: str, store: CheckpointStore | None):
+    def __init__(self, model, model_id: str, store: CheckpointStore | None, ram: RamTier | None = None):
         self.model = model
         self.model_id = model_id
         self.store = store
+        self.ram = ram or RamTier(0)
         self.events: list[StoreEvent] = []  # what the store did for the current request
         if store is not None:
-            store.on_event = self.events.append
+            store.on_event = self._on_store_event
+
+    def _on_store_event(self, event: StoreEvent) -> None:
+        self.events.append(event)
 
     def take_events(self) -> tuple[StoreEvent, ...]:
         """The store events since the last call (the current request's)."""
@@ -80,17 +100,15 @@ class CheckpointManager:
         """The longest reusable prefix of `prompt`, loaded into a fresh or recycled state.
 
         The live state is recycled (trimmed in place) when it gives the longest
-        reuse; a disk checkpoint that reaches further is loaded instead. A damaged
-        checkpoint is quarantined and the request continues from the next best
-        source. Never raises for cache problems.
+        reuse; a stored checkpoint that reaches further is taken from the RAM tier
+        or loaded from disk. A damaged checkpoint is quarantined and the request
+        continues from the next best source. Never raises for cache problems.
         """
         limit = len(prompt) - 1
         live_len = 0
         if live is not None and live.namespace == namespace:
             live_len = min(common_prefix_length(live.tokens, prompt), limit)
-        hit = None
-        if self.store is not None:
-            hit = self.store.lookup(self.model_id, namespace, prompt)
+        hit = self.store.lookup(self.model_id, namespace, prompt) if self.store is not None else None
         stored = hit.n_tokens if hit else 0
         if hit is not None and min(hit.n_tokens, limit) > live_len:
             restored = self._load(hit.entry, limit)
@@ -104,45 +122,70 @@ class CheckpointManager:
 
     def _load(self, entry: Entry, limit: int) -> Restored | None:
         t0 = time.perf_counter()
+        arrays = self.ram.get(entry.id)
+        source = "ram"
         try:
-            path = self.store.payload_path(entry)
-            caches = kv_state.load_state(path, self.model, self.model_id, entry.n_tokens)
+            if arrays is None:
+                source = "disk"
+                path = self.store.payload_path(entry)
+                arrays = kv_state.load_arrays(path, self.model_id, entry.n_tokens)
+            caches = kv_state.state_from_arrays(arrays, self.model, entry.n_tokens, entry.id)
         except (PayloadError, CheckpointFormatError, OSError) as exc:
+            self.ram.discard(entry.id)
             if not isinstance(exc, PayloadError):  # payload_path quarantines by itself
                 self.store.quarantine(entry.id, f"load failed: {exc}")
-            log.warning("checkpoint %s unusable, prefilling cold: %s", entry.id, exc)
+            log.warning("checkpoint %s unusable, prefilling without it: %s", entry.id, exc)
             return None
+        if source == "disk":
+            self.ram.put(entry.id, arrays)
         n = min(entry.n_tokens, limit)
         kv_state.trim_state(caches, n)
         seconds = time.perf_counter() - t0
         self.store.touch(entry.id)
         log.info(
-            "hit %s kind=%s tokens=%d reused=%d load_ms=%.0f MiB=%.1f",
-            entry.id, entry.kind, entry.n_tokens, n, seconds * 1000, entry.payload_bytes / 2**20,
+            "hit id=%s kind=%s source=%s tokens=%d reused=%d ms=%.0f mib=%.1f",
+            entry.id, entry.kind, source, entry.n_tokens, n, seconds * 1000, entry.payload_bytes / 2**20,
         )
-        return Restored(caches, n, "disk", entry.n_tokens, seconds)
+        return Restored(caches, n, source, entry.n_tokens, seconds, entry.id)
 
-    def quarantine(self, restored: Restored, prompt: list[int], namespace: str, reason: str) -> None:
+    def quarantine(self, restored: Restored, reason: str) -> None:
         """Marks the checkpoint a failed restore came from so it is never loaded again (case C11)."""
-        if self.store is None or restored.source != "disk":
+        if self.store is None or restored.entry_id is None:
             return
-        hit = self.store.lookup(self.model_id, namespace, prompt)
-        if hit is not None:
-            self.store.quarantine(hit.entry.id, reason)
+        self.ram.discard(restored.entry_id)
+        self.store.quarantine(restored.entry_id, reason)
 
     def plan(self, prompt_len: int, stored_prefix: int, anchor_tokens: int):
-        """The store plan for this prompt (see `cachestore.plan_stores`); empty without a store."""
+        """The store plan for this prompt (see `cachestore.plan_stores`); empty without a store.
+        Skipped stores are logged and reported as store events."""
         if self.store is None:
             return ()
         plan = plan_stores(prompt_len, stored_prefix, anchor_tokens or None, self.store.config)
         for skip in plan.skipped:
-            log.info("skip store tokens=%d reason=%s", skip.n_tokens, skip.reason)
+            log.info("store skipped kind=anchor tokens=%d reason=%s", skip.n_tokens, skip.reason)
             self.events.append(StoreEvent("skipped", "anchor", skip.n_tokens, reason=skip.reason))
         return plan.stores
 
     def save(self, kind: str, caches: list, tokens: list[int], namespace: str, preview: str) -> Entry | None:
-        """Writes a checkpoint of `tokens` (a prefix of what `caches` holds). Never raises for I/O errors."""
+        """Writes a checkpoint of `tokens` (a prefix of what `caches` holds) and keeps
+        it in the RAM tier. Returns None when the store skipped it; never raises for
+        I/O errors (they are logged and reported as events)."""
         if self.store is None or not tokens:
             return None
-        writer = kv_state.snapshot_writer(caches, len(tokens), self.model_id)
-        return self.store.save(kind, self.model_id, namespace, tokens, writer, text_preview=preview)
+        arrays = kv_state.snapshot(caches, len(tokens))
+        writer = kv_state.payload_writer(arrays, len(tokens), self.model_id)
+        entry = self.store.save(kind, self.model_id, namespace, tokens, writer, text_preview=preview)
+        if entry is not None:
+            self.ram.put(entry.id, arrays)
+        return entry
+
+    def save_live(self, kind: str, live: LiveState | None) -> Entry | None:
+        """Stores the client-sent part of a live state as an `evict` or `shutdown`
+        checkpoint, when it is long enough (min_tokens) and not stored already."""
+        if live is None or self.store is None or live.prompt_tokens < self.store.config.min_tokens:
+            return None
+        tokens = live.tokens[: live.prompt_tokens]
+        hit = self.store.lookup(self.model_id, live.namespace, tokens)
+        if hit is not None and hit.n_tokens == len(tokens):
+            return None
+        return self.save(kind, live.caches, tokens, live.namespace, live.preview)

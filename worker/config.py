@@ -17,6 +17,7 @@ class WorkerConfig:
     listen: "HOST:PORT" of the gRPC service (port 0 picks a free port).
     store: the disk checkpoint store, or None with --no-kv-cache.
     cache_dir: where models and digests are cached.
+    ram_bytes: RAM tier budget (recent checkpoints kept in memory), bytes.
     port_file: when set, the bound port is written there once the worker is ready.
     parent_pid: when set, the worker exits if that process goes away (no orphans).
     """
@@ -26,6 +27,7 @@ class WorkerConfig:
     store: StoreConfig | None
     cache_dir: Path
     prefill_chunk_tokens: int = 256
+    ram_bytes: int = 1024 * 2**20
     port_file: Path | None = None
     parent_pid: int | None = None
     worker_name: str = "w0"

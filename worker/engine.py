@@ -25,7 +25,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
-from worker.checkpoints import CheckpointManager, LiveState, Restored
+from worker.checkpoints import CheckpointManager, LiveState, Restored, common_prefix_length
 from worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
 from worker import kv_state
 
@@ -51,6 +51,14 @@ class Job:
 
 
 _STOP = object()
+
+
+def replaces(live: LiveState, prompt: list[int], namespace: str) -> bool:
+    """True when `prompt` does not continue the live state's client-sent tokens
+    (another namespace, or it diverges inside them): serving it drops that state."""
+    if live.namespace != namespace:
+        return True
+    return common_prefix_length(live.tokens[: live.prompt_tokens], prompt) < live.prompt_tokens
 
 
 class Engine:
@@ -113,8 +121,8 @@ class Engine:
         while True:
             job = self._queue.get()
             if isinstance(job, tuple) and job[0] is _STOP:
-                if job[1]:
-                    self._store_live("shutdown")
+                if job[1] and self.checkpoints.save_live("shutdown", self.live) is not None:
+                    log.info("stored the shutdown checkpoint of the live state")
                 return
             self.checkpoints.take_events()  # drop events of earlier failed work
             try:
@@ -131,22 +139,13 @@ class Engine:
                     self._pending -= 1
                 self.requests_served += 1
 
-    def _store_live(self, kind: str) -> None:
-        live = self.live
-        store = self.checkpoints.store
-        if live is None or store is None or len(live.tokens) < store.config.min_tokens:
-            return
-        hit = store.lookup(self.checkpoints.model_id, live.namespace, live.tokens)
-        if hit is not None and hit.n_tokens >= len(live.tokens):
-            return
-        entry = self.checkpoints.save(kind, live.caches, list(live.tokens), live.namespace, "")
-        if entry is not None:
-            log.info("stored %s checkpoint of the live state: %d tokens", kind, len(live.tokens))
-
     def _run(self, job: Job) -> None:
         req = job.request
         prompt = list(req.prompt)
         live, self.live = self.live, None  # the live state is consumed by this request
+        if live is not None and replaces(live, prompt, req.namespace):
+            # Before an unrelated request replaces the live state, keep it (ds4's evict).
+            self.checkpoints.save_live("evict", live)
         restored = self.checkpoints.restore(prompt, req.namespace, live)
         try:
             logits, prefill_s = self._prefill(prompt, restored, req, job)
@@ -155,12 +154,13 @@ class Engine:
                 raise
             # A restored checkpoint that makes prefill fail is poison (case C11):
             # quarantine it and serve the request cold.
-            self.checkpoints.quarantine(restored, prompt, req.namespace, f"prefill failed: {exc}")
+            self.checkpoints.quarantine(restored, f"prefill failed: {exc}")
             log.warning("prefill from checkpoint failed (%s); retrying cold", exc)
             restored = Restored(kv_state.new_state(self.model), 0, "none", 0)
             logits, prefill_s = self._prefill(prompt, restored, req, job)
         if logits is None:  # cancelled during prefill
-            self.live = LiveState(req.namespace, prompt[: kv_state.state_length(restored.caches)], restored.caches)
+            n = kv_state.state_length(restored.caches)
+            self.live = LiveState(req.namespace, prompt[:n], restored.caches, n, req.text_preview)
             job.emit(FinishEvent("cancelled", self._usage(prompt, restored, 0, prefill_s),
                                  self.checkpoints.take_events()))
             return
@@ -235,7 +235,8 @@ class Engine:
         if tail:
             job.emit(TokenEvent((), tail))
         history = prompt + generated
-        self.live = LiveState(req.namespace, history[: kv_state.state_length(caches)], caches)
+        self.live = LiveState(req.namespace, history[: kv_state.state_length(caches)], caches, len(prompt),
+                              req.text_preview)
         job.emit(FinishEvent(finish, self._usage(prompt, restored, len(generated), prefill_s),
                              self.checkpoints.take_events()))
 

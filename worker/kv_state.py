@@ -54,13 +54,12 @@ def trim_state(caches: list[KVCache], n_tokens: int) -> None:
             c.trim(excess)
 
 
-def snapshot_writer(caches: list[KVCache], n_tokens: int, model_id: str) -> Callable[[Path], None]:
-    """A function that writes the first `n_tokens` of the state to a path.
+def snapshot(caches: list[KVCache], n_tokens: int) -> dict[str, mx.array]:
+    """The first `n_tokens` of the state as evaluated arrays named "{layer}.keys" /
+    "{layer}.values", each of shape (1, kv_heads, n_tokens, head_dim).
 
-    The slices are taken now (MLX arrays are values, so later prefill does not
-    change them); the file is written when the returned function is called with
-    a path ending in ".safetensors". Raises ValueError when the state holds
-    fewer than `n_tokens` tokens.
+    The slices are new array objects, independent of later updates to `caches`.
+    Raises ValueError when the state holds fewer than `n_tokens` tokens.
     """
     if state_length(caches) < n_tokens:
         raise ValueError(f"state holds {state_length(caches)} tokens, cannot snapshot {n_tokens}")
@@ -69,6 +68,16 @@ def snapshot_writer(caches: list[KVCache], n_tokens: int, model_id: str) -> Call
         arrays[f"{i}.keys"] = c.keys[..., :n_tokens, :]
         arrays[f"{i}.values"] = c.values[..., :n_tokens, :]
     mx.eval(list(arrays.values()))
+    return arrays
+
+
+def snapshot_bytes(arrays: dict[str, mx.array]) -> int:
+    """Memory held by a snapshot, bytes."""
+    return sum(a.nbytes for a in arrays.values())
+
+
+def payload_writer(arrays: dict[str, mx.array], n_tokens: int, model_id: str) -> Callable[[Path], None]:
+    """A function that writes a snapshot to a path ending in ".safetensors"."""
     metadata = {"format": CHECKPOINT_FORMAT, "model_id": model_id, "n_tokens": str(n_tokens)}
 
     def write(path: Path) -> None:
@@ -77,12 +86,29 @@ def snapshot_writer(caches: list[KVCache], n_tokens: int, model_id: str) -> Call
     return write
 
 
-def load_state(path: Path, model, model_id: str, n_tokens: int) -> list[KVCache]:
-    """Restores a KV state of `n_tokens` tokens from a checkpoint file.
+def state_from_arrays(arrays: dict[str, mx.array], model, n_tokens: int, name: str = "snapshot") -> list[KVCache]:
+    """A fresh state holding a snapshot of `n_tokens` tokens (new array objects:
+    later prefill never changes `arrays`).
+
+    Raises CheckpointFormatError when the layer count or token count does not match.
+    """
+    caches = new_state(model)
+    if len(arrays) != 2 * len(caches):
+        raise CheckpointFormatError(f"{name}: {len(arrays) // 2} layers, model has {len(caches)}")
+    for i, c in enumerate(caches):
+        keys, values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
+        if keys.shape[2] != n_tokens or values.shape[2] != n_tokens:
+            raise CheckpointFormatError(f"{name}: layer {i} holds {keys.shape[2]} tokens, expected {n_tokens}")
+        c.keys, c.values, c.offset = keys[..., :n_tokens, :], values[..., :n_tokens, :], n_tokens
+    return caches
+
+
+def load_arrays(path: Path, model_id: str, n_tokens: int) -> dict[str, mx.array]:
+    """Reads a checkpoint file written by `payload_writer`, evaluated.
 
     Raises:
-        CheckpointFormatError: wrong format tag, model identity, token count or
-            layer count (the file is then useless and should be quarantined).
+        CheckpointFormatError: unreadable file, wrong format tag, model identity or
+            token count (the file is then useless and should be quarantined).
     """
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
@@ -94,13 +120,5 @@ def load_state(path: Path, model, model_id: str, n_tokens: int) -> list[KVCache]
         raise CheckpointFormatError(f"{path.name}: written for another model identity")
     if metadata.get("n_tokens") != str(n_tokens):
         raise CheckpointFormatError(f"{path.name}: holds {metadata.get('n_tokens')} tokens, index says {n_tokens}")
-    caches = new_state(model)
-    if len(arrays) != 2 * len(caches):
-        raise CheckpointFormatError(f"{path.name}: {len(arrays) // 2} layers, model has {len(caches)}")
-    for i, c in enumerate(caches):
-        keys, values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
-        if keys.shape[2] != n_tokens or values.shape[2] != n_tokens:
-            raise CheckpointFormatError(f"{path.name}: layer {i} holds {keys.shape[2]} tokens")
-        c.keys, c.values, c.offset = keys, values, n_tokens
-    mx.eval([a for c in caches for a in (c.keys, c.values)])
-    return caches
+    mx.eval(list(arrays.values()))
+    return arrays

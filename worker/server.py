@@ -44,7 +44,9 @@ def build_engine(config: WorkerConfig):
         log.info("KV checkpoint store off (--no-kv-cache)")
     else:
         log.info("KV checkpoint store at %s", config.store.directory)
-    checkpoints = CheckpointManager(bundle.model, bundle.identity, store)
+    from worker.ram_tier import RamTier
+
+    checkpoints = CheckpointManager(bundle.model, bundle.identity, store, RamTier(config.ram_bytes))
     engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(config.prefill_chunk_tokens))
     info = worker_pb2.ModelInfo(
         model_name=bundle.name,
@@ -60,7 +62,7 @@ def build_engine(config: WorkerConfig):
     return engine, info
 
 
-def create_server(address: str, engine, model_info) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+def create_server(address: str, engine, model_info) -> tuple[grpc.aio.Server, int, "health.aio.HealthServicer"]:
     """Builds a grpc.aio server for `engine` bound to `address` ("HOST:PORT", port 0 = any).
 
     Returns (server, bound port, health servicer). Raises RuntimeError when the
@@ -70,7 +72,7 @@ def create_server(address: str, engine, model_info) -> tuple[grpc.aio.Server, in
 
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 2**20)])
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine, model_info), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)
     if port == 0:
