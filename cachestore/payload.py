@@ -35,6 +35,31 @@ def is_temp(name: str) -> bool:
     return TEMP_MARK in name
 
 
+def writer_pid(name: str) -> int | None:
+    """The process id a temp file's name records (see `temp_name`), or None."""
+    if TEMP_MARK not in name:
+        return None
+    digits = name.split(TEMP_MARK, 1)[1].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def writer_alive(name: str) -> bool:
+    """True when the temp file's writer process still runs on this host (it may
+    be mid-store); False for a dead writer or a name without a pid."""
+    pid = writer_pid(name)
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def entry_id_of(name: str) -> str | None:
     """Entry id of a final payload file name, else None."""
     if is_temp(name) or not name.endswith(PAYLOAD_SUFFIX):

@@ -173,7 +173,9 @@ class CheckpointStore:
 
     def verify(self) -> list[str]:
         """Problems found, one line each: rows without payload, size or checksum mismatches,
-        orphan payload files and temp files. Reads every payload; changes nothing."""
+        orphan payload files and temp files left by dead writers. A temp file whose writer
+        still runs, or an orphan younger than ORPHAN_AGE_S, may be a store in progress in
+        another process and is not a problem. Reads every payload; changes nothing."""
         problems: list[str] = []
         rows = self.entries()
         live = {e.id for e in rows}
@@ -194,11 +196,14 @@ class CheckpointStore:
                 continue
             if actual != e.checksum:
                 problems.append(f"{e.id}: checksum {actual} != {e.checksum}")
+        now = time.time()
         for name in sorted(os.listdir(self.payload_dir)):
             if payload.is_temp(name):
-                problems.append(f"{name}: temp file")
+                if not payload.writer_alive(name):
+                    problems.append(f"{name}: temp file of a dead writer")
             elif payload.entry_id_of(name) not in live:
-                problems.append(f"{name}: orphan payload file (no row)")
+                if payload.age_s(self.payload_dir / name, now) >= ORPHAN_AGE_S:
+                    problems.append(f"{name}: orphan payload file (no row)")
         return problems
 
     # ---- writes ----------------------------------------------------------------------
@@ -403,7 +408,10 @@ class CheckpointStore:
             eid = payload.entry_id_of(name)
             if eid is not None and eid in live:
                 continue
-            if payload.age_s(path, now) < ORPHAN_AGE_S:
+            if eid is None and payload.is_temp(name):
+                if payload.writer_alive(name):
+                    continue  # a store in progress in another process
+            elif payload.age_s(path, now) < ORPHAN_AGE_S:
                 continue  # may be a writer in another process between rename and commit
             if eid is not None:
                 with self._index.read() as txn:
