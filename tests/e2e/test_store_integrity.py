@@ -150,13 +150,12 @@ def test_poison_checkpoint_is_quarantined_and_never_loaded_again(server, kv_dir)
     prefill fail is quarantined on first use; the request succeeds cold."""
     system = long_system_prompt(14, project="Indus")
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Hi."}]
+    other = [{"role": "user", "content": "Say yes."}]
     c = client(server)
-    replay(c, MODEL, [Step("cold", msgs, 2)])
-    anchor_len = None
+    replay(c, MODEL, [Step("cold", msgs, 2), Step("o1", other, 2)])  # anchor, then evict checkpoint
     with CheckpointStore(StoreConfig(directory=kv_dir)) as store:
         prompt = chat_tokens(msgs)
-        entry = store.lookup(store.entries()[0].model_id, "", prompt).entry
-        anchor_len = entry.n_tokens
+        entry = store.lookup(store.entries()[0].model_id, "", prompt).entry  # the longest: the next request loads it
         path = store.payload_dir / entry.payload_name
         arrays, meta = mx.load(str(path), return_metadata=True)
         # Same layer count, token count and metadata; a wrong head size breaks attention.
@@ -165,11 +164,10 @@ def test_poison_checkpoint_is_quarantined_and_never_loaded_again(server, kv_dir)
         fixed = replace(entry, payload_bytes=path.stat().st_size, checksum=checksum_file(path))
         store.index.write(lambda txn: txn.update_row(fixed))
         store.index.write(lambda txn: txn.set_live_bytes(txn.live_bytes() - entry.payload_bytes + fixed.payload_bytes))
-    other = [{"role": "user", "content": "Say yes."}]
-    recs = replay(c, MODEL, [Step("o1", other, 2), Step("poisoned", msgs, 2), Step("o2", other, 2),
-                             Step("after", msgs, 2)])
-    assert recs["poisoned"].text  # the request succeeded
-    assert recs["poisoned"].cached_tokens < anchor_len  # served cold, not from the poison
+    recs = replay(c, MODEL, [Step("poisoned", msgs, 2), Step("o2", other, 2), Step("after", msgs, 2)])
+    assert recs["poisoned"].text  # the request succeeded...
+    assert recs["poisoned"].cached_tokens == 0  # ...cold, after the poison failed its prefill
+    assert recs["after"].text == recs["poisoned"].text
     with CheckpointStore(StoreConfig(directory=kv_dir)) as store:
         row = store.get(entry.id)
     assert row.quarantined, "the poison checkpoint must be quarantined"
@@ -178,15 +176,21 @@ def test_poison_checkpoint_is_quarantined_and_never_loaded_again(server, kv_dir)
 
 
 def test_cache_cli_lists_shows_and_removes_a_namespace(server, kv_dir):
+    system = long_system_prompt(8, project="Lyra")
+    replay(client(server), MODEL, [Step("lyra", [{"role": "system", "content": system},
+                                                 {"role": "user", "content": "Hi."}], 2)])
     ls = cache_cli(kv_dir, "ls", "--json")
     assert ls.returncode == 0
     rows = json.loads(ls.stdout)
+    assert any(r["text_preview"].startswith("<|im_start|>system\nYou are the build assistant of the Lyra")
+               for r in rows), rows
     assert rows and {"kind", "namespace", "n_tokens", "payload_bytes", "hits", "last_used"} <= set(rows[0])
     table = cache_cli(kv_dir, "ls")
     assert rows[0]["id"][:12] in table.stdout and "entries" in table.stdout
     show = cache_cli(kv_dir, "show", rows[0]["id"][:10])
     assert show.returncode == 0 and json.loads(show.stdout)["id"] == rows[0]["id"]
     rm = cache_cli(kv_dir, "rm", "--namespace", "")
-    assert rm.returncode == 0 and f"removed {len(rows)} entries" in rm.stdout
+    assert rm.returncode == 0, rm.stdout + rm.stderr
+    assert int(rm.stdout.split()[1]) >= len(rows), rm.stdout
     assert json.loads(cache_cli(kv_dir, "ls", "--json").stdout) == []
     assert cache_cli(kv_dir, "verify").returncode == 0
