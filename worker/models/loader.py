@@ -111,6 +111,7 @@ def _load_gguf(path: Path, cache_dir: Path, dequantize: bool, name: str) -> Mode
         model=model,
         weights_path=path,
         cache_dir=cache_dir,
+        weights_mode="dequantized" if dequantize else "as_stored",
         context_length=int(metadata["llama.context_length"]),
         **fields,
     )
@@ -148,6 +149,7 @@ def _load_mlx_dir(path: Path, cache_dir: Path, dequantize: bool, name: str) -> M
         model=model,
         weights_path=path,
         cache_dir=cache_dir,
+        weights_mode="dequantized" if dequantize else "as_stored",
         tokenizer_json=tokenizer_json,
         chat_template=getattr(hf_tokenizer, "chat_template", None),
         eos_token_ids=tuple(dict.fromkeys(int(i) for i in ordered)),
@@ -157,13 +159,16 @@ def _load_mlx_dir(path: Path, cache_dir: Path, dequantize: bool, name: str) -> M
 
 
 def _bundle(
-    *, name: str, model: Any, weights_path: Path, cache_dir: Path, tokenizer_json: str, **rest: Any
+    *, name: str, model: Any, weights_path: Path, cache_dir: Path, tokenizer_json: str, weights_mode: str,
+    **rest: Any,
 ) -> ModelBundle:
     layout = kv_layout_of(model)
+    # The same file dequantized (CPU) or kept quantized (GPU) computes slightly
+    # different KV values: checkpoints of one must never load into the other.
     identity = model_identity(
         weights_digest(weights_path, cache_dir),
         tokenizer_json,
-        layout,
+        f"{layout};weights={weights_mode}",
         mlx_version=mx.__version__,
         mlx_lm_version=version("mlx-lm"),
     )
