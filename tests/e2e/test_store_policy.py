@@ -178,3 +178,22 @@ def test_whole_prompt_checkpoint_at_a_frontier_gives_uncached_output(servers, of
     ref = greedy_in_subprocess(msgs, 8)
     assert ref.min_margin > 1e-3
     assert rec["warm"].text == rec["cold"].text == ref.text
+
+
+def test_namespaces_never_share_state(servers):
+    """Case C9: the same prompt in two namespaces reuses nothing, from the live
+    state or the store; the same namespace reuses (the positive control)."""
+    system = long_system_prompt(16, project="Lacerta")
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Hi."}]
+
+    def in_ns(ns: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=servers["s"].url + "/v1", api_key="unused", timeout=300, max_retries=0,
+                             default_headers={"x-kvrouter-namespace": ns})
+
+    alice = replay(in_ns("alice"), MODEL, [Step("a1", msgs)])["a1"]
+    bob = replay(in_ns("bob"), MODEL, [Step("b1", msgs)])["b1"]  # right after alice: her live state is there
+    assert alice.cached_tokens == 0
+    assert bob.cached_tokens == 0
+    again = replay(in_ns("alice"), MODEL, [Step("a2", msgs)])["a2"]  # bob's live state now; alice's store
+    assert again.cached_tokens >= system_tokens(system)
+    assert again.text == alice.text

@@ -433,3 +433,27 @@ def test_store_events_report_stores_skips_and_evictions(cfg: StoreConfig):
     assert actions[1] == ("skipped", "waypoint", 100, "duplicate")
     assert ("evicted", "waypoint", 100, "budget") in actions
     assert actions[-1][:3] == ("stored", "anchor", 300)
+
+
+def test_failed_store_leaves_the_schedule_for_a_later_try(store: CheckpointStore):
+    """Policy rule 1: the plan is derived from what the index holds, so a store
+    that failed (ENOSPC) is planned again by the next request, and succeeds then."""
+    from cachestore import plan_stores
+
+    prompt = toks(900)
+    cfg = StoreConfig(directory=store.directory, min_tokens=128, boundary_align_tokens=128,
+                      continued_interval_tokens=512)
+
+    def full_disk(path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    first = plan_stores(len(prompt), 0, 700, cfg).stores
+    assert [(p.kind, p.n_tokens) for p in first] == [("waypoint", 512), ("anchor", 700)]
+    assert store.save("anchor", "m", "ns", prompt[:700], full_disk) is None
+    hit = store.lookup("m", "ns", prompt)
+    again = plan_stores(len(prompt), hit.n_tokens if hit else 0, 700, cfg).stores
+    assert again == first
+    assert store.save("anchor", "m", "ns", prompt[:700], writer(b"a" * 10)) is not None
+    hit = store.lookup("m", "ns", prompt)
+    assert hit.n_tokens == 700
+    assert plan_stores(len(prompt), hit.n_tokens, 700, cfg).stores == ()
