@@ -3,4 +3,6 @@
 # CI runs this and fails when the result differs from what is committed.
 set -euo pipefail
 cd "$(dirname "$0")"
-python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. kvrouter_proto/worker.proto
+for proto in kvrouter_proto/worker.proto kvrouter_proto/router.proto; do
+  python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. "$proto"
+done

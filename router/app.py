@@ -3,6 +3,7 @@ cleanup contexts that own the worker pool and the store index."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -12,40 +13,64 @@ from router.config import RouterConfig
 from router.dispatch import Dispatcher
 from router.errors import ApiError, NotFound, PayloadTooLarge
 from router.keys import DISPATCHER, METRICS, POOL, ROUTER_CONFIG
-from router.metrics import create_metrics
+from router.metrics import count_errors_middleware, create_metrics, refresh_scrape_gauges
 from router.pool import WorkerPool
-from router.views import openai
+from router.auth import authorize
+from router.views import anthropic, completions, openai, openapi, responses
+from router.views.common import NAMESPACE_KEY
 
 log = logging.getLogger("kvrouter.router")
 
 
+def is_anthropic_path(path: str) -> bool:
+    """Paths whose clients expect Anthropic's error format."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def error_response(request: web.Request, err: ApiError) -> web.Response:
+    """`err` in the format of the protocol the request's path belongs to."""
+    if is_anthropic_path(request.path):
+        return web.json_response(err.anthropic_body(), status=err.anthropic_status, headers=err.headers())
+    return web.json_response(err.openai_body(), status=err.status, headers=err.headers())
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    """Maps every failure to an OpenAI-format error response; nothing escapes as a bare 500."""
+    """Maps every failure to an error response in the protocol's format (OpenAI,
+    or Anthropic under /v1/messages); nothing escapes as a bare 500."""
     metrics = request.app[METRICS]
     try:
         resp = await handler(request)
     except ApiError as exc:
-        resp = web.json_response(exc.openai_body(), status=exc.status)
+        resp = error_response(request, exc)
     except web.HTTPRequestEntityTooLarge:
         exc = PayloadTooLarge(f"request body exceeds {request.app[ROUTER_CONFIG].max_body_bytes} bytes")
-        resp = web.json_response(exc.openai_body(), status=exc.status)
+        resp = error_response(request, exc)
     except web.HTTPException as exc:
         if exc.status == 404:
             err = NotFound(f"no route for {request.method} {request.path}")
         else:
             err = ApiError(exc.reason)
             err.status, err.type = exc.status, "invalid_request_error" if exc.status < 500 else "api_error"
-        resp = web.json_response(err.openai_body(), status=err.status)
+        resp = error_response(request, err)
     except (ConnectionResetError, OSError) as exc:
         log.info("client went away: %s", exc)
         raise
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         err = ApiError("internal error; the server keeps serving")
-        resp = web.json_response(err.openai_body(), status=500)
+        resp = error_response(request, err)
     metrics.requests.labels(request.path, str(resp.status)).inc()
     return resp
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    """Checks the API key of /v1 requests (when keys are configured) and sets the
+    request's cache namespace (router.auth)."""
+    if request.path.startswith("/v1/"):
+        request[NAMESPACE_KEY] = authorize(request.app[ROUTER_CONFIG].api_keys, request.headers)
+    return await handler(request)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -55,39 +80,64 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok" if ok else "unavailable", "workers": workers}, status=200 if ok else 503)
 
 
+async def router_state(request: web.Request) -> web.Response:
+    """GET /v1/router/state: workers (pid of local ones), health, load, rates, cache summary."""
+    return web.json_response(request.app[POOL].state())
+
+
 async def metrics_view(request: web.Request) -> web.Response:
     m = request.app[METRICS]
-    for c in request.app[POOL].clients:
-        m.worker_healthy.labels(c.name).set(1 if c.healthy else 0)
+    await refresh_scrape_gauges(m, request.app[POOL])
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_app(config: RouterConfig, pool: WorkerPool | None = None) -> web.Application:
     """The gateway for `config`. `pool` defaults to gRPC clients for
     `config.worker_addresses`; it is connected on startup and closed on cleanup."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes)
+    metrics = create_metrics()
+    # count_errors_middleware is inner: it sees each exception before error_middleware maps it.
+    app = web.Application(middlewares=[error_middleware, count_errors_middleware(metrics), auth_middleware],
+                          client_max_size=config.max_body_bytes)
     app[ROUTER_CONFIG] = config
-    app[METRICS] = create_metrics()
+    app[METRICS] = metrics
     store = None
     if pool is None:
         if config.store is not None:
             from cachestore import CheckpointStore
 
             store = CheckpointStore(config.store)
-        pool = WorkerPool.from_addresses(config.worker_addresses, store)
+        from worker.server import store_id_of
+
+        pool = WorkerPool.from_addresses(
+            config.worker_addresses, store, remote=config.remote_workers, token=config.worker_token,
+            tls_ca=config.worker_tls_ca, local_store_id=store_id_of(config.store.directory) if store else "",
+            affinity_max_in_flight=config.affinity_max_in_flight, max_queue=config.max_queue)
     app[POOL] = pool
-    app[DISPATCHER] = Dispatcher(pool, app[METRICS])
+    app[DISPATCHER] = Dispatcher(pool, app[METRICS], coalesce=config.coalesce)
 
     async def pool_ctx(app: web.Application):
         await pool.connect(config.worker_ready_timeout_s)
+        if config.chat_template is not None:
+            for m in pool.models.values():
+                m.tokenizer = await asyncio.to_thread(m.tokenizer.with_chat_template, config.chat_template)
         yield
         await pool.close()
         if pool.store is not None:
             pool.store.close()
 
     app.cleanup_ctx.append(pool_ctx)
+    if config.grpc_port is not None:
+        from router.grpc_api import grpc_ctx
+
+        app.cleanup_ctx.append(grpc_ctx)
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
+    app.router.add_post("/v1/completions", completions.completions)
+    app.router.add_post("/v1/responses", responses.create_response)
     app.router.add_get("/v1/models", openai.list_models)
+    app.router.add_get("/v1/router/state", router_state)
+    app.router.add_post("/v1/messages", anthropic.messages)
+    app.router.add_post("/v1/messages/count_tokens", anthropic.count_tokens)
+    app.router.add_get("/openapi.json", openapi.openapi_json)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_view)
     return app

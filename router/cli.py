@@ -51,6 +51,9 @@ def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens dropped from the end of a cold store without an anchor (default 32)")
     g.add_argument("--kv-cache-boundary-align-tokens", type=int, default=2048,
                    help="cold stores without an anchor are aligned down to a multiple of this (default 2048)")
+    g.add_argument("--kv-cache-ram-mb", type=int, default=1024,
+                   help="RAM tier: recently used checkpoints kept in memory per worker, MiB (default 1024; "
+                        "on Apple silicon this is GPU memory)")
     g.add_argument("--no-kv-cache", action="store_true", help="turn the disk checkpoint store off")
 
 
@@ -66,6 +69,7 @@ def kv_flags_as_args(ns: argparse.Namespace) -> list[str]:
         "--kv-cache-continued-interval-tokens", str(ns.kv_cache_continued_interval_tokens),
         "--kv-cache-boundary-trim-tokens", str(ns.kv_cache_boundary_trim_tokens),
         "--kv-cache-boundary-align-tokens", str(ns.kv_cache_boundary_align_tokens),
+        "--kv-cache-ram-mb", str(ns.kv_cache_ram_mb),
     ]
 
 
@@ -99,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=None,
+    def common(p: argparse.ArgumentParser, many_models: bool = False) -> None:
+        p.add_argument("--model", default=None, action="append" if many_models else "store",
                        help="a GGUF file, an mlx-lm model directory, or a Hugging Face repo id already in the "
-                            "local cache (default: SmolLM2-135M-Instruct, fetched on first start)")
+                            "local cache (default: SmolLM2-135M-Instruct, fetched on first start)"
+                            + ("; repeat it to serve several models (--workers each)" if many_models else ""))
         p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                        help=f"where models and the default store live (default: {default_cache_dir()})")
         p.add_argument("--prefill-chunk-tokens", type=int, default=256,
@@ -112,20 +117,63 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway and its local worker processes",
                            description="Start the OpenAI-compatible gateway and N local worker processes; "
                                        "Ctrl-C or SIGTERM stops them all.")
-    common(serve)
+    common(serve, many_models=True)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="local worker processes per model (default 1; 0 with --remote-worker only)")
     serve.add_argument("--max-tokens-default", type=int, default=512,
                        help="max_tokens when a request gives none (default 512)")
+    rt = serve.add_argument_group("routing")
+    rt.add_argument("--max-queue", type=int, default=32,
+                    help="requests in flight per worker; past it clients get 429 (Anthropic: 529) with Retry-After "
+                         "(default 32; 0 = no limit)")
+    rt.add_argument("--remote-worker", action="append", default=[], metavar="HOST:PORT",
+                    help="a worker on another host (`kvrouter worker --listen HOST:PORT`); repeatable")
+    rt.add_argument("--worker-token", default=os.environ.get("KVROUTER_WORKER_TOKEN"),
+                    help="shared token of the remote workers (default: $KVROUTER_WORKER_TOKEN)")
+    rt.add_argument("--worker-tls-ca", type=Path, default=None,
+                    help="PEM root certificate(s) to verify remote workers that use TLS (default: plaintext)")
+    rt.add_argument("--no-coalesce", action="store_true",
+                    help="do not make requests that share a new prefix wait for the one prefilling it")
+    api = serve.add_argument_group("client API")
+    api.add_argument("--api-keys-file", type=Path, default=None,
+                     help="require API keys: one key per line, an optional name after whitespace, '#' comments; "
+                          "each key's requests get their own cache namespace (default: no auth)")
+    api.add_argument("--max-body-mb", type=float, default=8,
+                     help="largest request body in MiB; larger ones get 413 (default 8)")
+    api.add_argument("--max-tokens-limit", type=int, default=None,
+                     help="cap every request's max_tokens at this many tokens (default: no cap)")
+    api.add_argument("--grpc-port", type=int, default=None,
+                     help="also serve the public gRPC API (kvrouter.router.v1.Router) on this port; 0 picks one "
+                          "(default: off)")
+    api.add_argument("--chat-template", type=Path, default=None,
+                     help="a Jinja chat template FILE that replaces the model's own (e.g. one with tool-call syntax)")
 
     worker = sub.add_parser("worker", help="run one worker process alone (gRPC)",
                             description="Serve one model over gRPC (kvrouter.worker.v1.Worker + grpc.health.v1).")
     common(worker)
     worker.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT for gRPC (default 127.0.0.1:50051)")
     worker.add_argument("--name", default="w0", help="worker name in logs (default w0)")
+    worker.add_argument("--max-queue", type=int, default=0,
+                        help="requests waiting plus running it accepts; more get RESOURCE_EXHAUSTED (default 0: "
+                             "no limit)")
+    worker.add_argument("--worker-token", default=os.environ.get("KVROUTER_WORKER_TOKEN"),
+                        help="require this shared token on every call (required when --listen is not loopback; "
+                             "default: $KVROUTER_WORKER_TOKEN)")
+    worker.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve gRPC over TLS")
+    worker.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    worker.add_argument("--smg-listen", default=None, metavar="HOST:PORT",
+                        help="also serve SMG's mlx.grpc.engine.MlxEngine protocol on this address, for "
+                             "`smg launch --worker-urls grpc://HOST:PORT` (default off)")
     worker.add_argument("--port-file", type=Path, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    from router import cache_cli
+
+    cache_cli.add_parser(sub)
+    from router import ops_cli
+
+    ops_cli.add_parsers(sub, default_cache_dir())
     return parser
 
 
@@ -138,17 +186,56 @@ def setup_logging(level: str, name: str | None = None) -> None:
     )
 
 
+def api_config(ns: argparse.Namespace) -> dict:
+    """RouterConfig fields of the client API flags. Raises ValueError naming a bad flag value."""
+    from router.auth import ApiKeys
+
+    if ns.max_body_mb <= 0:
+        raise ValueError("--max-body-mb must be positive")
+    if ns.max_tokens_limit is not None and ns.max_tokens_limit < 1:
+        raise ValueError("--max-tokens-limit must be at least 1")
+    if ns.grpc_port is not None and not 0 <= ns.grpc_port < 65536:
+        raise ValueError("--grpc-port must be between 0 and 65535")
+    template = None
+    if ns.chat_template is not None:
+        try:
+            template = ns.chat_template.read_text()
+        except OSError as exc:
+            raise ValueError(f"--chat-template {ns.chat_template}: {exc.strerror}") from exc
+    return {
+        "api_keys": ApiKeys.load(ns.api_keys_file) if ns.api_keys_file else None,
+        "max_body_bytes": int(ns.max_body_mb * 2**20),
+        "max_tokens_limit": ns.max_tokens_limit,
+        "grpc_port": ns.grpc_port,
+        "grpc_host": ns.host,
+        "chat_template": template,
+    }
+
+
 def _serve(ns: argparse.Namespace) -> int:
     from router.config import RouterConfig, ServeConfig
     from router.supervisor import run_serve
 
     setup_logging(ns.log_level)
-    if ns.workers < 1:
-        raise ValueError("--workers must be at least 1")
+    if ns.workers < 0 or (ns.workers == 0 and not ns.remote_worker):
+        raise ValueError("--workers must be at least 1 (or 0 with --remote-worker)")
+    if ns.max_queue < 0:
+        raise ValueError("--max-queue must be 0 (no limit) or more")
+    api = api_config(ns)
+    tls_ca = None
+    if ns.worker_tls_ca is not None:
+        try:
+            tls_ca = ns.worker_tls_ca.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"--worker-tls-ca {ns.worker_tls_ca}: {exc.strerror}") from exc
+    models = tuple(ns.model) if ns.model else (None,)
     cfg = ServeConfig(
         router=RouterConfig(host=ns.host, port=ns.port, store=store_config(ns),
-                            default_max_tokens=ns.max_tokens_default),
-        model=ns.model,
+                            default_max_tokens=ns.max_tokens_default,
+                            remote_workers=tuple(ns.remote_worker), worker_token=ns.worker_token,
+                            worker_tls_ca=tls_ca, max_queue=ns.max_queue, coalesce=not ns.no_coalesce, **api),
+        model=models[0],
+        models=models,
         workers=ns.workers,
         cache_dir=ns.cache_dir,
         prefill_chunk_tokens=ns.prefill_chunk_tokens,
@@ -170,12 +257,28 @@ def _worker(ns: argparse.Namespace) -> int:
         store=store_config(ns),
         cache_dir=ns.cache_dir,
         prefill_chunk_tokens=ns.prefill_chunk_tokens,
+        ram_bytes=0 if ns.no_kv_cache else ns.kv_cache_ram_mb * 2**20,
         port_file=ns.port_file,
         parent_pid=ns.parent_pid,
         worker_name=ns.name,
+        smg_listen=ns.smg_listen,
     )
     asyncio.run(serve(cfg))
     return 0
+
+
+def _cache(ns: argparse.Namespace) -> int:
+    from router import cache_cli
+
+    setup_logging("WARNING")
+    directory = Path(ns.kv_cache_dir) if ns.kv_cache_dir else default_cache_dir() / "kv"
+    return cache_cli.run(ns, directory)
+
+
+def _ops_commands() -> dict:
+    from router import ops_cli
+
+    return ops_cli.COMMANDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"serve": _serve, "worker": _worker}[ns.command](ns)
+        return {"serve": _serve, "worker": _worker, "cache": _cache, **_ops_commands()}[ns.command](ns)
     except ValueError as exc:
         parser.error(str(exc))
     except KeyboardInterrupt:

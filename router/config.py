@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cachestore import StoreConfig
+from router.auth import ApiKeys
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class RouterConfig:
         index to predict reuse), or None with --no-kv-cache.
     max_body_bytes: larger request bodies get 413.
     worker_ready_timeout_s: how long to wait for workers at start.
+    default_max_tokens: max_tokens of a request that gives none.
     """
 
     host: str = "127.0.0.1"
@@ -27,6 +29,19 @@ class RouterConfig:
     max_body_bytes: int = 8 * 2**20
     worker_ready_timeout_s: float = 600.0
     default_max_tokens: int = 512
+    # The client API (router.views, router.grpc_api):
+    api_keys: ApiKeys | None = None  # None: no auth
+    max_tokens_limit: int | None = None  # larger max_tokens requests are capped to this
+    grpc_port: int | None = None  # public gRPC service (kvrouter.router.v1.Router); 0 picks a free port
+    grpc_host: str = "127.0.0.1"
+    chat_template: str | None = None  # replaces every model's chat template (--chat-template FILE)
+    # Routing (router.pool, router.routing, router.dispatch):
+    remote_workers: tuple[str, ...] = ()  # gRPC "HOST:PORT" of workers on other hosts (--remote-worker)
+    worker_token: str | None = None  # sent to remote workers (their --worker-token)
+    worker_tls_ca: bytes | None = None  # PEM roots to verify TLS remote workers (None: plaintext)
+    max_queue: int = 32  # requests in flight per worker; past it 429/529 with Retry-After (0: no limit)
+    affinity_max_in_flight: int = 4  # a worker this busy gets no cache-motivated traffic
+    coalesce: bool = True  # requests sharing a new prefix wait for the one prefilling it
 
 
 @dataclass(frozen=True)
@@ -43,3 +58,4 @@ class ServeConfig:
     cache_dir: Path
     prefill_chunk_tokens: int = 256
     log_dir: Path | None = None
+    models: tuple[str | None, ...] = ()  # every --model (workers each); empty: (model,)

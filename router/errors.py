@@ -7,9 +7,13 @@ in one middleware (`router.app.error_middleware`).
     ├── Unauthorized          401 authentication_error
     ├── NotFound              404 not_found_error (unknown model, unknown path)
     ├── PayloadTooLarge       413 request_too_large
-    ├── Overloaded            429 rate_limit_error (Retry-After)
+    ├── Overloaded            429 rate_limit_error (Retry-After); Anthropic: 529 overloaded_error
     ├── WorkerFailed          502 api_error (a worker failed the request)
     └── Unavailable           503 service_unavailable (no healthy worker)
+
+Each error renders in two formats: `openai_body()` ({"error": {"message", "type",
+"param", "code"}}) and `anthropic_body()` ({"type": "error", "error": {"type",
+"message"}}) with `anthropic_status`; `headers()` adds Retry-After where it applies.
 """
 
 from __future__ import annotations
@@ -30,6 +34,39 @@ class ApiError(Exception):
     def openai_body(self) -> dict:
         """The OpenAI error object: {"error": {"message", "type", "param", "code"}}."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    @property
+    def anthropic_status(self) -> int:
+        """The HTTP status an Anthropic client expects for this error."""
+        return self.status
+
+    @property
+    def anthropic_type(self) -> str:
+        status = self.anthropic_status
+        return ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+    def anthropic_body(self) -> dict:
+        """The Anthropic error object: {"type": "error", "error": {"type", "message"}}."""
+        return {"type": "error", "error": {"type": self.anthropic_type, "message": self.message}}
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (Retry-After for overload)."""
+        return {}
+
+
+# Anthropic's error types by HTTP status (docs.anthropic.com, "Errors").
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "api_error",
+    529: "overloaded_error",
+}
 
 
 class BadRequest(ApiError):
@@ -63,8 +100,24 @@ class PayloadTooLarge(ApiError):
 
 
 class Overloaded(ApiError):
+    """Too many requests queued. OpenAI: 429 with Retry-After; Anthropic: 529 overloaded_error."""
+
     status = 429
     type = "rate_limit_error"
+    retry_after_s = 1
+
+    def __init__(self, message: str = "the server is overloaded; retry shortly", *, retry_after_s: int | None = None,
+                 **kw):
+        super().__init__(message, **kw)
+        if retry_after_s is not None:
+            self.retry_after_s = max(1, int(retry_after_s))
+
+    @property
+    def anthropic_status(self) -> int:
+        return 529
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class WorkerFailed(ApiError):

@@ -1,29 +1,63 @@
-"""The router's Prometheus metrics (prometheus-client), in one registry per app."""
+"""The router's Prometheus metrics (prometheus-client), in one registry per app.
+
+Workers run in other processes, but nothing here needs prometheus-client's
+multiprocess mode: every worker-side figure (prefill and load time, checkpoint
+stores, skips, evictions, quarantines) arrives with the request it belongs to,
+in the worker's `Final` message (`usage` and `store_events`, see
+proto/kvrouter_proto/worker.proto), and is recorded by `router.dispatch`.
+Scrape-time figures (worker health and queue depth, store entries and bytes
+per kind) are read when `/metrics` is served (`refresh_scrape_gauges`).
+
+The README's "Metrics" table lists every metric; `tests/unit/test_deploy_files.py`
+checks the Grafana dashboard against a real router's `/metrics`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections import Counter as Tally
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+log = logging.getLogger("kvrouter.router.metrics")
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
+BYTES_BUCKETS = tuple(2.0**i for i in range(20, 36, 2))
+STORE_KINDS = ("anchor", "waypoint", "evict", "shutdown")  # cachestore.KINDS, without importing lmdb here
+WORKER_STATUS_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
 class RouterMetrics:
     registry: CollectorRegistry
     ttft: Histogram
+    inter_token: Histogram
     request_seconds: Histogram
     prompt_tokens: Counter
     completion_tokens: Counter
     requests: Counter
+    errors: Counter
+    routing_decisions: Counter
+    routing_seconds: Histogram
+    retries: Counter
+    worker_failures: Counter
     in_flight: Gauge
     worker_healthy: Gauge
+    queue_depth: Gauge
     prefill_seconds: Histogram
     checkpoint_load_seconds: Histogram
+    checkpoint_load_bytes: Histogram
     checkpoint_store_seconds: Histogram
     checkpoint_store_bytes: Histogram
     checkpoint_events: Counter
+    store_entries: Gauge
+    store_bytes: Gauge
+    store_quarantined: Gauge
+    store_budget_bytes: Gauge
 
 
 def create_metrics() -> RouterMetrics:
@@ -32,11 +66,17 @@ def create_metrics() -> RouterMetrics:
     return RouterMetrics(
         registry=reg,
         ttft=Histogram(
-            "kvrouter_time_to_first_token_seconds", "Time from request arrival to the first generated token",
-            ["model"], buckets=LATENCY_BUCKETS, registry=reg,
+            "kvrouter_time_to_first_token_seconds", "Time from the routing decision (after tokenization) "
+            "to the first generated token, retries included", ["model"], buckets=LATENCY_BUCKETS, registry=reg,
+        ),
+        inter_token=Histogram(
+            "kvrouter_inter_token_latency_seconds", "Time between consecutive generated tokens of one request "
+            "(a chunk of n tokens counts as n gaps of 1/n of its delay)",
+            ["model"], buckets=TOKEN_LATENCY_BUCKETS, registry=reg,
         ),
         request_seconds=Histogram(
-            "kvrouter_request_seconds", "Whole request duration", ["model"], buckets=LATENCY_BUCKETS, registry=reg,
+            "kvrouter_request_seconds", "Generation duration, routing decision to the last token",
+            ["model"], buckets=LATENCY_BUCKETS, registry=reg,
         ),
         prompt_tokens=Counter(
             "kvrouter_prompt_tokens", "Prompt tokens by how they were obtained: computed (prefilled) or reused "
@@ -48,9 +88,32 @@ def create_metrics() -> RouterMetrics:
         requests=Counter(
             "kvrouter_requests", "HTTP API requests by endpoint and status code", ["endpoint", "status"], registry=reg,
         ),
+        errors=Counter(
+            "kvrouter_errors", "Error responses by error class (router.errors names, HTTPError, InternalError)",
+            ["error_class", "status"], registry=reg,
+        ),
+        routing_decisions=Counter(
+            "kvrouter_routing_decisions", "Routing decisions by reason (live_prefix, least_loaded, ...; "
+            "retry when a request moved to another worker)", ["model", "reason"], registry=reg,
+        ),
+        routing_seconds=Histogram(
+            "kvrouter_routing_decision_seconds", "Time to choose a worker and look the prompt up in the store index "
+            "(tokenization excluded)", ["model"], buckets=DECISION_BUCKETS, registry=reg,
+        ),
+        retries=Counter(
+            "kvrouter_retries", "Requests re-sent to another worker because the first could not take them "
+            "(nothing generated yet)", ["model"], registry=reg,
+        ),
+        worker_failures=Counter(
+            "kvrouter_worker_failures", "Worker-side failures: unavailable (before any token; retried if possible) "
+            "or failed (the worker failed an accepted request)", ["worker", "kind"], registry=reg,
+        ),
         in_flight=Gauge("kvrouter_worker_in_flight", "Requests dispatched to a worker and not finished",
                         ["worker"], registry=reg),
         worker_healthy=Gauge("kvrouter_worker_healthy", "1 when the worker reports SERVING", ["worker"], registry=reg),
+        queue_depth=Gauge("kvrouter_worker_queue_depth", "Requests waiting plus running in the worker's engine "
+                          "(its GetStatus at scrape time; absent when the worker does not answer)",
+                          ["worker"], registry=reg),
         prefill_seconds=Histogram(
             "kvrouter_prefill_seconds", "Time a worker spent prefilling a prompt's uncached tokens",
             ["model"], buckets=LATENCY_BUCKETS, registry=reg,
@@ -59,17 +122,106 @@ def create_metrics() -> RouterMetrics:
             "kvrouter_checkpoint_load_seconds", "Time to load a disk checkpoint into a worker",
             ["model"], buckets=LATENCY_BUCKETS, registry=reg,
         ),
+        checkpoint_load_bytes=Histogram(
+            "kvrouter_checkpoint_load_bytes", "Payload size of disk checkpoints loaded by workers",
+            ["model"], buckets=BYTES_BUCKETS, registry=reg,
+        ),
         checkpoint_store_seconds=Histogram(
             "kvrouter_checkpoint_store_seconds", "Time to write a checkpoint (payload, fsync, index commit)",
             ["model", "kind"], buckets=LATENCY_BUCKETS, registry=reg,
         ),
         checkpoint_store_bytes=Histogram(
             "kvrouter_checkpoint_store_bytes", "Payload size of stored checkpoints",
-            ["model", "kind"], buckets=tuple(2.0**i for i in range(20, 36, 2)), registry=reg,
+            ["model", "kind"], buckets=BYTES_BUCKETS, registry=reg,
         ),
         checkpoint_events=Counter(
             "kvrouter_checkpoint_events", "Checkpoint store actions: stored, skipped, evicted, quarantined; "
             "with the checkpoint kind and the reason (skips, evictions, quarantines)",
             ["model", "action", "kind", "reason"], registry=reg,
         ),
+        store_entries=Gauge("kvrouter_store_entries", "Usable checkpoints in the store index, by kind",
+                            ["kind"], registry=reg),
+        store_bytes=Gauge("kvrouter_store_bytes", "Payload bytes of usable checkpoints, by kind",
+                          ["kind"], registry=reg),
+        store_quarantined=Gauge("kvrouter_store_quarantined_entries", "Quarantined index rows (never reused)",
+                                registry=reg),
+        store_budget_bytes=Gauge("kvrouter_store_budget_bytes", "The store's disk budget (--kv-cache-disk-mb)",
+                                 registry=reg),
     )
+
+
+def error_class(exc: BaseException) -> str:
+    """The `error_class` label of an exception that becomes an error response: the
+    router.errors class name, HTTPNotFound-style aiohttp names, or InternalError."""
+    from aiohttp import web
+
+    from router.errors import ApiError
+
+    if isinstance(exc, (ApiError, web.HTTPException)):
+        return type(exc).__name__
+    return "InternalError"
+
+
+def count_errors_middleware(m: RouterMetrics):
+    """An aiohttp middleware (to sit inside the error-mapping middleware) that counts
+    every exception a handler raises in `kvrouter_errors` and re-raises it. Errors
+    sent inside an already-started SSE stream never reach it; they are counted in
+    `kvrouter_worker_failures`."""
+    from aiohttp import web
+
+    @web.middleware
+    async def count_errors(request, handler):
+        try:
+            return await handler(request)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                m.errors.labels(error_class(exc), str(exc.status)).inc()
+            raise
+        except Exception as exc:
+            m.errors.labels(error_class(exc), str(getattr(exc, "status", 500))).inc()
+            raise
+
+    return count_errors
+
+
+def store_gauges(store) -> tuple[dict[str, int], dict[str, int], int]:
+    """(entries by kind, payload bytes by kind, quarantined rows) from the store index (a scan)."""
+    rows = store.entries(include_quarantined=True)
+    usable = [e for e in rows if not e.quarantined]
+    entries = Tally({k: 0 for k in STORE_KINDS})
+    size = Tally({k: 0 for k in STORE_KINDS})
+    for e in usable:
+        entries[e.kind] += 1
+        size[e.kind] += e.payload_bytes
+    return dict(entries), dict(size), len(rows) - len(usable)
+
+
+async def refresh_scrape_gauges(m: RouterMetrics, pool) -> None:
+    """Sets the gauges read at scrape time: worker health and queue depth (GetStatus,
+    WORKER_STATUS_TIMEOUT_S each, in parallel) and the store's entries and bytes per kind."""
+    clients = list(pool.clients)
+    for c in clients:
+        m.worker_healthy.labels(c.name).set(1 if c.healthy else 0)
+
+    async def depth(c):
+        try:
+            status = await asyncio.wait_for(c.status(), WORKER_STATUS_TIMEOUT_S)
+            m.queue_depth.labels(c.name).set(status.queue_depth)
+        except Exception as exc:  # a worker that does not answer must not break the scrape
+            log.debug("no status from %s: %s", c.name, exc)
+            try:
+                m.queue_depth.remove(c.name)
+            except KeyError:
+                pass
+
+    await asyncio.gather(*(depth(c) for c in clients if c.healthy))
+    store = pool.store
+    if store is not None:
+        entries, size, quarantined = await asyncio.to_thread(store_gauges, store)
+        for kind in entries:
+            m.store_entries.labels(kind).set(entries[kind])
+            m.store_bytes.labels(kind).set(size[kind])
+        m.store_quarantined.set(quarantined)
+        m.store_budget_bytes.set(store.config.disk_budget_bytes)

@@ -1,18 +1,30 @@
 """The workers behind the router, grouped by the model they serve, with each
-model's tokenizer, and the shared store index used to predict reuse."""
+model's tokenizer, the shared store index used to predict reuse, and the
+router's view of each worker (`WorkerView`): live state, RAM-tier entries,
+measured rates, which store it reads, and the load the router sent it.
+
+The view is kept current three ways: each request's completion (the live state
+it left, the worker's rates), the worker's cache event stream (live state
+changed, RAM tier gained or dropped an entry; numbered, and a gap triggers a
+resync from GetStatus), and GetStatus when a stream (re)starts. A router that
+restarts rebuilds it from GetStatus and the store's LMDB index.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
-from router.errors import NotFound, Unavailable
+from router.errors import NotFound, Overloaded, Unavailable
 from router.prompting import ModelTokenizer
-from router.routing import Candidate, choose_worker
-from router.worker_client import GrpcWorkerClient
+from router.routing import Candidate, Decision, Rates, Reuse, choose_worker, request_seconds
+from router.worker_client import GrpcWorkerClient, WorkerUnavailable, rates_from_proto
 
 log = logging.getLogger("kvrouter.router.pool")
+
+DECODE_TOKENS_FOR_QUEUE = 64  # generated tokens assumed per queued request (max_tokens is an upper bound)
 
 
 @dataclass
@@ -26,25 +38,86 @@ class ServedModel:
     workers: list = field(default_factory=list)
 
 
-class WorkerPool:
-    """All workers; built by `connect()` once they are ready."""
+@dataclass
+class WorkerView:
+    """What the router knows of one worker beyond its client's health and in-flight count.
 
-    def __init__(self, clients: list, store=None):
+    queued_s: predicted seconds of the requests dispatched to it and not finished.
+    store_id: "host:directory" of the store it reads ("" unknown). ram_ids: store
+    entry ids in its RAM tier. event_seq: last cache event applied. pid: its
+    process id (local workers). resyncs: times its view was rebuilt from GetStatus.
+    """
+
+    rates: Rates = field(default_factory=Rates)
+    queued_s: float = 0.0
+    store_id: str = ""
+    ram_ids: set[str] = field(default_factory=set)
+    event_seq: int = 0
+    pid: int = 0
+    max_queue: int = 0
+    requests_served: int = 0
+    resyncs: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class Lease:
+    """A slot on a worker, taken when the route is decided and given back exactly once."""
+
+    pool: "WorkerPool"
+    worker: object
+    seconds: float
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.pool._release(self)
+
+
+class WorkerPool:
+    """All workers; built by `connect()` once they are ready.
+
+    store: the store index this host's workers share (None: no disk reuse predicted).
+    local_store_id: its "host:directory" (workers reporting another id read another
+    host's store, whose checkpoints this router cannot reuse for them).
+    affinity_max_in_flight: see router.routing. max_queue: requests in flight per
+    worker past which it takes no more (0: no limit; a worker's own --max-queue
+    applies too).
+    """
+
+    def __init__(self, clients: list, store=None, *, local_store_id: str = "", affinity_max_in_flight: int = 4,
+                 max_queue: int = 0):
         self.clients = clients
         self.store = store
+        self.local_store_id = local_store_id
+        self.affinity_max_in_flight = affinity_max_in_flight
+        self.max_queue = max_queue
         self.models: dict[str, ServedModel] = {}
         self._tasks: list[asyncio.Task] = []
         self.live_tokens: dict[str, tuple[int, ...]] = {}
+        self.live_namespace: dict[str, str] = {}
+        self.views: dict[str, WorkerView] = {}
 
     @classmethod
-    def from_addresses(cls, addresses, store=None) -> "WorkerPool":
-        return cls([GrpcWorkerClient(f"w{i}", a) for i, a in enumerate(addresses)], store)
+    def from_addresses(cls, addresses, store=None, *, remote=(), token: str | None = None,
+                       tls_ca: bytes | None = None, **kw) -> "WorkerPool":
+        """Local workers "w0".. at `addresses`, remote ones "r0".. at `remote`."""
+        clients = [GrpcWorkerClient(f"w{i}", a, local=True) for i, a in enumerate(addresses)]
+        clients += [GrpcWorkerClient(f"r{i}", a, local=False, token=token, tls_ca=tls_ca)
+                    for i, a in enumerate(remote)]
+        return cls(clients, store, **kw)
+
+    def view(self, worker) -> WorkerView:
+        v = self.views.get(worker.name)
+        if v is None:
+            v = self.views[worker.name] = WorkerView()
+        return v
 
     async def connect(self, timeout_s: float) -> None:
-        """Waits for every worker, reads its model info, starts health watches.
-
-        Raises WorkerUnavailable when a worker is not ready in time.
-        """
+        """Waits for every worker, reads its model info and status, starts health
+        watches and cache event streams. Raises WorkerUnavailable when a worker is
+        not ready in time."""
         await asyncio.gather(*(c.wait_ready(timeout_s) for c in self.clients))
         for client in self.clients:
             info = await client.model_info()
@@ -54,8 +127,66 @@ class WorkerPool:
                 model = ServedModel(info.model_name, info.identity, info.context_length, tokenizer)
                 self.models[info.model_name] = model
             model.workers.append(client)
+            await self.resync(client)
             log.info("worker %s at %s serves %s", client.name, client.address, info.model_name)
         self._tasks = [asyncio.create_task(c.watch_health()) for c in self.clients]
+        self._tasks += [asyncio.create_task(self._follow_events(c)) for c in self.clients]
+
+    async def resync(self, client) -> None:
+        """Rebuilds the view of `client` from its GetStatus (quietly keeps the old one
+        when the worker does not answer)."""
+        try:
+            st = await client.status()
+        except WorkerUnavailable as exc:
+            self.view(client).last_error = str(exc)
+            return
+        v = self.view(client)
+        v.rates = rates_from_proto(st.rates)
+        v.store_id = st.store_id
+        v.ram_ids = set(st.ram_entry_ids)
+        v.event_seq = st.event_seq
+        v.pid = st.pid
+        v.max_queue = st.max_queue
+        v.requests_served = st.requests_served
+        v.resyncs += 1
+        self.live_tokens[client.name] = tuple(st.live_token_ids)
+        self.live_namespace[client.name] = st.live_namespace
+
+    async def _follow_events(self, client) -> None:
+        """Applies `client`'s cache events forever; resyncs on a gap or a new stream."""
+        backoff = 0.5
+        while True:
+            try:
+                resynced = False
+                async for ev in client.cache_events():
+                    v = self.view(client)
+                    if not resynced or ev.seq != v.event_seq + 1:
+                        if resynced:
+                            log.info("worker %s: cache event %d after %d; resyncing", client.name, ev.seq,
+                                     v.event_seq)
+                        await self.resync(client)
+                        resynced = True
+                    v.event_seq = max(v.event_seq, ev.seq)
+                    self.apply(client.name, ev)
+                    backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a broken stream: reconnect; the health watch decides routing
+                log.debug("worker %s cache events: %s", client.name, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def apply(self, name: str, ev) -> None:
+        """Applies one CacheUpdate to the view of worker `name`."""
+        if ev.kind == "live":
+            self.live_tokens[name] = ev.tokens
+            self.live_namespace[name] = ev.namespace
+        elif ev.kind == "ram":
+            ids = self.views.setdefault(name, WorkerView()).ram_ids
+            if ev.added:
+                ids.add(ev.entry_id)
+            else:
+                ids.discard(ev.entry_id)
 
     def model(self, name: str | None) -> ServedModel:
         """The served model called `name`; raises NotFound."""
@@ -67,29 +198,125 @@ class WorkerPool:
             code="model_not_found",
         )
 
-    def pick(self, model: ServedModel, tokens: tuple[int, ...]):
-        """(worker client, routing decision) for a prompt; raises Unavailable."""
-        cands = []
-        for w in model.workers:
-            live = self.live_tokens.get(w.name, ())
-            match = 0
-            for a, b in zip(live, tokens):
-                if a != b:
-                    break
-                match += 1
-            cands.append(Candidate(w.name, w.healthy, w.in_flight, match))
-        decision = choose_worker(cands)
-        if decision is None:
-            raise Unavailable("no healthy worker is available for this model; try again shortly")
-        worker = next(w for w in model.workers if w.name == decision.worker)
-        return worker, decision
-
-    def stored_prefix(self, model: ServedModel, namespace: str, tokens) -> int:
-        """Tokens of the longest stored checkpoint for this prompt (0 without a store)."""
+    # -- routing ------------------------------------------------------------------
+    def stored_hit(self, model: ServedModel, namespace: str, tokens):
+        """The longest stored checkpoint of this prompt in the local store, or None."""
         if self.store is None:
-            return 0
-        hit = self.store.lookup(model.identity, namespace, tokens)
-        return hit.n_tokens if hit else 0
+            return None
+        try:
+            return self.store.lookup(model.identity, namespace, tokens)
+        except Exception as exc:  # a broken index must not fail routing
+            log.warning("store lookup failed: %s", exc)
+            return None
+
+    def reads_local_store(self, worker) -> bool:
+        v = self.views.get(worker.name)
+        if v is not None and v.store_id and self.local_store_id:
+            return v.store_id == self.local_store_id
+        return getattr(worker, "local", True)
+
+    def candidates(self, model: ServedModel, tokens, namespace: str, hit=None) -> list[Candidate]:
+        """The routing snapshot: every worker of `model` with what it could reuse of `tokens`."""
+        limit = len(tokens) - 1
+        out = []
+        for w in model.workers:
+            v = self.view(w)
+            reuse = []
+            live = self.live_tokens.get(w.name, ())
+            if live and self.live_namespace.get(w.name, "") == namespace:
+                n = 0
+                for a, b in zip(live, tokens):
+                    if a != b:
+                        break
+                    n += 1
+                if min(n, limit) > 0:
+                    reuse.append(Reuse("live", min(n, limit)))
+            if hit is not None and self.reads_local_store(w) and min(hit.n_tokens, limit) > 0:
+                source = "ram" if hit.entry.id in v.ram_ids else "disk"
+                reuse.append(Reuse(source, min(hit.n_tokens, limit), hit.entry.payload_bytes))
+            limits = [q for q in (self.max_queue, v.max_queue) if q]
+            out.append(Candidate(w.name, w.healthy, w.in_flight, tuple(reuse), v.rates, v.queued_s,
+                                 min(limits) if limits else 0))
+        return out
+
+    def decide(self, model: ServedModel, tokens, namespace: str = "", exclude=frozenset(), hit=None) -> Decision:
+        """The routing decision for a prompt; raises Unavailable or Overloaded."""
+        if hit is None:
+            hit = self.stored_hit(model, namespace, tokens)
+        decision = choose_worker(self.candidates(model, tokens, namespace, hit), len(tokens),
+                                 self.affinity_max_in_flight, frozenset(exclude))
+        if decision.reason == "unavailable":
+            raise Unavailable("no healthy worker is available for this model; try again shortly")
+        if decision.reason == "overloaded":
+            raise Overloaded(f"every worker serving {model.name} has a full queue; retry shortly",
+                             retry_after_s=int(decision.retry_after_s + 0.999))
+        return decision
+
+    def pick(self, model: ServedModel, tokens: tuple[int, ...], namespace: str = ""):
+        """(worker client, routing decision) for a prompt; raises Unavailable or Overloaded."""
+        decision = self.decide(model, tokens, namespace)
+        return self.worker(model, decision.worker), decision
+
+    @staticmethod
+    def worker(model: ServedModel, name: str):
+        return next(w for w in model.workers if w.name == name)
+
+    def acquire(self, worker, decision: Decision, prompt_tokens: int, max_tokens: int) -> Lease:
+        """Counts a request against `worker` from now (case C13) until the lease is released."""
+        v = self.view(worker)
+        reuse = Reuse(decision.source, decision.cached_tokens)
+        seconds = request_seconds(prompt_tokens, reuse, min(max_tokens, DECODE_TOKENS_FOR_QUEUE), v.rates)
+        worker.in_flight += 1
+        v.queued_s += seconds
+        return Lease(self, worker, seconds)
+
+    def _release(self, lease: Lease) -> None:
+        lease.worker.in_flight -= 1
+        v = self.view(lease.worker)
+        v.queued_s = max(0.0, v.queued_s - lease.seconds) if lease.worker.in_flight else 0.0
+
+    def observe(self, worker_name: str, completion, live_tokens: tuple[int, ...], namespace: str) -> None:
+        """Updates the view from a finished request: its live state and the worker's rates."""
+        self.live_tokens[worker_name] = live_tokens
+        self.live_namespace[worker_name] = namespace
+        if completion.rates is not None:
+            self.views.setdefault(worker_name, WorkerView()).rates = completion.rates
+
+    # -- state ---------------------------------------------------------------------
+    def state(self) -> dict:
+        """The JSON body of GET /v1/router/state."""
+        store = None
+        if self.store is not None:
+            try:
+                entries = self.store.entries()
+                store = {"id": self.local_store_id, "entries": len(entries),
+                         "bytes": sum(e.payload_bytes for e in entries),
+                         "tokens": sum(e.n_tokens for e in entries)}
+            except Exception as exc:
+                store = {"id": self.local_store_id, "error": str(exc)}
+        workers = []
+        for model in self.models.values():
+            for w in model.workers:
+                v = self.view(w)
+                workers.append({
+                    "name": w.name,
+                    "address": w.address,
+                    "model": model.name,
+                    "local": getattr(w, "local", True),
+                    "pid": v.pid if getattr(w, "local", True) and v.pid else None,
+                    "healthy": w.healthy,
+                    "load": {"in_flight": w.in_flight, "queued_seconds": round(v.queued_s, 3),
+                             "max_queue": min([q for q in (self.max_queue, v.max_queue) if q], default=0)},
+                    "rates": {"prefill_tokens_per_second": round(v.rates.prefill_tps, 1),
+                              "disk_load_bytes_per_second": round(v.rates.disk_bps),
+                              "ram_load_bytes_per_second": round(v.rates.ram_bps),
+                              "decode_tokens_per_second": round(v.rates.decode_tps, 1)},
+                    "cache": {"live_tokens": len(self.live_tokens.get(w.name, ())),
+                              "live_namespace": self.live_namespace.get(w.name, ""),
+                              "ram_entries": len(v.ram_ids), "store_id": v.store_id,
+                              "event_seq": v.event_seq, "resyncs": v.resyncs},
+                })
+        return {"time": time.time(), "models": sorted(self.models), "workers": workers, "store": store}
 
     async def close(self) -> None:
         for t in self._tasks:

@@ -41,15 +41,25 @@ class ModelTokenizer:
     chat_template, eos/bos ids and the context length in tokens.
     """
 
-    def __init__(self, info):
+    def __init__(self, info, chat_template: str | None = None):
+        """`chat_template` replaces the model's own template (`--chat-template FILE`)."""
+        self._info = info
         self.context_length = info.context_length
+        self.chat_template = info.chat_template if chat_template is None else chat_template
         self._tok = build_hf_tokenizer(
             info.tokenizer_json,
-            info.chat_template or None,
+            self.chat_template or None,
             tuple(info.eos_token_ids),
             info.bos_token_id if info.HasField("bos_token_id") else None,
         )
-        self.has_chat_template = bool(info.chat_template)
+        self.has_chat_template = bool(self.chat_template)
+
+    def with_chat_template(self, chat_template: str) -> "ModelTokenizer":
+        """The same tokenizer rendering prompts with another chat template."""
+        return ModelTokenizer(self._info, chat_template)
+
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab()
 
     def _render(self, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
         if not self.has_chat_template:

@@ -1,44 +1,184 @@
-"""Choosing a worker: a pure policy over a snapshot of worker state.
+"""Choosing a worker: a pure cost model over a snapshot of worker state.
 
-For the single-host slice the cost model is: prefer the worker whose live
-state shares the longest prefix with the prompt (no load cost), then the one
-with the fewest requests in flight (counted from dispatch, case C13).
+For each candidate worker the router predicts the time to first token:
+
+    queue wait  +  cost of bringing the best reusable prefix onto that worker
+                +  remaining prompt tokens / that worker's prefill rate
+
+where bringing a prefix costs nothing from the worker's live state, its bytes
+over RAM bandwidth from the RAM tier, its bytes over the worker's measured disk
+load bandwidth from the store on the worker's own host, and is impossible from
+another host's store (stores are per host). The lowest prediction wins; ties go
+to the worker with fewer requests in flight, then by name.
+
+Affinity never becomes a hot spot: a worker with `affinity_max_in_flight` or
+more requests in flight is costed as if it held nothing (it gets no
+cache-motivated traffic), so misses and overflow go to idle workers. A worker
+with `max_queue` requests in flight takes nothing; when every healthy worker is
+full, `choose_worker` says so (the caller answers 429/529 with Retry-After).
+
+The same costs decide load-or-recompute on the worker (`should_load`): when
+loading a checkpoint would take longer than prefilling its tokens, recompute.
+Nothing here does I/O; every input is a number in the snapshot.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Priors until a worker has measured itself (Rates fields of 0).
+DEFAULT_PREFILL_TPS = 500.0  # tokens/s
+DEFAULT_DISK_BPS = 1.0e9  # bytes/s
+DEFAULT_RAM_BPS = 20.0e9  # bytes/s
+DEFAULT_DECODE_TPS = 20.0  # tokens/s
+
+
+@dataclass(frozen=True)
+class Rates:
+    """A worker's measured speeds; 0 means unknown (the priors above apply).
+
+    prefill_tps: prompt tokens per second; disk_bps / ram_bps: checkpoint load
+    bandwidth from the store directory / the RAM tier, bytes per second;
+    decode_tps: generated tokens per second.
+    """
+
+    prefill_tps: float = 0.0
+    disk_bps: float = 0.0
+    ram_bps: float = 0.0
+    decode_tps: float = 0.0
+
+    def prefill(self) -> float:
+        return self.prefill_tps if self.prefill_tps > 0 else DEFAULT_PREFILL_TPS
+
+    def disk(self) -> float:
+        return self.disk_bps if self.disk_bps > 0 else DEFAULT_DISK_BPS
+
+    def ram(self) -> float:
+        return self.ram_bps if self.ram_bps > 0 else DEFAULT_RAM_BPS
+
+    def decode(self) -> float:
+        return self.decode_tps if self.decode_tps > 0 else DEFAULT_DECODE_TPS
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A prefix a worker could start from: `tokens` prompt tokens from `source`
+    ("live", "ram" or "disk"), `bytes` to load (0 for live)."""
+
+    source: str
+    tokens: int
+    bytes: int = 0
+
+
+NO_REUSE = Reuse("none", 0)
+
+
+def load_seconds(reuse: Reuse, rates: Rates) -> float:
+    """Time to bring `reuse` onto the worker: 0 live, bytes over RAM or disk bandwidth."""
+    if reuse.source == "ram":
+        return reuse.bytes / rates.ram()
+    if reuse.source == "disk":
+        return reuse.bytes / rates.disk()
+    return 0.0
+
+
+def prefill_seconds(tokens: int, rates: Rates) -> float:
+    return max(0, tokens) / rates.prefill()
+
+
+def should_load(reuse: Reuse, base_tokens: int, rates: Rates) -> bool:
+    """Load-or-recompute: True when loading `reuse` is faster than prefilling the
+    tokens it adds beyond `base_tokens` (what the worker has without loading)."""
+    gained = reuse.tokens - base_tokens
+    if gained <= 0:
+        return False
+    return load_seconds(reuse, rates) <= prefill_seconds(gained, rates)
+
+
+def best_reuse(options: list[Reuse], prompt_tokens: int, rates: Rates) -> tuple[Reuse, float]:
+    """The option with the lowest load + prefill time for a `prompt_tokens` prompt,
+    and that time in seconds (NO_REUSE when recomputing everything is fastest)."""
+    best, best_s = NO_REUSE, prefill_seconds(prompt_tokens, rates)
+    for r in options:
+        s = load_seconds(r, rates) + prefill_seconds(prompt_tokens - r.tokens, rates)
+        if s < best_s or (s == best_s and r.tokens > best.tokens):
+            best, best_s = r, s
+    return best, best_s
+
 
 @dataclass(frozen=True)
 class Candidate:
-    """A worker as routing sees it: name, health, requests in flight, and the
-    number of prompt tokens its live state already holds."""
+    """A worker as routing sees it.
+
+    queued_s: predicted seconds of work already dispatched to it (queue wait).
+    reuse: prefixes of this prompt it could start from (live, ram, disk on its host).
+    max_queue: requests in flight it accepts (0 = no limit).
+    """
 
     name: str
     healthy: bool
     in_flight: int
-    live_match_tokens: int = 0
+    reuse: tuple[Reuse, ...] = ()
+    rates: Rates = Rates()
+    queued_s: float = 0.0
+    max_queue: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.max_queue > 0 and self.in_flight >= self.max_queue
 
 
 @dataclass(frozen=True)
 class Decision:
-    worker: str
-    reason: str  # "live_prefix", "least_loaded"
+    """The chosen worker, where its reuse comes from, and the prediction.
 
-
-def choose_worker(candidates: list[Candidate], max_in_flight_for_affinity: int = 4) -> Decision | None:
-    """The worker to send a request to, or None when no candidate is healthy.
-
-    A live-prefix match wins unless that worker already has
-    `max_in_flight_for_affinity` requests in flight (affinity must not become a
-    hot spot); otherwise the least-loaded healthy worker, ties by name order.
+    reason: "live_prefix", "ram_prefix", "disk_prefix" (the reuse it counts on),
+    "least_loaded" (no reuse), or "overloaded"
+    / "unavailable" with worker "" when nothing can take the request.
+    retry_after_s: with "overloaded", when a slot should be free.
     """
-    healthy = [c for c in candidates if c.healthy]
+
+    worker: str
+    reason: str
+    source: str = "none"
+    cached_tokens: int = 0
+    predicted_ttft_s: float = 0.0
+    retry_after_s: float = 0.0
+
+
+def predict(c: Candidate, prompt_tokens: int, affinity_max_in_flight: int) -> tuple[float, Reuse]:
+    """(predicted time to first token, the reuse it assumes) for one candidate."""
+    options = list(c.reuse) if c.in_flight < affinity_max_in_flight else []
+    reuse, work_s = best_reuse(options, prompt_tokens, c.rates)
+    return c.queued_s + work_s, reuse
+
+
+def choose_worker(candidates: list[Candidate], prompt_tokens: int,
+                  affinity_max_in_flight: int = 4, exclude: frozenset[str] = frozenset()) -> Decision:
+    """The worker with the lowest predicted time to first token.
+
+    `exclude`: workers already tried for this request. Returns a Decision with
+    worker "" and reason "unavailable" when no candidate is healthy, or
+    "overloaded" when every healthy one is full.
+    """
+    healthy = [c for c in candidates if c.healthy and c.name not in exclude]
     if not healthy:
-        return None
-    best_live = max(healthy, key=lambda c: (c.live_match_tokens, -c.in_flight))
-    if best_live.live_match_tokens > 0 and best_live.in_flight < max_in_flight_for_affinity:
-        return Decision(best_live.name, "live_prefix")
-    least = min(healthy, key=lambda c: c.in_flight)
-    return Decision(least.name, "least_loaded")
+        return Decision("", "unavailable")
+    open_ = [c for c in healthy if not c.full]
+    if not open_:
+        wait = min(c.queued_s / max(1, c.in_flight) for c in healthy)
+        return Decision("", "overloaded", retry_after_s=max(1.0, wait))
+    scored = []
+    for c in open_:
+        ttft, reuse = predict(c, prompt_tokens, affinity_max_in_flight)
+        scored.append((round(ttft, 6), c.in_flight, c.name, reuse, c))
+    ttft, _, name, reuse, c = min(scored, key=lambda s: s[:3])
+    reason = f"{reuse.source}_prefix" if reuse.tokens > 0 else "least_loaded"
+    return Decision(name, reason, reuse.source, reuse.tokens, ttft)
+
+
+def request_seconds(prompt_tokens: int, reuse: Reuse, max_tokens: int, rates: Rates) -> float:
+    """Predicted service time of one request on a one-at-a-time worker (what it adds
+    to that worker's queue): load + prefill + decode."""
+    return (load_seconds(reuse, rates) + prefill_seconds(prompt_tokens - reuse.tokens, rates)
+            + max(1, max_tokens) / rates.decode())

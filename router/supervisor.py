@@ -23,6 +23,7 @@ from worker.blas import preload_env
 log = logging.getLogger("kvrouter.serve")
 
 STOP_GRACE_S = 30.0
+ENGINE_DEATH_EXIT_STATUS = 3  # worker.server.ENGINE_DEATH_EXIT_STATUS
 RESTART_MAX_BACKOFF_S = 30.0
 
 
@@ -65,6 +66,8 @@ class WorkerProcess:
         now = time.monotonic()
         if self._restart_at is None:
             how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            if code == ENGINE_DEATH_EXIT_STATUS:
+                how += " (its generation thread died)"
             delay = min(RESTART_MAX_BACKOFF_S, 2.0 ** self.restarts)
             log.error("worker %s (pid %d) %s; restarting in %.0f s", self.name, self.proc.pid, how, delay)
             self._restart_at = now + delay
@@ -109,6 +112,7 @@ def worker_argv(cfg: ServeConfig, model: str | None, name: str, port_file: Path,
         "--port-file", str(port_file),
         "--parent-pid", str(os.getpid()),
         "--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens),
+        "--max-queue", str(cfg.router.max_queue),
         *kv_args,
         *(["--model", model] if model else []),
     ]
@@ -118,10 +122,12 @@ async def run_serve(cfg: ServeConfig, kv_args: list[str]) -> int:
     """Runs until SIGINT/SIGTERM. Returns the process exit status."""
     from worker.models import default_model_path
 
+    models = cfg.models or (cfg.model,)
     # Fetch the default model once, here, so workers do not race to download it.
-    if cfg.model is None:
+    if None in models and cfg.workers:
         await asyncio.to_thread(default_model_path, cfg.cache_dir)
-    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    n_local = cfg.workers * len(models)
+    threads = max(1, (os.cpu_count() or 1) // max(1, n_local))
     env = preload_env(dict(os.environ), threads=threads)
     tmp = Path(tempfile.mkdtemp(prefix="kvrouter-"))
     workers: list[WorkerProcess] = []
@@ -131,11 +137,13 @@ async def run_serve(cfg: ServeConfig, kv_args: list[str]) -> int:
         loop.add_signal_handler(sig, stop.set)
     runner = None
     try:
-        for i in range(cfg.workers):
-            name = f"w{i}"
-            port_file = tmp / f"{name}.port"
-            workers.append(WorkerProcess(name, worker_argv(cfg, cfg.model, name, port_file, kv_args), env, port_file))
-        log.info("starting %d worker(s) for %s (BLAS threads each: %d)", cfg.workers, cfg.model or "the default model", threads)
+        for model in models:
+            for _ in range(cfg.workers):
+                name = f"w{len(workers)}"
+                port_file = tmp / f"{name}.port"
+                workers.append(WorkerProcess(name, worker_argv(cfg, model, name, port_file, kv_args), env, port_file))
+            log.info("starting %d worker(s) for %s (BLAS threads each: %d)", cfg.workers,
+                     model or "the default model", threads)
         wait = asyncio.gather(*(w.wait_port(cfg.router.worker_ready_timeout_s) for w in workers))
         done, _ = await asyncio.wait([asyncio.ensure_future(wait), asyncio.ensure_future(stop.wait())],
                                      return_when=asyncio.FIRST_COMPLETED)

@@ -1,10 +1,20 @@
 """The router's view of one worker: a small interface and its gRPC implementation.
 
-`WorkerClient` is what routing and the HTTP views use; `GrpcWorkerClient`
-speaks `kvrouter.worker.v1.Worker` and `grpc.health.v1` to a worker process.
-gRPC errors are translated here, at the process boundary, into
-`WorkerUnavailable` (the worker cannot take the request) and `WorkerError`
-(it failed the request); invalid requests become `router.errors.BadRequest`.
+`WorkerClient` is what the pool, the dispatcher and the HTTP views use;
+`GrpcWorkerClient` speaks `kvrouter.worker.v1.Worker` and `grpc.health.v1` to a
+worker process; `FakeWorkerClient` is an in-memory worker for policy tests.
+gRPC errors are translated here, at the process boundary:
+
+    RuntimeError
+    ├── WorkerUnavailable   nothing was generated: safe to retry elsewhere
+    │   └── WorkerBusy      the worker's queue is full (--max-queue)
+    └── WorkerError         the worker failed the request after it started
+
+and invalid requests become `router.errors.BadRequest` (a client error: it
+never counts against the worker's health, case C14).
+
+In-flight counts are not kept here: the dispatcher raises `in_flight` when it
+decides the route and lowers it when the request ends, whatever way it ends.
 """
 
 from __future__ import annotations
@@ -19,12 +29,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
 from router.errors import BadRequest
+from router.routing import Rates
 
 log = logging.getLogger("kvrouter.router.worker_client")
 
 
 class WorkerUnavailable(RuntimeError):
     """The worker could not be reached or is not serving."""
+
+
+class WorkerBusy(WorkerUnavailable):
+    """The worker's queue is full."""
 
 
 class WorkerError(RuntimeError):
@@ -52,6 +67,19 @@ class StoreEvent:
 
 
 @dataclass(frozen=True)
+class CacheUpdate:
+    """A cache event from a worker. kind "live": `tokens` is its live state now
+    (in `namespace`); kind "ram": `entry_id` entered (added) or left its RAM tier."""
+
+    seq: int
+    kind: str
+    namespace: str = ""
+    tokens: tuple[int, ...] = ()
+    entry_id: str = ""
+    added: bool = False
+
+
+@dataclass(frozen=True)
 class Completion:
     """The end of a generation. Counts in tokens, times in seconds."""
 
@@ -63,6 +91,8 @@ class Completion:
     prefill_seconds: float
     load_seconds: float
     store_events: tuple[StoreEvent, ...] = ()
+    loaded_bytes: int = 0
+    rates: Rates | None = None  # the worker's measurements after this request
 
     @property
     def stored_tokens(self) -> int:
@@ -78,31 +108,58 @@ _SOURCE_NAMES = {
 }
 
 
+def rates_from_proto(r: worker_pb2.Rates) -> Rates:
+    return Rates(r.prefill_tokens_per_second, r.disk_load_bytes_per_second, r.ram_load_bytes_per_second,
+                 r.decode_tokens_per_second)
+
+
+def cache_update_from_proto(ev: worker_pb2.CacheEvent) -> CacheUpdate:
+    if ev.HasField("live"):
+        return CacheUpdate(ev.seq, "live", ev.live.namespace, tuple(ev.live.token_ids))
+    return CacheUpdate(ev.seq, "ram", entry_id=ev.ram.entry_id, added=ev.ram.added)
+
+
 class WorkerClient(Protocol):
+    """name: the router's name for it ("w0", "r0"); local: a process `kvrouter serve`
+    started on this host; healthy: follows grpc.health.v1 Watch; in_flight: requests
+    the dispatcher sent and that have not ended."""
+
     name: str
     address: str
+    local: bool
     healthy: bool
     in_flight: int
 
+    async def wait_ready(self, timeout_s: float) -> None: ...
+    async def watch_health(self) -> None: ...
     async def model_info(self) -> worker_pb2.ModelInfo: ...
     async def status(self) -> worker_pb2.WorkerStatus: ...
+    def cache_events(self) -> AsyncIterator[CacheUpdate]: ...
     def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]: ...
     async def close(self) -> None: ...
 
 
 class GrpcWorkerClient:
     """A worker reached over gRPC. `healthy` follows the worker's grpc.health.v1
-    Watch stream once `watch_health()` runs."""
+    Watch stream once `watch_health()` runs.
 
-    def __init__(self, name: str, address: str):
+    token: the worker's `--worker-token` (sent as `authorization: Bearer`);
+    tls_ca: PEM root certificate(s) to verify a TLS worker (None: plaintext).
+    """
+
+    def __init__(self, name: str, address: str, *, local: bool = True, token: str | None = None,
+                 tls_ca: bytes | None = None):
         self.name = name
         self.address = address
+        self.local = local
         self.healthy = False
         self.in_flight = 0
-        self.live_prefix_tokens = 0
-        self._channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 64 * 2**20)]
-        )
+        options = [("grpc.max_receive_message_length", 64 * 2**20)]
+        if tls_ca is not None:
+            self._channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -111,7 +168,8 @@ class GrpcWorkerClient:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             try:
-                resp = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                resp = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2,
+                                               metadata=self._metadata)
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
                     self.healthy = True
                     return
@@ -126,7 +184,8 @@ class GrpcWorkerClient:
         backoff = 0.2
         while True:
             try:
-                async for resp in self._health.Watch(health_pb2.HealthCheckRequest(service="")):
+                async for resp in self._health.Watch(health_pb2.HealthCheckRequest(service=""),
+                                                    metadata=self._metadata):
                     ok = resp.status == health_pb2.HealthCheckResponse.SERVING
                     if ok != self.healthy:
                         log.info("worker %s is %s", self.name, "healthy" if ok else "NOT serving")
@@ -143,15 +202,27 @@ class GrpcWorkerClient:
 
     async def model_info(self) -> worker_pb2.ModelInfo:
         try:
-            return await self._stub.GetModelInfo(worker_pb2.ModelInfoRequest(), timeout=30)
+            return await self._stub.GetModelInfo(worker_pb2.ModelInfoRequest(), timeout=30,
+                                                     metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise WorkerUnavailable(f"worker {self.name}: {exc.details()}") from exc
 
     async def status(self) -> worker_pb2.WorkerStatus:
         try:
-            return await self._stub.GetStatus(worker_pb2.StatusRequest(), timeout=5)
+            return await self._stub.GetStatus(worker_pb2.StatusRequest(), timeout=5, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise WorkerUnavailable(f"worker {self.name}: {exc.details()}") from exc
+
+    async def cache_events(self) -> AsyncIterator[CacheUpdate]:
+        """The worker's cache events until the stream breaks (raises WorkerUnavailable)."""
+        call = self._stub.SubscribeCacheEvents(worker_pb2.CacheEventsRequest(), metadata=self._metadata)
+        try:
+            async for ev in call:
+                yield cache_update_from_proto(ev)
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerUnavailable(f"worker {self.name} cache events: {exc.code().name}") from exc
+        finally:
+            call.cancel()
 
     async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]:
         """Streams Delta items and ends with one Completion.
@@ -160,8 +231,7 @@ class GrpcWorkerClient:
         generated: safe to retry elsewhere), WorkerError (failed mid-way).
         Closing the iterator early cancels the generation on the worker.
         """
-        self.in_flight += 1
-        call = self._stub.Generate(request)
+        call = self._stub.Generate(request, metadata=self._metadata)
         started = False
         try:
             async for msg in call:
@@ -182,17 +252,129 @@ class GrpcWorkerClient:
                             StoreEvent(e.action, e.kind, e.tokens, e.bytes, e.seconds, e.reason)
                             for e in msg.final.store_events
                         ),
+                        loaded_bytes=u.loaded_bytes,
+                        rates=rates_from_proto(msg.final.rates) if msg.final.HasField("rates") else None,
                     )
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise BadRequest(exc.details()) from exc
-            if not started and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            if not started and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise WorkerBusy(f"worker {self.name}: {exc.details()}") from exc
+            if not started:  # nothing reached the client: another worker may take it
                 raise WorkerUnavailable(f"worker {self.name}: {exc.details()}") from exc
             raise WorkerError(f"worker {self.name} failed: {exc.details()}") from exc
         finally:
             call.cancel()
-            self.in_flight -= 1
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class FakeWorkerClient:
+    """An in-memory worker behind the same interface, for policy tests (no model).
+
+    It serves one request at a time like a real worker: a request waits for the
+    ones before it, "prefills" the tokens its live state does not hold at
+    `prefill_tps` (simulated with asyncio.sleep scaled by `time_scale`), then
+    yields one Delta per generated token. Its live state is the last prompt plus
+    its output. `fail_next`: raise this exception class for the next request
+    (before any token; or after the first token with `fail_mid_stream`).
+    `requests` records every GenerateRequest it received.
+    """
+
+    def __init__(self, name: str, model_name: str = "fake", *, prefill_tps: float = 1000.0,
+                 time_scale: float = 0.0, max_queue: int = 0, healthy: bool = True, local: bool = True):
+        self.name = name
+        self.address = f"fake://{name}"
+        self.local = local
+        self.model_name = model_name
+        self.healthy = healthy
+        self.in_flight = 0
+        self.prefill_tps = prefill_tps
+        self.time_scale = time_scale
+        self.max_queue = max_queue
+        self.live: tuple[int, ...] = ()
+        self.live_namespace = ""
+        self.requests: list[worker_pb2.GenerateRequest] = []
+        self.prefilled_tokens = 0
+        self.fail_next: type[Exception] | None = None
+        self.fail_mid_stream = False
+        self.served = 0
+        self._lock = asyncio.Lock()
+        self._queued = 0
+        self._events: asyncio.Queue | None = None
+        self._seq = 0
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        if not self.healthy:
+            raise WorkerUnavailable(f"worker {self.name} not ready")
+
+    async def watch_health(self) -> None:
+        await asyncio.Event().wait()  # health is set directly by tests
+
+    async def model_info(self) -> worker_pb2.ModelInfo:
+        return worker_pb2.ModelInfo(model_name=self.model_name, identity=f"id-{self.model_name}",
+                                    context_length=4096)
+
+    async def status(self) -> worker_pb2.WorkerStatus:
+        return worker_pb2.WorkerStatus(
+            model_name=self.model_name, live_prefix_tokens=len(self.live), queue_depth=self._queued,
+            requests_served=self.served, engine_alive=self.healthy, pid=0,
+            rates=worker_pb2.Rates(prefill_tokens_per_second=self.prefill_tps),
+            live_token_ids=self.live, live_namespace=self.live_namespace, max_queue=self.max_queue,
+            event_seq=self._seq, worker_name=self.name,
+        )
+
+    async def cache_events(self) -> AsyncIterator[CacheUpdate]:
+        self._events = asyncio.Queue()
+        self._emit_live()
+        while True:
+            yield await self._events.get()
+
+    def _emit_live(self) -> None:
+        self._seq += 1
+        if self._events is not None:
+            self._events.put_nowait(CacheUpdate(self._seq, "live", self.live_namespace, self.live))
+
+    async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]:
+        self.requests.append(request)
+        if self.fail_next is not None and not self.fail_mid_stream:
+            exc, self.fail_next = self.fail_next, None
+            raise exc(f"worker {self.name}: injected failure")
+        if self.max_queue and self._queued >= self.max_queue:
+            raise WorkerBusy(f"worker {self.name}: queue full")
+        prompt = tuple(request.prompt_token_ids)
+        self._queued += 1
+        try:
+            async with self._lock:
+                cached = 0
+                if request.namespace == self.live_namespace:
+                    for a, b in zip(self.live, prompt[:-1]):
+                        if a != b:
+                            break
+                        cached += 1
+                prefilled = len(prompt) - cached
+                self.prefilled_tokens += prefilled
+                if self.time_scale:
+                    await asyncio.sleep(prefilled / self.prefill_tps * self.time_scale)
+                out = []
+                for i in range(max(1, request.sampling.max_tokens)):
+                    if i == 1 and self.fail_next is not None and self.fail_mid_stream:
+                        exc, self.fail_next = self.fail_next, None
+                        raise exc(f"worker {self.name}: injected failure mid-stream")
+                    token = 1000 + i
+                    out.append(token)
+                    yield Delta((token,), f"t{i} ")
+                    await asyncio.sleep(0)
+                self.live, self.live_namespace = prompt + tuple(out), request.namespace
+                self.served += 1
+                self._emit_live()
+                yield Completion("length", len(prompt), len(out), cached, "live" if cached else "none",
+                                 prefilled / self.prefill_tps, 0.0,
+                                 rates=Rates(prefill_tps=self.prefill_tps))
+        finally:
+            self._queued -= 1
+
+    async def close(self) -> None:
+        return None

@@ -10,6 +10,11 @@ never feed the last token twice, never skip it).
 
 Loading never deletes or skips a checkpoint because of its length: the
 cold-max limit applies to what is stored, not to what is loaded (case C3).
+
+Load-or-recompute: a stored prefix is loaded only when loading it (its bytes
+over the measured RAM-tier or disk bandwidth) is faster than prefilling the
+tokens it adds (over the measured prefill rate): `router.routing.should_load`,
+the same cost model the router routes by.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 from cachestore import CheckpointStore, Entry, PayloadError, StoreEvent, plan_stores
 
+from router.routing import Rates, Reuse, should_load
 from worker import kv_state
 from worker.kv_state import CheckpointFormatError
 from worker.ram_tier import RamTier
@@ -60,6 +66,7 @@ class Restored:
     stored_prefix_tokens: int
     load_seconds: float = 0.0
     entry_id: str | None = None
+    loaded_bytes: int = 0
 
 
 def common_prefix_length(a, b) -> int:
@@ -96,13 +103,16 @@ class CheckpointManager:
         self.events.clear()
         return out
 
-    def restore(self, prompt: list[int], namespace: str, live: LiveState | None) -> Restored:
+    def restore(self, prompt: list[int], namespace: str, live: LiveState | None,
+                rates: Rates | None = None) -> Restored:
         """The longest reusable prefix of `prompt`, loaded into a fresh or recycled state.
 
         The live state is recycled (trimmed in place) when it gives the longest
         reuse; a stored checkpoint that reaches further is taken from the RAM tier
-        or loaded from disk. A damaged checkpoint is quarantined and the request
-        continues from the next best source. Never raises for cache problems.
+        or loaded from disk, unless loading it would take longer than prefilling
+        the tokens it adds (`rates`: the worker's measurements; None loads always).
+        A damaged checkpoint is quarantined and the request continues from the
+        next best source. Never raises for cache problems.
         """
         limit = len(prompt) - 1
         live_len = 0
@@ -110,7 +120,8 @@ class CheckpointManager:
             live_len = min(common_prefix_length(live.tokens, prompt), limit)
         hit = self.store.lookup(self.model_id, namespace, prompt) if self.store is not None else None
         stored = hit.n_tokens if hit else 0
-        if hit is not None and min(hit.n_tokens, limit) > live_len:
+        if hit is not None and min(hit.n_tokens, limit) > live_len and self._worth_loading(hit.entry, limit,
+                                                                                            live_len, rates):
             restored = self._load(hit.entry, limit)
             if restored is not None:
                 restored.stored_prefix_tokens = stored
@@ -119,6 +130,17 @@ class CheckpointManager:
             kv_state.trim_state(live.caches, live_len)
             return Restored(live.caches, live_len, "live", stored)
         return Restored(kv_state.new_state(self.model), 0, "none", stored)
+
+    def _worth_loading(self, entry: Entry, limit: int, base_tokens: int, rates: Rates | None) -> bool:
+        if rates is None:
+            return True
+        source = "ram" if entry.id in self.ram else "disk"
+        reuse = Reuse(source, min(entry.n_tokens, limit), entry.payload_bytes)
+        if should_load(reuse, base_tokens, rates):
+            return True
+        log.info("recomputing instead of loading id=%s source=%s tokens=%d mib=%.1f (load slower than prefill)",
+                 entry.id, source, entry.n_tokens, entry.payload_bytes / 2**20)
+        return False
 
     def _load(self, entry: Entry, limit: int) -> Restored | None:
         t0 = time.perf_counter()
@@ -146,7 +168,7 @@ class CheckpointManager:
             "hit id=%s kind=%s source=%s tokens=%d reused=%d ms=%.0f mib=%.1f",
             entry.id, entry.kind, source, entry.n_tokens, n, seconds * 1000, entry.payload_bytes / 2**20,
         )
-        return Restored(caches, n, source, entry.n_tokens, seconds, entry.id)
+        return Restored(caches, n, source, entry.n_tokens, seconds, entry.id, entry.payload_bytes)
 
     def quarantine(self, restored: Restored, reason: str) -> None:
         """Marks the checkpoint a failed restore came from so it is never loaded again (case C11)."""

@@ -20,6 +20,8 @@ class WorkerConfig:
     ram_bytes: RAM tier budget (recent checkpoints kept in memory), bytes.
     port_file: when set, the bound port is written there once the worker is ready.
     parent_pid: when set, the worker exits if that process goes away (no orphans).
+    smg_listen: when set, "HOST:PORT" of SMG's mlx.grpc.engine.MlxEngine service
+        (worker/smg_servicer.py), served beside the kvrouter one.
     """
 
     model: str | None
@@ -31,3 +33,8 @@ class WorkerConfig:
     port_file: Path | None = None
     parent_pid: int | None = None
     worker_name: str = "w0"
+    max_queue: int = 0
+    worker_token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    smg_listen: str | None = None

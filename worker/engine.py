@@ -6,6 +6,12 @@ prefill the rest in chunks whose boundaries sit at absolute positions
 as the prefill crosses them, then decode token by token. Events go back
 through the request's `emit` callback, which must be thread-safe.
 
+The engine measures itself (prefill rate, checkpoint load bandwidth from the
+RAM tier and from disk, decode rate) as exponential moving averages in
+`rates`; the same figures decide load-or-recompute on restore and travel to the
+router (GetStatus, each request's Final) for its cost model. Cache changes
+(live state, RAM tier) go to `on_cache_event` after each request.
+
 Chunk boundaries at absolute positions make a run that resumes from a
 checkpoint on a chunk boundary compute exactly the same sums as one that did
 not (measured: identical fp32 logits on the CPU; ~3e-5 apart when the
@@ -25,6 +31,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
+from router.routing import Rates
 from worker.checkpoints import CheckpointManager, LiveState, Restored, common_prefix_length
 from worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
 from worker import kv_state
@@ -37,10 +44,23 @@ class EngineConfig:
     """prefill_chunk_tokens: prefill chunk size in tokens (chunks end at its multiples)."""
 
     prefill_chunk_tokens: int = 256
+    max_queue: int = 0  # requests waiting plus running accepted; 0 = no limit
 
 
 class EngineDeadError(RuntimeError):
     """The engine thread is not running; the worker cannot serve."""
+
+
+class EngineBusyError(RuntimeError):
+    """The engine's queue is full (`max_queue`); the request should go elsewhere."""
+
+
+EWMA_WEIGHT = 0.3  # weight of the newest measurement
+MIN_RATE_TOKENS = 16  # shorter prefills say little about the rate
+
+
+def ewma(old: float, new: float) -> float:
+    return new if old <= 0 else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
 
 
 @dataclass
@@ -81,6 +101,11 @@ class Engine:
         self.live: LiveState | None = None
         self.requests_served = 0
         self._stopped = threading.Event()
+        self.rates = Rates()
+        # Called on the engine thread with ("live", (namespace, tokens)) or
+        # ("ram", (entry_id, added)); must be thread-safe and must not raise.
+        self.on_cache_event: Callable[[str, tuple], None] | None = None
+        self._store_s = 0.0  # checkpoint store time inside the current prefill
 
     # -- control (any thread) -------------------------------------------------
     def start(self) -> None:
@@ -101,11 +126,14 @@ class Engine:
         return len(live.tokens) if live else 0
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Job:
-        """Queues a request. Raises EngineDeadError when the engine thread is gone."""
+        """Queues a request. Raises EngineDeadError when the engine thread is gone,
+        EngineBusyError when `max_queue` requests are already waiting or running."""
         if not self.alive or self._stopped.is_set():
             raise EngineDeadError("the generation thread is not running")
         job = Job(request, emit, threading.Event())
         with self._lock:
+            if self.config.max_queue and self._pending >= self.config.max_queue:
+                raise EngineBusyError(f"{self._pending} requests queued (--max-queue {self.config.max_queue})")
             self._pending += 1
         self._queue.put(job)
         return job
@@ -125,6 +153,7 @@ class Engine:
                     log.info("stored the shutdown checkpoint of the live state")
                 return
             self.checkpoints.take_events()  # drop events of earlier failed work
+            before = (self._live_key(), set(self.checkpoints.ram.ids()))
             try:
                 if job.cancelled.is_set():
                     job.emit(FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none")))
@@ -138,6 +167,43 @@ class Engine:
                 with self._lock:
                     self._pending -= 1
                 self.requests_served += 1
+                self._publish_changes(*before)
+
+    def _live_key(self):
+        live = self.live
+        return (live.namespace, tuple(live.tokens)) if live is not None else ("", ())
+
+    def _publish_changes(self, live_before, ram_before: set) -> None:
+        """Reports what this request changed in the live state and the RAM tier."""
+        notify = self.on_cache_event
+        if notify is None:
+            return
+        live_now = self._live_key()
+        if live_now != live_before:
+            notify("live", live_now)
+        ram_now = set(self.checkpoints.ram.ids())
+        for entry_id in sorted(ram_now - ram_before):
+            notify("ram", (entry_id, True))
+        for entry_id in sorted(ram_before - ram_now):
+            notify("ram", (entry_id, False))
+
+    def _measure(self, prompt, restored: Restored, prefill_s: float, generated: int, decode_s: float) -> None:
+        """Updates `rates` from one request (engine thread; Rates is replaced, never mutated)."""
+        r = self.rates
+        prefilled = len(prompt) - restored.n_tokens
+        compute_s = prefill_s - self._store_s
+        prefill_tps, disk_bps, ram_bps, decode_tps = r.prefill_tps, r.disk_bps, r.ram_bps, r.decode_tps
+        if prefilled >= MIN_RATE_TOKENS and compute_s > 0:
+            prefill_tps = ewma(prefill_tps, prefilled / compute_s)
+        if restored.loaded_bytes and restored.load_seconds > 0:
+            bps = restored.loaded_bytes / restored.load_seconds
+            if restored.source == "disk":
+                disk_bps = ewma(disk_bps, bps)
+            elif restored.source == "ram":
+                ram_bps = ewma(ram_bps, bps)
+        if generated >= 2 and decode_s > 0:
+            decode_tps = ewma(decode_tps, generated / decode_s)
+        self.rates = Rates(prefill_tps, disk_bps, ram_bps, decode_tps)
 
     def _run(self, job: Job) -> None:
         req = job.request
@@ -146,7 +212,7 @@ class Engine:
         if live is not None and replaces(live, prompt, req.namespace):
             # Before an unrelated request replaces the live state, keep it (ds4's evict).
             self.checkpoints.save_live("evict", live)
-        restored = self.checkpoints.restore(prompt, req.namespace, live)
+        restored = self.checkpoints.restore(prompt, req.namespace, live, self.rates)
         try:
             logits, prefill_s = self._prefill(prompt, restored, req, job)
         except Exception as exc:
@@ -172,6 +238,7 @@ class Engine:
         chunk = self.config.prefill_chunk_tokens
         plan = list(self.checkpoints.plan(len(prompt), restored.stored_prefix_tokens, req.anchor_tokens))
         t0 = time.perf_counter()
+        self._store_s = 0.0
         # Stores already covered by the restored state (e.g. an anchor inside the live state).
         plan = self._store_reached(plan, caches, prompt, start, req)
         pos = start
@@ -193,6 +260,7 @@ class Engine:
             if p.n_tokens <= pos:
                 t0 = time.perf_counter()
                 entry = self.checkpoints.save(p.kind, caches, prompt[: p.n_tokens], req.namespace, req.text_preview)
+                self._store_s += time.perf_counter() - t0
                 if entry is not None:
                     log.info(
                         "store kind=%s tokens=%d ms=%.0f MiB=%.1f",
@@ -214,6 +282,7 @@ class Engine:
         detok.reset()
         generated: list[int] = []
         finish = "length"
+        t_decode = time.perf_counter()
         while len(generated) < max_tokens:
             if job.cancelled.is_set():
                 finish = "cancelled"
@@ -230,6 +299,7 @@ class Engine:
             out = self.model(mx.array([[token]]), cache=caches)
             logits = out[:, -1, :]
             mx.eval(logits)
+        decode_s = time.perf_counter() - t_decode
         detok.finalize()
         tail = detok.last_segment
         if tail:
@@ -237,6 +307,7 @@ class Engine:
         history = prompt + generated
         self.live = LiveState(req.namespace, history[: kv_state.state_length(caches)], caches, len(prompt),
                               req.text_preview)
+        self._measure(prompt, restored, prefill_s, len(generated), decode_s)
         job.emit(FinishEvent(finish, self._usage(prompt, restored, len(generated), prefill_s),
                              self.checkpoints.take_events()))
 
@@ -249,4 +320,5 @@ class Engine:
             cache_source=restored.source if restored.n_tokens else "none",
             prefill_seconds=prefill_s,
             load_seconds=restored.load_seconds,
+            loaded_bytes=restored.loaded_bytes,
         )

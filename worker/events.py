@@ -51,6 +51,7 @@ class Usage:
     cache_source: str
     prefill_seconds: float = 0.0
     load_seconds: float = 0.0
+    loaded_bytes: int = 0  # payload bytes of the checkpoint restored (RAM tier or disk)
 
     @property
     def prefilled_tokens(self) -> int:

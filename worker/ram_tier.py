@@ -28,6 +28,10 @@ class RamTier:
     def __contains__(self, entry_id: str) -> bool:
         return entry_id in self._items
 
+    def ids(self) -> list[str]:
+        """Entry ids held, least recently used first."""
+        return list(self._items)
+
     def get(self, entry_id: str) -> dict[str, mx.array] | None:
         """The snapshot for `entry_id`, marked most recently used, or None."""
         arrays = self._items.get(entry_id)

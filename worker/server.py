@@ -1,12 +1,24 @@
 """The worker process: load the model, serve `kvrouter.worker.v1.Worker` and the
-standard `grpc.health.v1` service over grpc.aio, stop cleanly on SIGTERM."""
+standard `grpc.health.v1` service over grpc.aio, stop cleanly on SIGTERM.
+
+Security: a worker binds loopback by default. Listening on any other address
+requires a shared token (`--worker-token`; every call must carry it as
+`authorization: Bearer TOKEN` metadata, checked by `TokenInterceptor`) and may
+use TLS (`--tls-cert`, `--tls-key`).
+
+When the generation thread dies the worker reports NOT_SERVING, ends the streams
+in progress with an error, and exits with status 3 so that `kvrouter serve` (or
+any process manager) restarts it (case C15).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -19,6 +31,53 @@ log = logging.getLogger("kvrouter.worker")
 
 SERVICE_NAME = "kvrouter.worker.v1.Worker"
 HEALTH_POLL_SECONDS = 0.5
+ENGINE_DEATH_EXIT_STATUS = 3
+ENGINE_DEATH_GRACE_S = 2.0  # streams in progress get their error before the process exits
+
+
+def is_loopback(address: str) -> bool:
+    """True when "HOST:PORT" binds only the loopback interface."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def store_id_of(directory) -> str:
+    """Which store a worker reads: "hostname:/real/path" (stores are per host)."""
+    return f"{socket.gethostname()}:{os.path.realpath(directory)}"
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls without `authorization: Bearer TOKEN` metadata (UNAUTHENTICATED)."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong worker token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+
+        async def deny_stream(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong worker token")
+            yield  # pragma: no cover
+
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        import hmac
+
+        md = dict(handler_call_details.invocation_metadata or ())
+        if hmac.compare_digest(md.get("authorization", ""), self._expected):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is not None and handler.response_streaming:
+            return self._deny_stream
+        return self._deny_unary
 
 
 def build_engine(config: WorkerConfig):
@@ -47,7 +106,7 @@ def build_engine(config: WorkerConfig):
     from worker.ram_tier import RamTier
 
     checkpoints = CheckpointManager(bundle.model, bundle.identity, store, RamTier(config.ram_bytes))
-    engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(config.prefill_chunk_tokens))
+    engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(config.prefill_chunk_tokens, config.max_queue))
     info = worker_pb2.ModelInfo(
         model_name=bundle.name,
         identity=bundle.identity,
@@ -62,26 +121,39 @@ def build_engine(config: WorkerConfig):
     return engine, info
 
 
-def create_server(address: str, engine, model_info) -> tuple[grpc.aio.Server, int, "health.aio.HealthServicer"]:
+def create_server(address: str, engine, model_info, *, token: str | None = None,
+                  tls: tuple[bytes, bytes] | None = None, store_id: str = "", worker_name: str = "",
+                  hub=None) -> tuple[grpc.aio.Server, int, "health.aio.HealthServicer"]:
     """Builds a grpc.aio server for `engine` bound to `address` ("HOST:PORT", port 0 = any).
 
+    token: required `authorization: Bearer` metadata (None: none; then the address
+    must be loopback). tls: (certificate chain PEM, private key PEM) or None.
     Returns (server, bound port, health servicer). Raises RuntimeError when the
-    address cannot be bound.
+    address cannot be bound, ValueError for a non-loopback address without a token.
     """
     from worker.servicer import WorkerServicer
 
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 2**20)])
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine, model_info), server)
+    if not token and not is_loopback(address):
+        raise ValueError(f"listening on {address} (not loopback) requires --worker-token")
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 2**20)], interceptors=interceptors)
+    servicer = WorkerServicer(engine, model_info, store_id=store_id, worker_name=worker_name, hub=hub)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    if tls is not None:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
     return server, port, health_servicer
 
 
-async def _watch_health(engine, health_servicer, parent_pid: int | None, stop: asyncio.Event) -> None:
-    """Marks the service NOT_SERVING when the engine thread dies (case C15) and
+async def _watch_health(engine, health_servicer, parent_pid: int | None, stop: asyncio.Event,
+                        died: asyncio.Event | None = None) -> None:
+    """Marks the service NOT_SERVING when the engine thread dies (case C15), then
+    sets `died` and `stop` after a short grace (the process exits for a restart);
     stops the worker when its parent process is gone."""
     serving = None
     while not stop.is_set():
@@ -91,7 +163,12 @@ async def _watch_health(engine, health_servicer, parent_pid: int | None, stop: a
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, status)
             if serving is not None and not ok:
-                log.error("generation thread died; reporting NOT_SERVING")
+                log.error("generation thread died; reporting NOT_SERVING and exiting for a restart")
+                await asyncio.sleep(ENGINE_DEATH_GRACE_S)  # streams in progress end with an error first
+                if died is not None:
+                    died.set()
+                stop.set()
+                return
             serving = ok
         if parent_pid is not None and os.getppid() != parent_pid:
             log.warning("parent process %d is gone; stopping", parent_pid)
@@ -102,19 +179,48 @@ async def _watch_health(engine, health_servicer, parent_pid: int | None, stop: a
             pass
 
 
-async def serve(config: WorkerConfig) -> None:
-    """Runs a worker until SIGTERM/SIGINT, then writes the shutdown checkpoint and exits."""
+def _read_tls(config: WorkerConfig) -> tuple[bytes, bytes] | None:
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    return Path(config.tls_cert).read_bytes(), Path(config.tls_key).read_bytes()
+
+
+async def serve(config: WorkerConfig) -> int:
+    """Runs a worker until SIGTERM/SIGINT, then writes the shutdown checkpoint and exits.
+    Returns the process exit status (ENGINE_DEATH_EXIT_STATUS when the engine thread died)."""
+    from worker.servicer import CacheEventHub
+
+    if not config.worker_token and not is_loopback(config.listen):
+        raise ValueError(f"--listen {config.listen} is not loopback: give --worker-token (and --tls-cert/--tls-key)")
+    tls = _read_tls(config)
     engine, info = await asyncio.to_thread(build_engine, config)
+    hub = CacheEventHub(asyncio.get_running_loop())
+    engine.on_cache_event = hub.publish_threadsafe
     engine.start()
-    server, port, health_servicer = create_server(config.listen, engine, info)
+    store_id = store_id_of(config.store.directory) if config.store is not None else ""
+    server, port, health_servicer = create_server(config.listen, engine, info, token=config.worker_token, tls=tls,
+                                                  store_id=store_id, worker_name=config.worker_name, hub=hub)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(_watch_health(engine, health_servicer, config.parent_pid, stop))
+    died = asyncio.Event()
+    watcher = asyncio.create_task(_watch_health(engine, health_servicer, config.parent_pid, stop, died))
     host = config.listen.rsplit(":", 1)[0]
     log.info("worker %s serving %s on %s:%d (pid %d)", config.worker_name, info.model_name, host, port, os.getpid())
+    smg = None
+    if config.smg_listen is not None:  # SMG's MlxEngine protocol on a second port (worker/smg_servicer.py)
+        from worker.smg_servicer import create_smg_server, model_directory, model_source, watch_smg_health
+
+        smg = create_smg_server(config.smg_listen, engine, model_source(config.model, config.cache_dir),
+                                model_directory(config.model))
+        await smg[0].start()
+        smg_watcher = asyncio.create_task(watch_smg_health(engine, smg[3], stop))
+        log.info("worker %s serving SMG's mlx.grpc.engine.MlxEngine on %s:%d",
+                 config.worker_name, config.smg_listen.rsplit(":", 1)[0], smg[1])
     if config.port_file is not None:
         tmp = Path(str(config.port_file) + ".tmp")
         tmp.write_text(str(port))
@@ -122,7 +228,13 @@ async def serve(config: WorkerConfig) -> None:
     await stop.wait()
     log.info("stopping: finishing requests, writing the shutdown checkpoint")
     await health_servicer.enter_graceful_shutdown()
+    if smg is not None:
+        smg[2].shutting_down = True
+        await smg[3].enter_graceful_shutdown()
+        await smg[0].stop(grace=5)
+        smg_watcher.cancel()
     await server.stop(grace=5)
     await asyncio.to_thread(engine.stop)
     watcher.cancel()
     log.info("worker stopped")
+    return ENGINE_DEATH_EXIT_STATUS if died.is_set() else 0

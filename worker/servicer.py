@@ -1,6 +1,16 @@
 """The gRPC `kvrouter.worker.v1.Worker` service: translates protobuf messages
 to engine requests and engine events back to protobuf, and engine failures to
-gRPC status codes."""
+gRPC status codes:
+
+    invalid request            INVALID_ARGUMENT   (a client error; never the worker's health)
+    queue full (--max-queue)   RESOURCE_EXHAUSTED (the router tries another worker)
+    engine thread dead         UNAVAILABLE        (also for requests already waiting or running:
+                                                   their streams end with this error, case C15)
+    request failed             INTERNAL
+
+`CacheEventHub` numbers the engine's cache events and fans them out to
+`SubscribeCacheEvents` streams.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +21,7 @@ import os
 import grpc
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
-from worker.engine import Engine, EngineDeadError
+from worker.engine import Engine, EngineBusyError, EngineDeadError
 from worker.events import ErrorEvent, FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
 
 log = logging.getLogger("kvrouter.worker.servicer")
@@ -50,12 +60,69 @@ def request_from_proto(msg: worker_pb2.GenerateRequest, context_length: int) -> 
     )
 
 
-class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """Serves one engine. `model_info` is the prebuilt ModelInfo message."""
+ENGINE_POLL_S = 0.5  # how often a waiting stream checks that the engine thread lives
+SUBSCRIBER_QUEUE = 10_000  # cache events buffered per subscriber before it is dropped
 
-    def __init__(self, engine: Engine, model_info: worker_pb2.ModelInfo):
+
+def rates_message(rates) -> worker_pb2.Rates:
+    return worker_pb2.Rates(prefill_tokens_per_second=rates.prefill_tps, disk_load_bytes_per_second=rates.disk_bps,
+                            ram_load_bytes_per_second=rates.ram_bps, decode_tokens_per_second=rates.decode_tps)
+
+
+class CacheEventHub:
+    """Numbers cache events (1, 2, ...) and hands them to subscribers' queues.
+
+    `publish_threadsafe` is the engine's `on_cache_event`. A subscriber whose
+    queue overflows is dropped (its stream ends; it resubscribes and resyncs).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.seq = 0
+        self.subscribers: set[asyncio.Queue] = set()
+
+    def publish_threadsafe(self, kind: str, payload: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.publish, kind, payload)
+
+    def publish(self, kind: str, payload: tuple) -> None:
+        self.seq += 1
+        ev = event_message(self.seq, kind, payload)
+        for q in list(self.subscribers):
+            try:
+                q.put_nowait(ev)
+            except asyncio.QueueFull:
+                self.subscribers.discard(q)
+                q.put_nowait_overflow = True  # marker read by the stream
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self.subscribers.add(q)
+        return q
+
+
+def event_message(seq: int, kind: str, payload: tuple) -> worker_pb2.CacheEvent:
+    if kind == "live":
+        namespace, tokens = payload
+        return worker_pb2.CacheEvent(seq=seq, live=worker_pb2.LiveStateChanged(namespace=namespace,
+                                                                                token_ids=tokens))
+    entry_id, added = payload
+    return worker_pb2.CacheEvent(seq=seq, ram=worker_pb2.RamTierChanged(entry_id=entry_id, added=added))
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Serves one engine. `model_info` is the prebuilt ModelInfo message.
+
+    store_id: "host:directory" of the store the engine reads ("" without one).
+    hub: the cache event hub (None: SubscribeCacheEvents is unavailable).
+    """
+
+    def __init__(self, engine: Engine, model_info: worker_pb2.ModelInfo, store_id: str = "",
+                 worker_name: str = "", hub: CacheEventHub | None = None):
         self.engine = engine
         self.model_info = model_info
+        self.store_id = store_id
+        self.worker_name = worker_name
+        self.hub = hub
 
     async def Generate(self, request, context):
         try:
@@ -68,9 +135,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             job = self.engine.submit(gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except EngineDeadError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except EngineBusyError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
             while True:
-                ev = await events.get()
+                try:
+                    ev = await asyncio.wait_for(events.get(), ENGINE_POLL_S)
+                except asyncio.TimeoutError:
+                    if not self.engine.alive:  # case C15: never leave a stream hanging
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, "the generation thread died")
+                    continue
                 if isinstance(ev, TokenEvent):
                     yield worker_pb2.GenerateResponse(
                         delta=worker_pb2.TokenDelta(token_ids=ev.token_ids, text=ev.text)
@@ -88,12 +162,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                 prefilled_tokens=u.prefilled_tokens,
                                 prefill_seconds=u.prefill_seconds,
                                 load_seconds=u.load_seconds,
+                                loaded_bytes=u.loaded_bytes,
                             ),
                             store_events=[
                                 worker_pb2.StoreEvent(action=e.action, kind=e.kind, tokens=e.n_tokens,
                                                       bytes=e.n_bytes, seconds=e.seconds, reason=e.reason)
                                 for e in ev.store_events
                             ],
+                            rates=rates_message(self.engine.rates),
                         )
                     )
                     return
@@ -107,11 +183,39 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return self.model_info
 
     async def GetStatus(self, request, context):
+        engine = self.engine
+        live = engine.live
+        ram = engine.checkpoints.ram
         return worker_pb2.WorkerStatus(
             model_name=self.model_info.model_name,
-            live_prefix_tokens=self.engine.live_prefix_tokens,
-            queue_depth=self.engine.queue_depth,
-            requests_served=self.engine.requests_served,
-            engine_alive=self.engine.alive,
+            live_prefix_tokens=engine.live_prefix_tokens,
+            queue_depth=engine.queue_depth,
+            requests_served=engine.requests_served,
+            engine_alive=engine.alive,
             pid=os.getpid(),
+            rates=rates_message(engine.rates),
+            live_token_ids=live.tokens if live is not None else [],
+            live_namespace=live.namespace if live is not None else "",
+            ram_entry_ids=ram.ids(),
+            ram_bytes=ram.bytes,
+            store_id=self.store_id,
+            max_queue=engine.config.max_queue,
+            event_seq=self.hub.seq if self.hub is not None else 0,
+            worker_name=self.worker_name,
         )
+
+    async def SubscribeCacheEvents(self, request, context):
+        """Streams cache events; the first is the current live state (a full picture)."""
+        if self.hub is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "cache events are off")
+        q = self.hub.subscribe()
+        try:
+            live = self.engine.live
+            self.hub.publish("live", (live.namespace, tuple(live.tokens)) if live is not None else ("", ()))
+            while True:
+                ev = await q.get()
+                yield ev
+                if getattr(q, "put_nowait_overflow", False) and q.empty():
+                    return  # dropped for falling behind: the subscriber resyncs
+        finally:
+            self.hub.subscribers.discard(q)

@@ -55,7 +55,7 @@ class TokenDelta(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_source", "prefilled_tokens", "prefill_seconds", "load_seconds")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_source", "prefilled_tokens", "prefill_seconds", "load_seconds", "loaded_bytes")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class Usage(_message.Message):
     PREFILLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -70,7 +71,20 @@ class Usage(_message.Message):
     prefilled_tokens: int
     prefill_seconds: float
     load_seconds: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cache_source: _Optional[_Union[CacheSource, str]] = ..., prefilled_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    loaded_bytes: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cache_source: _Optional[_Union[CacheSource, str]] = ..., prefilled_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., load_seconds: _Optional[float] = ..., loaded_bytes: _Optional[int] = ...) -> None: ...
+
+class Rates(_message.Message):
+    __slots__ = ("prefill_tokens_per_second", "disk_load_bytes_per_second", "ram_load_bytes_per_second", "decode_tokens_per_second")
+    PREFILL_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    DISK_LOAD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    RAM_LOAD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    prefill_tokens_per_second: float
+    disk_load_bytes_per_second: float
+    ram_load_bytes_per_second: float
+    decode_tokens_per_second: float
+    def __init__(self, prefill_tokens_per_second: _Optional[float] = ..., disk_load_bytes_per_second: _Optional[float] = ..., ram_load_bytes_per_second: _Optional[float] = ..., decode_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class StoreEvent(_message.Message):
     __slots__ = ("action", "kind", "tokens", "bytes", "seconds", "reason")
@@ -89,14 +103,16 @@ class StoreEvent(_message.Message):
     def __init__(self, action: _Optional[str] = ..., kind: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Final(_message.Message):
-    __slots__ = ("finish_reason", "usage", "store_events")
+    __slots__ = ("finish_reason", "usage", "store_events", "rates")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     STORE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    RATES_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     usage: Usage
     store_events: _containers.RepeatedCompositeFieldContainer[StoreEvent]
-    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., store_events: _Optional[_Iterable[_Union[StoreEvent, _Mapping]]] = ...) -> None: ...
+    rates: Rates
+    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., store_events: _Optional[_Iterable[_Union[StoreEvent, _Mapping]]] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")
@@ -135,17 +151,65 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model_name", "live_prefix_tokens", "queue_depth", "requests_served", "engine_alive", "pid")
+    __slots__ = ("model_name", "live_prefix_tokens", "queue_depth", "requests_served", "engine_alive", "pid", "rates", "live_token_ids", "live_namespace", "ram_entry_ids", "ram_bytes", "store_id", "max_queue", "event_seq", "worker_name")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ALIVE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    RATES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    RAM_ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
+    RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     live_prefix_tokens: int
     queue_depth: int
     requests_served: int
     engine_alive: bool
     pid: int
-    def __init__(self, model_name: _Optional[str] = ..., live_prefix_tokens: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests_served: _Optional[int] = ..., engine_alive: _Optional[bool] = ..., pid: _Optional[int] = ...) -> None: ...
+    rates: Rates
+    live_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    live_namespace: str
+    ram_entry_ids: _containers.RepeatedScalarFieldContainer[str]
+    ram_bytes: int
+    store_id: str
+    max_queue: int
+    event_seq: int
+    worker_name: str
+    def __init__(self, model_name: _Optional[str] = ..., live_prefix_tokens: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests_served: _Optional[int] = ..., engine_alive: _Optional[bool] = ..., pid: _Optional[int] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ..., live_token_ids: _Optional[_Iterable[int]] = ..., live_namespace: _Optional[str] = ..., ram_entry_ids: _Optional[_Iterable[str]] = ..., ram_bytes: _Optional[int] = ..., store_id: _Optional[str] = ..., max_queue: _Optional[int] = ..., event_seq: _Optional[int] = ..., worker_name: _Optional[str] = ...) -> None: ...
+
+class CacheEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LiveStateChanged(_message.Message):
+    __slots__ = ("namespace", "token_ids")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RamTierChanged(_message.Message):
+    __slots__ = ("entry_id", "added")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    entry_id: str
+    added: bool
+    def __init__(self, entry_id: _Optional[str] = ..., added: _Optional[bool] = ...) -> None: ...
+
+class CacheEvent(_message.Message):
+    __slots__ = ("seq", "live", "ram")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    RAM_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    live: LiveStateChanged
+    ram: RamTierChanged
+    def __init__(self, seq: _Optional[int] = ..., live: _Optional[_Union[LiveStateChanged, _Mapping]] = ..., ram: _Optional[_Union[RamTierChanged, _Mapping]] = ...) -> None: ...

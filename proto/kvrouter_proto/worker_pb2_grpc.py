@@ -49,6 +49,11 @@ class WorkerStub:
                 request_serializer=kvrouter__proto_dot_worker__pb2.StatusRequest.SerializeToString,
                 response_deserializer=kvrouter__proto_dot_worker__pb2.WorkerStatus.FromString,
                 _registered_method=True)
+        self.SubscribeCacheEvents = channel.unary_stream(
+                '/kvrouter.worker.v1.Worker/SubscribeCacheEvents',
+                request_serializer=kvrouter__proto_dot_worker__pb2.CacheEventsRequest.SerializeToString,
+                response_deserializer=kvrouter__proto_dot_worker__pb2.CacheEvent.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -75,6 +80,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeCacheEvents(self, request, context):
+        """Cache events (live state changed, RAM tier gained or dropped a checkpoint),
+        numbered from 1 per worker process; a gap means events were lost and the
+        subscriber resynchronises from GetStatus. The first message is a `live`
+        event with the current state, so a subscriber starts from a full picture.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +107,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=kvrouter__proto_dot_worker__pb2.StatusRequest.FromString,
                     response_serializer=kvrouter__proto_dot_worker__pb2.WorkerStatus.SerializeToString,
+            ),
+            'SubscribeCacheEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeCacheEvents,
+                    request_deserializer=kvrouter__proto_dot_worker__pb2.CacheEventsRequest.FromString,
+                    response_serializer=kvrouter__proto_dot_worker__pb2.CacheEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +195,33 @@ class Worker:
             '/kvrouter.worker.v1.Worker/GetStatus',
             kvrouter__proto_dot_worker__pb2.StatusRequest.SerializeToString,
             kvrouter__proto_dot_worker__pb2.WorkerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeCacheEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvrouter.worker.v1.Worker/SubscribeCacheEvents',
+            kvrouter__proto_dot_worker__pb2.CacheEventsRequest.SerializeToString,
+            kvrouter__proto_dot_worker__pb2.CacheEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,42 +2,40 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
 import uuid
 
 from aiohttp import web
 
-from router.dispatch import Job
-from router.errors import ApiError, BadRequest
+from router.errors import ApiError, WorkerFailed
 from router.keys import DISPATCHER, POOL, ROUTER_CONFIG
+from router.views.common import make_job, namespace_of, read_json, sse_data, sse_response
+from router.views.generation import Outcome, collect, generate
 from router.views.openai_request import parse_chat_request
-from router.worker_client import Completion, Delta
+from router.views.tools import ToolCallSplitter, split_text, syntax_for
 
-PREVIEW_CHARS = 80
-
-
-async def read_json(request: web.Request):
-    """The decoded JSON body; raises BadRequest on malformed JSON."""
-    try:
-        raw = await request.read()
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+__all__ = ["chat_completions", "list_models", "read_json", "usage_body"]
 
 
-def usage_body(c: Completion) -> dict:
+def usage_body(o: Outcome) -> dict:
     """OpenAI usage with the real reuse in prompt_tokens_details.cached_tokens."""
     return {
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "total_tokens": c.prompt_tokens + c.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
+        "prompt_tokens": o.prompt_tokens,
+        "completion_tokens": o.completion_tokens,
+        "total_tokens": o.prompt_tokens + o.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
     }
 
 
-def finish_reason(c: Completion) -> str:
-    return "length" if c.finish_reason == "length" else "stop"
+def tool_calls_body(calls, streaming: bool = False) -> list[dict]:
+    out = []
+    for i, c in enumerate(calls):
+        d = {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        if streaming:
+            d["index"] = i
+        out.append(d)
+    return out
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -48,85 +46,81 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+def _require(outcome: Outcome | None) -> Outcome:
+    if outcome is None:
+        raise WorkerFailed("the worker ended the stream without a final report")
+    return outcome
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
-    req = parse_chat_request(await read_json(request), config.default_max_tokens)
+    req = parse_chat_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
     pool = request.app[POOL]
     model = pool.model(req.model)
-    prompt = model.tokenizer.chat_prompt(req.messages)
-    job = Job(
-        model=model,
-        tokens=prompt.tokens,
-        anchor_tokens=prompt.anchor_tokens,
-        max_tokens=req.max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        seed=req.seed,
-        text_preview=prompt.text[:PREVIEW_CHARS],
-    )
+    prompt = model.tokenizer.chat_prompt(req.messages, req.tools)
+    syntax = syntax_for(model.tokenizer) if req.parse_tools else None
+    job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p,
+                   req.seed, namespace_of(request), prompt.text)
     dispatcher = request.app[DISPATCHER]
     route = dispatcher.prepare(job)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if req.stream:
-        return await _stream_chat(request, dispatcher, job, route, req, completion_id, created)
-    text = []
-    final = None
-    async for item in dispatcher.run(job, route):
-        if isinstance(item, Delta):
-            text.append(item.text)
-        else:
-            final = item
+        return await _stream_chat(request, dispatcher, job, route, req, syntax, completion_id, created)
+    text, outcome = await collect(dispatcher, job, route, req.stop)
+    outcome = _require(outcome)
+    content, calls = split_text(syntax, req.tools, text)
+    message = {"role": "assistant", "content": content if (content or not calls) else None}
+    if calls:
+        message["tool_calls"] = tool_calls_body(calls)
     body = {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model.name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(text)},
-                "finish_reason": finish_reason(final),
-            }
-        ],
-        "usage": usage_body(final),
+        "choices": [{"index": 0, "message": message,
+                     "finish_reason": "tool_calls" if calls else outcome.finish_reason}],
+        "usage": usage_body(outcome),
     }
     return web.json_response(body, headers={"x-kvrouter-route": route.header()})
 
 
-async def _stream_chat(request, dispatcher, job, route, req, completion_id, created) -> web.StreamResponse:
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "x-kvrouter-route": route.header(),
-        }
-    )
+async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_id, created) -> web.StreamResponse:
+    resp = sse_response(route.header())
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": job.model.name}
 
     async def send(obj) -> None:
-        await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
+        await resp.write(sse_data(obj))
 
+    def chunk(delta: dict, finish=None) -> dict:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    splitter = ToolCallSplitter(syntax, req.tools)
     started = False
-    try:
-        async for item in dispatcher.run(job, route):
-            if not started:
-                await resp.prepare(request)
-                await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                   "finish_reason": None}]})
-                started = True
-            if isinstance(item, Delta):
-                if item.text:
-                    await send({**base, "choices": [{"index": 0, "delta": {"content": item.text},
-                                                       "finish_reason": None}]})
-            else:
-                await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(item)}]})
+    async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:
+        try:
+            async for item in items:
+                if not started:
+                    await resp.prepare(request)
+                    await send(chunk({"role": "assistant", "content": ""}))
+                    started = True
+                if isinstance(item, str):
+                    text = splitter.feed(item)
+                    if text:
+                        await send(chunk({"content": text}))
+                    continue
+                rest, calls = splitter.finish()
+                if rest:
+                    await send(chunk({"content": rest}))
+                if calls:
+                    await send(chunk({"tool_calls": tool_calls_body(calls, streaming=True)}))
+                await send(chunk({}, "tool_calls" if calls else item.finish_reason))
                 if req.include_usage:
                     await send({**base, "choices": [], "usage": usage_body(item)})
-    except ApiError as exc:
-        if not started:
-            raise  # nothing sent yet: the error middleware answers with a status code
-        await send(exc.openai_body())  # mid-stream: an error event, never a normal stop
+        except ApiError as exc:
+            if not started:
+                raise  # nothing sent yet: the error middleware answers with a status code
+            await send(exc.openai_body())  # mid-stream: an error event, never a normal stop
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp

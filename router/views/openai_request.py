@@ -7,9 +7,11 @@ Every field the product uses is checked and a `BadRequest` names the field
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from router.errors import BadRequest
+from router.views.generation import parse_stop
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -24,6 +26,9 @@ class ChatRequest:
     seed: int | None
     stream: bool
     include_usage: bool
+    stop: tuple[str, ...] = ()
+    tools: list | None = None  # OpenAI chat tools, [{"type": "function", "function": {...}}]
+    parse_tools: bool = False  # False with tool_choice "none"
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
@@ -60,8 +65,76 @@ def _content_text(content, index: int) -> str:
     raise BadRequest(f"messages[{index}].content must be a string or a list of parts", param=f"messages[{index}].content")
 
 
+def parse_arguments(value, param: str):
+    """Tool-call arguments for a chat template: a dict (templates expect one);
+    JSON text is decoded, other text is kept as it is."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return value
+        return decoded if isinstance(decoded, dict) else value
+    if value is None:
+        return {}
+    raise BadRequest(f"{param} must be a JSON string or an object", param=param)
+
+
+def _tool_calls(raw, i: int) -> list[dict]:
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(raw, list):
+        raise BadRequest(f"{param} must be an array", param=param)
+    out = []
+    for j, call in enumerate(raw):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRequest(f"{param}[{j}] needs function.name", param=f"{param}[{j}]")
+        cid = call.get("id")
+        out.append({
+            "id": cid if isinstance(cid, str) else "",
+            "type": "function",
+            "function": {"name": fn["name"], "arguments": parse_arguments(fn.get("arguments"), f"{param}[{j}].function.arguments")},
+        })
+    return out
+
+
+def parse_tools(raw, param: str = "tools") -> list[dict] | None:
+    """OpenAI chat tools, validated: [{"type": "function", "function": {"name", ...}}]."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise BadRequest(f"'{param}' must be an array", param=param)
+    out = []
+    for j, tool in enumerate(raw):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRequest(f"{param}[{j}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
+                             param=f"{param}[{j}]")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise BadRequest(f"{param}[{j}].function.parameters must be an object", param=f"{param}[{j}]")
+        desc = fn.get("description")
+        if desc is not None and not isinstance(desc, str):
+            raise BadRequest(f"{param}[{j}].function.description must be a string", param=f"{param}[{j}]")
+        out.append({"type": "function", "function": {k: v for k, v in fn.items() if v is not None}})
+    return out or None
+
+
+def tool_choice_parses(raw, param: str = "tool_choice") -> bool:
+    """Validates tool_choice; False when it is "none" (tools are then neither rendered nor parsed)."""
+    if raw is None or raw in ("auto", "required"):
+        return True
+    if raw == "none":
+        return False
+    if isinstance(raw, dict) and isinstance(raw.get("type"), str):
+        return True
+    raise BadRequest(f"'{param}' must be 'none', 'auto', 'required' or an object naming a tool", param=param)
+
+
 def parse_messages(raw) -> list[dict]:
-    """Validated messages as [{"role": str, "content": str}, ...]; raises BadRequest."""
+    """Validated messages as [{"role": str, "content": str, ...}, ...]: assistant
+    messages may carry `tool_calls`, tool messages `tool_call_id`; raises BadRequest."""
     if not isinstance(raw, list) or not raw:
         raise BadRequest("'messages' must be a non-empty array", param="messages")
     out = []
@@ -74,11 +147,21 @@ def parse_messages(raw) -> list[dict]:
         if "content" not in m and role != "assistant":
             raise BadRequest(f"messages[{i}] is missing 'content'", param=f"messages[{i}].content")
         msg = {"role": "system" if role == "developer" else role, "content": _content_text(m.get("content"), i)}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        if role == "tool":
+            tcid = m.get("tool_call_id")
+            if tcid is not None and not isinstance(tcid, str):
+                raise BadRequest(f"messages[{i}].tool_call_id must be a string", param=f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = tcid or ""
+        name = m.get("name")
+        if isinstance(name, str) and name:
+            msg["name"] = name
         out.append(msg)
     return out
 
 
-def parse_chat_request(body, default_max_tokens: int) -> ChatRequest:
+def parse_chat_request(body, default_max_tokens: int, max_tokens_limit: int | None = None) -> ChatRequest:
     """A validated ChatRequest from a decoded JSON body; raises BadRequest."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -99,13 +182,26 @@ def parse_chat_request(body, default_max_tokens: int) -> ChatRequest:
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", param="stream_options")
     seed = _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
+    tools = parse_tools(body.get("tools"))
+    parse = tool_choice_parses(body.get("tool_choice"))
+    include_usage = opts.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise BadRequest("'stream_options.include_usage' must be a boolean", param="stream_options.include_usage")
     return ChatRequest(
         model=model,
         messages=messages,
-        max_tokens=max_tokens,
+        max_tokens=cap_max_tokens(max_tokens, max_tokens_limit),
         temperature=float(_number(body, "temperature", 1.0, 0, 2)),
         top_p=float(_number(body, "top_p", 1.0, 0, 1)),
         seed=seed,
         stream=stream,
-        include_usage=bool(opts.get("include_usage", False)),
+        include_usage=include_usage,
+        stop=parse_stop(body.get("stop"), "stop"),
+        tools=tools if parse else None,
+        parse_tools=parse and tools is not None,
     )
+
+
+def cap_max_tokens(n: int, limit: int | None) -> int:
+    """`n` capped at the server's --max-tokens-limit."""
+    return min(n, limit) if limit else n

@@ -8,13 +8,23 @@ from pathlib import Path
 PROTO = Path(__file__).resolve().parents[2] / "proto"
 
 
-def test_generated_modules_match_the_proto(tmp_path):
+import pytest
+
+
+@pytest.mark.parametrize("stem", ["worker", "router"])
+def test_generated_modules_match_the_proto(tmp_path, stem):
     shutil.copytree(PROTO / "kvrouter_proto", tmp_path / "kvrouter_proto", ignore=shutil.ignore_patterns("*_pb2*"))
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.", "--grpc_python_out=.",
-         "kvrouter_proto/worker.proto"],
+         f"kvrouter_proto/{stem}.proto"],
         cwd=tmp_path, check=True,
     )
-    for name in ("worker_pb2.py", "worker_pb2.pyi", "worker_pb2_grpc.py"):
+    for name in (f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"):
         fresh = (tmp_path / "kvrouter_proto" / name).read_text()
         assert fresh == (PROTO / "kvrouter_proto" / name).read_text(), f"{name} is stale: run proto/generate.sh"
+
+
+def test_generate_script_covers_every_proto():
+    script = (PROTO / "generate.sh").read_text()
+    for proto in (PROTO / "kvrouter_proto").glob("*.proto"):
+        assert f"kvrouter_proto/{proto.name}" in script, f"proto/generate.sh does not regenerate {proto.name}"

@@ -1,0 +1,175 @@
+"""`kvrouter bench`: the command line (registered by router.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("kvrouter.bench")
+
+TARGETS = ("kvrouter", "kvrouter-no-kv-cache", "mlx_lm.server")
+
+
+def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench", help="replay a seeded agent-session workload and measure it",
+        description="Replay a seeded agent-session workload (shared system block, environment block rewritten "
+                    "every K sessions, T turns per session, C at once) against an OpenAI-compatible endpoint and "
+                    "write summary.json and PNG plots. Without --endpoint it starts kvrouter itself and restarts "
+                    "it once in the middle; --compare also runs kvrouter --no-kv-cache and mlx_lm.server on the "
+                    "same float32 weights. --routing runs the routing micro-benchmark instead.")
+    p.add_argument("--endpoint", default=None, help="base URL of a running server (e.g. http://127.0.0.1:8000); "
+                                                    "it is not restarted (summary says restarted: false)")
+    p.add_argument("--model-name", default=None, help="`model` to send (default: the first of /v1/models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sessions", type=int, default=12, help="sessions (default 12: more than a 10-entry cache)")
+    p.add_argument("--concurrency", type=int, default=3, help="requests at once (default 3)")
+    p.add_argument("--turns", type=int, default=3, help="requests per session (default 3)")
+    p.add_argument("--users", type=int, default=3)
+    p.add_argument("--env-every", type=int, default=4, help="sessions per environment-block rewrite (default 4)")
+    p.add_argument("--system-words", type=int, default=480, help="words in the shared block (default 480, "
+                                                                 "about 600 tokens)")
+    p.add_argument("--max-tokens", type=int, default=8, help="max_tokens per request (default 8)")
+    p.add_argument("--output", type=Path, default=Path("bench-out"), help="output directory (default bench-out)")
+    p.add_argument("--compare", action="store_true", help="run kvrouter, kvrouter --no-kv-cache and mlx_lm.server")
+    p.add_argument("--targets", default=",".join(TARGETS), help=argparse.SUPPRESS)
+    p.add_argument("--no-restart", action="store_true", help="do not restart started servers mid-run")
+    p.add_argument("--model", default=None, help="model for the servers the bench starts (a .gguf; default model)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir)
+    p.add_argument("--routing", action="store_true", help="run the routing micro-benchmark (32K-token prompt, "
+                                                          "10,000 stored checkpoints) instead")
+    p.add_argument("--routing-checkpoints", type=int, default=10_000, help=argparse.SUPPRESS)
+    p.add_argument("--routing-prompt-tokens", type=int, default=32_768, help=argparse.SUPPRESS)
+    return p
+
+
+def chat_tokenizer(model: str | None, cache_dir: Path):
+    """A callable messages -> token ids rendering the chat template as the router does
+    (the default model's or a GGUF's tokenizer)."""
+    from worker.models import build_hf_tokenizer, default_model_path
+    from worker.models.gguf import read_gguf
+    from worker.models.tokenizer import gguf_tokenizer_fields
+
+    path = default_model_path(cache_dir) if model is None else Path(model)
+    fields = gguf_tokenizer_fields(read_gguf(path)[1])
+    tok = build_hf_tokenizer(fields["tokenizer_json"], fields["chat_template"], fields["eos_token_ids"],
+                             fields["bos_token_id"])
+
+    def encode(messages) -> list[int]:
+        text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
+
+    return encode
+
+
+def _model_name(base_url: str) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/v1/models", timeout=10) as r:
+            return json.load(r)["data"][0]["id"]
+    except Exception:
+        return "default_model"
+
+
+def run(ns: argparse.Namespace) -> int:
+    if ns.routing:
+        from router.bench.routing import run_routing_bench
+
+        ns.output.mkdir(parents=True, exist_ok=True)
+        result = run_routing_bench(ns.routing_checkpoints, ns.routing_prompt_tokens, ns.cache_dir, ns.model)
+        (ns.output / "routing.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return 0 if result["decision_p99_ms"] < 2.0 else 1
+    return asyncio.run(_run(ns))
+
+
+async def _run(ns: argparse.Namespace) -> int:
+    from router.bench import report, servers
+    from router.bench.client import run_workload
+    from router.bench.workload import WorkloadSpec, distinct_prefixes, make_workload
+
+    spec = WorkloadSpec(seed=ns.seed, sessions=ns.sessions, users=ns.users, turns=ns.turns,
+                        env_every=ns.env_every, system_words=ns.system_words)
+    sessions = make_workload(spec)
+    encode = chat_tokenizer(ns.model, ns.cache_dir)
+    prompts = [encode(r.messages) for reqs in sessions for r in reqs]
+    oracle = distinct_prefixes(prompts)
+    total_prompt = sum(len(p) for p in prompts)
+    print(f"workload: {sum(len(s) for s in sessions)} requests, {total_prompt} prompt tokens, "
+          f"oracle {oracle} distinct prefixes (seed {ns.seed})", file=sys.stderr)
+    ns.output.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, dict] = {}
+
+    async def measure(name: str, base_url: str, model: str, server=None) -> None:
+        restart = snapshot = None
+        if server is not None and not ns.no_restart:
+            async def restart():
+                await asyncio.to_thread(server.restart)
+        if server is not None and name.startswith("kvrouter"):
+            async def snapshot():
+                return await asyncio.to_thread(server.metrics_text)
+        result = await run_workload(base_url, model, sessions, ns.concurrency, ns.max_tokens,
+                                    restart=restart, snapshot=snapshot, label=name)
+        s = report.summarize(result, oracle, total_prompt)
+        s["endpoint"] = base_url
+        if server is not None:
+            s["server_start_seconds"] = [round(x, 2) for x in server.start_seconds]
+        summaries[name] = s
+
+    started_at = time.time()
+    if ns.endpoint:
+        await measure("endpoint", ns.endpoint, ns.model_name or _model_name(ns.endpoint))
+    else:
+        targets = ns.targets.split(",") if ns.compare else ["kvrouter"]
+        work = Path(tempfile.mkdtemp(prefix="kvrouter-bench-"))
+        model_dir = None
+        for name in targets:
+            if name == "mlx_lm.server":
+                if model_dir is None:
+                    from router.export_mlx import export_mlx_model
+
+                    model_dir = export_mlx_model(ns.model, ns.cache_dir, work / "mlx-model")
+                server = servers.mlx_lm_server(model_dir, work)
+            else:
+                extra = ["--no-kv-cache"] if name == "kvrouter-no-kv-cache" else []
+                extra += ["--model", ns.model] if ns.model else []
+                server = servers.kvrouter_server(name, work, ns.cache_dir, extra)
+            print(f"starting {name} (log: {server.log_path})", file=sys.stderr)
+            await asyncio.to_thread(server.start)
+            try:
+                await measure(name, server.base_url, server.model if name == "mlx_lm.server"
+                              else (ns.model_name or _model_name(server.base_url)), server)
+            finally:
+                await asyncio.to_thread(server.stop)
+    out = {
+        "workload": {**spec.__dict__, "concurrency": ns.concurrency, "max_tokens": ns.max_tokens,
+                     "requests": sum(len(s) for s in sessions), "prompt_tokens": total_prompt,
+                     "oracle_prefilled_tokens": oracle},
+        "started": started_at,
+        "results": summaries,
+    }
+    first = next(iter(summaries.values()))
+    out["prefilled_over_oracle"] = first["prefilled_over_oracle"]
+    if len(summaries) > 1:
+        table, ratios = report.side_by_side(
+            {k: {f: v for f, v in s.items() if f != "per_request"} for k, s in summaries.items()},
+            "mlx_lm.server" if "mlx_lm.server" in summaries else next(iter(summaries)))
+        out["ratios"] = ratios
+        print(table)
+    else:
+        s = first
+        print(f"ttft p50 {s['ttft_p50']} s, p95 {s['ttft_p95']} s; prefilled {s['prefilled_tokens']} "
+              f"(oracle {oracle}, x{s['prefilled_over_oracle']}); reused {s['reused_tokens']}; "
+              f"wall {s['wall_seconds']} s; restarted {s['restarted']}; errors {s['errors']}")
+    (ns.output / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+    for p in report.plot(summaries, ns.output):
+        print(f"wrote {p}", file=sys.stderr)
+    print(f"wrote {ns.output / 'summary.json'}", file=sys.stderr)
+    return 0 if all(s["errors"] == 0 for s in summaries.values()) else 1

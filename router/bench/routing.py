@@ -1,0 +1,150 @@
+"""Routing micro-benchmark: how long the router takes to decide where a long
+prompt goes, with a large store index.
+
+Setup (synthetic token ids, seeded): a store with `checkpoints` rows, 16 of them
+waypoints on the measured prompt's own path (every 2048 tokens), the rest other
+sessions that share its first 1024 tokens (the system block) and then diverge;
+two workers, one whose live state holds the prompt minus its last 512 tokens.
+Measured: `Dispatcher.prepare` (worker choice over the live states + the
+longest-prefix lookup in the LMDB index + metrics), the path every request takes
+after tokenization. Tokenizing a prompt of the same length with the default
+model's tokenizer is measured apart.
+
+Rows are inserted straight into the index in large write transactions (the
+payload files are not written: lookup never reads them), so setup takes seconds.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from router.bench.report import percentile
+
+SYSTEM_TOKENS = 1024
+WAYPOINT_EVERY = 2048
+
+
+@dataclass
+class _Worker:
+    """What routing reads of a worker client (health, load, name)."""
+
+    name: str
+    healthy: bool = True
+    in_flight: int = 0
+
+
+def build_index(store, model_id: str, prompt: list[int], checkpoints: int, rng: random.Random) -> int:
+    """Inserts `checkpoints` rows (see module docstring). Returns tokens stored in total."""
+    from cachestore import Entry
+    from cachestore.keys import pack_tokens
+
+    rows: list[tuple[Entry, bytes]] = []
+    own = [prompt[:n] for n in range(WAYPOINT_EVERY, len(prompt), WAYPOINT_EVERY)][:16]
+    others = checkpoints - len(own)
+    for i in range(checkpoints):
+        if i < len(own):
+            tokens, kind = own[i], "waypoint"
+        else:
+            tail = rng.randint(64, 1024)
+            tokens = prompt[:SYSTEM_TOKENS] + [rng.randrange(49152) for _ in range(tail)]
+            kind = "anchor" if i % 5 == 0 else "evict"
+        now = time.time()
+        entry = Entry(id=uuid.uuid4().hex, kind=kind, namespace="", model_id=model_id, n_tokens=len(tokens),
+                      payload_name="absent.safetensors", payload_bytes=46 * 1024 * len(tokens), checksum="0",
+                      created=now, last_used=now, hits=0)
+        rows.append((entry, pack_tokens(tokens)))
+    total = 0
+    for start in range(0, len(rows), 500):
+        batch = rows[start:start + 500]
+
+        def add(txn, batch=batch):
+            for entry, packed in batch:
+                txn.add_entry(entry, packed)
+
+        store.index.write(add)
+        total += sum(e.n_tokens for e, _ in batch)
+    assert others >= 0
+    return total
+
+
+def run_routing_bench(checkpoints: int = 10_000, prompt_tokens: int = 32_768, cache_dir: Path | None = None,
+                      model: str | None = None, iterations: int = 2000, seed: int = 0) -> dict:
+    """Returns decision p50/p99/max in ms, tokenization ms, and the setup."""
+    from cachestore import CheckpointStore, StoreConfig
+    from router.dispatch import Dispatcher, Job
+    from router.metrics import create_metrics
+    from router.pool import ServedModel, WorkerPool
+
+    rng = random.Random(seed)
+    prompt = [rng.randrange(49152) for _ in range(prompt_tokens)]
+    with tempfile.TemporaryDirectory(prefix="kvrouter-routing-") as tmp:
+        store = CheckpointStore(StoreConfig(directory=Path(tmp), disk_budget_bytes=2**50))
+        try:
+            t0 = time.perf_counter()
+            stored_tokens = build_index(store, "bench-model", prompt, checkpoints, rng)
+            setup_s = time.perf_counter() - t0
+            workers = [_Worker("w0"), _Worker("w1", in_flight=1)]
+            pool = WorkerPool(workers, store)
+            pool.live_tokens = {"w0": tuple(prompt[:-512]), "w1": tuple(prompt[:SYSTEM_TOKENS] + [7] * 2000)}
+            served = ServedModel("bench", "bench-model", prompt_tokens * 2, tokenizer=None, workers=workers)
+            job = Job(model=served, tokens=tuple(prompt), anchor_tokens=0, max_tokens=1, temperature=0.0,
+                      top_p=1.0, seed=None)
+            dispatcher = Dispatcher(pool, create_metrics())
+            route = dispatcher.prepare(job)
+            for _ in range(50):  # warm the page cache and the interpreter
+                dispatcher.prepare(job)
+            times = []
+            for _ in range(iterations):
+                t = time.perf_counter()
+                dispatcher.prepare(job)
+                times.append((time.perf_counter() - t) * 1000)
+            lookup_times = []
+            for _ in range(iterations // 4):
+                t = time.perf_counter()
+                store.lookup("bench-model", "", prompt)
+                lookup_times.append((time.perf_counter() - t) * 1000)
+            point_reads = store.index.point_reads
+        finally:
+            store.close()
+    tokenize = _tokenize_ms(prompt_tokens, cache_dir, model)
+    return {
+        "checkpoints": checkpoints,
+        "prompt_tokens": prompt_tokens,
+        "stored_tokens": stored_tokens,
+        "setup_seconds": round(setup_s, 2),
+        "route": {"worker": route.worker, "reason": route.reason, "predicted_cached": route.predicted_cached},
+        "iterations": iterations,
+        "decision_p50_ms": round(percentile(times, 50), 4),
+        "decision_p99_ms": round(percentile(times, 99), 4),
+        "decision_max_ms": round(max(times), 4),
+        "store_lookup_p50_ms": round(percentile(lookup_times, 50), 4),
+        "store_lookup_p99_ms": round(percentile(lookup_times, 99), 4),
+        "index_point_reads_total": point_reads,
+        **tokenize,
+    }
+
+
+def _tokenize_ms(prompt_tokens: int, cache_dir: Path | None, model: str | None) -> dict:
+    """Time to tokenize a text of about `prompt_tokens` tokens with the model's tokenizer
+    (reported apart from the decision). Skipped (None) without a cache directory."""
+    if cache_dir is None:
+        return {"tokenize_tokens": None, "tokenize_ms": None}
+    from router.bench.cli import chat_tokenizer
+    from router.bench.workload import WORDS
+
+    encode = chat_tokenizer(model, cache_dir)
+    rng = random.Random(1)
+    words = " ".join(rng.choice(WORDS) for _ in range(int(prompt_tokens / 1.05)))
+    messages = [{"role": "user", "content": words}]
+    n = len(encode(messages))
+    runs = []
+    for _ in range(5):
+        t = time.perf_counter()
+        encode(messages)
+        runs.append((time.perf_counter() - t) * 1000)
+    return {"tokenize_tokens": n, "tokenize_ms": round(sorted(runs)[2], 2)}

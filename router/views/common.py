@@ -1,0 +1,67 @@
+"""Helpers every protocol view shares: the JSON body, the request's namespace,
+building a Job, and SSE writing that stops cleanly when the client is gone."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from router.dispatch import Job
+from router.errors import BadRequest
+
+PREVIEW_CHARS = 80
+NAMESPACE_KEY = "kvrouter_namespace"  # set on the request by router.app.auth_middleware
+
+
+async def read_json(request: web.Request):
+    """The decoded JSON body; raises BadRequest on malformed JSON (and on JSON too
+    deeply nested or with numbers too long to decode)."""
+    return decode_json(await request.read())
+
+
+def decode_json(raw: bytes):
+    """`raw` decoded as JSON; raises BadRequest (see read_json)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+    try:  # lone surrogates (e.g. "\ud800") decode as JSON but are not text a tokenizer takes
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest("the request body contains an unpaired surrogate (invalid Unicode text)") from exc
+    return body
+
+
+def namespace_of(request: web.Request) -> str:
+    return request.get(NAMESPACE_KEY, "")
+
+
+def make_job(model, tokens, anchor_tokens: int, max_tokens: int, temperature: float, top_p: float, seed,
+             namespace: str, preview: str) -> Job:
+    return Job(
+        model=model,
+        tokens=tuple(tokens),
+        anchor_tokens=anchor_tokens,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        namespace=namespace,
+        text_preview=preview[:PREVIEW_CHARS],
+    )
+
+
+def sse_response(route_header: str) -> web.StreamResponse:
+    return web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "x-kvrouter-route": route_header,
+        }
+    )
+
+
+def sse_data(obj, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(obj)}\n\n".encode()

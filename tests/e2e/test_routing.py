@@ -1,0 +1,136 @@
+"""Routing across 2 real workers on the default model (`kvrouter serve --workers 2`):
+router state, spread (C13), affinity, prefill coalescing, and failover when a
+worker is killed with requests queued (then the supervisor restarts it).
+
+Prompts are short and max_tokens tiny: the CI machine has 2 shared CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.support.prompts import long_system_prompt
+from tests.support.server import SMALL_KV_FLAGS, pid_alive
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def server(start_server, tmp_path_factory):
+    kv = tmp_path_factory.mktemp("kv-routing")
+    return start_server("--workers", "2", "--kv-cache-dir", str(kv), *SMALL_KV_FLAGS, name="routing")
+
+
+def post_chat(server, messages, max_tokens=1, timeout=240) -> tuple[int, dict, dict]:
+    """(status, body, route header fields) of one non-streaming chat request."""
+    body = json.dumps({"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(server.url + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            route = dict(kv.split("=", 1) for kv in resp.headers["x-kvrouter-route"].split("; "))
+            return resp.status, json.loads(resp.read()), route
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}"), {}
+
+
+def state(server) -> dict:
+    with urllib.request.urlopen(server.url + "/v1/router/state", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_router_state_lists_both_local_workers(server):
+    s = state(server)
+    workers = {w["name"]: w for w in s["workers"]}
+    assert set(workers) == {"w0", "w1"}
+    for w in workers.values():
+        assert w["healthy"] and w["local"] and w["model"] == MODEL
+        assert w["pid"] in server.worker_pids
+        assert w["load"]["in_flight"] == 0 and w["load"]["max_queue"] == 32
+        assert w["cache"]["store_id"]
+
+
+def test_route_header_has_the_documented_fields(server):
+    status, body, route = post_chat(server, [{"role": "user", "content": "Say hi."}])
+    assert status == 200
+    assert list(route) == ["worker", "source", "cached", "predicted_ttft_ms"]
+    assert route["worker"] in ("w0", "w1") and route["source"] in ("live", "ram", "disk", "none")
+    assert int(route["cached"]) >= 0 and int(route["predicted_ttft_ms"]) >= 0
+
+
+def test_concurrent_unique_prompts_spread_over_both_workers_c13(server):
+    prompts = [[{"role": "user", "content": f"Item {i}: name one colour. {uuid.uuid4().hex[:8]}"}]
+               for i in range(40)]
+    with ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(lambda m: post_chat(server, m), prompts))
+    assert all(status == 200 for status, _, _ in results), [r[:2] for r in results if r[0] != 200]
+    counts = {name: sum(1 for _, _, r in results if r["worker"] == name) for name in ("w0", "w1")}
+    assert min(counts.values()) >= 12, counts  # at least 30% each
+    loads = [w["load"]["in_flight"] for w in state(server)["workers"]]
+    assert loads == [0, 0]  # in-flight fell on completion
+
+
+def test_second_turn_goes_to_the_worker_holding_the_session(server):
+    # a short system prompt: below the store's minimum, so only the live state can serve it
+    messages = [{"role": "system", "content": f"You are terse. Session {uuid.uuid4().hex}."},
+                {"role": "user", "content": "Name a fruit."}]
+    status, body, first = post_chat(server, messages, max_tokens=4)
+    assert status == 200
+    messages += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "Another one."}]
+    status, body, second = post_chat(server, messages, max_tokens=2)
+    assert status == 200
+    assert second["worker"] == first["worker"] and second["source"] == "live"
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 20
+
+
+def test_a_burst_sharing_a_new_prefix_prefills_it_once(server):
+    system = f"Project {uuid.uuid4().hex}.\n" + long_system_prompt(n_rules=36, project="Borealis")
+    bursts = [[{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}: what now?"}]
+              for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda m: post_chat(server, m), bursts))
+    assert all(status == 200 for status, _, _ in results)
+    usages = [body["usage"] for _, body, _ in results]
+    prompt = min(u["prompt_tokens"] for u in usages)
+    assert prompt > 600
+    prefilled = sum(u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    assert prefilled < 1.5 * prompt, (prefilled, usages)
+
+
+def test_killing_a_worker_with_requests_queued_fails_over_and_it_restarts(server):
+    before = {w["name"]: w["pid"] for w in state(server)["workers"]}
+    victim = before["w0"]
+    prompts = [[{"role": "user", "content": f"Count to three, attempt {i}. {uuid.uuid4().hex[:6]}"}]
+               for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(post_chat, server, m, 3, 120) for m in prompts]
+        time.sleep(0.5)  # requests are queued on both workers
+        os.kill(victim, signal.SIGKILL)
+        results = [f.result(timeout=150) for f in futures]  # none hangs
+    for status, body, _ in results:
+        assert status == 200 or (status >= 500 and "error" in body), (status, body)
+    assert sum(1 for status, _, _ in results if status == 200) >= 4
+    assert not pid_alive(victim)
+    # the router keeps serving on w1 meanwhile
+    status, _, route = post_chat(server, [{"role": "user", "content": "Still there?"}])
+    assert status == 200
+    # the supervisor restarts w0 and the router sends traffic to it again
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        w0 = next(w for w in state(server)["workers"] if w["name"] == "w0")
+        if w0["healthy"] and w0["pid"] not in (None, victim):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"w0 not back: {w0}")
+    assert "restarted" in server.log_path.read_text()

@@ -1,0 +1,170 @@
+"""Unit tests of the client API's pure parts: stop strings, tool-call parsing
+(mlx-lm's parsers), API keys and namespaces (case C9), error formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from router.app import error_middleware
+from router.auth import ApiKeys, authorize, make_namespace
+from router.errors import BadRequest, Overloaded, PayloadTooLarge, Unauthorized
+from router.keys import METRICS, ROUTER_CONFIG
+from router.config import RouterConfig
+from router.metrics import create_metrics
+from router.views.generation import StopMatcher, parse_stop
+from router.views.tools import ToolCallSplitter, infer_parser_name, split_text, tool_syntax
+
+TEMPLATE = (Path(__file__).resolve().parents[1] / "support" / "chatml_tools.jinja").read_text()
+
+
+def feed_all(m: StopMatcher, pieces):
+    out, hit = [], None
+    for p in pieces:
+        text, hit = m.feed(p)
+        out.append(text)
+        if hit:
+            break
+    else:
+        out.append(m.flush())
+    return "".join(out), hit
+
+
+def test_stop_string_split_across_pieces_is_found_and_never_emitted():
+    m = StopMatcher(("END",))
+    assert m.feed("abc E") == ("abc ", None)  # "E" held back
+    assert m.feed("N") == ("", None)
+    assert m.feed("D tail") == ("", "END")
+
+
+def test_held_back_text_is_released_when_the_stop_string_does_not_follow():
+    m = StopMatcher(("END",))
+    assert m.feed("xE") == ("x", None)
+    assert m.feed("X") == ("EX", None)
+    assert feed_all(StopMatcher(("END",)), ["a", "E", "N"]) == ("aEN", None)
+
+
+def test_earliest_of_several_stop_strings_wins():
+    assert feed_all(StopMatcher(("world", "o w")), ["hello world"]) == ("hell", "o w")
+
+
+def test_parse_stop_validates_types():
+    assert parse_stop("x", "stop") == ("x",)
+    assert parse_stop(None, "stop") == ()
+    for bad in (5, [1], ["a"] * 17, {"a": 1}):
+        with pytest.raises(BadRequest):
+            parse_stop(bad, "stop")
+
+
+def test_template_with_tool_call_name_uses_mlx_lm_json_parser():
+    assert infer_parser_name(TEMPLATE) == "json_tools"
+    assert infer_parser_name("{{ messages }}") is None
+
+
+def test_tool_calls_are_split_from_content():
+    syntax = tool_syntax(TEMPLATE)
+    text = 'Let me check.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    content, calls = split_text(syntax, None, text)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_streamed_tool_call_marker_split_across_pieces_is_held_back():
+    splitter = ToolCallSplitter(tool_syntax(TEMPLATE), None)
+    emitted = [splitter.feed(p) for p in ["Hi <tool", '_call>{"name": "f", ', '"arguments": {}}</tool_call>']]
+    rest, calls = splitter.finish()
+    assert "".join(emitted) + rest == "Hi "
+    assert [c.name for c in calls] == ["f"]
+
+
+def test_unparsable_tool_call_text_stays_content():
+    content, calls = split_text(tool_syntax(TEMPLATE), None, "<tool_call>not json</tool_call>")
+    assert calls == []
+    assert "not json" in content
+
+
+def test_keys_file_format():
+    keys = ApiKeys.parse("sk-a alice\n# comment\n\nsk-b   bob smith  # trailing\nsk-c\n")
+    assert keys.name_of("sk-a") == "alice"
+    assert keys.name_of("sk-b") == "bob smith"
+    assert keys.name_of("sk-c").startswith("key-") and "sk-c" not in keys.name_of("sk-c")
+    assert keys.name_of("sk-x") is None and keys.name_of(None) is None
+    with pytest.raises(ValueError):
+        ApiKeys.parse("# nothing\n")
+    with pytest.raises(ValueError):
+        ApiKeys.parse("k a\nk b\n")
+
+
+def test_namespaces_never_collide_across_keys_or_client_values():
+    """Case C9: a client-supplied namespace cannot name another key's namespace."""
+    keys = ApiKeys.parse("sk-a alice\nsk-b bob\n")
+    alice = authorize(keys, {"authorization": "Bearer sk-a"})
+    bob = authorize(keys, {"x-api-key": "sk-b"})
+    assert alice != bob
+    forged = {authorize(keys, {"x-api-key": "sk-b", "x-kvrouter-namespace": v})
+              for v in ["alice", alice, '"alice"', 'alice",""', "kvr1:" + alice]}
+    assert alice not in forged
+    assert authorize(keys, {"authorization": "Bearer sk-a"}) == alice  # same key: same namespace
+    assert authorize(keys, {"authorization": "Bearer sk-a", "x-kvrouter-namespace": "t"}) != alice
+    # Without keys: no header is the shared "" namespace; a header cannot produce a keyed namespace.
+    assert authorize(None, {}) == ""
+    assert authorize(None, {"x-kvrouter-namespace": "alice"}) not in (alice, bob, "")
+    assert make_namespace(None, "a") != make_namespace("a", "")
+
+
+def test_missing_or_wrong_key_is_unauthorized():
+    keys = ApiKeys.parse("sk-a alice\n")
+    for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "Basic sk-a"}):
+        with pytest.raises(Unauthorized):
+            authorize(keys, headers)
+    with pytest.raises(BadRequest):
+        authorize(None, {"x-kvrouter-namespace": "x" * 500})
+
+
+async def _render(path: str, exc: Exception) -> web.Response:
+    app = web.Application()
+    app[METRICS] = create_metrics()
+    app[ROUTER_CONFIG] = RouterConfig()
+
+    async def handler(request):
+        raise exc
+
+    return await error_middleware(make_mocked_request("POST", path, app=app), handler)
+
+
+async def test_overload_is_openai_429_with_retry_after_and_anthropic_529():
+    resp = await _render("/v1/chat/completions", Overloaded("queue full", retry_after_s=3))
+    assert resp.status == 429 and resp.headers["Retry-After"] == "3"
+    assert json.loads(resp.body)["error"]["type"] == "rate_limit_error"
+    resp = await _render("/v1/messages", Overloaded("queue full"))
+    assert resp.status == 529 and "Retry-After" in resp.headers
+    assert json.loads(resp.body) == {"type": "error", "error": {"type": "overloaded_error", "message": "queue full"}}
+
+
+async def test_anthropic_paths_get_anthropic_error_bodies():
+    resp = await _render("/v1/messages/count_tokens", PayloadTooLarge("too big"))
+    assert resp.status == 413
+    assert json.loads(resp.body)["error"]["type"] == "request_too_large"
+    resp = await _render("/v1/messages", BadRequest("bad", param="x"))
+    assert json.loads(resp.body) == {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}
+    resp = await _render("/v1/messagesX", BadRequest("bad", param="x"))
+    assert json.loads(resp.body)["error"]["param"] == "x"  # not an Anthropic path: OpenAI format
+
+
+async def test_unexpected_exception_is_a_500_in_the_protocol_format():
+    resp = await _render("/v1/messages", KeyError("boom"))
+    assert resp.status == 500
+    assert json.loads(resp.body)["error"]["type"] == "api_error"
+
+
+def test_odd_json_bodies_are_400_not_500():
+    from router.views.common import decode_json
+
+    assert decode_json(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a paired surrogate is fine
+    for raw in (b"[" * 100_000, b'{"a": 1', b'{"a": "\\ud800"}', b"1" * 5000, b"\xff"):
+        with pytest.raises(BadRequest):
+            decode_json(raw)

@@ -1,0 +1,232 @@
+"""Routing policy through the real pool and dispatcher against in-memory fake
+workers (router.worker_client.FakeWorkerClient): spread and in-flight counting
+(C13), client errors (C14), retry before the first token, errors mid-stream,
+back-pressure, affinity, coalescing, cache events and /v1/router/state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+
+from router.dispatch import Dispatcher, Job
+from router.errors import BadRequest, Overloaded, Unavailable, WorkerFailed
+from router.metrics import create_metrics
+from router.pool import ServedModel, WorkerPool
+from router.routing import Rates
+from router.worker_client import Completion, Delta, FakeWorkerClient, WorkerUnavailable
+
+
+def make(n=2, store=None, **kw):
+    workers = [FakeWorkerClient(f"w{i}", **kw) for i in range(n)]
+    pool = WorkerPool(workers, store)
+    model = ServedModel("fake", "id-fake", 4096, tokenizer=None, workers=workers)
+    pool.models["fake"] = model
+    return pool, model, workers, Dispatcher(pool, create_metrics())
+
+
+def job(model, tokens, max_tokens=1, anchor=0, namespace=""):
+    return Job(model=model, tokens=tuple(tokens), anchor_tokens=anchor, max_tokens=max_tokens, temperature=0.0,
+               top_p=1.0, seed=None, namespace=namespace)
+
+
+async def run(dispatcher, j):
+    route = dispatcher.prepare(j)
+    out = [item async for item in dispatcher.run(j, route)]
+    return route, out
+
+
+async def test_spread_counts_load_from_dispatch_c13():
+    pool, model, workers, d = make(time_scale=1.0, prefill_tps=20_000)
+    jobs = [job(model, [i] * 200) for i in range(40)]
+    results = await asyncio.gather(*(run(d, j) for j in jobs))
+    counts = {w.name: sum(1 for r, _ in results if r.worker == w.name) for w in workers}
+    assert all(c >= 12 for c in counts.values()), counts
+    assert all(w.in_flight == 0 for w in workers)
+    assert all(pool.views[w.name].queued_s == 0 for w in workers)
+
+
+async def test_in_flight_falls_on_error_and_disconnect():
+    pool, model, workers, d = make(1)
+    w = workers[0]
+    # disconnect: the view closes the stream after the first token
+    j = job(model, [1, 2, 3], max_tokens=5)
+    route = d.prepare(j)
+    assert w.in_flight == 1  # counted at dispatch, before the stream starts
+    items = d.run(j, route)
+    assert isinstance(await items.__anext__(), Delta)
+    await items.aclose()
+    assert w.in_flight == 0
+    # error mid-stream: WorkerFailed, in-flight back to 0
+    w.fail_next, w.fail_mid_stream = WorkerUnavailable, True
+    with pytest.raises(WorkerFailed):
+        await run(d, job(model, [4, 5, 6], max_tokens=5))
+    assert w.in_flight == 0
+    # a route decided and never run (the view failed in between) gives its slot back
+    route = d.prepare(job(model, [7, 8]))
+    assert w.in_flight == 1
+    del route
+    assert w.in_flight == 0
+
+
+async def test_client_errors_never_mark_a_worker_unhealthy_c14():
+    pool, model, workers, d = make(1)
+    w = workers[0]
+    for _ in range(10):
+        w.fail_next = BadRequest
+        with pytest.raises(BadRequest):
+            await run(d, job(model, [1, 2, 3]))
+    assert w.healthy and w.in_flight == 0
+    route, out = await run(d, job(model, [1, 2, 3]))
+    assert isinstance(out[-1], Completion)
+
+
+async def test_retry_on_another_worker_before_the_first_token():
+    pool, model, workers, d = make(2)
+    j = job(model, [9] * 50)
+    route = d.prepare(j)
+    first = next(w for w in workers if w.name == route.worker)
+    first.fail_next = WorkerUnavailable
+    out = [item async for item in d.run(j, route)]
+    assert isinstance(out[-1], Completion) and route.worker != first.name and route.reason == "retry"
+    assert all(w.in_flight == 0 for w in workers)
+
+
+async def test_no_worker_left_is_unavailable_and_full_queues_are_overloaded():
+    pool, model, workers, d = make(2)
+    for w in workers:
+        w.healthy = False
+    with pytest.raises(Unavailable):
+        d.prepare(job(model, [1, 2]))
+    for w in workers:
+        w.healthy = True
+    pool.max_queue = 1
+    r1, r2 = d.prepare(job(model, [1, 2])), d.prepare(job(model, [3, 4]))
+    with pytest.raises(Overloaded) as exc:
+        d.prepare(job(model, [5, 6]))
+    assert int(exc.value.headers()["Retry-After"]) >= 1 and exc.value.anthropic_status == 529
+    del r1, r2
+
+
+async def test_second_turn_goes_to_the_worker_holding_the_session():
+    pool, model, workers, d = make(2)
+    first = [5] * 300
+    hold = d.prepare(job(model, [6] * 300))  # keeps w0 busy, so the session starts on w1
+    r1, out = await run(d, job(model, first, max_tokens=3))
+    assert r1.worker == "w1"
+    del hold
+    generated = [t for item in out if isinstance(item, Delta) for t in item.token_ids]
+    r2, out2 = await run(d, job(model, first + generated + [7, 8, 9]))
+    assert r2.worker == r1.worker and r2.source == "live" and r2.cached >= 300
+    assert out2[-1].cached_tokens >= 300
+    assert r2.header() == (f"worker={r1.worker}; source=live; cached={r2.cached}; "
+                           f"predicted_ttft_ms={round(r2.predicted_ttft_s * 1000)}")
+
+
+@dataclass
+class _Entry:
+    id: str
+    n_tokens: int
+    payload_bytes: int
+
+
+class FakeStore:
+    """What the router reads of the store: config.min_tokens and lookup()."""
+
+    def __init__(self):
+        self.config = SimpleNamespace(min_tokens=64)
+        self.rows: list[tuple[int, ...]] = []
+
+    def lookup(self, model_id, namespace, tokens):
+        best = max((r for r in self.rows if tuple(tokens[: len(r)]) == r), key=len, default=None)
+        return SimpleNamespace(n_tokens=len(best), entry=_Entry(str(hash(best)), len(best), 1000)) if best else None
+
+
+class StoringWorker(FakeWorkerClient):
+    """Stores the anchor of every prompt it prefills and reuses stored rows, as a worker does."""
+
+    def __init__(self, name, store, **kw):
+        super().__init__(name, **kw)
+        self.store = store
+
+    async def generate(self, request):
+        prompt = tuple(request.prompt_token_ids)
+        hit = self.store.lookup("", "", prompt)
+        if hit is not None and hit.n_tokens > 0:
+            # a restored checkpoint: make the fake's live state start from it
+            self.live, self.live_namespace = prompt[: hit.n_tokens], request.namespace
+        async for item in super().generate(request):
+            if isinstance(item, Completion) and request.anchor_tokens:
+                anchor = prompt[: request.anchor_tokens]
+                if anchor not in self.store.rows:
+                    self.store.rows.append(anchor)
+            yield item
+
+
+async def test_a_burst_sharing_a_new_prefix_prefills_it_once():
+    store = FakeStore()
+    workers = [StoringWorker(f"w{i}", store, time_scale=1.0, prefill_tps=5000) for i in range(2)]
+    pool = WorkerPool(workers, store)
+    model = ServedModel("fake", "id-fake", 4096, tokenizer=None, workers=workers)
+    pool.models["fake"] = model
+    d = Dispatcher(pool, create_metrics())
+    prefix = list(range(100, 800))
+    jobs = [job(model, prefix + [i, i + 1, i + 2], anchor=len(prefix)) for i in range(6)]
+    routes = [d.prepare(j) for j in jobs]  # a burst: all decided before any ran
+    assert sum(r.coalesced for r in routes) == 5
+    results = await asyncio.gather(*(_drain(d, j, r) for j, r in zip(jobs, routes)))
+    assert all(isinstance(out[-1], Completion) for out in results)
+    prefilled = sum(w.prefilled_tokens for w in workers)
+    assert prefilled < 1.5 * len(prefix), prefilled
+    # without coalescing both workers would prefill it
+    store2 = FakeStore()
+    workers2 = [StoringWorker(f"w{i}", store2, time_scale=1.0, prefill_tps=5000) for i in range(2)]
+    pool2 = WorkerPool(workers2, store2)
+    model2 = ServedModel("fake", "id-fake", 4096, tokenizer=None, workers=workers2)
+    d2 = Dispatcher(pool2, create_metrics(), coalesce=False)
+    jobs2 = [job(model2, prefix + [i, i + 1, i + 2], anchor=len(prefix)) for i in range(6)]
+    routes2 = [d2.prepare(j) for j in jobs2]
+    await asyncio.gather(*(_drain(d2, j, r) for j, r in zip(jobs2, routes2)))
+    assert sum(w.prefilled_tokens for w in workers2) >= 2 * len(prefix)
+
+
+async def _drain(d, j, route):
+    return [item async for item in d.run(j, route)]
+
+
+async def test_cache_events_keep_the_view_and_a_gap_resyncs():
+    pool, model, workers, d = make(1)
+    w = workers[0]
+    task = asyncio.create_task(pool._follow_events(w))
+    await asyncio.sleep(0.01)
+    assert pool.views["w0"].resyncs == 1
+    await run(d, job(model, [3] * 10, max_tokens=2))
+    await asyncio.sleep(0.01)
+    assert pool.live_tokens["w0"][:10] == (3,) * 10
+    w._seq += 5  # events lost
+    w._emit_live()
+    await asyncio.sleep(0.01)
+    assert pool.views["w0"].resyncs == 2
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_router_state_lists_workers_load_and_cache():
+    pool, model, workers, d = make(2)
+    route = d.prepare(job(model, [1, 2, 3]))
+    state = pool.state()
+    by_name = {w["name"]: w for w in state["workers"]}
+    assert set(by_name) == {"w0", "w1"} and state["models"] == ["fake"]
+    assert by_name[route.worker]["load"]["in_flight"] == 1
+    assert {"healthy", "pid", "rates", "cache", "local"} <= set(by_name["w0"])
+    del route
+
+
+async def test_measured_rates_reach_the_view():
+    pool, model, workers, d = make(1, prefill_tps=1234.0)
+    await run(d, job(model, [1] * 20))
+    assert pool.views["w0"].rates == Rates(prefill_tps=1234.0)

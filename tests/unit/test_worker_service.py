@@ -1,0 +1,165 @@
+"""The worker's gRPC side with a fake engine (no model): a dead generation thread
+ends streams with an error and flips health (C15), a full queue answers
+RESOURCE_EXHAUSTED, the worker token is enforced, non-loopback needs a token,
+GetStatus carries what routing needs, and cache events are numbered."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvrouter_proto import worker_pb2, worker_pb2_grpc
+from router.errors import BadRequest
+from router.routing import Rates
+from router.worker_client import GrpcWorkerClient, WorkerBusy, WorkerUnavailable
+from worker.engine import EngineBusyError
+from worker.events import FinishEvent, TokenEvent, Usage
+from worker.server import _watch_health, create_server, is_loopback
+from worker.servicer import CacheEventHub
+
+INFO = worker_pb2.ModelInfo(model_name="fake", identity="id", context_length=100)
+
+
+class FakeEngine:
+    """Accepts jobs; `answer` says what to do with them: "ok", "hang"."""
+
+    def __init__(self, answer="ok", max_queue=0):
+        self.answer = answer
+        self._alive = True
+        self.live = SimpleNamespace(namespace="ns", tokens=[1, 2, 3])
+        self.checkpoints = SimpleNamespace(ram=SimpleNamespace(ids=lambda: ["e1"], bytes=10))
+        self.config = SimpleNamespace(max_queue=max_queue)
+        self.rates = Rates(prefill_tps=250.0, disk_bps=5e8)
+        self.queue_depth = 0
+        self.requests_served = 0
+        self.live_prefix_tokens = 3
+        self.jobs = []
+
+    @property
+    def alive(self):
+        return self._alive
+
+    def submit(self, request, emit):
+        if self.config.max_queue and len(self.jobs) >= self.config.max_queue:
+            raise EngineBusyError("full")
+        job = SimpleNamespace(request=request, emit=emit, cancelled=threading.Event())
+        self.jobs.append(job)
+        if self.answer == "ok":
+            emit(TokenEvent((7,), "x"))
+            emit(FinishEvent("length", Usage(len(request.prompt), 1, 0, "none", 0.1)))
+        return job
+
+
+async def serve(engine, token=None, hub=None):
+    server, port, health_servicer = create_server("127.0.0.1:0", engine, INFO, token=token, store_id="h:/kv",
+                                                  worker_name="w9", hub=hub)
+    await server.start()
+    for name in ("", "kvrouter.worker.v1.Worker"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+def request(n=3, max_tokens=1):
+    return worker_pb2.GenerateRequest(request_id="r", prompt_token_ids=list(range(1, n + 1)),
+                                      sampling=worker_pb2.SamplingParams(max_tokens=max_tokens))
+
+
+async def test_dead_engine_ends_streams_with_an_error_and_goes_not_serving_c15():
+    engine = FakeEngine(answer="hang")
+    server, port, health_servicer = await serve(engine)
+    client = GrpcWorkerClient("w9", f"127.0.0.1:{port}")
+    try:
+        async def consume():
+            return [item async for item in client.generate(request())]
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.3)
+        stop = asyncio.Event()
+        died = asyncio.Event()
+        watcher = asyncio.create_task(_watch_health(engine, health_servicer, None, stop, died))
+        await asyncio.sleep(0.1)
+        engine._alive = False  # the generation thread died with a request waiting
+        with pytest.raises(WorkerUnavailable):  # nothing was generated: the router may retry elsewhere
+            await asyncio.wait_for(task, 5)
+        stub = health_pb2_grpc.HealthStub(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+        for _ in range(20):
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+            if resp.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.1)
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await asyncio.wait_for(watcher, 10)
+        assert died.is_set() and stop.is_set()  # the process exits so that its supervisor restarts it
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
+async def test_status_busy_and_client_errors():
+    engine = FakeEngine(max_queue=1)
+    server, port, _ = await serve(engine)
+    client = GrpcWorkerClient("w9", f"127.0.0.1:{port}")
+    try:
+        st = await client.status()
+        assert (st.store_id, st.worker_name, list(st.live_token_ids), list(st.ram_entry_ids)) == \
+            ("h:/kv", "w9", [1, 2, 3], ["e1"])
+        assert st.rates.prefill_tokens_per_second == 250.0 and st.live_namespace == "ns"
+        out = [item async for item in client.generate(request())]
+        assert out[-1].rates == Rates(prefill_tps=250.0, disk_bps=5e8)
+        with pytest.raises(WorkerBusy):
+            [item async for item in client.generate(request())]
+        with pytest.raises(BadRequest):
+            [item async for item in client.generate(request(n=200))]
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
+async def test_worker_token_is_required():
+    server, port, _ = await serve(FakeEngine(), token="s3cret")
+    good = GrpcWorkerClient("r0", f"127.0.0.1:{port}", local=False, token="s3cret")
+    bad = GrpcWorkerClient("r1", f"127.0.0.1:{port}", local=False, token="wrong")
+    try:
+        await good.wait_ready(5)
+        assert (await good.status()).worker_name == "w9"
+        with pytest.raises(WorkerUnavailable):
+            await bad.status()
+        with pytest.raises(WorkerUnavailable):
+            [item async for item in bad.generate(request())]
+        with pytest.raises(WorkerUnavailable):
+            await bad.wait_ready(0.5)
+    finally:
+        await good.close()
+        await bad.close()
+        await server.stop(None)
+
+
+def test_non_loopback_listen_needs_a_token():
+    assert is_loopback("127.0.0.1:0") and is_loopback("[::1]:5") and is_loopback("localhost:1")
+    assert not is_loopback("0.0.0.0:50051") and not is_loopback("10.0.0.2:1")
+    with pytest.raises(ValueError, match="worker-token"):
+        create_server("0.0.0.0:0", FakeEngine(), INFO)
+
+
+async def test_cache_events_are_numbered_and_start_with_the_live_state():
+    engine = FakeEngine()
+    hub = CacheEventHub(asyncio.get_running_loop())
+    server, port, _ = await serve(engine, hub=hub)
+    client = GrpcWorkerClient("w9", f"127.0.0.1:{port}")
+    try:
+        events = client.cache_events()
+        first = await asyncio.wait_for(events.__anext__(), 5)
+        assert (first.seq, first.kind, first.tokens) == (1, "live", (1, 2, 3))
+        hub.publish_threadsafe("ram", ("e2", True))
+        second = await asyncio.wait_for(events.__anext__(), 5)
+        assert (second.seq, second.kind, second.entry_id, second.added) == (2, "ram", "e2", True)
+        assert (await client.status()).event_seq == 2
+        await events.aclose()
+    finally:
+        await client.close()
+        await server.stop(None)
