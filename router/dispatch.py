@@ -141,8 +141,9 @@ class Dispatcher:
         key = prefix_key(job)
         leader = self._leaders.get(key)
         if leader is None:
-            self._leaders[key] = asyncio.Event()
+            event = self._leaders[key] = asyncio.Event()
             route._lead = key
+            weakref.finalize(route, self._drop_leader, key, event)  # a route dropped unused frees its followers
             return None
         route._follow = leader
         route.reason = "coalesced"
@@ -159,12 +160,17 @@ class Dispatcher:
         route._lease = lease
         weakref.finalize(route, _release, lease, gauge)
 
+    def _drop_leader(self, key: tuple, event: asyncio.Event) -> None:
+        if self._leaders.get(key) is event:
+            del self._leaders[key]
+        event.set()
+
     def _end_lead(self, route: Route) -> None:
         if route._lead is not None:
-            event = self._leaders.pop(route._lead, None)
-            route._lead = None
+            key, route._lead = route._lead, None
+            event = self._leaders.get(key)
             if event is not None:
-                event.set()
+                self._drop_leader(key, event)
 
     def _release(self, route: Route) -> None:
         lease, route._lease = route._lease, None

@@ -230,3 +230,37 @@ async def test_measured_rates_reach_the_view():
     pool, model, workers, d = make(1, prefill_tps=1234.0)
     await run(d, job(model, [1] * 20))
     assert pool.views["w0"].rates == Rates(prefill_tps=1234.0)
+
+
+async def test_a_leader_dropped_unused_frees_its_followers():
+    store = FakeStore()
+    workers = [StoringWorker("w0", store)]
+    pool = WorkerPool(workers, store)
+    model = ServedModel("fake", "id-fake", 4096, tokenizer=None, workers=workers)
+    d = Dispatcher(pool, create_metrics())
+    prefix = list(range(100, 300))
+    leader = d.prepare(job(model, prefix + [1], anchor=len(prefix)))
+    follower_job = job(model, prefix + [2], anchor=len(prefix))
+    follower = d.prepare(follower_job)
+    assert follower.coalesced
+    del leader  # the client went away before its request ran
+    out = await asyncio.wait_for(_drain(d, follower_job, follower), 5)
+    assert isinstance(out[-1], Completion) and workers[0].in_flight == 0
+
+
+async def test_requests_go_only_to_workers_serving_their_model(monkeypatch):
+    monkeypatch.setattr("router.pool.ModelTokenizer", lambda info: None)  # fakes carry no tokenizer
+    a, b = FakeWorkerClient("w0", "alpha"), FakeWorkerClient("w1", "beta")
+    pool = WorkerPool([a, b])
+    await pool.connect(1)
+    try:
+        d = Dispatcher(pool, create_metrics())
+        for _ in range(3):
+            route, _ = await run(d, job(pool.model("beta"), [1, 2, 3]))
+            assert route.worker == "w1"
+        from router.errors import NotFound
+
+        with pytest.raises(NotFound):
+            pool.model("gamma")
+    finally:
+        await pool.close()

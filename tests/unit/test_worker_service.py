@@ -163,3 +163,28 @@ async def test_cache_events_are_numbered_and_start_with_the_live_state():
     finally:
         await client.close()
         await server.stop(None)
+
+
+async def test_tls_worker_with_token(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is missing")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server, port, _ = create_server("127.0.0.1:0", FakeEngine(), INFO, token="t",
+                                    tls=(cert.read_bytes(), key.read_bytes()))
+    await server.start()
+    secure = GrpcWorkerClient("r0", f"127.0.0.1:{port}", local=False, token="t", tls_ca=cert.read_bytes())
+    plain = GrpcWorkerClient("r1", f"127.0.0.1:{port}", local=False, token="t")
+    try:
+        assert (await secure.status()).model_name == "fake"
+        with pytest.raises(WorkerUnavailable):
+            await plain.status()
+    finally:
+        await secure.close()
+        await plain.close()
+        await server.stop(None)
