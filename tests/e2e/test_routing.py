@@ -105,6 +105,9 @@ def test_a_burst_sharing_a_new_prefix_prefills_it_once(server):
     assert prompt > 600
     prefilled = sum(u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"] for u in usages)
     assert prefilled < 1.5 * prompt, (prefilled, usages)
+    # the workers measured themselves on the way (the cost model's inputs)
+    rates = [w["rates"] for w in state(server)["workers"]]
+    assert max(r["prefill_tokens_per_second"] for r in rates) > 0
 
 
 def test_killing_a_worker_with_requests_queued_fails_over_and_it_restarts(server):
@@ -134,3 +137,47 @@ def test_killing_a_worker_with_requests_queued_fails_over_and_it_restarts(server
     else:
         pytest.fail(f"w0 not back: {w0}")
     assert "restarted" in server.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def two_hosts(start_server, tmp_path_factory):
+    """A worker alone on 127.0.0.2 with its own store (the "other host"), and
+    `kvrouter serve` with one local worker plus that one as --remote-worker."""
+    import subprocess
+    import sys
+
+    from tests.support.server import free_port, model_cache_dir
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("logs") / "remote-worker.log", "wb")
+    remote = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "worker", "--listen", f"127.0.0.2:{port}", "--name", "remote",
+         "--worker-token", "t0ken", "--cache-dir", str(model_cache_dir()),
+         "--kv-cache-dir", str(tmp_path_factory.mktemp("kv-remote")), *SMALL_KV_FLAGS],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        server = start_server("--workers", "1", "--remote-worker", f"127.0.0.2:{port}", "--worker-token", "t0ken",
+                              "--kv-cache-dir", str(tmp_path_factory.mktemp("kv-local")), *SMALL_KV_FLAGS,
+                              name="two-hosts")
+        yield server
+        server.stop()
+    finally:
+        remote.terminate()
+        try:
+            remote.wait(60)
+        except subprocess.TimeoutExpired:
+            remote.kill()
+        log.close()
+
+
+def test_a_remote_worker_joins_with_its_own_store(two_hosts):
+    workers = {w["name"]: w for w in state(two_hosts)["workers"]}
+    assert set(workers) == {"w0", "r0"}
+    assert workers["w0"]["local"] and workers["w0"]["pid"] in two_hosts.worker_pids
+    assert not workers["r0"]["local"] and workers["r0"]["pid"] is None and workers["r0"]["healthy"]
+    assert workers["r0"]["cache"]["store_id"] != workers["w0"]["cache"]["store_id"]
+    prompts = [[{"role": "user", "content": f"Pick a number, {i}. {uuid.uuid4().hex[:6]}"}] for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda m: post_chat(two_hosts, m), prompts))
+    assert all(status == 200 for status, _, _ in results)
+    assert {r["worker"] for _, _, r in results} == {"w0", "r0"}

@@ -264,3 +264,18 @@ async def test_requests_go_only_to_workers_serving_their_model(monkeypatch):
             pool.model("gamma")
     finally:
         await pool.close()
+
+
+async def test_another_hosts_store_is_not_offered_to_its_workers():
+    store = FakeStore()
+    store.rows.append(tuple(range(100)))
+    pool, model, workers, d = make(2, store)
+    pool.local_store_id = "hostA:/kv"
+    pool.view(workers[0]).store_id = "hostA:/kv"
+    pool.view(workers[1]).store_id = "hostB:/kv"
+    cands = {c.name: c for c in pool.candidates(model, tuple(range(120)), "", store.lookup("", "", range(120)))}
+    assert [r.source for r in cands["w0"].reuse] == ["disk"]
+    assert cands["w1"].reuse == ()
+    pool.view(workers[0]).ram_ids.add(store.lookup("", "", range(120)).entry.id)
+    cands = {c.name: c for c in pool.candidates(model, tuple(range(120)), "", store.lookup("", "", range(120)))}
+    assert [r.source for r in cands["w0"].reuse] == ["ram"]
