@@ -262,9 +262,12 @@ def _worker(ns: argparse.Namespace) -> int:
         parent_pid=ns.parent_pid,
         worker_name=ns.name,
         smg_listen=ns.smg_listen,
+        max_queue=ns.max_queue,
+        worker_token=ns.worker_token,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
     )
-    asyncio.run(serve(cfg))
-    return 0
+    return asyncio.run(serve(cfg))
 
 
 def _cache(ns: argparse.Namespace) -> int:

@@ -4,7 +4,6 @@ the gateway, and stop every process it started on Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -27,14 +26,6 @@ ENGINE_DEATH_EXIT_STATUS = 3  # worker.server.ENGINE_DEATH_EXIT_STATUS
 RESTART_MAX_BACKOFF_S = 30.0
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux only)
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent dies
-    except OSError:
-        pass
-
-
 class WorkerProcess:
     """One local worker process and the port it reports when ready."""
 
@@ -48,9 +39,8 @@ class WorkerProcess:
         self.proc = self._spawn()
 
     def _spawn(self) -> subprocess.Popen:
-        return subprocess.Popen(
-            self.argv, env=self.env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None
-        )
+        # No preexec_fn: nothing runs between fork and exec (the router's gRPC threads make that unsafe).
+        return subprocess.Popen(self.argv, env=self.env)
 
     def pin_port(self, port: int) -> None:
         """Makes restarts listen on `port` (the one the router's client dials)."""

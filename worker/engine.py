@@ -21,6 +21,7 @@ checkpoint ends mid-chunk).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -55,8 +56,29 @@ class EngineBusyError(RuntimeError):
     """The engine's queue is full (`max_queue`); the request should go elsewhere."""
 
 
+# Fault injection for end-to-end tests of case C15 (a dead generation loop): when
+# this environment variable names a file and that file appears, the engine thread
+# removes it and dies at the next generated token, as an unexpected crash would.
+FAILPOINT_ENV = "KVROUTER_TEST_ENGINE_FAILPOINT"
+
+
+class EngineFailpoint(BaseException):
+    """Raised on the engine thread by the test failpoint; nothing catches it."""
+
+
+def _failpoint_hit() -> bool:
+    path = os.environ.get(FAILPOINT_ENV)
+    if not path:
+        return False
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
+
+
 EWMA_WEIGHT = 0.3  # weight of the newest measurement
-MIN_RATE_TOKENS = 16  # shorter prefills say little about the rate
+MIN_RATE_TOKENS = 64  # shorter prefills measure per-request overhead more than the rate
 
 
 def ewma(old: float, new: float) -> float:
@@ -294,6 +316,9 @@ class Engine:
             generated.append(token)
             detok.add_token(token)
             job.emit(TokenEvent((token,), detok.last_segment))
+            if _failpoint_hit():
+                log.error("test failpoint: the generation thread dies now")
+                raise EngineFailpoint("test failpoint")
             if len(generated) >= max_tokens:
                 break
             out = self.model(mx.array([[token]]), cache=caches)

@@ -14,11 +14,13 @@ any process manager) restarts it (case C15).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import grpc
@@ -44,6 +46,24 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: asks the kernel to send this process SIGTERM when its parent dies
+    (PR_SET_PDEATHSIG; kept across exec). Called by the worker itself at start:
+    running Python between fork and exec (`preexec_fn`) in the router, whose gRPC
+    threads are busy, crashed restarted workers with SIGSEGV. The worker also
+    polls its parent pid, which covers other platforms and a parent that died
+    before this call."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def store_id_of(directory) -> str:
@@ -194,6 +214,8 @@ async def serve(config: WorkerConfig) -> int:
 
     if not config.worker_token and not is_loopback(config.listen):
         raise ValueError(f"--listen {config.listen} is not loopback: give --worker-token (and --tls-cert/--tls-key)")
+    if config.parent_pid is not None:
+        die_with_parent(config.parent_pid)
     tls = _read_tls(config)
     engine, info = await asyncio.to_thread(build_engine, config)
     hub = CacheEventHub(asyncio.get_running_loop())
@@ -228,12 +250,15 @@ async def serve(config: WorkerConfig) -> int:
     await stop.wait()
     log.info("stopping: finishing requests, writing the shutdown checkpoint")
     await health_servicer.enter_graceful_shutdown()
+    hub.close()
     if smg is not None:
         smg[2].shutting_down = True
         await smg[3].enter_graceful_shutdown()
         await smg[0].stop(grace=5)
         smg_watcher.cancel()
-    await server.stop(grace=5)
+    # After an engine death the streams in progress have ended already; the router's
+    # health and event watches would only hold the full grace.
+    await server.stop(grace=0.5 if died.is_set() else 5)
     await asyncio.to_thread(engine.stop)
     watcher.cancel()
     log.info("worker stopped")

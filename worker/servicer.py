@@ -80,6 +80,7 @@ class CacheEventHub:
         self.loop = loop
         self.seq = 0
         self.subscribers: set[asyncio.Queue] = set()
+        self.closed = False
 
     def publish_threadsafe(self, kind: str, payload: tuple) -> None:
         self.loop.call_soon_threadsafe(self.publish, kind, payload)
@@ -88,14 +89,21 @@ class CacheEventHub:
         self.seq += 1
         ev = event_message(self.seq, kind, payload)
         for q in list(self.subscribers):
-            try:
-                q.put_nowait(ev)
-            except asyncio.QueueFull:
+            if q.qsize() >= SUBSCRIBER_QUEUE:
                 self.subscribers.discard(q)
-                q.put_nowait_overflow = True  # marker read by the stream
+                q.put_nowait(None)  # ends that stream: the subscriber resyncs
+            else:
+                q.put_nowait(ev)
+
+    def close(self) -> None:
+        """Ends every subscriber's stream (at shutdown, so the server need not wait for them)."""
+        self.closed = True
+        for q in list(self.subscribers):
+            q.put_nowait(None)
+        self.subscribers.clear()
 
     def subscribe(self) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue(SUBSCRIBER_QUEUE)
+        q: asyncio.Queue = asyncio.Queue()
         self.subscribers.add(q)
         return q
 
@@ -208,14 +216,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         """Streams cache events; the first is the current live state (a full picture)."""
         if self.hub is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "cache events are off")
+        if self.hub.closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is stopping")
         q = self.hub.subscribe()
         try:
             live = self.engine.live
             self.hub.publish("live", (live.namespace, tuple(live.tokens)) if live is not None else ("", ()))
             while True:
                 ev = await q.get()
+                if ev is None:
+                    return  # dropped for falling behind
                 yield ev
-                if getattr(q, "put_nowait_overflow", False) and q.empty():
-                    return  # dropped for falling behind: the subscriber resyncs
         finally:
             self.hub.subscribers.discard(q)

@@ -44,6 +44,9 @@ def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir)
     p.add_argument("--routing", action="store_true", help="run the routing micro-benchmark (32K-token prompt, "
                                                           "10,000 stored checkpoints) instead")
+    p.add_argument("--overhead", action="store_true",
+                   help="measure what the router adds over calling a worker directly (time to first token, "
+                        "p50; target: under 3 ms)")
     p.add_argument("--routing-checkpoints", type=int, default=10_000, help=argparse.SUPPRESS)
     p.add_argument("--routing-prompt-tokens", type=int, default=32_768, help=argparse.SUPPRESS)
     return p
@@ -79,6 +82,14 @@ def _model_name(base_url: str) -> str:
 
 
 def run(ns: argparse.Namespace) -> int:
+    if ns.overhead:
+        from router.bench.overhead import run_overhead_bench
+
+        ns.output.mkdir(parents=True, exist_ok=True)
+        result = run_overhead_bench(200, ns.cache_dir)
+        (ns.output / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return 0 if result["router_adds_p50_ms"] < 3.0 else 1
     if ns.routing:
         from router.bench.routing import run_routing_bench
 

@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.prompts import long_system_prompt
 from tests.support.server import SMALL_KV_FLAGS, pid_alive
+from worker.engine import FAILPOINT_ENV
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -27,7 +28,25 @@ MODEL = "SmolLM2-135M-Instruct"
 @pytest.fixture(scope="module")
 def server(start_server, tmp_path_factory):
     kv = tmp_path_factory.mktemp("kv-routing")
-    return start_server("--workers", "2", "--kv-cache-dir", str(kv), *SMALL_KV_FLAGS, name="routing")
+    failpoint = tmp_path_factory.mktemp("failpoint") / "die"
+    os.environ[FAILPOINT_ENV] = str(failpoint)  # inherited by `kvrouter serve` and its workers
+    try:
+        s = start_server("--workers", "2", "--kv-cache-dir", str(kv), *SMALL_KV_FLAGS, name="routing")
+    finally:
+        del os.environ[FAILPOINT_ENV]
+    s.failpoint = failpoint
+    return s
+
+
+def wait_back(server, name: str, old_pid: int, timeout_s: float = 180) -> dict:
+    """The state of worker `name` once it is healthy again with a new pid."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        w = next(w for w in state(server)["workers"] if w["name"] == name)
+        if w["healthy"] and w["pid"] not in (None, old_pid):
+            return w
+        time.sleep(1)
+    pytest.fail(f"{name} not back: {w}")
 
 
 def post_chat(server, messages, max_tokens=1, timeout=240) -> tuple[int, dict, dict]:
@@ -74,7 +93,7 @@ def test_concurrent_unique_prompts_spread_over_both_workers_c13(server):
         results = list(pool.map(lambda m: post_chat(server, m), prompts))
     assert all(status == 200 for status, _, _ in results), [r[:2] for r in results if r[0] != 200]
     counts = {name: sum(1 for _, _, r in results if r["worker"] == name) for name in ("w0", "w1")}
-    assert min(counts.values()) >= 12, counts  # at least 30% each
+    assert min(counts.values()) >= 12, (counts, [w["rates"] for w in state(server)["workers"]])  # >= 30% each
     loads = [w["load"]["in_flight"] for w in state(server)["workers"]]
     assert loads == [0, 0]  # in-flight fell on completion
 
@@ -110,6 +129,35 @@ def test_a_burst_sharing_a_new_prefix_prefills_it_once(server):
     assert max(r["prefill_tokens_per_second"] for r in rates) > 0
 
 
+def test_a_dead_generation_thread_ends_its_stream_with_an_error_and_the_worker_restarts_c15(server):
+    pids = {w["name"]: w["pid"] for w in state(server)["workers"]}
+    body = json.dumps({"model": MODEL, "stream": True, "max_tokens": 60, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Write a long story about a cat and a boat."}]})
+    req = urllib.request.Request(server.url + "/v1/chat/completions", data=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            victim = resp.headers["x-kvrouter-route"].split(";")[0].split("=")[1]
+            while True:  # wait for generated text, then kill the generation thread
+                line = resp.readline().decode()
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break
+            server.failpoint.touch()
+            rest = resp.read().decode()
+    finally:
+        server.failpoint.unlink(missing_ok=True)
+    events = [json.loads(ln[6:]) for ln in rest.splitlines() if ln.startswith("data: {")]
+    assert "error" in events[-1], events[-3:]  # an error event, never a normal stop
+    assert not any(c.get("finish_reason") for e in events for c in e.get("choices", []))
+    # the router stops sending to it: the other worker serves meanwhile
+    status, _, route = post_chat(server, [{"role": "user", "content": "Are you there?"}])
+    assert status == 200
+    back = wait_back(server, victim, pids[victim])
+    assert back["healthy"]
+    log = server.log_path.read_text()
+    assert "generation thread died" in log and "restarted" in log
+
+
 def test_killing_a_worker_with_requests_queued_fails_over_and_it_restarts(server):
     before = {w["name"]: w["pid"] for w in state(server)["workers"]}
     victim = before["w0"]
@@ -128,14 +176,7 @@ def test_killing_a_worker_with_requests_queued_fails_over_and_it_restarts(server
     status, _, route = post_chat(server, [{"role": "user", "content": "Still there?"}])
     assert status == 200
     # the supervisor restarts w0 and the router sends traffic to it again
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        w0 = next(w for w in state(server)["workers"] if w["name"] == "w0")
-        if w0["healthy"] and w0["pid"] not in (None, victim):
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"w0 not back: {w0}")
+    wait_back(server, "w0", victim)
     assert "restarted" in server.log_path.read_text()
 
 

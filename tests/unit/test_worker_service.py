@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvrouter_proto import worker_pb2, worker_pb2_grpc
+from kvrouter_proto import worker_pb2
 from router.errors import BadRequest
 from router.routing import Rates
 from router.worker_client import GrpcWorkerClient, WorkerBusy, WorkerUnavailable
