@@ -250,24 +250,34 @@ class Txn:
     def find_longest(self, model_id: str, namespace: str, packed: bytes) -> Entry | None:
         """Longest usable row whose tokens are exactly a prefix of ``packed``.
 
-        Walks c_0, c_1, ... and stops at the first absent node, then searches registrations
-        from the deepest node back: at most len/64 + 1 node reads plus two reads per
-        confirmed candidate.
+        Every node on a stored entry's path exists, so along the prompt's chain
+        c_0, c_1, ... the present nodes form a prefix: a binary search finds the
+        deepest one in log2(len/64) + 1 reads. Registrations are then searched from
+        that node back; a node without a matching registration costs one more read.
         """
         n = len(packed) // 4
         root = keys.root_key(model_id, namespace)
         first = self.node(root)
         if first is None:
             return None
-        chain: list[tuple[bytes, list[tuple[int, bytes, str]]]] = [(root, first[1])]
-        for node in keys.iter_nodes(root, packed):
-            found = self.node(node)
-            if found is None:
-                break
-            chain.append((node, found[1]))
+        chain = keys.path_nodes(root, packed)
+        found: dict[int, list[tuple[int, bytes, str]]] = {0: first[1]}
+        lo, hi = 0, len(chain) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            got = self.node(chain[mid])
+            if got is None:
+                hi = mid - 1
+            else:
+                lo = mid
+                found[mid] = got[1]
         step = keys.BLOCK_TOKENS * 4
-        for k in range(len(chain) - 1, -1, -1):
-            node, regs = chain[k]
+        for k in range(lo, -1, -1):
+            node = chain[k]
+            regs = found.get(k)
+            if regs is None:
+                got = self.node(node)
+                regs = got[1] if got is not None else []
             base = k * keys.BLOCK_TOKENS
             fitting = sorted((reg for reg in regs if base + reg[0] <= n), key=lambda reg: -reg[0])
             tails: dict[int, bytes] = {}

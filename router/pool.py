@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from cachestore.keys import common_prefix_length
 from router.errors import NotFound, Overloaded, Unavailable
 from router.prompting import ModelTokenizer
 from router.routing import Candidate, Decision, Rates, Reuse, choose_worker, request_seconds
@@ -224,11 +225,7 @@ class WorkerPool:
             reuse = []
             live = self.live_tokens.get(w.name, ())
             if live and self.live_namespace.get(w.name, "") == namespace:
-                n = 0
-                for a, b in zip(live, tokens):
-                    if a != b:
-                        break
-                    n += 1
+                n = common_prefix_length(live, tokens)
                 if min(n, limit) > 0:
                     reuse.append(Reuse("live", min(n, limit)))
             if hit is not None and self.reads_local_store(w) and min(hit.n_tokens, limit) > 0:

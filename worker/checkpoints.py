@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from cachestore import CheckpointStore, Entry, PayloadError, StoreEvent, plan_stores
+from cachestore.keys import common_prefix_length
 
 from router.routing import Rates, Reuse, should_load
 from worker import kv_state
@@ -67,15 +68,6 @@ class Restored:
     load_seconds: float = 0.0
     entry_id: str | None = None
     loaded_bytes: int = 0
-
-
-def common_prefix_length(a, b) -> int:
-    """Number of leading token ids equal in both sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class CheckpointManager:

@@ -33,7 +33,8 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from router.routing import Rates
-from worker.checkpoints import CheckpointManager, LiveState, Restored, common_prefix_length
+from cachestore.keys import common_prefix_length
+from worker.checkpoints import CheckpointManager, LiveState, Restored
 from worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
 from worker import kv_state
 
