@@ -34,6 +34,16 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
     return web.json_response(err.openai_body(), status=err.status, headers=err.headers())
 
 
+def route_label(request: web.Request) -> str:
+    """The matched route's path template for metric labels ("unmatched" for
+    unknown paths), so clients cannot create one series per URL."""
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    if resource is None or request.match_info.http_exception is not None:
+        return "unmatched"
+    return resource.canonical
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler):
     """Maps every failure to an error response in the protocol's format (OpenAI,
@@ -54,13 +64,15 @@ async def error_middleware(request: web.Request, handler):
             err.status, err.type = exc.status, "invalid_request_error" if exc.status < 500 else "api_error"
         resp = error_response(request, err)
     except (ConnectionResetError, OSError) as exc:
-        log.info("client went away: %s", exc)
-        raise
+        # The client closed the connection (its generation is already cancelled):
+        # nothing can be sent; aiohttp drops this response quietly.
+        log.info("client went away during %s %s: %s", request.method, request.path, exc)
+        return web.Response(status=499)
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         err = ApiError("internal error; the server keeps serving")
         resp = error_response(request, err)
-    metrics.requests.labels(request.path, str(resp.status)).inc()
+    metrics.requests.labels(route_label(request), str(resp.status)).inc()
     return resp
 
 
@@ -134,6 +146,7 @@ def create_app(config: RouterConfig, pool: WorkerPool | None = None) -> web.Appl
     app.router.add_post("/v1/completions", completions.completions)
     app.router.add_post("/v1/responses", responses.create_response)
     app.router.add_get("/v1/models", openai.list_models)
+    app.router.add_get("/v1/models/{model:.+}", openai.retrieve_model)
     app.router.add_get("/v1/router/state", router_state)
     app.router.add_post("/v1/messages", anthropic.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic.count_tokens)

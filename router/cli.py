@@ -23,6 +23,34 @@ and loaded from disk afterwards, across sessions, processes and restarts.
 """
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free port) to 65535."""
+    value = _int_at_least(text, 0)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535)")
+    return value
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+    return value
+
+
 def default_cache_dir() -> Path:
     """The user's kvrouter cache directory: $KVROUTER_CACHE_DIR, else
     ~/Library/Caches/kvrouter on macOS, else $XDG_CACHE_HOME/kvrouter or ~/.cache/kvrouter."""
@@ -39,19 +67,19 @@ def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV checkpoint store (on by default)")
     g.add_argument("--kv-cache-dir", "--kv-disk-dir", type=Path, default=None,
                    help="store directory (default: a 'kv' folder in the cache directory)")
-    g.add_argument("--kv-cache-disk-mb", "--kv-disk-space-mb", type=int, default=4096,
+    g.add_argument("--kv-cache-disk-mb", "--kv-disk-space-mb", type=positive_int, default=4096,
                    help="disk budget of the store in MiB; the lowest-value checkpoints are evicted past it (default 4096)")
-    g.add_argument("--kv-cache-min-tokens", type=int, default=512,
+    g.add_argument("--kv-cache-min-tokens", type=positive_int, default=512,
                    help="do not store checkpoints shorter than this many tokens (default 512)")
-    g.add_argument("--kv-cache-cold-max-tokens", type=int, default=30000,
+    g.add_argument("--kv-cache-cold-max-tokens", type=positive_int, default=30000,
                    help="longest cold anchor to store, in tokens (default 30000)")
-    g.add_argument("--kv-cache-continued-interval-tokens", type=int, default=10000,
+    g.add_argument("--kv-cache-continued-interval-tokens", type=positive_int, default=10000,
                    help="store a continued waypoint every this many tokens, rounded up to the alignment (default 10000)")
-    g.add_argument("--kv-cache-boundary-trim-tokens", type=int, default=32,
+    g.add_argument("--kv-cache-boundary-trim-tokens", type=nonneg_int, default=32,
                    help="tokens dropped from the end of a cold store without an anchor (default 32)")
-    g.add_argument("--kv-cache-boundary-align-tokens", type=int, default=2048,
+    g.add_argument("--kv-cache-boundary-align-tokens", type=positive_int, default=2048,
                    help="cold stores without an anchor are aligned down to a multiple of this (default 2048)")
-    g.add_argument("--kv-cache-ram-mb", type=int, default=1024,
+    g.add_argument("--kv-cache-ram-mb", type=nonneg_int, default=1024,
                    help="RAM tier: recently used checkpoints kept in memory per worker, MiB (default 1024; "
                         "on Apple silicon this is GPU memory)")
     g.add_argument("--no-kv-cache", action="store_true", help="turn the disk checkpoint store off")
@@ -110,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                             + ("; repeat it to serve several models (--workers each)" if many_models else ""))
         p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                        help=f"where models and the default store live (default: {default_cache_dir()})")
-        p.add_argument("--prefill-chunk-tokens", type=int, default=256,
+        p.add_argument("--prefill-chunk-tokens", type=positive_int, default=256,
                        help="prefill chunk size in tokens; chunks end at its multiples (default 256)")
         add_kv_cache_flags(p)
 
@@ -119,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Ctrl-C or SIGTERM stops them all.")
     common(serve, many_models=True)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    serve.add_argument("--workers", type=int, default=1,
+    serve.add_argument("--port", type=port_number, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument("--workers", type=nonneg_int, default=1,
                        help="local worker processes per model (default 1; 0 with --remote-worker only)")
-    serve.add_argument("--max-tokens-default", type=int, default=512,
+    serve.add_argument("--max-tokens-default", type=positive_int, default=512,
                        help="max_tokens when a request gives none (default 512)")
     rt = serve.add_argument_group("routing")
-    rt.add_argument("--max-queue", type=int, default=32,
+    rt.add_argument("--max-queue", type=nonneg_int, default=32,
                     help="requests in flight per worker; past it clients get 429 (Anthropic: 529) with Retry-After "
                          "(default 32; 0 = no limit)")
     rt.add_argument("--remote-worker", action="append", default=[], metavar="HOST:PORT",
@@ -142,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "each key's requests get their own cache namespace (default: no auth)")
     api.add_argument("--max-body-mb", type=float, default=8,
                      help="largest request body in MiB; larger ones get 413 (default 8)")
-    api.add_argument("--max-tokens-limit", type=int, default=None,
+    api.add_argument("--max-tokens-limit", type=positive_int, default=None,
                      help="cap every request's max_tokens at this many tokens (default: no cap)")
-    api.add_argument("--grpc-port", type=int, default=None,
+    api.add_argument("--grpc-port", type=port_number, default=None,
                      help="also serve the public gRPC API (kvrouter.router.v1.Router) on this port; 0 picks one "
                           "(default: off)")
     api.add_argument("--chat-template", type=Path, default=None,
@@ -155,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(worker)
     worker.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT for gRPC (default 127.0.0.1:50051)")
     worker.add_argument("--name", default="w0", help="worker name in logs (default w0)")
-    worker.add_argument("--max-queue", type=int, default=0,
+    worker.add_argument("--max-queue", type=nonneg_int, default=0,
                         help="requests waiting plus running it accepts; more get RESOURCE_EXHAUSTED (default 0: "
                              "no limit)")
     worker.add_argument("--worker-token", default=os.environ.get("KVROUTER_WORKER_TOKEN"),

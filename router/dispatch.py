@@ -52,6 +52,7 @@ class Job:
     seed: int | None
     namespace: str = ""
     text_preview: str = ""
+    prompt_param: str = "messages"  # the request field holding the prompt, named in context errors
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Route:
 def check_context(job: Job) -> None:
     """Raises ContextTooLong when the prompt does not leave room for one token."""
     if len(job.tokens) >= job.model.context_length:
-        raise ContextTooLong(len(job.tokens), job.model.context_length)
+        raise ContextTooLong(len(job.tokens), job.model.context_length, job.prompt_param)
 
 
 def prefix_key(job: Job) -> tuple:

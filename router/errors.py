@@ -75,11 +75,14 @@ class BadRequest(ApiError):
 
 
 class ContextTooLong(BadRequest):
-    def __init__(self, prompt_tokens: int, context_tokens: int):
+    """The prompt leaves no room in the context. `param` names the request field
+    that holds the prompt ("messages", "prompt", "input")."""
+
+    def __init__(self, prompt_tokens: int, context_tokens: int, param: str = "messages"):
         super().__init__(
             f"This model's maximum context length is {context_tokens} tokens, "
             f"but the prompt is {prompt_tokens} tokens.",
-            param="messages",
+            param=param,
             code="context_length_exceeded",
         )
 

@@ -174,8 +174,11 @@ class WorkerPool:
                 raise
             except Exception as exc:  # a broken stream: reconnect; the health watch decides routing
                 log.debug("worker %s cache events: %s", client.name, exc)
+                # The worker may have died: what it held in memory is unknown until the resync.
+                self.live_tokens.pop(client.name, None)
+                self.views.setdefault(client.name, WorkerView()).ram_ids.clear()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            backoff = min(backoff * 2, 1.0)
 
     def apply(self, name: str, ev) -> None:
         """Applies one CacheUpdate to the view of worker `name`."""

@@ -24,6 +24,7 @@ log = logging.getLogger("kvrouter.serve")
 STOP_GRACE_S = 30.0
 ENGINE_DEATH_EXIT_STATUS = 3  # worker.server.ENGINE_DEATH_EXIT_STATUS
 RESTART_MAX_BACKOFF_S = 30.0
+STABLE_RUN_S = 60.0  # a worker that ran this long before dying restarts after 1 s again
 
 
 class WorkerProcess:
@@ -40,6 +41,7 @@ class WorkerProcess:
 
     def _spawn(self) -> subprocess.Popen:
         # No preexec_fn: nothing runs between fork and exec (the router's gRPC threads make that unsafe).
+        self._spawned_at = time.monotonic()
         return subprocess.Popen(self.argv, env=self.env)
 
     def pin_port(self, port: int) -> None:
@@ -55,6 +57,8 @@ class WorkerProcess:
             return
         now = time.monotonic()
         if self._restart_at is None:
+            if now - self._spawned_at >= STABLE_RUN_S:
+                self.restarts = 0  # it ran well for a while: this crash starts a new backoff series
             how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
             if code == ENGINE_DEATH_EXIT_STATUS:
                 how += " (its generation thread died)"
@@ -144,7 +148,7 @@ async def run_serve(cfg: ServeConfig, kv_args: list[str]) -> int:
 
         router_cfg = replace(cfg.router, worker_addresses=tuple(f"127.0.0.1:{p}" for p in ports))
         app = create_app(router_cfg)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, router_cfg.host, router_cfg.port)
         await site.start()

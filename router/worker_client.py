@@ -97,7 +97,8 @@ class Completion:
     @property
     def stored_tokens(self) -> int:
         """Tokens of the longest checkpoint this request wrote (0 when none)."""
-        return max((e.tokens for e in self.store_events if e.action == "stored"), default=0)
+        return max((e.tokens for e in self.store_events
+                    if e.action == "stored" and e.kind in ("anchor", "waypoint")), default=0)
 
 
 _SOURCE_NAMES = {
@@ -198,7 +199,7 @@ class GrpcWorkerClient:
                     log.warning("worker %s unreachable: %s", self.name, exc.code().name)
                 self.healthy = False
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            backoff = min(backoff * 2, 1.0)
 
     async def model_info(self) -> worker_pb2.ModelInfo:
         try:

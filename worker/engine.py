@@ -298,7 +298,7 @@ class Engine:
         sp = req.sampling
         caches = restored.caches
         if sp.seed is not None:
-            mx.random.seed(sp.seed)
+            mx.random.seed(sp.seed % 2**64)  # clients may send any int64; mlx takes uint64
         sampler = make_sampler(temp=sp.temperature, top_p=sp.top_p if 0 < sp.top_p < 1 else 0.0)
         max_tokens = max(0, min(sp.max_tokens, self.bundle.context_length - len(prompt)))
         detok = self._detokenizer

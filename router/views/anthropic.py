@@ -12,6 +12,8 @@ for this request (0 when none).
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import json
 import uuid
@@ -164,7 +166,7 @@ def parse_messages_request(body, limit: int | None, count_only: bool = False) ->
         raise BadRequest("tool_choice must be {'type': 'auto' | 'any' | 'tool' | 'none'}", param="tool_choice")
     parse = not (isinstance(choice, dict) and choice.get("type") == "none")
     tools = _tools(body.get("tools"))
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False  # null means the default
     if not isinstance(stream, bool):
         raise BadRequest("stream must be a boolean", param="stream")
     _number(body, "top_k", None, 0, 2**31, integer=True)
@@ -212,7 +214,7 @@ def tool_use_block(call) -> dict:
 async def count_tokens(request: web.Request) -> web.Response:
     req = parse_messages_request(await read_json(request), None, count_only=True)
     model = request.app[POOL].model(req.model)
-    prompt = model.tokenizer.chat_prompt(req.messages, req.tools)
+    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
     return web.json_response({"input_tokens": len(prompt.tokens)})
 
 
@@ -220,7 +222,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
     req = parse_messages_request(await read_json(request), config.max_tokens_limit)
     model = request.app[POOL].model(req.model)
-    prompt = model.tokenizer.chat_prompt(req.messages, req.tools)
+    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
                    namespace_of(request), prompt.text)

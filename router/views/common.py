@@ -38,7 +38,7 @@ def namespace_of(request: web.Request) -> str:
 
 
 def make_job(model, tokens, anchor_tokens: int, max_tokens: int, temperature: float, top_p: float, seed,
-             namespace: str, preview: str) -> Job:
+             namespace: str, preview: str, prompt_param: str = "messages") -> Job:
     return Job(
         model=model,
         tokens=tuple(tokens),
@@ -49,6 +49,7 @@ def make_job(model, tokens, anchor_tokens: int, max_tokens: int, temperature: fl
         seed=seed,
         namespace=namespace,
         text_preview=preview[:PREVIEW_CHARS],
+        prompt_param=prompt_param,
     )
 
 

@@ -3,6 +3,8 @@ of token ids, plain and streaming."""
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import time
 import uuid
@@ -69,7 +71,7 @@ def parse_completion_request(body, default_max_tokens: int, limit: int | None) -
         raise BadRequest("'echo' is not supported", param="echo")
     if body.get("logprobs") not in (None, 0):
         raise BadRequest("'logprobs' is not supported", param="logprobs")
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False  # null means the default
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream")
     opts = body.get("stream_options") or {}
@@ -93,7 +95,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = parse_completion_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
     model = request.app[POOL].model(req.model)
     if isinstance(req.prompt, str):
-        tokens, text = model.tokenizer.encode(req.prompt), req.prompt
+        tokens, text = await asyncio.to_thread(model.tokenizer.encode, req.prompt), req.prompt
     else:
         n = vocab_size(model.tokenizer)
         bad = next((t for t in req.prompt if not 0 <= t < n), None)
@@ -103,7 +105,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if not tokens:
         raise BadRequest("the prompt encodes to no tokens", param="prompt")
     job = make_job(model, tokens, 0, req.max_tokens, req.temperature, req.top_p, req.seed,
-                   namespace_of(request), text)
+                   namespace_of(request), text, prompt_param="prompt")
     dispatcher = request.app[DISPATCHER]
     route = dispatcher.prepare(job)
     base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),

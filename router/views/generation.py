@@ -116,7 +116,7 @@ async def generate(dispatcher, job, route, stops: tuple[str, ...] = ()) -> Async
                     yield text
                 if hit is not None:
                     yield Outcome("stop", hit, len(job.tokens), completion_tokens,
-                                  route.predicted_cached, 0, exact=False)
+                                  route.cached, 0, exact=False)
                     return
             else:
                 rest = matcher.flush()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import time
 import uuid
@@ -38,12 +40,19 @@ def tool_calls_body(calls, streaming: bool = False) -> list[dict]:
     return out
 
 
+def _model_object(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "kvrouter"}
+
+
 async def list_models(request: web.Request) -> web.Response:
     pool = request.app[POOL]
-    data = [
-        {"id": name, "object": "model", "created": 0, "owned_by": "kvrouter"} for name in sorted(pool.models)
-    ]
-    return web.json_response({"object": "list", "data": data})
+    return web.json_response({"object": "list", "data": [_model_object(n) for n in sorted(pool.models)]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}: one model object, or 404 (openai's `models.retrieve`)."""
+    model = request.app[POOL].model(request.match_info["model"])
+    return web.json_response(_model_object(model.name))
 
 
 def _require(outcome: Outcome | None) -> Outcome:
@@ -57,7 +66,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = parse_chat_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
     pool = request.app[POOL]
     model = pool.model(req.model)
-    prompt = model.tokenizer.chat_prompt(req.messages, req.tools)
+    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p,
                    req.seed, namespace_of(request), prompt.text)

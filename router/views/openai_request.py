@@ -175,7 +175,7 @@ def parse_chat_request(body, default_max_tokens: int, max_tokens_limit: int | No
     max_tokens = _number(body, "max_completion_tokens", None, 1, 2**31, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", default_max_tokens, 1, 2**31, integer=True)
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False  # null means the default
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream")
     opts = body.get("stream_options") or {}

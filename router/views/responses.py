@@ -5,6 +5,8 @@ not stored: `previous_response_id` gets a clear 400."""
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import time
 import uuid
@@ -130,7 +132,7 @@ def parse_responses_request(body, default_max_tokens: int, limit: int | None) ->
     messages = _messages(body.get("input"))
     if instructions:
         messages.insert(0, {"role": "system", "content": instructions})
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False  # null means the default
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream")
     tools = _tools(body.get("tools"))
@@ -187,10 +189,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
     req = parse_responses_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
     model = request.app[POOL].model(req.model)
-    prompt = model.tokenizer.chat_prompt(req.messages, req.tools)
+    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
-                   namespace_of(request), prompt.text)
+                   namespace_of(request), prompt.text, prompt_param="input")
     dispatcher = request.app[DISPATCHER]
     route = dispatcher.prepare(job)
     resp_id, created, msg_id = f"resp_{uuid.uuid4().hex[:24]}", int(time.time()), f"msg_{uuid.uuid4().hex[:24]}"
