@@ -287,7 +287,7 @@ class Dispatcher:
 
     def _record(self, job: Job, c: Completion, worker_name: str) -> None:
         m = self.metrics
-        model_name, tokens = job.model.name, job.tokens
+        model_name = job.model.name
         m.prompt_tokens.labels(model_name, "computed").inc(c.prompt_tokens - c.cached_tokens)
         if c.cached_tokens:
             m.prompt_tokens.labels(model_name, c.cache_source).inc(c.cached_tokens)

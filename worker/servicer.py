@@ -117,6 +117,22 @@ def event_message(seq: int, kind: str, payload: tuple) -> worker_pb2.CacheEvent:
     return worker_pb2.CacheEvent(seq=seq, ram=worker_pb2.RamTierChanged(entry_id=entry_id, added=added))
 
 
+async def submit_or_abort(engine, gen: GenerationRequest, context) -> tuple:
+    """Queues `gen` on the engine with its events delivered to an asyncio.Queue on
+    this loop. Returns (job, queue). Aborts the gRPC call with UNAVAILABLE when the
+    engine thread is dead and RESOURCE_EXHAUSTED when its queue is full (shared
+    by every gRPC service the worker serves)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    try:
+        job = engine.submit(gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    except EngineDeadError as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    except EngineBusyError as exc:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    return job, events
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     """Serves one engine. `model_info` is the prebuilt ModelInfo message.
 
@@ -137,14 +153,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             gen = request_from_proto(request, self.model_info.context_length)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        try:
-            job = self.engine.submit(gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        except EngineDeadError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except EngineBusyError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        job, events = await submit_or_abort(self.engine, gen, context)
         try:
             while True:
                 try:

@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from smg_grpc_proto.generated import common_pb2, mlx_engine_pb2, mlx_engine_pb2_grpc
 
-from worker.engine import EngineBusyError, EngineDeadError
+from worker.servicer import submit_or_abort
 from worker.events import ErrorEvent, FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
 from worker import smg_tokenizer
 
@@ -180,14 +180,7 @@ class SmgServicer(mlx_engine_pb2_grpc.MlxEngineServicer):
             anchor_tokens=self._anchor.anchor_tokens(list(prompt)) if self._anchor else 0,
             text_preview=request.tokenized.original_text[:200],
         )
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        try:
-            job = self.engine.submit(gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        except EngineDeadError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except EngineBusyError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        job, events = await submit_or_abort(self.engine, gen, context)
         self.jobs[rid] = job
         output: list[int] = []
         matched: int | None = None
