@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,6 +17,7 @@ from router.keys import DISPATCHER, METRICS, POOL, ROUTER_CONFIG
 from router.metrics import count_errors_middleware, create_metrics, refresh_scrape_gauges
 from router.pool import WorkerPool
 from router.auth import authorize
+from router.views.common import ARRIVED_KEY
 from router.views import anthropic, completions, openai, openapi, responses
 from router.views.common import NAMESPACE_KEY
 
@@ -49,6 +51,7 @@ async def error_middleware(request: web.Request, handler):
     """Maps every failure to an error response in the protocol's format (OpenAI,
     or Anthropic under /v1/messages); nothing escapes as a bare 500."""
     metrics = request.app[METRICS]
+    request[ARRIVED_KEY] = time.perf_counter()
     try:
         resp = await handler(request)
     except ApiError as exc:

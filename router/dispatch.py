@@ -53,6 +53,7 @@ class Job:
     namespace: str = ""
     text_preview: str = ""
     prompt_param: str = "messages"  # the request field holding the prompt, named in context errors
+    arrived_s: float | None = None  # perf_counter() when the HTTP request arrived; TTFT counts from here
 
 
 @dataclass
@@ -224,7 +225,7 @@ class Dispatcher:
         if job.seed is not None:
             request.sampling.seed = job.seed
         model_name = job.model.name
-        t0 = route.started or time.perf_counter()
+        t0 = job.arrived_s or route.started or time.perf_counter()
         first = True
         last_token_at = 0.0
         tried: set[str] = set()

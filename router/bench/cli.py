@@ -13,7 +13,18 @@ from pathlib import Path
 
 log = logging.getLogger("kvrouter.bench")
 
-TARGETS = ("kvrouter", "kvrouter-no-kv-cache", "mlx_lm.server")
+TARGETS = ("kvrouter", "kvrouter-no-kv-cache", "mlx_lm.server", "smg+kvrouter", "smg+mlx")
+SMG_TARGETS = ("smg+kvrouter", "smg+mlx")
+
+
+def parse_targets(value: str) -> list[str]:
+    """--targets: comma-separated names from TARGETS, in the order given, no repeats."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    bad = [n for n in names if n not in TARGETS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown target(s) {', '.join(bad) or '(none)'}; "
+                                         f"choose from {', '.join(TARGETS)}")
+    return list(dict.fromkeys(names))
 
 
 def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
@@ -22,8 +33,9 @@ def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
         description="Replay a seeded agent-session workload (shared system block, environment block rewritten "
                     "every K sessions, T turns per session, C at once) against an OpenAI-compatible endpoint and "
                     "write summary.json and PNG plots. Without --endpoint it starts kvrouter itself and restarts "
-                    "it once in the middle; --compare also runs kvrouter --no-kv-cache and mlx_lm.server on the "
-                    "same float32 weights. --routing runs the routing micro-benchmark instead.")
+                    "it once in the middle; --compare also runs kvrouter --no-kv-cache, mlx_lm.server and SMG "
+                    "(in front of kvrouter workers, and of its own MLX workers) on the same float32 weights. "
+                    "--routing runs the routing micro-benchmark instead.")
     p.add_argument("--endpoint", default=None, help="base URL of a running server (e.g. http://127.0.0.1:8000); "
                                                     "it is not restarted (summary says restarted: false)")
     p.add_argument("--model-name", default=None, help="`model` to send (default: the first of /v1/models)")
@@ -37,8 +49,12 @@ def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
                                                                  "about 600 tokens)")
     p.add_argument("--max-tokens", type=int, default=8, help="max_tokens per request (default 8)")
     p.add_argument("--output", type=Path, default=Path("bench-out"), help="output directory (default bench-out)")
-    p.add_argument("--compare", action="store_true", help="run kvrouter, kvrouter --no-kv-cache and mlx_lm.server")
-    p.add_argument("--targets", default=",".join(TARGETS), help=argparse.SUPPRESS)
+    p.add_argument("--compare", action="store_true",
+                   help="run kvrouter, kvrouter --no-kv-cache, mlx_lm.server, and smg+kvrouter and smg+mlx when "
+                        "their programs are installed (skipped otherwise, with the reason)")
+    p.add_argument("--targets", type=parse_targets, default=None, metavar="NAME[,NAME...]",
+                   help=f"with --compare: which programs, in order ({', '.join(TARGETS)}); SMG programs named "
+                        "here are installed into venvs of their own under --cache-dir when missing")
     p.add_argument("--no-restart", action="store_true", help="do not restart started servers mid-run")
     p.add_argument("--model", default=None, help="model for the servers the bench starts (a .gguf; default model)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir)
@@ -117,10 +133,11 @@ async def _run(ns: argparse.Namespace) -> int:
           f"oracle {oracle} distinct prefixes (seed {ns.seed})", file=sys.stderr)
     ns.output.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict] = {}
+    skipped: dict[str, str] = {}  # target -> why it did not run
 
     async def measure(name: str, base_url: str, model: str, server=None) -> None:
         restart = snapshot = None
-        if server is not None and not ns.no_restart:
+        if server is not None and not ns.no_restart:  # SMG: the gateway and its workers
             async def restart():
                 await asyncio.to_thread(server.restart)
         if server is not None and name.startswith("kvrouter"):
@@ -132,31 +149,53 @@ async def _run(ns: argparse.Namespace) -> int:
         s["endpoint"] = base_url
         if server is not None:
             s["server_start_seconds"] = [round(x, 2) for x in server.start_seconds]
+        if hasattr(server, "commands"):
+            s["commands"] = server.commands
         summaries[name] = s
 
     started_at = time.time()
     if ns.endpoint:
         await measure("endpoint", ns.endpoint, ns.model_name or _model_name(ns.endpoint))
     else:
-        targets = ns.targets.split(",") if ns.compare else ["kvrouter"]
+        from router.bench import smg
+
+        explicit = ns.targets is not None
+        targets = (ns.targets or list(TARGETS)) if ns.compare or explicit else ["kvrouter"]
         work = Path(tempfile.mkdtemp(prefix="kvrouter-bench-"))
         model_dir = None
-        for name in targets:
-            if name == "mlx_lm.server":
-                if model_dir is None:
-                    from router.export_mlx import export_mlx_model
 
-                    model_dir = export_mlx_model(ns.model, ns.cache_dir, work / "mlx-model")
-                server = servers.mlx_lm_server(model_dir, work)
-            else:
-                extra = ["--no-kv-cache"] if name == "kvrouter-no-kv-cache" else []
-                extra += ["--model", ns.model] if ns.model else []
-                server = servers.kvrouter_server(name, work, ns.cache_dir, extra)
-            print(f"starting {name} (log: {server.log_path})", file=sys.stderr)
-            await asyncio.to_thread(server.start)
+        def exported() -> Path:
+            nonlocal model_dir
+            if model_dir is None:
+                from router.export_mlx import export_mlx_model
+
+                model_dir = export_mlx_model(ns.model, ns.cache_dir, work / "mlx-model")
+            return model_dir
+
+        for name in targets:
+            extra = ["--model", ns.model] if ns.model else []
             try:
-                await measure(name, server.base_url, server.model if name == "mlx_lm.server"
-                              else (ns.model_name or _model_name(server.base_url)), server)
+                if name == "mlx_lm.server":
+                    server = servers.mlx_lm_server(exported(), work)
+                elif name == "smg+kvrouter":  # installs smg only when named in --targets
+                    server = await asyncio.to_thread(smg.smg_kvrouter, work, ns.cache_dir, extra, explicit)
+                elif name == "smg+mlx":
+                    server = await asyncio.to_thread(smg.smg_mlx, work, ns.cache_dir, exported(), explicit)
+                else:
+                    extra = (["--no-kv-cache"] if name == "kvrouter-no-kv-cache" else []) + extra
+                    server = servers.kvrouter_server(name, work, ns.cache_dir, extra)
+                print(f"starting {name} (log: {server.log_path})", file=sys.stderr)
+                await asyncio.to_thread(server.start)
+            except (smg.SmgUnavailable, RuntimeError) as exc:
+                if name not in SMG_TARGETS:
+                    raise
+                skipped[name] = str(exc)
+                print(f"skipping {name}: {exc}", file=sys.stderr)
+                continue
+            try:
+                model = (server.model if name in ("mlx_lm.server", *SMG_TARGETS)
+                         else ns.model_name or _model_name(server.base_url))
+                await measure(name, server.base_url, model, server)
             finally:
                 await asyncio.to_thread(server.stop)
     out = {
@@ -166,6 +205,12 @@ async def _run(ns: argparse.Namespace) -> int:
         "started": started_at,
         "results": summaries,
     }
+    if skipped:
+        out["skipped"] = skipped
+    if not summaries:
+        (ns.output / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        print(f"nothing measured; wrote {ns.output / 'summary.json'}", file=sys.stderr)
+        return 1
     first = next(iter(summaries.values()))
     out["prefilled_over_oracle"] = first["prefilled_over_oracle"]
     if len(summaries) > 1:
@@ -183,4 +228,5 @@ async def _run(ns: argparse.Namespace) -> int:
     for p in report.plot(summaries, ns.output):
         print(f"wrote {p}", file=sys.stderr)
     print(f"wrote {ns.output / 'summary.json'}", file=sys.stderr)
-    return 0 if all(s["errors"] == 0 for s in summaries.values()) else 1
+    ok = all(s["errors"] == 0 for s in summaries.values())
+    return 0 if ok and not (ns.targets and set(skipped) & set(ns.targets)) else 1

@@ -11,6 +11,8 @@ from router.dispatch import Job
 from router.errors import BadRequest
 
 PREVIEW_CHARS = 80
+# perf_counter() at arrival, set by router.app.error_middleware (a typed key where aiohttp has them)
+ARRIVED_KEY = web.RequestKey("kvrouter_arrived", float) if hasattr(web, "RequestKey") else "kvrouter_arrived"
 NAMESPACE_KEY = "kvrouter_namespace"  # set on the request by router.app.auth_middleware
 
 
@@ -38,7 +40,7 @@ def namespace_of(request: web.Request) -> str:
 
 
 def make_job(model, tokens, anchor_tokens: int, max_tokens: int, temperature: float, top_p: float, seed,
-             namespace: str, preview: str, prompt_param: str = "messages") -> Job:
+             namespace: str, preview: str, prompt_param: str = "messages", arrived_s: float | None = None) -> Job:
     return Job(
         model=model,
         tokens=tuple(tokens),
@@ -50,6 +52,7 @@ def make_job(model, tokens, anchor_tokens: int, max_tokens: int, temperature: fl
         namespace=namespace,
         text_preview=preview[:PREVIEW_CHARS],
         prompt_param=prompt_param,
+        arrived_s=arrived_s,
     )
 
 

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from router.errors import ApiError, BadRequest, WorkerFailed
 from router.keys import DISPATCHER, POOL, ROUTER_CONFIG
-from router.views.common import make_job, namespace_of, read_json, sse_data, sse_response
+from router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
 from router.views.generation import collect, generate, parse_stop
 from router.views.openai import usage_body
 from router.views.openai_request import _number, cap_max_tokens
@@ -105,7 +105,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if not tokens:
         raise BadRequest("the prompt encodes to no tokens", param="prompt")
     job = make_job(model, tokens, 0, req.max_tokens, req.temperature, req.top_p, req.seed,
-                   namespace_of(request), text, prompt_param="prompt")
+                   namespace_of(request), text, prompt_param="prompt", arrived_s=request.get(ARRIVED_KEY))
     dispatcher = request.app[DISPATCHER]
     route = dispatcher.prepare(job)
     base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from router.errors import ApiError, WorkerFailed
 from router.keys import DISPATCHER, POOL, ROUTER_CONFIG
-from router.views.common import make_job, namespace_of, read_json, sse_data, sse_response
+from router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
 from router.views.generation import Outcome, collect, generate
 from router.views.openai_request import parse_chat_request
 from router.views.tools import ToolCallSplitter, split_text, syntax_for
@@ -69,7 +69,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p,
-                   req.seed, namespace_of(request), prompt.text)
+                   req.seed, namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY))
     dispatcher = request.app[DISPATCHER]
     route = dispatcher.prepare(job)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from router.errors import ApiError, BadRequest, WorkerFailed
 from router.keys import DISPATCHER, POOL, ROUTER_CONFIG
-from router.views.common import make_job, namespace_of, read_json, sse_data, sse_response
+from router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
 from router.views.generation import Outcome, collect, generate
 from router.views.openai_request import _number, cap_max_tokens, parse_arguments, tool_choice_parses
 from router.views.tools import ToolCallSplitter, split_text, syntax_for
@@ -192,7 +192,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
-                   namespace_of(request), prompt.text, prompt_param="input")
+                   namespace_of(request), prompt.text, prompt_param="input", arrived_s=request.get(ARRIVED_KEY))
     dispatcher = request.app[DISPATCHER]
     route = dispatcher.prepare(job)
     resp_id, created, msg_id = f"resp_{uuid.uuid4().hex[:24]}", int(time.time()), f"msg_{uuid.uuid4().hex[:24]}"
