@@ -148,7 +148,11 @@ async def run_serve(cfg: ServeConfig, kv_args: list[str]) -> int:
 
         router_cfg = replace(cfg.router, worker_addresses=tuple(f"127.0.0.1:{p}" for p in ports))
         app = create_app(router_cfg)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10, handler_cancellation=True)
+        # handler_cancellation: a client that goes away cancels its handler, and so its generation.
+        # Header limits: aiohttp answers oversized headers itself in plain text, before the
+        # error middleware; 64 KiB lets every realistic header reach the protocol-format errors.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10, handler_cancellation=True,
+                               max_line_size=65536, max_field_size=65536)
         await runner.setup()
         site = web.TCPSite(runner, router_cfg.host, router_cfg.port)
         await site.start()

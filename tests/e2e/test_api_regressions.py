@@ -104,3 +104,15 @@ def test_stream_null_means_not_streaming(server):
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert json.loads(resp.read())["usage"]["completion_tokens"] == 2
+
+
+def test_an_oversized_header_gets_a_protocol_error(server):
+    big = {"x-kvrouter-namespace": "a" * 9000}
+    with pytest.raises(openai.BadRequestError) as err:
+        openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, default_headers=big
+                      ).chat.completions.create(model=MODEL, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+    assert err.value.body["type"] == "invalid_request_error"
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, default_headers=big)
+    with pytest.raises(anthropic.BadRequestError) as aerr:
+        client.messages.create(model=MODEL, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+    assert aerr.value.body["type"] == "error" and aerr.value.body["error"]["type"] == "invalid_request_error"
