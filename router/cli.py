@@ -313,6 +313,9 @@ def _ops_commands() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers (used only for chat templates) warns at import that PyTorch is
+    # missing; kvrouter never needs PyTorch, so keep that line out of the logs.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:
