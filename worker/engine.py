@@ -239,7 +239,7 @@ class Engine:
         try:
             logits, prefill_s = self._prefill(prompt, restored, req, job)
         except Exception as exc:
-            if restored.source != "disk":
+            if restored.entry_id is None:  # not restored from a stored checkpoint (RAM tier or disk)
                 raise
             # A restored checkpoint that makes prefill fail is poison (case C11):
             # quarantine it and serve the request cold.
