@@ -81,7 +81,7 @@ class CheckpointManager:
         self.model = model
         self.model_id = model_id
         self.store = store
-        self.ram = ram or RamTier(0)
+        self.ram = ram if ram is not None else RamTier(0)  # an empty tier is falsy (it has __len__)
         self.events: list[StoreEvent] = []  # what the store did for the current request
         if store is not None:
             store.on_event = self._on_store_event

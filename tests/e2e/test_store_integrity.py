@@ -31,6 +31,7 @@ FLAGS = [
     "--kv-cache-boundary-align-tokens", "128",
     "--kv-cache-boundary-trim-tokens", "16",
     "--kv-cache-continued-interval-tokens", "512",
+    "--kv-cache-ram-mb", "0",  # every restore reads the disk payload (C10, C11 are about files)
 ]
 
 

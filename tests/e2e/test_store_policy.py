@@ -197,3 +197,15 @@ def test_namespaces_never_share_state(servers):
     again = replay(in_ns("alice"), MODEL, [Step("a2", msgs)])["a2"]  # bob's live state now; alice's store
     assert again.cached_tokens >= system_tokens(system)
     assert again.text == alice.text
+
+
+def test_ram_tier_serves_a_recent_checkpoint_without_reading_the_disk(servers):
+    """Rule 9: lookup order live, RAM tier, disk. A checkpoint just written stays
+    in memory: the next request that needs it takes it from there."""
+    system = long_system_prompt(12, project="Monoceros")
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Hi."}]
+    before = metric(servers["s"], "kvrouter_prompt_tokens_total", source="ram")
+    rec = replay(client(servers["s"]), MODEL, [Step("cold", msgs, 2), other_user(20), Step("warm", msgs, 2)])
+    assert rec["warm"].cached_tokens == rec["warm"].prompt_tokens - 1  # the evict checkpoint of "cold"
+    after = metric(servers["s"], "kvrouter_prompt_tokens_total", source="ram")
+    assert after - before == rec["warm"].cached_tokens
