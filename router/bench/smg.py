@@ -155,7 +155,7 @@ class _Proc:
     def start(self) -> None:
         self._log = open(self.log_path, "ab")
         # A process group of its own: `smg launch` runs the gateway in a child process
-        # (`smg::router`) that outlives a SIGTERM sent to the launcher alone.
+        # (`smg::router`) that can outlive a SIGTERM sent to the launcher alone (seen here once).
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,11 +27,12 @@ import grpc
 import openai
 import pytest
 
+from router.bench import smg as bench_smg
 from tests.support.prompts import long_system_prompt
 from tests.support.reference import chat_tokens, greedy_in_subprocess
 from tests.support.server import SMALL_KV_FLAGS, free_port, model_cache_dir
 
-SMG_VERSION = "1.13.0"
+SMG_VERSION = bench_smg.SMG_VERSION
 MODEL = "SmolLM2-135M-Instruct"
 SYSTEM = long_system_prompt(n_rules=30)  # about 730 tokens
 SESSION_A = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What does rule 3 say?"}]
@@ -43,19 +43,12 @@ START_TIMEOUT_S = 300
 
 
 def smg_binary() -> Path:
-    """The `smg` executable: $KVROUTER_SMG_BIN, or a venv of its own with only `smg` in it."""
-    if os.environ.get("KVROUTER_SMG_BIN"):
-        return Path(os.environ["KVROUTER_SMG_BIN"])
-    venv = model_cache_dir() / f"smg-venv-{SMG_VERSION}"
-    exe = venv / "bin" / "smg"
-    if not exe.exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"smg=={SMG_VERSION}"],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.fail(f"cannot install smg=={SMG_VERSION} into {venv}:\n{done.stderr[-3000:]}")
-    return exe
+    """The `smg` executable: $KVROUTER_SMG_BIN, or a venv of its own with only `smg` in it
+    (router.bench.smg, shared with `kvrouter bench --compare`)."""
+    try:
+        return bench_smg.smg_binary(model_cache_dir(), install=True)
+    except bench_smg.SmgUnavailable as exc:
+        pytest.fail(str(exc))
 
 
 class Proc:
@@ -64,7 +57,9 @@ class Proc:
     def __init__(self, cmd: list[str], log: Path):
         self.log = log
         self._fh = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT)
+        # Its own process group: `smg launch` runs the gateway in a child process, and
+        # stopping the group leaves neither behind.
+        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -72,14 +67,20 @@ class Proc:
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
+    def _signal_group(self, sig) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
     def stop(self, sig=signal.SIGTERM) -> None:
-        if self.alive():
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self._signal_group(sig)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait()
+        self._signal_group(signal.SIGKILL)  # any child the leader left behind
         self._fh.close()
 
 
