@@ -26,7 +26,7 @@ from router.keys import DISPATCHER, POOL, ROUTER_CONFIG
 from router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
 from router.views.generation import Outcome, collect, generate, parse_stop
 from router.views.openai_request import _number, cap_max_tokens
-from router.views.tools import ToolCallSplitter, split_text, syntax_for
+from router.views.tools import ToolCallSplitter, flat_function_tools, split_text, syntax_for
 
 IGNORED_BLOCKS = ("thinking", "redacted_thinking")
 
@@ -114,28 +114,8 @@ def _convert_message(m, i: int) -> list[dict]:
 
 
 def _tools(raw) -> list | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, list):
-        raise BadRequest("'tools' must be an array", param="tools")
-    out = []
-    for j, t in enumerate(raw):
-        if not isinstance(t, dict):
-            raise BadRequest(f"tools[{j}] must be an object", param=f"tools[{j}]")
-        if t.get("type") not in (None, "custom"):
-            continue  # server tools (web search, bash, ...) are Anthropic-hosted: nothing to render
-        name, schema, desc = t.get("name"), t.get("input_schema", {}), t.get("description")
-        if not isinstance(name, str) or not name:
-            raise BadRequest(f"tools[{j}].name must be a non-empty string", param=f"tools[{j}].name")
-        if not isinstance(schema, dict):
-            raise BadRequest(f"tools[{j}].input_schema must be an object", param=f"tools[{j}].input_schema")
-        if desc is not None and not isinstance(desc, str):
-            raise BadRequest(f"tools[{j}].description must be a string", param=f"tools[{j}].description")
-        fn = {"name": name, "parameters": schema}
-        if desc:
-            fn["description"] = desc
-        out.append({"type": "function", "function": fn})
-    return out or None
+    # Server tools (web search, bash, ...) are Anthropic-hosted: nothing to render.
+    return flat_function_tools(raw, "input_schema", {}, lambda t: t.get("type") in (None, "custom"))
 
 
 def parse_messages_request(body, limit: int | None, count_only: bool = False) -> MessagesRequest:

@@ -19,7 +19,7 @@ from router.keys import DISPATCHER, POOL, ROUTER_CONFIG
 from router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
 from router.views.generation import Outcome, collect, generate
 from router.views.openai_request import _number, cap_max_tokens, parse_arguments, tool_choice_parses
-from router.views.tools import ToolCallSplitter, split_text, syntax_for
+from router.views.tools import ToolCallSplitter, flat_function_tools, split_text, syntax_for
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
@@ -93,28 +93,9 @@ def _messages(raw) -> list[dict]:
 
 
 def _tools(raw) -> list | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, list):
-        raise BadRequest("'tools' must be an array", param="tools")
-    out = []
-    for j, t in enumerate(raw):
-        if not isinstance(t, dict):
-            raise BadRequest(f"tools[{j}] must be an object", param=f"tools[{j}]")
-        if t.get("type") != "function":
-            continue  # hosted tools (web_search, file_search, ...): nothing to render
-        name, params, desc = t.get("name"), t.get("parameters"), t.get("description")
-        if not isinstance(name, str) or not name:
-            raise BadRequest(f"tools[{j}].name must be a non-empty string", param=f"tools[{j}].name")
-        if params is not None and not isinstance(params, dict):
-            raise BadRequest(f"tools[{j}].parameters must be an object", param=f"tools[{j}].parameters")
-        if desc is not None and not isinstance(desc, str):
-            raise BadRequest(f"tools[{j}].description must be a string", param=f"tools[{j}].description")
-        fn = {"name": name, "parameters": params or {"type": "object", "properties": {}}}
-        if desc:
-            fn["description"] = desc
-        out.append({"type": "function", "function": fn})
-    return out or None
+    # Hosted tools (web_search, file_search, ...) run at the provider: nothing to render.
+    return flat_function_tools(raw, "parameters", {"type": "object", "properties": {}},
+                               lambda t: t.get("type") == "function")
 
 
 def parse_responses_request(body, default_max_tokens: int, limit: int | None) -> ResponsesRequest:
