@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.support.prompts import long_system_prompt
-from tests.support.server import SMALL_KV_FLAGS
+from tests.support.server import openai_client as oa, SMALL_KV_FLAGS
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -23,8 +23,6 @@ def server(start_server, tmp_path_factory):
     return start_server("--kv-cache-dir", str(tmp_path_factory.mktemp("kv")), *SMALL_KV_FLAGS, name="regressions")
 
 
-def oa(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
 
 
 def test_a_client_that_drops_a_non_streaming_request_frees_the_worker(server):

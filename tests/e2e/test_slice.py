@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.prompts import long_system_prompt
 from tests.support.reference import greedy_in_subprocess
-from tests.support.server import SMALL_KV_FLAGS, pid_alive
+from tests.support.server import openai_client as client, SMALL_KV_FLAGS, pid_alive
 
 MODEL = "SmolLM2-135M-Instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -44,8 +44,6 @@ def servers(start_server, kv_dir):
     return {"cached": start_server("--kv-cache-dir", str(kv_dir), *SMALL_KV_FLAGS, name="cached")}
 
 
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
 
 
 def chat(server, messages, **kw):

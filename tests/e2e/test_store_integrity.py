@@ -23,7 +23,7 @@ from cachestore.payload import checksum_file
 from tests.support.prompts import long_system_prompt
 from tests.support.reference import chat_tokens, greedy_in_subprocess
 from tests.support.replay import Step, replay
-from tests.support.server import child_pids
+from tests.support.server import openai_client as client, child_pids
 
 MODEL = "SmolLM2-135M-Instruct"
 FLAGS = [
@@ -45,8 +45,6 @@ def server(start_server, kv_dir):
     return start_server("--kv-cache-dir", str(kv_dir), *FLAGS, name="integrity")
 
 
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
 
 
 def cache_cli(kv_dir, *args) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from cachestore import CheckpointStore, StoreConfig
 from tests.support.prompts import env_block, long_system_prompt, tool_block
 from tests.support.reference import chat_tokens, greedy_in_subprocess, reference_model
 from tests.support.replay import Step, replay
-from tests.support.server import pid_alive
+from tests.support.server import openai_client as client, pid_alive
 
 MODEL = "SmolLM2-135M-Instruct"
 FLAGS = [
@@ -38,8 +38,6 @@ def servers(start_server, kv_dir):
     return {"s": start_server("--kv-cache-dir", str(kv_dir), *FLAGS, name="policy")}
 
 
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
 
 
 def system_tokens(system: str) -> int:
@@ -187,8 +185,7 @@ def test_namespaces_never_share_state(servers):
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Hi."}]
 
     def in_ns(ns: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=servers["s"].url + "/v1", api_key="unused", timeout=300, max_retries=0,
-                             default_headers={"x-kvrouter-namespace": ns})
+        return client(servers["s"], default_headers={"x-kvrouter-namespace": ns})
 
     alice = replay(in_ns("alice"), MODEL, [Step("a1", msgs)])["a1"]
     bob = replay(in_ns("bob"), MODEL, [Step("b1", msgs)])["b1"]  # right after alice: her live state is there

@@ -107,3 +107,12 @@ class KvrouterServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def openai_client(server: KvrouterServer, **kw):
+    """The official `openai` client for a test server: no retries (a retry would hide
+    a failure), a timeout generous enough for a loaded 2-core machine."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "unused"),
+                         timeout=kw.pop("timeout", 300), max_retries=0, **kw)
