@@ -39,3 +39,11 @@ def test_export_mlx_matches_the_imported_model(tmp_path):
     assert list(wrapper.apply_chat_template(messages, add_generation_prompt=True)) == \
         ours.encode(text, add_special_tokens=False)
     assert set(wrapper.eos_token_ids) == set(bundle.eos_token_ids)
+
+    # The exported directory also loads through kvrouter's own loader (an mlx-lm model
+    # directory, as Mac users have them): named after the directory, same logits.
+    as_dir = load_model(str(out), model_cache_dir(), dequantize=True)
+    assert as_dir.name == out.name
+    assert as_dir.context_length == bundle.context_length
+    assert mx.abs(as_dir.model(ids) - bundle.model(ids)).max().item() == 0.0
+    assert as_dir.identity != bundle.identity  # another weights file: checkpoints never cross
