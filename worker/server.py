@@ -171,17 +171,21 @@ def create_server(address: str, engine, model_info, *, token: str | None = None,
 
 
 async def _watch_health(engine, health_servicer, parent_pid: int | None, stop: asyncio.Event,
-                        died: asyncio.Event | None = None) -> None:
+                        died: asyncio.Event | None = None, extra: tuple = ()) -> None:
     """Marks the service NOT_SERVING when the engine thread dies (case C15), then
     sets `died` and `stop` after a short grace (the process exits for a restart);
-    stops the worker when its parent process is gone."""
+    stops the worker when its parent process is gone.
+
+    extra: more (health servicer, service name) pairs kept in step, e.g. the SMG port's.
+    """
+    targets = [(health_servicer, ""), (health_servicer, SERVICE_NAME), *extra]
     serving = None
     while not stop.is_set():
         ok = engine.alive
         if ok != serving:
             status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, status)
+            for servicer, name in targets:
+                await servicer.set(name, status)
             if serving is not None and not ok:
                 log.error("generation thread died; reporting NOT_SERVING and exiting for a restart")
                 await asyncio.sleep(ENGINE_DEATH_GRACE_S)  # streams in progress end with an error first
@@ -230,19 +234,20 @@ async def serve(config: WorkerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     died = asyncio.Event()
-    watcher = asyncio.create_task(_watch_health(engine, health_servicer, config.parent_pid, stop, died))
     host = config.listen.rsplit(":", 1)[0]
     log.info("worker %s serving %s on %s:%d (pid %d)", config.worker_name, info.model_name, host, port, os.getpid())
     smg = None
+    smg_health: tuple = ()
     if config.smg_listen is not None:  # SMG's MlxEngine protocol on a second port (worker/smg_servicer.py)
-        from worker.smg_servicer import create_smg_server, model_directory, model_source, watch_smg_health
+        from worker.smg_servicer import SMG_SERVICE_NAME, create_smg_server, model_directory, model_source
 
         smg = create_smg_server(config.smg_listen, engine, model_source(config.model, config.cache_dir),
                                 model_directory(config.model))
         await smg[0].start()
-        smg_watcher = asyncio.create_task(watch_smg_health(engine, smg[3], stop))
+        smg_health = ((smg[3], ""), (smg[3], SMG_SERVICE_NAME))
         log.info("worker %s serving SMG's mlx.grpc.engine.MlxEngine on %s:%d",
                  config.worker_name, config.smg_listen.rsplit(":", 1)[0], smg[1])
+    watcher = asyncio.create_task(_watch_health(engine, health_servicer, config.parent_pid, stop, died, smg_health))
     if config.port_file is not None:
         tmp = Path(str(config.port_file) + ".tmp")
         tmp.write_text(str(port))
@@ -255,7 +260,6 @@ async def serve(config: WorkerConfig) -> int:
         smg[2].shutting_down = True
         await smg[3].enter_graceful_shutdown()
         await smg[0].stop(grace=5)
-        smg_watcher.cancel()
     # After an engine death the streams in progress have ended already; the router's
     # health and event watches would only hold the full grace.
     await server.stop(grace=0.5 if died.is_set() else 5)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from smg_grpc_proto.generated import common_pb2, mlx_engine_pb2, mlx_engine_pb2_grpc
 
 from worker.servicer import submit_or_abort
@@ -306,18 +306,3 @@ def create_smg_server(address: str, engine, model_path: str, model_dir: Path | N
         raise RuntimeError(f"cannot listen on {address}")
     return server, port, servicer, health_servicer
 
-
-async def watch_smg_health(engine, health_servicer, stop: asyncio.Event, poll_s: float = 0.5) -> None:
-    """Keeps grpc.health.v1 on the SMG port in step with the engine thread."""
-    serving = None
-    while not stop.is_set():
-        ok = engine.alive
-        if ok != serving:
-            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", SMG_SERVICE_NAME):
-                await health_servicer.set(name, status)
-            serving = ok
-        try:
-            await asyncio.wait_for(stop.wait(), poll_s)
-        except asyncio.TimeoutError:
-            pass
