@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from router import __version__
+from worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
 
 DESCRIPTION = """\
 kvrouter: a cache-aware router for local LLM inference on MLX.
@@ -140,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"where models and the default store live (default: {default_cache_dir()})")
         p.add_argument("--prefill-chunk-tokens", type=positive_int, default=256,
                        help="prefill chunk size in tokens; chunks end at its multiples (default 256)")
+        b = p.add_argument_group("continuous batching (mlx_lm.server's flag names)")
+        b.add_argument("--decode-concurrency", type=positive_int, default=DEFAULT_DECODE_CONCURRENCY,
+                       help="sequences each worker decodes together; also its batch slots, shared by running "
+                            f"requests and kept live states (default {DEFAULT_DECODE_CONCURRENCY})")
+        b.add_argument("--prompt-concurrency", type=positive_int, default=DEFAULT_PROMPT_CONCURRENCY,
+                       help=f"prompts each worker prefills together (default {DEFAULT_PROMPT_CONCURRENCY})")
+        b.add_argument("--live-state-mb", type=nonneg_int, default=2048,
+                       help="memory a worker may keep in idle live states (the KV state of finished requests, "
+                            "reused by their next turn) in MiB; past it the oldest is dropped after its evict "
+                            "checkpoint (default 2048; 0 = no bound besides the slots)")
         add_kv_cache_flags(p)
 
     serve = sub.add_parser("serve", help="run the gateway and its local worker processes",
@@ -240,6 +251,12 @@ def api_config(ns: argparse.Namespace) -> dict:
     }
 
 
+def batching_config(ns: argparse.Namespace):
+    from worker.config import BatchingConfig
+
+    return BatchingConfig(ns.decode_concurrency, ns.prompt_concurrency, ns.live_state_mb * 2**20)
+
+
 def _serve(ns: argparse.Namespace) -> int:
     from router.config import RouterConfig, ServeConfig
     from router.supervisor import run_serve
@@ -267,6 +284,7 @@ def _serve(ns: argparse.Namespace) -> int:
         workers=ns.workers,
         cache_dir=ns.cache_dir,
         prefill_chunk_tokens=ns.prefill_chunk_tokens,
+        batching=batching_config(ns),
     )
     return asyncio.run(run_serve(cfg, kv_flags_as_args(ns)))
 
@@ -285,6 +303,7 @@ def _worker(ns: argparse.Namespace) -> int:
         store=store_config(ns),
         cache_dir=ns.cache_dir,
         prefill_chunk_tokens=ns.prefill_chunk_tokens,
+        batching=batching_config(ns),
         ram_bytes=0 if ns.no_kv_cache else ns.kv_cache_ram_mb * 2**20,
         port_file=ns.port_file,
         parent_pid=ns.parent_pid,

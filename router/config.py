@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cachestore import StoreConfig
 from router.auth import ApiKeys
+from worker.config import BatchingConfig
 
 
 @dataclass(frozen=True)
@@ -57,5 +58,6 @@ class ServeConfig:
     workers: int
     cache_dir: Path
     prefill_chunk_tokens: int = 256
+    batching: BatchingConfig = BatchingConfig()
     log_dir: Path | None = None
     models: tuple[str | None, ...] = ()  # every --model (workers each); empty: (model,)

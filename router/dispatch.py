@@ -243,6 +243,8 @@ class Dispatcher:
                         if first:
                             self.metrics.ttft.labels(model_name).observe(now - t0)
                             first = False
+                            if route._lease is not None:
+                                route._lease.first_token()
                         elif item.token_ids:
                             gap = (now - last_token_at) / len(item.token_ids)
                             for _ in item.token_ids:

@@ -3,10 +3,12 @@ model's tokenizer, the shared store index used to predict reuse, and the
 router's view of each worker (`WorkerView`): live state, RAM-tier entries,
 measured rates, which store it reads, and the load the router sent it.
 
-The view is kept current three ways: each request's completion (the live state
-it left, the worker's rates), the worker's cache event stream (live state
-changed, RAM tier gained or dropped an entry; numbered, and a gap triggers a
-resync from GetStatus), and GetStatus when a stream (re)starts. A router that
+A worker batches requests and keeps several live states (one per batch slot),
+each with an id. The view is kept current three ways: each request's
+completion (the live state it left, the worker's rates), the worker's cache
+event stream (a live state held or dropped, RAM tier gained or dropped an
+entry; numbered, and a gap triggers a resync from GetStatus), and GetStatus
+when a stream (re)starts. A router that
 restarts rebuilds it from GetStatus and the store's LMDB index.
 """
 
@@ -20,7 +22,8 @@ from dataclasses import dataclass, field
 from cachestore.keys import common_prefix_length
 from router.errors import NotFound, Overloaded, Unavailable
 from router.prompting import ModelTokenizer
-from router.routing import Candidate, Decision, Rates, Reuse, choose_worker, request_seconds
+from router.routing import (Candidate, Decision, Rates, Reuse, choose_worker, load_seconds, prefill_seconds,
+                            request_seconds)
 from router.worker_client import GrpcWorkerClient, WorkerUnavailable, rates_from_proto
 
 log = logging.getLogger("kvrouter.router.pool")
@@ -45,17 +48,20 @@ class WorkerView:
 
     queued_s: predicted seconds of the requests dispatched to it and not finished.
     store_id: "host:directory" of the store it reads ("" unknown). ram_ids: store
-    entry ids in its RAM tier. event_seq: last cache event applied. pid: its
+    entry ids in its RAM tier. lives: its live states. event_seq: last cache event applied. pid: its
     process id (local workers). resyncs: times its view was rebuilt from GetStatus.
     """
 
     rates: Rates = field(default_factory=Rates)
     queued_s: float = 0.0
+    prefill_backlog_s: float = 0.0  # see router.routing.Candidate
     store_id: str = ""
     ram_ids: set[str] = field(default_factory=set)
     event_seq: int = 0
     pid: int = 0
     max_queue: int = 0
+    slots: int = 1  # sequences it decodes together (--decode-concurrency)
+    lives: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # live_id -> (namespace, tokens)
     requests_served: int = 0
     resyncs: int = 0
     last_error: str = ""
@@ -63,12 +69,26 @@ class WorkerView:
 
 @dataclass
 class Lease:
-    """A slot on a worker, taken when the route is decided and given back exactly once."""
+    """A slot on a worker, taken when the route is decided and given back exactly once.
+
+    seconds: the predicted service time it added to the worker's queue;
+    prefill_s: the part of it before the first token (load + prefill), counted
+    in the worker's prefill backlog until `first_token()`.
+    """
 
     pool: "WorkerPool"
     worker: object
     seconds: float
+    prefill_s: float = 0.0
     released: bool = False
+    prefilled: bool = False
+
+    def first_token(self) -> None:
+        """The worker produced the first token: the request's prefill is done."""
+        if not self.prefilled:
+            self.prefilled = True
+            v = self.pool.view(self.worker)
+            v.prefill_backlog_s = max(0.0, v.prefill_backlog_s - self.prefill_s)
 
     def release(self) -> None:
         if not self.released:
@@ -96,8 +116,6 @@ class WorkerPool:
         self.max_queue = max_queue
         self.models: dict[str, ServedModel] = {}
         self._tasks: list[asyncio.Task] = []
-        self.live_tokens: dict[str, tuple[int, ...]] = {}
-        self.live_namespace: dict[str, str] = {}
         self.views: dict[str, WorkerView] = {}
 
     @classmethod
@@ -148,10 +166,10 @@ class WorkerPool:
         v.event_seq = st.event_seq
         v.pid = st.pid
         v.max_queue = st.max_queue
+        v.slots = max(1, st.decode_concurrency)
         v.requests_served = st.requests_served
         v.resyncs += 1
-        self.live_tokens[client.name] = tuple(st.live_token_ids)
-        self.live_namespace[client.name] = st.live_namespace
+        v.lives = {s.live_id: (s.namespace, tuple(s.token_ids)) for s in st.live_states}
 
     async def _follow_events(self, client) -> None:
         """Applies `client`'s cache events forever; resyncs on a gap or a new stream."""
@@ -175,16 +193,20 @@ class WorkerPool:
             except Exception as exc:  # a broken stream: reconnect; the health watch decides routing
                 log.debug("worker %s cache events: %s", client.name, exc)
                 # The worker may have died: what it held in memory is unknown until the resync.
-                self.live_tokens.pop(client.name, None)
-                self.views.setdefault(client.name, WorkerView()).ram_ids.clear()
+                v = self.view(client)
+                v.lives.clear()
+                v.ram_ids.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
     def apply(self, name: str, ev) -> None:
         """Applies one CacheUpdate to the view of worker `name`."""
         if ev.kind == "live":
-            self.live_tokens[name] = ev.tokens
-            self.live_namespace[name] = ev.namespace
+            lives = self.views.setdefault(name, WorkerView()).lives
+            if ev.removed:
+                lives.pop(ev.live_id, None)
+            else:
+                lives[ev.live_id] = (ev.namespace, ev.tokens)
         elif ev.kind == "ram":
             ids = self.views.setdefault(name, WorkerView()).ram_ids
             if ev.added:
@@ -226,18 +248,24 @@ class WorkerPool:
         for w in model.workers:
             v = self.view(w)
             reuse = []
-            live = self.live_tokens.get(w.name, ())
-            if live and self.live_namespace.get(w.name, "") == namespace:
-                n = common_prefix_length(live, tokens)
-                if min(n, limit) > 0:
-                    reuse.append(Reuse("live", min(n, limit)))
+            n = min(self.live_match(w.name, tokens, namespace), limit)
+            if n > 0:
+                reuse.append(Reuse("live", n))
             if hit is not None and self.reads_local_store(w) and min(hit.n_tokens, limit) > 0:
                 source = "ram" if hit.entry.id in v.ram_ids else "disk"
                 reuse.append(Reuse(source, min(hit.n_tokens, limit), hit.entry.payload_bytes))
             limits = [q for q in (self.max_queue, v.max_queue) if q]
             out.append(Candidate(w.name, w.healthy, w.in_flight, tuple(reuse), v.rates, v.queued_s,
-                                 min(limits) if limits else 0))
+                                 min(limits) if limits else 0, v.slots, v.prefill_backlog_s))
         return out
+
+    def live_match(self, name: str, tokens, namespace: str) -> int:
+        """Tokens of `tokens` the best live state of worker `name` holds (0: none)."""
+        v = self.views.get(name)
+        if v is None:
+            return 0
+        return max((common_prefix_length(t, tokens) for ns, t in list(v.lives.values()) if ns == namespace and t),
+                   default=0)
 
     def decide(self, model: ServedModel, tokens, namespace: str = "", exclude=frozenset(), hit=None) -> Decision:
         """The routing decision for a prompt; raises Unavailable or Overloaded."""
@@ -266,21 +294,28 @@ class WorkerPool:
         v = self.view(worker)
         reuse = Reuse(decision.source, decision.cached_tokens)
         seconds = request_seconds(prompt_tokens, reuse, min(max_tokens, DECODE_TOKENS_FOR_QUEUE), v.rates)
+        prefill_s = load_seconds(reuse, v.rates) + prefill_seconds(prompt_tokens - reuse.tokens, v.rates)
         worker.in_flight += 1
         v.queued_s += seconds
-        return Lease(self, worker, seconds)
+        v.prefill_backlog_s += prefill_s
+        return Lease(self, worker, seconds, prefill_s)
 
     def _release(self, lease: Lease) -> None:
+        lease.first_token()
         lease.worker.in_flight -= 1
         v = self.view(lease.worker)
         v.queued_s = max(0.0, v.queued_s - lease.seconds) if lease.worker.in_flight else 0.0
+        if not lease.worker.in_flight:
+            v.prefill_backlog_s = 0.0
 
     def observe(self, worker_name: str, completion, live_tokens: tuple[int, ...], namespace: str) -> None:
-        """Updates the view from a finished request: its live state and the worker's rates."""
-        self.live_tokens[worker_name] = live_tokens
-        self.live_namespace[worker_name] = namespace
+        """Updates the view from a finished request: the live state it left (the
+        worker's cache event, exact, may come later) and the worker's rates."""
+        v = self.views.setdefault(worker_name, WorkerView())
+        if completion.live_id and completion.live_id not in v.lives:
+            v.lives[completion.live_id] = (namespace, live_tokens)
         if completion.rates is not None:
-            self.views.setdefault(worker_name, WorkerView()).rates = completion.rates
+            v.rates = completion.rates
 
     # -- state ---------------------------------------------------------------------
     def state(self) -> dict:
@@ -305,14 +340,15 @@ class WorkerPool:
                     "local": getattr(w, "local", True),
                     "pid": v.pid if getattr(w, "local", True) and v.pid else None,
                     "healthy": w.healthy,
-                    "load": {"in_flight": w.in_flight, "queued_seconds": round(v.queued_s, 3),
+                    "load": {"in_flight": w.in_flight, "queued_seconds": round(v.queued_s, 3), "slots": v.slots,
+                             "prefill_backlog_seconds": round(v.prefill_backlog_s, 3),
                              "max_queue": min([q for q in (self.max_queue, v.max_queue) if q], default=0)},
                     "rates": {"prefill_tokens_per_second": round(v.rates.prefill_tps, 1),
                               "disk_load_bytes_per_second": round(v.rates.disk_bps),
                               "ram_load_bytes_per_second": round(v.rates.ram_bps),
                               "decode_tokens_per_second": round(v.rates.decode_tps, 1)},
-                    "cache": {"live_tokens": len(self.live_tokens.get(w.name, ())),
-                              "live_namespace": self.live_namespace.get(w.name, ""),
+                    "cache": {"live_states": [{"tokens": len(t), "namespace": ns} for ns, t in v.lives.values()],
+                              "live_tokens": sum(len(t) for _, t in v.lives.values()),
                               "ram_entries": len(v.ram_ids), "store_id": v.store_id,
                               "event_seq": v.event_seq, "resyncs": v.resyncs},
                 })

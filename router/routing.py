@@ -5,6 +5,13 @@ For each candidate worker the router predicts the time to first token:
     queue wait  +  cost of bringing the best reusable prefix onto that worker
                 +  remaining prompt tokens / that worker's prefill rate
 
+Workers batch (continuous batching, `--decode-concurrency` slots). The queue
+wait on a worker with a free slot is the prefill work still ahead of the
+request there (prompts being prefilled share the worker's compute, and its
+measured prefill rate is the batch's); on a worker whose slots are all taken,
+add the time until a slot frees. A worker with one slot serves one request at
+a time and its queue wait is all the work dispatched to it (`queue_wait_s`).
+
 where bringing a prefix costs nothing from the worker's live state, its bytes
 over RAM bandwidth from the RAM tier, its bytes over the worker's measured disk
 load bandwidth from the store on the worker's own host, and is impossible from
@@ -110,9 +117,12 @@ def best_reuse(options: list[Reuse], prompt_tokens: int, rates: Rates) -> tuple[
 class Candidate:
     """A worker as routing sees it.
 
-    queued_s: predicted seconds of work already dispatched to it (queue wait).
+    queued_s: predicted seconds of work already dispatched to it and not finished.
     reuse: prefixes of this prompt it could start from (live, ram, disk on its host).
     max_queue: requests in flight it accepts (0 = no limit).
+    slots: sequences it decodes together (its --decode-concurrency).
+    prefill_backlog_s: predicted load + prefill seconds of the requests
+        dispatched to it that have not produced a first token yet.
     """
 
     name: str
@@ -122,6 +132,8 @@ class Candidate:
     rates: Rates = Rates()
     queued_s: float = 0.0
     max_queue: int = 0
+    slots: int = 1
+    prefill_backlog_s: float = 0.0
 
     @property
     def full(self) -> bool:
@@ -146,11 +158,27 @@ class Decision:
     retry_after_s: float = 0.0
 
 
+def queue_wait_s(c: Candidate) -> float:
+    """Seconds before a new request's own load and prefill get going on `c`.
+
+    One slot: everything dispatched to it (`queued_s`). Several slots: the
+    prefill backlog, plus, when every slot is taken, the time until one frees,
+    estimated from the mean predicted service time of its requests in flight.
+    """
+    if c.slots <= 1:
+        return c.queued_s
+    wait = c.prefill_backlog_s
+    if c.in_flight >= c.slots:
+        mean = c.queued_s / max(1, c.in_flight)
+        wait += mean * (c.in_flight - c.slots + 1) / c.slots
+    return wait
+
+
 def predict(c: Candidate, prompt_tokens: int, affinity_max_in_flight: int) -> tuple[float, Reuse]:
     """(predicted time to first token, the reuse it assumes) for one candidate."""
     options = list(c.reuse) if c.in_flight < affinity_max_in_flight else []
     reuse, work_s = best_reuse(options, prompt_tokens, c.rates)
-    return c.queued_s + work_s, reuse
+    return queue_wait_s(c) + work_s, reuse
 
 
 def choose_worker(candidates: list[Candidate], prompt_tokens: int,
@@ -178,7 +206,7 @@ def choose_worker(candidates: list[Candidate], prompt_tokens: int,
 
 
 def request_seconds(prompt_tokens: int, reuse: Reuse, max_tokens: int, rates: Rates) -> float:
-    """Predicted service time of one request on a one-at-a-time worker (what it adds
-    to that worker's queue): load + prefill + decode."""
+    """Predicted service time of one request (what it adds to that worker's
+    `queued_s`): load + prefill + decode, seconds."""
     return (load_seconds(reuse, rates) + prefill_seconds(prompt_tokens - reuse.tokens, rates)
             + max(1, max_tokens) / rates.decode())

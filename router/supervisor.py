@@ -107,6 +107,7 @@ def worker_argv(cfg: ServeConfig, model: str | None, name: str, port_file: Path,
         "--parent-pid", str(os.getpid()),
         "--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens),
         "--max-queue", str(cfg.router.max_queue),
+        *cfg.batching.as_args(),
         *kv_args,
         *(["--model", model] if model else []),
     ]

@@ -68,8 +68,9 @@ class StoreEvent:
 
 @dataclass(frozen=True)
 class CacheUpdate:
-    """A cache event from a worker. kind "live": `tokens` is its live state now
-    (in `namespace`); kind "ram": `entry_id` entered (added) or left its RAM tier."""
+    """A cache event from a worker. kind "live": live state `live_id` now holds
+    `tokens` (in `namespace`), or was dropped (`removed`); kind "ram": `entry_id`
+    entered (added) or left its RAM tier."""
 
     seq: int
     kind: str
@@ -77,6 +78,8 @@ class CacheUpdate:
     tokens: tuple[int, ...] = ()
     entry_id: str = ""
     added: bool = False
+    live_id: int = 0
+    removed: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class Completion:
     store_events: tuple[StoreEvent, ...] = ()
     loaded_bytes: int = 0
     rates: Rates | None = None  # the worker's measurements after this request
+    live_id: int = 0  # the live state the request left on the worker (0: none)
 
     @property
     def stored_tokens(self) -> int:
@@ -116,7 +120,8 @@ def rates_from_proto(r: worker_pb2.Rates) -> Rates:
 
 def cache_update_from_proto(ev: worker_pb2.CacheEvent) -> CacheUpdate:
     if ev.HasField("live"):
-        return CacheUpdate(ev.seq, "live", ev.live.namespace, tuple(ev.live.token_ids))
+        return CacheUpdate(ev.seq, "live", ev.live.namespace, tuple(ev.live.token_ids), live_id=ev.live.live_id,
+                           removed=ev.live.removed)
     return CacheUpdate(ev.seq, "ram", entry_id=ev.ram.entry_id, added=ev.ram.added)
 
 
@@ -255,6 +260,7 @@ class GrpcWorkerClient:
                         ),
                         loaded_bytes=u.loaded_bytes,
                         rates=rates_from_proto(msg.final.rates) if msg.final.HasField("rates") else None,
+                        live_id=msg.final.live_id,
                     )
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
@@ -275,7 +281,7 @@ class GrpcWorkerClient:
 class FakeWorkerClient:
     """An in-memory worker behind the same interface, for policy tests (no model).
 
-    It serves one request at a time like a real worker: a request waits for the
+    It serves one request at a time, like a worker with --decode-concurrency 1: a request waits for the
     ones before it, "prefills" the tokens its live state does not hold at
     `prefill_tps` (simulated with asyncio.sleep scaled by `time_scale`), then
     yields one Delta per generated token. Its live state is the last prompt plus
@@ -283,6 +289,8 @@ class FakeWorkerClient:
     (before any token; or after the first token with `fail_mid_stream`).
     `requests` records every GenerateRequest it received.
     """
+
+    LIVE_ID = 1  # its one live state (one batch slot)
 
     def __init__(self, name: str, model_name: str = "fake", *, prefill_tps: float = 1000.0,
                  time_scale: float = 0.0, max_queue: int = 0, healthy: bool = True, local: bool = True):
@@ -324,7 +332,9 @@ class FakeWorkerClient:
             requests_served=self.served, engine_alive=self.healthy, pid=0,
             rates=worker_pb2.Rates(prefill_tokens_per_second=self.prefill_tps),
             live_token_ids=self.live, live_namespace=self.live_namespace, max_queue=self.max_queue,
-            event_seq=self._seq, worker_name=self.name,
+            event_seq=self._seq, worker_name=self.name, decode_concurrency=1, prompt_concurrency=1,
+            live_states=[worker_pb2.LiveState(live_id=self.LIVE_ID, namespace=self.live_namespace,
+                                              token_ids=self.live)] if self.live else [],
         )
 
     async def cache_events(self) -> AsyncIterator[CacheUpdate]:
@@ -336,7 +346,8 @@ class FakeWorkerClient:
     def _emit_live(self) -> None:
         self._seq += 1
         if self._events is not None:
-            self._events.put_nowait(CacheUpdate(self._seq, "live", self.live_namespace, self.live))
+            self._events.put_nowait(CacheUpdate(self._seq, "live", self.live_namespace, self.live,
+                                                live_id=self.LIVE_ID, removed=not self.live))
 
     async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]:
         self.requests.append(request)
@@ -373,7 +384,7 @@ class FakeWorkerClient:
                 self._emit_live()
                 yield Completion("length", len(prompt), len(out), cached, "live" if cached else "none",
                                  prefilled / self.prefill_tps, 0.0,
-                                 rates=Rates(prefill_tps=self.prefill_tps))
+                                 rates=Rates(prefill_tps=self.prefill_tps), live_id=self.LIVE_ID)
         finally:
             self._queued -= 1
 

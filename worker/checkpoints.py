@@ -51,6 +51,7 @@ class LiveState:
     caches: list
     prompt_tokens: int
     preview: str = ""
+    live_id: int = 0  # set by `worker.live_states.LiveStates.add`
 
 
 @dataclass

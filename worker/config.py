@@ -8,6 +8,29 @@ from pathlib import Path
 from cachestore import StoreConfig
 
 
+# mlx_lm.server's defaults (its `--decode-concurrency`, `--prompt-concurrency`).
+DEFAULT_DECODE_CONCURRENCY = 32
+DEFAULT_PROMPT_CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Continuous batching: sequences decoded together (also the batch slots that
+    running requests and idle live states share), prompts prefilled together,
+    and the memory idle live states may hold, bytes (0: bounded by slots only).
+    Defaults are mlx_lm.server's."""
+
+    decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY
+    prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY
+    live_state_bytes: int = 2048 * 2**20
+
+    def as_args(self) -> list[str]:
+        """The worker command-line flags that rebuild this config."""
+        return ["--decode-concurrency", str(self.decode_concurrency),
+                "--prompt-concurrency", str(self.prompt_concurrency),
+                "--live-state-mb", str(self.live_state_bytes // 2**20)]
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """Everything a worker process needs.
@@ -29,6 +52,7 @@ class WorkerConfig:
     store: StoreConfig | None
     cache_dir: Path
     prefill_chunk_tokens: int = 256
+    batching: BatchingConfig = BatchingConfig()
     ram_bytes: int = 1024 * 2**20
     port_file: Path | None = None
     parent_pid: int | None = None

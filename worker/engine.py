@@ -1,52 +1,77 @@
-"""The one thread that owns MLX: runs generation requests from a queue.
+"""The one thread that owns MLX: serves generation requests together, by
+continuous batching through mlx-lm's `BatchGenerator`.
 
-Each request: restore the longest reusable prefix (`CheckpointManager`),
-prefill the rest in chunks whose boundaries sit at absolute positions
-(multiples of `prefill_chunk_tokens`), write the checkpoints the policy plans
-as the prefill crosses them, then decode token by token. Events go back
-through the request's `emit` callback, which must be thread-safe.
+Each request, on admission: restore the longest reusable prefix
+(`CheckpointManager`: one of this worker's live states, the RAM tier or the
+disk store), then enter the batch with that KV state. The batch prefills up
+to `prompt_concurrency` prompts together, in segments that end at absolute
+multiples of `prefill_chunk_tokens` and at every position where the store's
+policy plans a checkpoint (`worker.segments`), and decodes up to
+`decode_concurrency` sequences together. At each planned position the
+engine reads the sequence's KV state out of the batch and writes the
+checkpoint. A request that finishes (or is cancelled) leaves the batch with
+its KV state, which stays as a live state (`worker.live_states`) until its
+slot is needed: then its `evict` checkpoint is written and it is dropped.
+Events go back through the request's `emit` callback, which must be
+thread-safe.
 
-The engine measures itself (prefill rate, checkpoint load bandwidth from the
-RAM tier and from disk, decode rate) as exponential moving averages in
-`rates`; the same figures decide load-or-recompute on restore and travel to the
-router (GetStatus, each request's Final) for its cost model. Cache changes
-(live state, RAM tier) go to `on_cache_event` after each request.
+The engine measures itself (prefill rate of the batch, checkpoint load
+bandwidth from the RAM tier and from disk, decode rate per sequence) as
+exponential moving averages in `rates`; the same figures decide
+load-or-recompute on restore and travel to the router (GetStatus, each
+request's Final) for its cost model. Cache changes (live states, RAM tier) go
+to `on_cache_event` as they happen.
 
-Chunk boundaries at absolute positions make a run that resumes from a
-checkpoint on a chunk boundary compute exactly the same sums as one that did
-not (measured: identical fp32 logits on the CPU; ~3e-5 apart when the
-checkpoint ends mid-chunk).
+Outputs are not bit-exact across batch compositions (padding and batched
+matmuls change the sums slightly); a request alone in the batch computes what
+a single-sequence run computes.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from router.routing import Rates
 from cachestore.keys import common_prefix_length
 from worker.checkpoints import CheckpointManager, LiveState, Restored
+from worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
 from worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
+from worker.live_states import LiveStates
+from worker.segments import prefill_segments
 from worker import kv_state
 
 log = logging.getLogger("kvrouter.worker.engine")
 
 
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """prefill_chunk_tokens: prefill chunk size in tokens (chunks end at its multiples)."""
+    """prefill_chunk_tokens: prefill chunk size in tokens (chunks end at its multiples).
+    max_queue: requests waiting plus running accepted (0: no limit).
+    decode_concurrency: sequences decoded together; also the number of batch
+        slots that running requests and idle live states share.
+    prompt_concurrency: sequences prefilled together.
+    live_state_bytes: bound on idle live states' memory, bytes (0: none).
+    """
 
     prefill_chunk_tokens: int = 256
-    max_queue: int = 0  # requests waiting plus running accepted; 0 = no limit
+    max_queue: int = 0
+    decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY
+    prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY
+    live_state_bytes: int = 2048 * 2**20
 
 
 class EngineDeadError(RuntimeError):
@@ -79,7 +104,8 @@ def _failpoint_hit() -> bool:
 
 
 EWMA_WEIGHT = 0.3  # weight of the newest measurement
-MIN_RATE_TOKENS = 64  # shorter prefills measure per-request overhead more than the rate
+MIN_RATE_TOKENS = 64  # shorter prefills measure per-step overhead more than the rate
+MIN_RATE_STEPS = 8  # decode steps per decode-rate measurement
 
 
 def ewma(old: float, new: float) -> float:
@@ -91,6 +117,26 @@ class Job:
     request: GenerationRequest
     emit: Callable[[Event], None]
     cancelled: threading.Event
+    attempts: int = 0  # batch failures survived (the retry runs cold)
+
+
+@dataclass
+class Running:
+    """A request inside the batch (engine thread only).
+
+    start: prompt tokens restored before prefill. plan: checkpoints still to
+    write (`cachestore.PlannedStore`). events: store events for its Final.
+    """
+
+    job: Job
+    prompt: list[int]
+    restored: Restored
+    plan: list
+    detok: BPEStreamingDetokenizer
+    t_admit: float
+    events: list = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
 
 
 _STOP = object()
@@ -105,9 +151,10 @@ def replaces(live: LiveState, prompt: list[int], namespace: str) -> bool:
 
 
 class Engine:
-    """Owns the model and its live KV state; serves one request at a time on its thread.
+    """Owns the model, the batch and the live states; runs on its own thread.
 
-    bundle: a `worker.models.ModelBundle`; checkpoints: the reuse manager.
+    bundle: a `worker.models.ModelBundle`; hf_tokenizer: its Hugging Face
+    tokenizer (for streaming detokenization); checkpoints: the reuse manager.
     """
 
     def __init__(self, bundle, hf_tokenizer, checkpoints: CheckpointManager, config: EngineConfig):
@@ -116,19 +163,24 @@ class Engine:
         self.checkpoints = checkpoints
         self.config = config
         self.eos_ids = set(bundle.eos_token_ids)
-        self._detokenizer = BPEStreamingDetokenizer(hf_tokenizer)
+        self._detokenizer = BPEStreamingDetokenizer(hf_tokenizer)  # copied per request
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="mlx-engine", daemon=True)
         self._pending = 0
         self._lock = threading.Lock()
-        self.live: LiveState | None = None
+        self.lives = LiveStates(config.decode_concurrency, config.live_state_bytes)
         self.requests_served = 0
         self._stopped = threading.Event()
         self.rates = Rates()
-        # Called on the engine thread with ("live", (namespace, tokens)) or
-        # ("ram", (entry_id, added)); must be thread-safe and must not raise.
+        # Called on the engine thread with ("live", (live_id, namespace, tokens, removed))
+        # or ("ram", (entry_id, added)); must be thread-safe and must not raise.
         self.on_cache_event: Callable[[str, tuple], None] | None = None
-        self._store_s = 0.0  # checkpoint store time inside the current prefill
+        self._waiting: deque[Job] = deque()
+        self._running: dict[int, Running] = {}  # by BatchGenerator uid
+        self._gen: BatchGenerator | None = None
+        self._stopping: tuple | None = None  # (shutdown_checkpoint,) once stop() was called
+        self._prompt_acc = [0, 0.0]  # prompt tokens, seconds since the last prefill-rate update
+        self._decode_acc = [0, 0.0]  # decode steps, seconds since the last decode-rate update
 
     # -- control (any thread) -------------------------------------------------
     def start(self) -> None:
@@ -142,6 +194,17 @@ class Engine:
     def queue_depth(self) -> int:
         """Requests waiting or running."""
         return self._pending
+
+    @property
+    def live_states(self) -> tuple[LiveState, ...]:
+        """The idle live states, least recently used first (a snapshot)."""
+        return self.lives.snapshot
+
+    @property
+    def live(self) -> LiveState | None:
+        """The newest live state, or None."""
+        snap = self.lives.snapshot
+        return snap[-1] if snap else None
 
     @property
     def live_prefix_tokens(self) -> int:
@@ -162,189 +225,273 @@ class Engine:
         return job
 
     def stop(self, timeout: float = 30.0, shutdown_checkpoint: bool = True) -> None:
-        """Finishes queued work, writes the `shutdown` checkpoint, ends the thread."""
+        """Finishes queued and running work, writes a `shutdown` checkpoint of
+        every live state, ends the thread."""
         self._stopped.set()
         self._queue.put((_STOP, shutdown_checkpoint))
         self._thread.join(timeout)
 
     # -- the engine thread ----------------------------------------------------
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in sorted(self.eos_ids)],
+            completion_batch_size=self.config.decode_concurrency,
+            prefill_batch_size=self.config.prompt_concurrency,
+            prefill_step_size=self.config.prefill_chunk_tokens,
+            stream=self._stream,
+        )
+
     def _loop(self) -> None:
+        self._stream = mx.new_stream(mx.default_device())
+        self._gen = self._new_generator()
         while True:
-            job = self._queue.get()
-            if isinstance(job, tuple) and job[0] is _STOP:
-                if job[1] and self.checkpoints.save_live("shutdown", self.live) is not None:
-                    log.info("stored the shutdown checkpoint of the live state")
+            self._take_jobs(block=not self._running and not self._waiting)
+            if self._stopping is not None and not self._running and not self._waiting:
+                self._shutdown(self._stopping[0])
                 return
-            self.checkpoints.take_events()  # drop events of earlier failed work
-            before = (self._live_key(), set(self.checkpoints.ram.ids()))
-            try:
-                if job.cancelled.is_set():
-                    job.emit(FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none")))
+            ram_before = set(self.checkpoints.ram.ids())
+            self._cancel_requested()
+            self._admit_waiting()
+            if self._running:
+                try:
+                    self._step()
+                except Exception as exc:  # one failure must not kill the thread
+                    self._batch_failed(exc)
+            self._publish_ram(ram_before)
+
+    def _take_jobs(self, block: bool) -> None:
+        try:
+            item = self._queue.get(block=block)
+            while True:
+                if isinstance(item, tuple) and item[0] is _STOP:
+                    self._stopping = (item[1],)
                 else:
-                    self._run(job)
-            except Exception as exc:  # one request's failure must not kill the thread
-                log.exception("request %s failed", job.request.request_id)
-                self.live = None
-                job.emit(ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                self.requests_served += 1
-                self._publish_changes(*before)
+                    self._waiting.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
 
-    def _live_key(self):
-        live = self.live
-        return (live.namespace, tuple(live.tokens)) if live is not None else ("", ())
+    def _shutdown(self, shutdown_checkpoint: bool) -> None:
+        stored = 0
+        for live in self.lives.clear():
+            if shutdown_checkpoint and self.checkpoints.save_live("shutdown", live) is not None:
+                stored += 1
+        self.checkpoints.take_events()
+        if stored:
+            log.info("stored %d shutdown checkpoint(s) of the live states", stored)
 
-    def _publish_changes(self, live_before, ram_before: set) -> None:
-        """Reports what this request changed in the live state and the RAM tier."""
-        notify = self.on_cache_event
-        if notify is None:
+    def _done(self, job: Job, event: Event) -> None:
+        """The request's last event; it stops counting against the queue."""
+        try:
+            job.emit(event)
+        finally:
+            with self._lock:
+                self._pending -= 1
+            self.requests_served += 1
+
+    def _notify(self, kind: str, payload: tuple) -> None:
+        if self.on_cache_event is not None:
+            self.on_cache_event(kind, payload)
+
+    def _publish_ram(self, before: set) -> None:
+        if self.on_cache_event is None:
             return
-        live_now = self._live_key()
-        if live_now != live_before:
-            notify("live", live_now)
-        ram_now = set(self.checkpoints.ram.ids())
-        for entry_id in sorted(ram_now - ram_before):
-            notify("ram", (entry_id, True))
-        for entry_id in sorted(ram_before - ram_now):
-            notify("ram", (entry_id, False))
+        now = set(self.checkpoints.ram.ids())
+        for entry_id in sorted(now - before):
+            self._notify("ram", (entry_id, True))
+        for entry_id in sorted(before - now):
+            self._notify("ram", (entry_id, False))
 
-    def _measure(self, prompt, restored: Restored, prefill_s: float, generated: int, decode_s: float) -> None:
-        """Updates `rates` from one request (engine thread; Rates is replaced, never mutated)."""
-        r = self.rates
-        prefilled = len(prompt) - restored.n_tokens
-        compute_s = prefill_s - self._store_s
-        prefill_tps, disk_bps, ram_bps, decode_tps = r.prefill_tps, r.disk_bps, r.ram_bps, r.decode_tps
-        if prefilled >= MIN_RATE_TOKENS and compute_s > 0:
-            prefill_tps = ewma(prefill_tps, prefilled / compute_s)
-        if restored.loaded_bytes and restored.load_seconds > 0:
-            bps = restored.loaded_bytes / restored.load_seconds
-            if restored.source == "disk":
-                disk_bps = ewma(disk_bps, bps)
-            elif restored.source == "ram":
-                ram_bps = ewma(ram_bps, bps)
-        if generated >= 2 and decode_s > 0:
-            decode_tps = ewma(decode_tps, generated / decode_s)
-        self.rates = Rates(prefill_tps, disk_bps, ram_bps, decode_tps)
+    def _keep_live(self, live: LiveState) -> None:
+        self.lives.add(live)
+        self._notify("live", (live.live_id, live.namespace, tuple(live.tokens), False))
 
-    def _run(self, job: Job) -> None:
+    def _forget_live(self, live: LiveState) -> None:
+        self._notify("live", (live.live_id, live.namespace, (), True))
+
+    def _drop_lives(self, running: int, events: list) -> None:
+        """Frees slots: the least recently used live states beyond what `running`
+        requests leave are dropped, each after its `evict` checkpoint (ds4's evict)."""
+        for live in self.lives.to_drop(running):
+            self.checkpoints.save_live("evict", live)
+            self._forget_live(live)
+        events += self.checkpoints.take_events()
+
+    # -- admission --------------------------------------------------------------
+    def _admit_waiting(self) -> None:
+        while self._waiting and len(self._running) < self.config.decode_concurrency:
+            job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                self._done(job, FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none")))
+                continue
+            try:
+                self._admit(job)
+            except Exception as exc:
+                log.exception("request %s failed on admission", job.request.request_id)
+                self._done(job, ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _admit(self, job: Job) -> None:
         req = job.request
         prompt = list(req.prompt)
-        live, self.live = self.live, None  # the live state is consumed by this request
-        if live is not None and replaces(live, prompt, req.namespace):
-            # Before an unrelated request replaces the live state, keep it (ds4's evict).
-            self.checkpoints.save_live("evict", live)
-        restored = self.checkpoints.restore(prompt, req.namespace, live, self.rates)
-        try:
-            logits, prefill_s = self._prefill(prompt, restored, req, job)
-        except Exception as exc:
-            if restored.entry_id is None:  # not restored from a stored checkpoint (RAM tier or disk)
-                raise
-            # A restored checkpoint that makes prefill fail is poison (case C11):
-            # quarantine it and serve the request cold.
-            self.checkpoints.quarantine(restored, f"prefill failed: {exc}")
-            log.warning("prefill from checkpoint failed (%s); retrying cold", exc)
-            restored = Restored(kv_state.new_state(self.model), 0, "none", 0)
-            logits, prefill_s = self._prefill(prompt, restored, req, job)
-        if logits is None:  # cancelled during prefill
-            n = kv_state.state_length(restored.caches)
-            self.live = LiveState(req.namespace, prompt[:n], restored.caches, n, req.text_preview)
-            job.emit(FinishEvent("cancelled", self._usage(prompt, restored, 0, prefill_s),
-                                 self.checkpoints.take_events()))
-            return
-        self._decode(job, prompt, restored, logits, prefill_s)
-
-    def _prefill(self, prompt: list[int], restored: Restored, req: GenerationRequest, job: Job):
-        caches = restored.caches
-        start = restored.n_tokens
-        chunk = self.config.prefill_chunk_tokens
+        self.checkpoints.take_events()  # drop events of earlier failed work
+        if job.attempts:
+            restored = Restored(kv_state.new_state(self.model), 0, "none", 0)  # a retry after a failure runs cold
+        else:
+            live = self.lives.best(prompt, req.namespace)
+            if live is not None and replaces(live, prompt, req.namespace):
+                # Continuing from it may cut into what its client sent: keep that first.
+                self.checkpoints.save_live("evict", live)
+            restored = self.checkpoints.restore(prompt, req.namespace, live, self.rates)
+            if restored.source == "live":
+                self.lives.take(live)
+                self._forget_live(live)
+            self._measure_load(restored)
+        events = list(self.checkpoints.take_events())
+        self._drop_lives(len(self._running) + 1, events)
         plan = list(self.checkpoints.plan(len(prompt), restored.stored_prefix_tokens, req.anchor_tokens))
-        t0 = time.perf_counter()
-        self._store_s = 0.0
-        # Stores already covered by the restored state (e.g. an anchor inside the live state).
-        plan = self._store_reached(plan, caches, prompt, start, req)
-        pos = start
-        logits = None
-        while pos < len(prompt):
-            if job.cancelled.is_set():
-                return None, time.perf_counter() - t0
-            end = min(len(prompt), (pos // chunk + 1) * chunk)
-            out = self.model(mx.array(prompt[pos:end])[None], cache=caches)
-            logits = out[:, -1, :]
-            mx.eval(logits, [c.keys for c in caches])
-            pos = end
-            plan = self._store_reached(plan, caches, prompt, pos, req)
-        return logits, time.perf_counter() - t0
-
-    def _store_reached(self, plan, caches, prompt, pos, req):
-        remaining = []
-        for p in plan:
-            if p.n_tokens <= pos:
-                t0 = time.perf_counter()
-                entry = self.checkpoints.save(p.kind, caches, prompt[: p.n_tokens], req.namespace, req.text_preview)
-                self._store_s += time.perf_counter() - t0
-                if entry is not None:
-                    log.info(
-                        "store kind=%s tokens=%d ms=%.0f MiB=%.1f",
-                        p.kind, p.n_tokens, (time.perf_counter() - t0) * 1000, entry.payload_bytes / 2**20,
-                    )
-            else:
-                remaining.append(p)
-        return remaining
-
-    def _decode(self, job: Job, prompt, restored: Restored, logits, prefill_s: float) -> None:
-        req = job.request
+        events += self.checkpoints.take_events()
+        detok = copy.copy(self._detokenizer)
+        detok.reset()
+        run = Running(job, prompt, restored, plan, detok, time.perf_counter(), events)
+        run.plan = self._store_reached(run, restored.caches, restored.n_tokens)  # e.g. an anchor inside a live state
+        segments = prefill_segments(prompt, restored.n_tokens, self.config.prefill_chunk_tokens,
+                                    [p.n_tokens for p in run.plan])
         sp = req.sampling
-        caches = restored.caches
         if sp.seed is not None:
             mx.random.seed(sp.seed % 2**64)  # clients may send any int64; mlx takes uint64
-        sampler = make_sampler(temp=sp.temperature, top_p=sp.top_p if 0 < sp.top_p < 1 else 0.0)
-        max_tokens = max(0, min(sp.max_tokens, self.bundle.context_length - len(prompt)))
-        detok = self._detokenizer
-        detok.reset()
-        generated: list[int] = []
-        finish = "length"
-        t_decode = time.perf_counter()
-        while len(generated) < max_tokens:
-            if job.cancelled.is_set():
-                finish = "cancelled"
-                break
-            token = int(sampler(logits).item())
-            if token in self.eos_ids:
-                finish = "stop"
-                break
-            generated.append(token)
-            detok.add_token(token)
-            job.emit(TokenEvent((token,), detok.last_segment))
+        sampler = None if sp.temperature == 0 else make_sampler(
+            temp=sp.temperature, top_p=sp.top_p if 0 < sp.top_p < 1 else 0.0)
+        max_tokens = max(1, min(sp.max_tokens, self.bundle.context_length - len(prompt)))
+        (uid,) = self._gen.insert_segments([segments], max_tokens=[max_tokens], caches=[restored.caches],
+                                           all_tokens=[prompt[: restored.n_tokens]], samplers=[sampler])
+        self._running[uid] = run
+
+    def _measure_load(self, restored: Restored) -> None:
+        if not (restored.loaded_bytes and restored.load_seconds > 0):
+            return
+        r, bps = self.rates, restored.loaded_bytes / restored.load_seconds
+        if restored.source == "disk":
+            self.rates = Rates(r.prefill_tps, ewma(r.disk_bps, bps), r.ram_bps, r.decode_tps)
+        elif restored.source == "ram":
+            self.rates = Rates(r.prefill_tps, r.disk_bps, ewma(r.ram_bps, bps), r.decode_tps)
+
+    # -- one batch step -----------------------------------------------------------
+    def _step(self) -> None:
+        with self._gen.stats() as stats:
+            prompt_out, gen_out = self._gen.next()
+        self._measure_step(stats)
+        for r in prompt_out:
+            run = self._running.get(r.uid)
+            if run is None or not r.end_of_segment:
+                continue
+            pos = run.restored.n_tokens + r.progress[0]
+            if r.end_of_prompt:
+                run.prefill_s = time.perf_counter() - run.t_admit
+            if any(p.n_tokens <= pos for p in run.plan):
+                caches, _ = self._gen.extract_cache([r.uid])[r.uid]
+                run.plan = self._store_reached(run, caches, pos)
+        for r in gen_out:
+            run = self._running.get(r.uid)
+            if run is not None:
+                self._generated(r, run)
+
+    def _generated(self, r, run: Running) -> None:
+        if not (r.finish_reason == "stop" and r.token in self.eos_ids):
+            run.generated.append(r.token)
+            run.detok.add_token(r.token)
+            run.job.emit(TokenEvent((r.token,), run.detok.last_segment))
             if _failpoint_hit():
                 log.error("test failpoint: the generation thread dies now")
                 raise EngineFailpoint("test failpoint")
-            if len(generated) >= max_tokens:
-                break
-            out = self.model(mx.array([[token]]), cache=caches)
-            logits = out[:, -1, :]
-            mx.eval(logits)
-        decode_s = time.perf_counter() - t_decode
-        detok.finalize()
-        tail = detok.last_segment
-        if tail:
-            job.emit(TokenEvent((), tail))
-        history = prompt + generated
-        self.live = LiveState(req.namespace, history[: kv_state.state_length(caches)], caches, len(prompt),
-                              req.text_preview)
-        self._measure(prompt, restored, prefill_s, len(generated), decode_s)
-        job.emit(FinishEvent(finish, self._usage(prompt, restored, len(generated), prefill_s),
-                             self.checkpoints.take_events()))
+        if r.finish_reason is not None:
+            self._finish(r.uid, run, r.finish_reason, r.prompt_cache, r.all_tokens)
 
-    @staticmethod
-    def _usage(prompt, restored: Restored, completion: int, prefill_s: float) -> Usage:
-        return Usage(
-            prompt_tokens=len(prompt),
-            completion_tokens=completion,
-            cached_tokens=restored.n_tokens,
-            cache_source=restored.source if restored.n_tokens else "none",
-            prefill_seconds=prefill_s,
-            load_seconds=restored.load_seconds,
-            loaded_bytes=restored.loaded_bytes,
+    def _finish(self, uid: int, run: Running, reason: str, caches, tokens) -> None:
+        """Ends a request that left the batch with `caches` holding `tokens`."""
+        del self._running[uid]
+        run.detok.finalize()
+        if run.detok.last_segment and reason != "cancelled":
+            run.job.emit(TokenEvent((), run.detok.last_segment))
+        live_id = 0
+        if tokens:
+            live = LiveState(run.job.request.namespace, list(tokens), caches,
+                             min(len(run.prompt), len(tokens)), run.job.request.text_preview)
+            self._keep_live(live)
+            live_id = live.live_id
+        self._drop_lives(len(self._running), run.events)
+        r = run.restored
+        usage = Usage(
+            prompt_tokens=len(run.prompt),
+            completion_tokens=len(run.generated),
+            cached_tokens=r.n_tokens,
+            cache_source=r.source if r.n_tokens else "none",
+            prefill_seconds=run.prefill_s,
+            load_seconds=r.load_seconds,
+            loaded_bytes=r.loaded_bytes,
         )
+        self._done(run.job, FinishEvent(reason, usage, tuple(run.events), live_id))
+
+    def _store_reached(self, run: Running, caches, pos: int) -> list:
+        """Writes the planned checkpoints at or before `pos` from `caches` (which
+        hold at least `pos` tokens of the prompt); returns the rest of the plan."""
+        remaining = []
+        req = run.job.request
+        for p in run.plan:
+            if p.n_tokens > pos:
+                remaining.append(p)
+                continue
+            t0 = time.perf_counter()
+            entry = self.checkpoints.save(p.kind, caches, run.prompt[: p.n_tokens], req.namespace, req.text_preview)
+            if entry is not None:
+                log.info("store kind=%s tokens=%d ms=%.0f MiB=%.1f",
+                         p.kind, p.n_tokens, (time.perf_counter() - t0) * 1000, entry.payload_bytes / 2**20)
+        run.events += self.checkpoints.take_events()
+        return remaining
+
+    def _cancel_requested(self) -> None:
+        for uid, run in list(self._running.items()):
+            if run.job.cancelled.is_set():
+                caches, tokens = self._gen.remove([uid], return_prompt_caches=True)[uid]
+                self._finish(uid, run, "cancelled", caches, tokens)
+
+    def _measure_step(self, stats) -> None:
+        """Updates `rates` from one batch step (Rates is replaced, never mutated).
+
+        prefill: prompt tokens the batch processed per second of prompt
+        processing (what a new prompt shares); decode: steps per second, i.e.
+        tokens per second of each decoding sequence."""
+        p, d = self._prompt_acc, self._decode_acc
+        p[0] += stats.prompt_tokens
+        p[1] += stats.prompt_time
+        d[0] += stats.generation_steps
+        d[1] += stats.decode_time
+        r = self.rates
+        if p[0] >= MIN_RATE_TOKENS and p[1] > 0:
+            self.rates = r = Rates(ewma(r.prefill_tps, p[0] / p[1]), r.disk_bps, r.ram_bps, r.decode_tps)
+            p[0], p[1] = 0, 0.0
+        if d[0] >= MIN_RATE_STEPS and d[1] > 0:
+            self.rates = Rates(r.prefill_tps, r.disk_bps, r.ram_bps, ewma(r.decode_tps, d[0] / d[1]))
+            d[0], d[1] = 0, 0.0
+
+    def _batch_failed(self, exc: Exception) -> None:
+        """A batch step raised: the batch is rebuilt empty. Requests that have sent
+        no token are retried once, cold; a stored checkpoint they were restored
+        from is quarantined (it may be the poison, case C11). The others end with
+        an error event."""
+        log.exception("batch step failed with %d request(s) in the batch", len(self._running))
+        failed = list(self._running.values())
+        self._running.clear()
+        self._gen = self._new_generator()
+        retry = []
+        for run in failed:
+            if not run.generated and run.job.attempts == 0:
+                if run.restored.entry_id is not None:
+                    self.checkpoints.quarantine(run.restored, f"prefill failed: {exc}")
+                    log.warning("prefill from checkpoint %s failed (%s); retrying cold", run.restored.entry_id, exc)
+                run.job.attempts += 1
+                retry.append(run.job)
+            else:
+                self._done(run.job, ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
+        self._waiting.extendleft(reversed(retry))
+        self.checkpoints.take_events()

@@ -72,11 +72,13 @@ class FinishEvent:
     """The last event of a successful request. finish_reason: "stop", "length" or "cancelled".
 
     store_events: what the checkpoint store did for this request (`cachestore.StoreEvent`).
+    live_id: the live state the request left behind on the worker (0: none).
     """
 
     finish_reason: str
     usage: Usage
     store_events: tuple = ()
+    live_id: int = 0
 
 
 @dataclass(frozen=True)

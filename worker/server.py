@@ -126,7 +126,9 @@ def build_engine(config: WorkerConfig):
     from worker.ram_tier import RamTier
 
     checkpoints = CheckpointManager(bundle.model, bundle.identity, store, RamTier(config.ram_bytes))
-    engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(config.prefill_chunk_tokens, config.max_queue))
+    engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(
+        config.prefill_chunk_tokens, config.max_queue, config.batching.decode_concurrency,
+        config.batching.prompt_concurrency, config.batching.live_state_bytes))
     info = worker_pb2.ModelInfo(
         model_name=bundle.name,
         identity=bundle.identity,

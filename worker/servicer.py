@@ -110,9 +110,9 @@ class CacheEventHub:
 
 def event_message(seq: int, kind: str, payload: tuple) -> worker_pb2.CacheEvent:
     if kind == "live":
-        namespace, tokens = payload
-        return worker_pb2.CacheEvent(seq=seq, live=worker_pb2.LiveStateChanged(namespace=namespace,
-                                                                                token_ids=tokens))
+        live_id, namespace, tokens, removed = payload
+        return worker_pb2.CacheEvent(seq=seq, live=worker_pb2.LiveStateChanged(
+            namespace=namespace, token_ids=tokens, live_id=live_id, removed=removed))
     entry_id, added = payload
     return worker_pb2.CacheEvent(seq=seq, ram=worker_pb2.RamTierChanged(entry_id=entry_id, added=added))
 
@@ -187,6 +187,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                 for e in ev.store_events
                             ],
                             rates=rates_message(self.engine.rates),
+                            live_id=ev.live_id,
                         )
                     )
                     return
@@ -219,18 +220,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             max_queue=engine.config.max_queue,
             event_seq=self.hub.seq if self.hub is not None else 0,
             worker_name=self.worker_name,
+            live_states=[worker_pb2.LiveState(live_id=s.live_id, namespace=s.namespace, token_ids=s.tokens)
+                         for s in engine.live_states],
+            decode_concurrency=engine.config.decode_concurrency,
+            prompt_concurrency=engine.config.prompt_concurrency,
         )
 
     async def SubscribeCacheEvents(self, request, context):
-        """Streams cache events; the first is the current live state (a full picture)."""
+        """Streams cache events; the first ones are the live states held now (a full picture)."""
         if self.hub is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "cache events are off")
         if self.hub.closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is stopping")
         q = self.hub.subscribe()
         try:
-            live = self.engine.live
-            self.hub.publish("live", (live.namespace, tuple(live.tokens)) if live is not None else ("", ()))
+            lives = self.engine.live_states
+            for live in lives:
+                self.hub.publish("live", (live.live_id, live.namespace, tuple(live.tokens), False))
+            if not lives:  # still one event, so the subscriber knows where the numbering stands
+                self.hub.publish("live", (0, "", (), True))
             while True:
                 ev = await q.get()
                 if ev is None:

@@ -103,16 +103,18 @@ class StoreEvent(_message.Message):
     def __init__(self, action: _Optional[str] = ..., kind: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Final(_message.Message):
-    __slots__ = ("finish_reason", "usage", "store_events", "rates")
+    __slots__ = ("finish_reason", "usage", "store_events", "rates", "live_id")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     STORE_EVENTS_FIELD_NUMBER: _ClassVar[int]
     RATES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ID_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     usage: Usage
     store_events: _containers.RepeatedCompositeFieldContainer[StoreEvent]
     rates: Rates
-    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., store_events: _Optional[_Iterable[_Union[StoreEvent, _Mapping]]] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ...) -> None: ...
+    live_id: int
+    def __init__(self, finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., store_events: _Optional[_Iterable[_Union[StoreEvent, _Mapping]]] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ..., live_id: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")
@@ -151,7 +153,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model_name", "live_prefix_tokens", "queue_depth", "requests_served", "engine_alive", "pid", "rates", "live_token_ids", "live_namespace", "ram_entry_ids", "ram_bytes", "store_id", "max_queue", "event_seq", "worker_name")
+    __slots__ = ("model_name", "live_prefix_tokens", "queue_depth", "requests_served", "engine_alive", "pid", "rates", "live_token_ids", "live_namespace", "ram_entry_ids", "ram_bytes", "store_id", "max_queue", "event_seq", "worker_name", "live_states", "decode_concurrency", "prompt_concurrency")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +169,9 @@ class WorkerStatus(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     EVENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    LIVE_STATES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     live_prefix_tokens: int
     queue_depth: int
@@ -182,19 +187,36 @@ class WorkerStatus(_message.Message):
     max_queue: int
     event_seq: int
     worker_name: str
-    def __init__(self, model_name: _Optional[str] = ..., live_prefix_tokens: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests_served: _Optional[int] = ..., engine_alive: _Optional[bool] = ..., pid: _Optional[int] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ..., live_token_ids: _Optional[_Iterable[int]] = ..., live_namespace: _Optional[str] = ..., ram_entry_ids: _Optional[_Iterable[str]] = ..., ram_bytes: _Optional[int] = ..., store_id: _Optional[str] = ..., max_queue: _Optional[int] = ..., event_seq: _Optional[int] = ..., worker_name: _Optional[str] = ...) -> None: ...
+    live_states: _containers.RepeatedCompositeFieldContainer[LiveState]
+    decode_concurrency: int
+    prompt_concurrency: int
+    def __init__(self, model_name: _Optional[str] = ..., live_prefix_tokens: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests_served: _Optional[int] = ..., engine_alive: _Optional[bool] = ..., pid: _Optional[int] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ..., live_token_ids: _Optional[_Iterable[int]] = ..., live_namespace: _Optional[str] = ..., ram_entry_ids: _Optional[_Iterable[str]] = ..., ram_bytes: _Optional[int] = ..., store_id: _Optional[str] = ..., max_queue: _Optional[int] = ..., event_seq: _Optional[int] = ..., worker_name: _Optional[str] = ..., live_states: _Optional[_Iterable[_Union[LiveState, _Mapping]]] = ..., decode_concurrency: _Optional[int] = ..., prompt_concurrency: _Optional[int] = ...) -> None: ...
 
 class CacheEventsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class LiveStateChanged(_message.Message):
-    __slots__ = ("namespace", "token_ids")
+    __slots__ = ("namespace", "token_ids", "live_id", "removed")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ID_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    live_id: int
+    removed: bool
+    def __init__(self, namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., live_id: _Optional[int] = ..., removed: _Optional[bool] = ...) -> None: ...
+
+class LiveState(_message.Message):
+    __slots__ = ("live_id", "namespace", "token_ids")
+    LIVE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    live_id: int
+    namespace: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, live_id: _Optional[int] = ..., namespace: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RamTierChanged(_message.Message):
     __slots__ = ("entry_id", "added")

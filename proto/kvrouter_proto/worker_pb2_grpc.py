@@ -83,8 +83,10 @@ class WorkerServicer:
     def SubscribeCacheEvents(self, request, context):
         """Cache events (live state changed, RAM tier gained or dropped a checkpoint),
         numbered from 1 per worker process; a gap means events were lost and the
-        subscriber resynchronises from GetStatus. The first message is a `live`
-        event with the current state, so a subscriber starts from a full picture.
+        subscriber resynchronises from GetStatus. A worker holds several live
+        states (one per decode slot, `--decode-concurrency`), each with its own
+        `live_id`; the first messages of a stream are one `live` event per live
+        state held, so a subscriber starts from a full picture.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

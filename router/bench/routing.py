@@ -90,7 +90,8 @@ def run_routing_bench(checkpoints: int = 10_000, prompt_tokens: int = 32_768, ca
             setup_s = time.perf_counter() - t0
             workers = [_Worker("w0"), _Worker("w1", in_flight=1)]
             pool = WorkerPool(workers, store)
-            pool.live_tokens = {"w0": tuple(prompt[:-512]), "w1": tuple(prompt[:SYSTEM_TOKENS] + [7] * 2000)}
+            pool.view(workers[0]).lives = {1: ("", tuple(prompt[:-512]))}
+            pool.view(workers[1]).lives = {1: ("", tuple(prompt[:SYSTEM_TOKENS] + [7] * 2000))}
             served = ServedModel("bench", "bench-model", prompt_tokens * 2, tokenizer=None, workers=workers)
             job = Job(model=served, tokens=tuple(prompt), anchor_tokens=0, max_tokens=1, temperature=0.0,
                       top_p=1.0, seed=None)

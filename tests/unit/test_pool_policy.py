@@ -205,7 +205,7 @@ async def test_cache_events_keep_the_view_and_a_gap_resyncs():
     assert pool.views["w0"].resyncs == 1
     await run(d, job(model, [3] * 10, max_tokens=2))
     await asyncio.sleep(0.01)
-    assert pool.live_tokens["w0"][:10] == (3,) * 10
+    assert pool.view(pool.clients[0]).lives[FakeWorkerClient.LIVE_ID][1][:10] == (3,) * 10
     w._seq += 5  # events lost
     w._emit_live()
     await asyncio.sleep(0.01)

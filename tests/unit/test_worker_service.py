@@ -31,9 +31,10 @@ class FakeEngine:
     def __init__(self, answer="ok", max_queue=0):
         self.answer = answer
         self._alive = True
-        self.live = SimpleNamespace(namespace="ns", tokens=[1, 2, 3])
+        self.live = SimpleNamespace(namespace="ns", tokens=[1, 2, 3], live_id=4)
+        self.live_states = (SimpleNamespace(namespace="other", tokens=[5], live_id=2), self.live)
         self.checkpoints = SimpleNamespace(ram=SimpleNamespace(ids=lambda: ["e1"], bytes=10))
-        self.config = SimpleNamespace(max_queue=max_queue)
+        self.config = SimpleNamespace(max_queue=max_queue, decode_concurrency=6, prompt_concurrency=3)
         self.rates = Rates(prefill_tps=250.0, disk_bps=5e8)
         self.queue_depth = 0
         self.requests_served = 0
@@ -109,6 +110,9 @@ async def test_status_busy_and_client_errors():
         assert (st.store_id, st.worker_name, list(st.live_token_ids), list(st.ram_entry_ids)) == \
             ("h:/kv", "w9", [1, 2, 3], ["e1"])
         assert st.rates.prefill_tokens_per_second == 250.0 and st.live_namespace == "ns"
+        assert [(s.live_id, s.namespace, list(s.token_ids)) for s in st.live_states] == \
+            [(2, "other", [5]), (4, "ns", [1, 2, 3])]
+        assert (st.decode_concurrency, st.prompt_concurrency) == (6, 3)
         out = [item async for item in client.generate(request())]
         assert out[-1].rates == Rates(prefill_tps=250.0, disk_bps=5e8)
         with pytest.raises(WorkerBusy):
@@ -146,19 +150,22 @@ def test_non_loopback_listen_needs_a_token():
         create_server("0.0.0.0:0", FakeEngine(), INFO)
 
 
-async def test_cache_events_are_numbered_and_start_with_the_live_state():
+async def test_cache_events_are_numbered_and_start_with_the_live_states():
     engine = FakeEngine()
     hub = CacheEventHub(asyncio.get_running_loop())
     server, port, _ = await serve(engine, hub=hub)
     client = GrpcWorkerClient("w9", f"127.0.0.1:{port}")
     try:
         events = client.cache_events()
-        first = await asyncio.wait_for(events.__anext__(), 5)
-        assert (first.seq, first.kind, first.tokens) == (1, "live", (1, 2, 3))
+        first = [await asyncio.wait_for(events.__anext__(), 5) for _ in range(2)]
+        assert [(e.seq, e.kind, e.live_id, e.namespace, e.tokens) for e in first] == \
+            [(1, "live", 2, "other", (5,)), (2, "live", 4, "ns", (1, 2, 3))]
         hub.publish_threadsafe("ram", ("e2", True))
-        second = await asyncio.wait_for(events.__anext__(), 5)
-        assert (second.seq, second.kind, second.entry_id, second.added) == (2, "ram", "e2", True)
-        assert (await client.status()).event_seq == 2
+        hub.publish_threadsafe("live", (2, "other", (), True))
+        third, fourth = [await asyncio.wait_for(events.__anext__(), 5) for _ in range(2)]
+        assert (third.seq, third.kind, third.entry_id, third.added) == (3, "ram", "e2", True)
+        assert (fourth.seq, fourth.live_id, fourth.removed) == (4, 2, True)
+        assert (await client.status()).event_seq == 4
         await events.aclose()
     finally:
         await client.close()
