@@ -20,6 +20,9 @@ from tests.support.server import openai_client as client, pid_alive
 
 MODEL = "SmolLM2-135M-Instruct"
 FLAGS = [
+    # One batch slot: an unrelated request drops the live state (writing its evict
+    # checkpoint), so reuse across sessions comes from the store these tests check.
+    "--decode-concurrency", "1",
     "--kv-cache-min-tokens", "128",
     "--kv-cache-boundary-align-tokens", "128",
     "--kv-cache-boundary-trim-tokens", "16",
