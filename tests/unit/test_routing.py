@@ -1,7 +1,7 @@
 """The routing cost model (router.routing) on snapshots: no I/O, no workers."""
 
 from router.routing import (
-    Candidate, Rates, Reuse, best_reuse, choose_worker, load_seconds, prefill_seconds, should_load,
+    Candidate, Rates, Reuse, best_reuse, choose_worker, load_seconds, prefill_seconds, queue_wait_s, should_load,
 )
 
 CPU = Rates(prefill_tps=250, disk_bps=0.5e9, ram_bps=10e9)
@@ -73,3 +73,16 @@ def test_another_hosts_checkpoint_is_not_an_option():
     local = Candidate("w0", True, 0, (Reuse("disk", 900, 900 * 46_000),), CPU)
     d = choose_worker([remote, local], 1000)
     assert d.worker == "w0" and d.source == "disk"
+
+
+def test_a_batching_worker_with_a_free_slot_makes_a_request_wait_only_for_prefills_ahead():
+    # 3 requests in flight, 12 s of predicted work, 2 s of it prefill not yet done.
+    batching = Candidate("w0", True, 3, (), CPU, queued_s=12.0, slots=4, prefill_backlog_s=2.0)
+    serial = Candidate("w1", True, 3, (), CPU, queued_s=12.0, slots=1, prefill_backlog_s=2.0)
+    assert queue_wait_s(batching) == 2.0
+    assert queue_wait_s(serial) == 12.0  # one slot: it waits for everything dispatched
+    # every slot taken: add the time until one frees (mean service 3 s, 4 slots, first in line)
+    full = Candidate("w2", True, 4, (), CPU, queued_s=12.0, slots=4, prefill_backlog_s=2.0)
+    assert abs(queue_wait_s(full) - (2.0 + 3.0 * 1 / 4)) < 1e-9
+    d = choose_worker([serial, batching], 1000)
+    assert d.worker == "w0" and abs(d.predicted_ttft_s - (2.0 + 1000 / 250)) < 1e-9
