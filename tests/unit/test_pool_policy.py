@@ -111,6 +111,23 @@ async def test_no_worker_left_is_unavailable_and_full_queues_are_overloaded():
     del r1, r2
 
 
+async def test_a_worker_that_answers_queue_full_is_retried_when_no_other_can_take_it():
+    """The router's count said it had room (e.g. a cancelled generation is still
+    stopping on it): retry it after the backoff instead of refusing the client."""
+    pool, model, workers, d = make(1, max_queue=1)
+    w = workers[0]
+    w._queued = 1  # a generation the router no longer counts
+    asyncio.get_running_loop().call_later(0.05, setattr, w, "_queued", 0)
+    route, out = await run(d, job(model, [1, 2, 3]))
+    assert isinstance(out[-1], Completion) and route.worker == "w0"
+    assert route.attempts == 2 and route.reason == "retry" and w.in_flight == 0
+    # still full after every attempt: 429 / 529 with Retry-After, the slot given back
+    w._queued = 1
+    with pytest.raises(Overloaded):
+        await run(d, job(model, [4, 5, 6]))
+    assert w.in_flight == 0 and len(w.requests) == 2 + 3
+
+
 async def test_second_turn_goes_to_the_worker_holding_the_session():
     pool, model, workers, d = make(2)
     first = [5] * 300
