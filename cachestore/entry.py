@@ -57,6 +57,8 @@ class StoreEvent:
     kind: the checkpoint kind; n_tokens: its length, tokens; n_bytes: payload size, bytes;
     seconds: time the action took (stores and skips), 0 otherwise; reason: why (skips,
     evictions, quarantines), e.g. "duplicate", "io_error", "budget".
+    entry_id / namespace / model_id: the row acted on ("" for skips, which have none);
+    token_ids: the checkpoint's token ids, for "stored" only (empty otherwise).
     """
 
     action: str
@@ -65,3 +67,7 @@ class StoreEvent:
     n_bytes: int = 0
     seconds: float = 0.0
     reason: str = ""
+    entry_id: str = ""
+    namespace: str = ""
+    model_id: str = ""
+    token_ids: tuple[int, ...] = ()

@@ -59,8 +59,9 @@ class CheckpointStore:
     """
 
     def __init__(self, config: StoreConfig, on_event: Callable[[StoreEvent], None] | None = None) -> None:
-        """on_event: called (in the calling thread) for every store, skip, eviction and
-        quarantine, so a worker can count them and report them per request."""
+        """on_event: called (in the calling thread) for every store, skip, eviction,
+        quarantine and removal, so a worker can count them, report them per request and
+        tell a router which entries exist (events name the entry; stores carry its tokens)."""
         self.config = config
         self.on_event = on_event
         self.directory = config.directory
@@ -320,12 +321,14 @@ class CheckpointStore:
                 victim.id, victim.kind, victim.n_tokens, victim.payload_bytes / _MIB, victim.hits,
                 now - victim.created, entry_id,
             )
-            self._emit(StoreEvent("evicted", victim.kind, victim.n_tokens, victim.payload_bytes, 0.0, "budget"))
+            self._emit(StoreEvent("evicted", victim.kind, victim.n_tokens, victim.payload_bytes, 0.0, "budget",
+                                  victim.id, victim.namespace, victim.model_id))
         log.info(
             "stored id=%s kind=%s tokens=%d mib=%.1f ms=%.0f evicted=%d namespace=%r",
             entry_id, kind, n, size / _MIB, (time.monotonic() - t0) * 1000, len(victims), namespace,
         )
-        self._emit(StoreEvent("stored", kind, n, size, time.monotonic() - t0))
+        self._emit(StoreEvent("stored", kind, n, size, time.monotonic() - t0, "", entry_id, namespace, model_id,
+                              tuple(keys.unpack_tokens(packed))))
         return entry
 
     def quarantine(self, entry_id: str, reason: str) -> None:
@@ -349,7 +352,7 @@ class CheckpointStore:
             entry_id, marked.kind, marked.n_tokens, marked.payload_bytes / _MIB, marked.namespace, reason,
         )
         self._emit(StoreEvent("quarantined", marked.kind, marked.n_tokens, marked.payload_bytes, 0.0,
-                              reason.split(":")[0]))
+                              reason.split(":")[0], marked.id, marked.namespace, marked.model_id))
 
     def touch(self, entry_id: str) -> None:
         """Record a hit: hits += 1, last_used = now (unix seconds). No-op for a missing or quarantined row."""
@@ -388,6 +391,9 @@ class CheckpointStore:
             self._verified.pop(e.id, None)
             log.info("removed id=%s kind=%s tokens=%d mib=%.1f reason=%s",
                      e.id, e.kind, e.n_tokens, e.payload_bytes / _MIB, reason)
+            if not e.quarantined:  # a quarantined row left the index's keys already
+                self._emit(StoreEvent("removed", e.kind, e.n_tokens, e.payload_bytes, 0.0, reason.split()[0],
+                                      e.id, e.namespace, e.model_id))
 
     def collect_garbage(self) -> int:
         """Runs the open-time cleanup now (see `_repair`). Returns the number of files removed."""

@@ -4,8 +4,9 @@ prefix, dispatch, retry before the first token, record metrics. Shared by every
 protocol view.
 
 Failures: a worker that fails before any token reached the client (unreachable,
-queue full, engine gone) is replaced by another (at most MAX_ATTEMPTS workers,
-with backoff); a failure after the first token raises WorkerFailed, which the
+queue full, engine gone) is replaced by another (at most MAX_ATTEMPTS attempts,
+with backoff; a worker whose queue was full is tried again when no other can
+take the request, since the router's count said it had room); a failure after the first token raises WorkerFailed, which the
 views turn into an error event (never a normal stop). Client errors
 (BadRequest) pass through and never count against a worker (case C14).
 
@@ -229,6 +230,7 @@ class Dispatcher:
         first = True
         last_token_at = 0.0
         tried: set[str] = set()
+        full: set[str] = set()  # tried workers that answered "queue full"
         busy = False
         while True:
             worker = self.pool.worker(job.model, route.worker)
@@ -267,9 +269,11 @@ class Dispatcher:
                 self._release(route)
                 if route.attempts >= MAX_ATTEMPTS:
                     raise self._no_worker(busy, exc) from exc
+                if busy:
+                    full.add(worker.name)
                 await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (route.attempts - 1))
                 try:
-                    decision = self.pool.decide(job.model, job.tokens, job.namespace, exclude=tried)
+                    decision = self._retry_decision(job, tried, full)
                 except (Unavailable, Overloaded) as no_other:
                     raise self._no_worker(busy, exc) from no_other
                 route.worker, route.source, route.cached = decision.worker, decision.source, decision.cached_tokens
@@ -281,6 +285,18 @@ class Dispatcher:
             except WorkerError as exc:
                 self.metrics.worker_failures.labels(worker.name, "failed").inc()
                 raise WorkerFailed(str(exc)) from exc
+
+    def _retry_decision(self, job: Job, tried: set[str], full: set[str]):
+        """The route of a retry: a worker not tried yet; when none can take it, one of
+        `full` (tried workers that answered "queue full": the router's count said they
+        had room, so their queue is draining, e.g. a generation whose client just left
+        is still stopping). Raises Unavailable or Overloaded."""
+        try:
+            return self.pool.decide(job.model, job.tokens, job.namespace, exclude=frozenset(tried))
+        except (Unavailable, Overloaded):
+            if not full:
+                raise
+            return self.pool.decide(job.model, job.tokens, job.namespace, exclude=frozenset(tried - full))
 
     @staticmethod
     def _no_worker(busy: bool, exc: Exception):

@@ -7,9 +7,11 @@ A worker batches requests and keeps several live states (one per batch slot),
 each with an id. The view is kept current three ways: each request's
 completion (the live state it left, the worker's rates), the worker's cache
 event stream (a live state held or dropped, RAM tier gained or dropped an
-entry; numbered, and a gap triggers a resync from GetStatus), and GetStatus
-when a stream (re)starts. A router that
-restarts rebuilds it from GetStatus and the store's LMDB index.
+entry, a checkpoint stored or removed; numbered, and a gap triggers a resync
+from GetStatus), and GetStatus when a stream (re)starts. A router that
+restarts rebuilds it from GetStatus and the store's LMDB index; another host's
+store, which it cannot open, from that host's workers' ListCheckpoints and
+checkpoint events (`router.remote_stores`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from cachestore.keys import common_prefix_length
 from router.errors import NotFound, Overloaded, Unavailable
 from router.prompting import ModelTokenizer
+from router.remote_stores import RemoteStores, is_remote
 from router.routing import (Candidate, Decision, Rates, Reuse, choose_worker, load_seconds, prefill_seconds,
                             request_seconds)
 from router.worker_client import GrpcWorkerClient, WorkerUnavailable, rates_from_proto
@@ -101,7 +104,8 @@ class WorkerPool:
 
     store: the store index this host's workers share (None: no disk reuse predicted).
     local_store_id: its "host:directory" (workers reporting another id read another
-    host's store, whose checkpoints this router cannot reuse for them).
+    host's store, which this router cannot open: `remote_stores` holds what their
+    events and listings say it contains).
     affinity_max_in_flight: see router.routing. max_queue: requests in flight per
     worker past which it takes no more (0: no limit; a worker's own --max-queue
     applies too).
@@ -117,6 +121,7 @@ class WorkerPool:
         self.models: dict[str, ServedModel] = {}
         self._tasks: list[asyncio.Task] = []
         self.views: dict[str, WorkerView] = {}
+        self.remote_stores = RemoteStores()  # other hosts' stores, from their workers' events
 
     @classmethod
     def from_addresses(cls, addresses, store=None, *, remote=(), token: str | None = None,
@@ -172,20 +177,30 @@ class WorkerPool:
         v.lives = {s.live_id: (s.namespace, tuple(s.token_ids)) for s in st.live_states}
 
     async def _follow_events(self, client) -> None:
-        """Applies `client`'s cache events forever; resyncs on a gap or a new stream."""
+        """Applies `client`'s cache events forever; resyncs on a gap or a new stream,
+        and then rebuilds the view of its store when that is another host's. Events
+        numbered at or below the resync's `event_seq` are in its picture already."""
         backoff = 0.5
         while True:
             try:
                 resynced = False
                 async for ev in client.cache_events():
                     v = self.view(client)
-                    if not resynced or ev.seq != v.event_seq + 1:
+                    if not resynced or ev.seq > v.event_seq + 1:
                         if resynced:
                             log.info("worker %s: cache event %d after %d; resyncing", client.name, ev.seq,
                                      v.event_seq)
                         await self.resync(client)
                         resynced = True
-                    v.event_seq = max(v.event_seq, ev.seq)
+                        if is_remote(v.store_id, self.local_store_id):
+                            try:  # listed after GetStatus: holds every change numbered up to v.event_seq
+                                await self.remote_stores.rebuild(v.store_id, client.list_checkpoints())
+                            except WorkerUnavailable as exc:  # keep the old view; events still apply
+                                log.warning("worker %s: no checkpoint listing of store %s: %s", client.name,
+                                            v.store_id, exc)
+                    if ev.seq <= v.event_seq:
+                        continue
+                    v.event_seq = ev.seq
                     self.apply(client.name, ev)
                     backoff = 0.5
             except asyncio.CancelledError:
@@ -200,8 +215,13 @@ class WorkerPool:
             backoff = min(backoff * 2, 1.0)
 
     def apply(self, name: str, ev) -> None:
-        """Applies one CacheUpdate to the view of worker `name`."""
-        if ev.kind == "live":
+        """Applies one CacheUpdate to the view of worker `name` (a checkpoint change to
+        the view of its store, when that is another host's)."""
+        if ev.kind == "checkpoint":
+            store_id = self.views.get(name, WorkerView()).store_id
+            if ev.checkpoint is not None and is_remote(store_id, self.local_store_id):
+                self.remote_stores.apply(store_id, ev.checkpoint, ev.added)
+        elif ev.kind == "live":
             lives = self.views.setdefault(name, WorkerView()).lives
             if ev.removed:
                 lives.pop(ev.live_id, None)
@@ -242,16 +262,29 @@ class WorkerPool:
         return getattr(worker, "local", True)
 
     def candidates(self, model: ServedModel, tokens, namespace: str, hit=None) -> list[Candidate]:
-        """The routing snapshot: every worker of `model` with what it could reuse of `tokens`."""
+        """The routing snapshot: every worker of `model` with what it could reuse of `tokens`.
+
+        `hit`: the longest checkpoint in the router's own store (offered to workers on
+        this host); a worker reading another host's store is offered that store's
+        longest entry from `remote_stores` (RAM when its RAM tier holds it)."""
         limit = len(tokens) - 1
         out = []
+        remote_hits: dict[str, object] = {}  # store id -> its longest entry, looked up once per call
         for w in model.workers:
             v = self.view(w)
             reuse = []
             n = min(self.live_match(w.name, tokens, namespace), limit)
             if n > 0:
                 reuse.append(Reuse("live", n))
-            if hit is not None and self.reads_local_store(w) and min(hit.n_tokens, limit) > 0:
+            if is_remote(v.store_id, self.local_store_id):
+                if v.store_id not in remote_hits:
+                    remote_hits[v.store_id] = self.remote_stores.longest(v.store_id, model.identity, namespace,
+                                                                         tokens)
+                cp = remote_hits[v.store_id]
+                if cp is not None and min(cp.n_tokens, limit) > 0:
+                    source = "ram" if cp.entry_id in v.ram_ids else "disk"
+                    reuse.append(Reuse(source, min(cp.n_tokens, limit), cp.payload_bytes))
+            elif hit is not None and self.reads_local_store(w) and min(hit.n_tokens, limit) > 0:
                 source = "ram" if hit.entry.id in v.ram_ids else "disk"
                 reuse.append(Reuse(source, min(hit.n_tokens, limit), hit.entry.payload_bytes))
             limits = [q for q in (self.max_queue, v.max_queue) if q]

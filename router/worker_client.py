@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Protocol
 
 import grpc
@@ -29,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
 from router.errors import BadRequest
+from router.remote_stores import Checkpoint
 from router.routing import Rates
 
 log = logging.getLogger("kvrouter.router.worker_client")
@@ -70,7 +72,9 @@ class StoreEvent:
 class CacheUpdate:
     """A cache event from a worker. kind "live": live state `live_id` now holds
     `tokens` (in `namespace`), or was dropped (`removed`); kind "ram": `entry_id`
-    entered (added) or left its RAM tier."""
+    entered (added) or left its RAM tier; kind "checkpoint": the worker stored
+    (added) or removed `checkpoint` (id `entry_id`) in the store it reads (token
+    ids only when added)."""
 
     seq: int
     kind: str
@@ -80,6 +84,7 @@ class CacheUpdate:
     added: bool = False
     live_id: int = 0
     removed: bool = False
+    checkpoint: Checkpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -118,10 +123,19 @@ def rates_from_proto(r: worker_pb2.Rates) -> Rates:
                  r.decode_tokens_per_second)
 
 
+def checkpoint_from_proto(c: worker_pb2.CheckpointChanged) -> Checkpoint:
+    return Checkpoint(c.entry_id, c.namespace, c.model_identity, c.kind, tuple(c.token_ids), c.n_tokens,
+                      c.payload_bytes)
+
+
 def cache_update_from_proto(ev: worker_pb2.CacheEvent) -> CacheUpdate:
     if ev.HasField("live"):
         return CacheUpdate(ev.seq, "live", ev.live.namespace, tuple(ev.live.token_ids), live_id=ev.live.live_id,
                            removed=ev.live.removed)
+    if ev.HasField("checkpoint"):
+        c = ev.checkpoint
+        return CacheUpdate(ev.seq, "checkpoint", entry_id=c.entry_id, added=c.added,
+                           checkpoint=checkpoint_from_proto(c))
     return CacheUpdate(ev.seq, "ram", entry_id=ev.ram.entry_id, added=ev.ram.added)
 
 
@@ -141,6 +155,7 @@ class WorkerClient(Protocol):
     async def model_info(self) -> worker_pb2.ModelInfo: ...
     async def status(self) -> worker_pb2.WorkerStatus: ...
     def cache_events(self) -> AsyncIterator[CacheUpdate]: ...
+    def list_checkpoints(self) -> AsyncIterator[Checkpoint]: ...
     def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]: ...
     async def close(self) -> None: ...
 
@@ -230,6 +245,18 @@ class GrpcWorkerClient:
         finally:
             call.cancel()
 
+    async def list_checkpoints(self) -> AsyncIterator[Checkpoint]:
+        """Every usable entry of the store the worker reads, with token ids. Raises
+        WorkerUnavailable when the call fails (also from a worker without the rpc)."""
+        call = self._stub.ListCheckpoints(worker_pb2.ListCheckpointsRequest(), metadata=self._metadata)
+        try:
+            async for c in call:
+                yield checkpoint_from_proto(c)
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerUnavailable(f"worker {self.name} checkpoint listing: {exc.code().name}") from exc
+        finally:
+            call.cancel()
+
     async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]:
         """Streams Delta items and ends with one Completion.
 
@@ -288,12 +315,18 @@ class FakeWorkerClient:
     its output. `fail_next`: raise this exception class for the next request
     (before any token; or after the first token with `fail_mid_stream`).
     `requests` records every GenerateRequest it received.
+
+    Its store: `store_id` names it ("" none) and `stored` holds its entries by id
+    (pass the same dict to fakes of one host: they share the store).
+    `store_checkpoint` / `remove_checkpoint` change it and send the `checkpoint`
+    event a worker sends; `list_checkpoints` lists it.
     """
 
     LIVE_ID = 1  # its one live state (one batch slot)
 
     def __init__(self, name: str, model_name: str = "fake", *, prefill_tps: float = 1000.0,
-                 time_scale: float = 0.0, max_queue: int = 0, healthy: bool = True, local: bool = True):
+                 time_scale: float = 0.0, max_queue: int = 0, healthy: bool = True, local: bool = True,
+                 store_id: str = "", stored: dict[str, Checkpoint] | None = None):
         self.name = name
         self.address = f"fake://{name}"
         self.local = local
@@ -314,6 +347,8 @@ class FakeWorkerClient:
         self._queued = 0
         self._events: asyncio.Queue | None = None
         self._seq = 0
+        self.store_id = store_id
+        self.stored: dict[str, Checkpoint] = stored if stored is not None else {}
 
     async def wait_ready(self, timeout_s: float) -> None:
         if not self.healthy:
@@ -332,7 +367,8 @@ class FakeWorkerClient:
             requests_served=self.served, engine_alive=self.healthy, pid=0,
             rates=worker_pb2.Rates(prefill_tokens_per_second=self.prefill_tps),
             live_token_ids=self.live, live_namespace=self.live_namespace, max_queue=self.max_queue,
-            event_seq=self._seq, worker_name=self.name, decode_concurrency=1, prompt_concurrency=1,
+            event_seq=self._seq, worker_name=self.name, store_id=self.store_id, decode_concurrency=1,
+            prompt_concurrency=1,
             live_states=[worker_pb2.LiveState(live_id=self.LIVE_ID, namespace=self.live_namespace,
                                               token_ids=self.live)] if self.live else [],
         )
@@ -344,10 +380,35 @@ class FakeWorkerClient:
             yield await self._events.get()
 
     def _emit_live(self) -> None:
+        self._emit(CacheUpdate(0, "live", self.live_namespace, self.live, live_id=self.LIVE_ID,
+                               removed=not self.live))
+
+    def _emit(self, update: CacheUpdate) -> None:
+        """Numbers `update` as the next event (its own seq is replaced) and sends it."""
         self._seq += 1
         if self._events is not None:
-            self._events.put_nowait(CacheUpdate(self._seq, "live", self.live_namespace, self.live,
-                                                live_id=self.LIVE_ID, removed=not self.live))
+            self._events.put_nowait(replace(update, seq=self._seq))
+
+    def store_checkpoint(self, tokens, namespace: str = "", kind: str = "anchor",
+                         payload_bytes: int = 1000) -> Checkpoint:
+        """Stores a checkpoint of `tokens` (as a prefill of this worker would) and sends its event."""
+        cp = Checkpoint(uuid.uuid4().hex, namespace, f"id-{self.model_name}", kind, tuple(tokens), len(tokens),
+                        payload_bytes)
+        self.stored[cp.entry_id] = cp
+        self._emit(CacheUpdate(0, "checkpoint", entry_id=cp.entry_id, added=True, checkpoint=cp))
+        return cp
+
+    def remove_checkpoint(self, entry_id: str, *, event: bool = True) -> None:
+        """Removes an entry (evicted or quarantined by this worker; `event=False`: by
+        someone who sends no event, like `kvrouter cache rm`)."""
+        cp = self.stored.pop(entry_id)
+        if event:
+            gone = replace(cp, token_ids=())
+            self._emit(CacheUpdate(0, "checkpoint", entry_id=entry_id, added=False, checkpoint=gone))
+
+    async def list_checkpoints(self) -> AsyncIterator[Checkpoint]:
+        for cp in list(self.stored.values()):
+            yield cp
 
     async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]:
         self.requests.append(request)

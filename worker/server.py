@@ -71,6 +71,21 @@ def store_id_of(directory) -> str:
     return f"{socket.gethostname()}:{os.path.realpath(directory)}"
 
 
+def also_call(first, then):
+    """A listener that calls `first` (may be None), then `then`, with the same event:
+    chains a second `CheckpointStore.on_event` listener after the one that is set."""
+    if first is None:
+        return then
+
+    def both(event) -> None:
+        try:
+            first(event)
+        finally:
+            then(event)
+
+    return both
+
+
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without `authorization: Bearer TOKEN` metadata (UNAUTHENTICATED)."""
 
@@ -145,11 +160,12 @@ def build_engine(config: WorkerConfig):
 
 def create_server(address: str, engine, model_info, *, token: str | None = None,
                   tls: tuple[bytes, bytes] | None = None, store_id: str = "", worker_name: str = "",
-                  hub=None) -> tuple[grpc.aio.Server, int, "health.aio.HealthServicer"]:
+                  hub=None, store=None) -> tuple[grpc.aio.Server, int, "health.aio.HealthServicer"]:
     """Builds a grpc.aio server for `engine` bound to `address` ("HOST:PORT", port 0 = any).
 
     token: required `authorization: Bearer` metadata (None: none; then the address
     must be loopback). tls: (certificate chain PEM, private key PEM) or None.
+    store: the CheckpointStore the engine reads (ListCheckpoints lists it; None: none).
     Returns (server, bound port, health servicer). Raises RuntimeError when the
     address cannot be bound, ValueError for a non-loopback address without a token.
     """
@@ -159,7 +175,7 @@ def create_server(address: str, engine, model_info, *, token: str | None = None,
         raise ValueError(f"listening on {address} (not loopback) requires --worker-token")
     interceptors = [TokenInterceptor(token)] if token else []
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 2**20)], interceptors=interceptors)
-    servicer = WorkerServicer(engine, model_info, store_id=store_id, worker_name=worker_name, hub=hub)
+    servicer = WorkerServicer(engine, model_info, store_id=store_id, worker_name=worker_name, hub=hub, store=store)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -226,10 +242,14 @@ async def serve(config: WorkerConfig) -> int:
     engine, info = await asyncio.to_thread(build_engine, config)
     hub = CacheEventHub(asyncio.get_running_loop())
     engine.on_cache_event = hub.publish_threadsafe
+    store = engine.checkpoints.store
+    if store is not None:  # checkpoints stored and removed go to subscribers too
+        store.on_event = also_call(store.on_event, hub.publish_store_event)
     engine.start()
     store_id = store_id_of(config.store.directory) if config.store is not None else ""
     server, port, health_servicer = create_server(config.listen, engine, info, token=config.worker_token, tls=tls,
-                                                  store_id=store_id, worker_name=config.worker_name, hub=hub)
+                                                  store_id=store_id, worker_name=config.worker_name, hub=hub,
+                                                  store=store)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

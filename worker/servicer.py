@@ -8,8 +8,9 @@ gRPC status codes:
                                                    their streams end with this error, case C15)
     request failed             INTERNAL
 
-`CacheEventHub` numbers the engine's cache events and fans them out to
-`SubscribeCacheEvents` streams.
+`CacheEventHub` numbers the engine's cache events (live state, RAM tier) and
+the store's (checkpoints stored and removed) and fans them out to
+`SubscribeCacheEvents` streams; `ListCheckpoints` lists the store.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 
 import grpc
 
+from cachestore import StoreEvent
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
 from worker.engine import Engine, EngineBusyError, EngineDeadError
 from worker.events import ErrorEvent, FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
@@ -62,6 +64,8 @@ def request_from_proto(msg: worker_pb2.GenerateRequest, context_length: int) -> 
 
 ENGINE_POLL_S = 0.5  # how often a waiting stream checks that the engine thread lives
 SUBSCRIBER_QUEUE = 10_000  # cache events buffered per subscriber before it is dropped
+LISTING_BATCH = 64  # store entries read per thread hop by ListCheckpoints
+CHECKPOINT_ACTIONS = ("stored", "evicted", "quarantined", "removed")  # store events that change what it holds
 
 
 def rates_message(rates) -> worker_pb2.Rates:
@@ -82,10 +86,18 @@ class CacheEventHub:
         self.subscribers: set[asyncio.Queue] = set()
         self.closed = False
 
-    def publish_threadsafe(self, kind: str, payload: tuple) -> None:
+    def publish_threadsafe(self, kind: str, payload) -> None:
         self.loop.call_soon_threadsafe(self.publish, kind, payload)
 
-    def publish(self, kind: str, payload: tuple) -> None:
+    def publish_store_event(self, event: StoreEvent) -> None:
+        """A `CheckpointStore.on_event` listener (any thread): stores and removals of an
+        entry become `checkpoint` events; skips and the rest are not sent."""
+        if event.action in CHECKPOINT_ACTIONS and event.entry_id and not self.loop.is_closed():
+            self.publish_threadsafe("checkpoint", event)
+
+    def publish(self, kind: str, payload) -> None:
+        """kind "live": payload (namespace, tokens); "ram": (entry id, added);
+        "checkpoint": a cachestore StoreEvent (see `checkpoint_message`)."""
         self.seq += 1
         ev = event_message(self.seq, kind, payload)
         for q in list(self.subscribers):
@@ -108,7 +120,33 @@ class CacheEventHub:
         return q
 
 
-def event_message(seq: int, kind: str, payload: tuple) -> worker_pb2.CacheEvent:
+def checkpoint_message(event: StoreEvent) -> worker_pb2.CheckpointChanged:
+    """A store event (see CHECKPOINT_ACTIONS) as the CheckpointChanged it announces."""
+    added = event.action == "stored"
+    return worker_pb2.CheckpointChanged(
+        entry_id=event.entry_id, added=added, namespace=event.namespace, model_identity=event.model_id,
+        kind=event.kind, token_ids=event.token_ids if added else (), n_tokens=event.n_tokens,
+        payload_bytes=event.n_bytes, reason="" if added else event.reason)
+
+
+def listing_messages(store, entries: list) -> list[worker_pb2.CheckpointChanged]:
+    """CheckpointChanged (added) messages of `entries` with their token ids, read from
+    `store` (blocking: run it in a thread); entries removed meanwhile are left out."""
+    out = []
+    for e in entries:
+        try:
+            tokens = store.tokens_of(e.id)
+        except KeyError:
+            continue
+        out.append(worker_pb2.CheckpointChanged(
+            entry_id=e.id, added=True, namespace=e.namespace, model_identity=e.model_id, kind=e.kind,
+            token_ids=tokens, n_tokens=e.n_tokens, payload_bytes=e.payload_bytes))
+    return out
+
+
+def event_message(seq: int, kind: str, payload) -> worker_pb2.CacheEvent:
+    if kind == "checkpoint":
+        return worker_pb2.CacheEvent(seq=seq, checkpoint=checkpoint_message(payload))
     if kind == "live":
         live_id, namespace, tokens, removed = payload
         return worker_pb2.CacheEvent(seq=seq, live=worker_pb2.LiveStateChanged(
@@ -138,15 +176,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     store_id: "host:directory" of the store the engine reads ("" without one).
     hub: the cache event hub (None: SubscribeCacheEvents is unavailable).
+    store: that store (a `cachestore.CheckpointStore`, read by ListCheckpoints; None: none).
     """
 
     def __init__(self, engine: Engine, model_info: worker_pb2.ModelInfo, store_id: str = "",
-                 worker_name: str = "", hub: CacheEventHub | None = None):
+                 worker_name: str = "", hub: CacheEventHub | None = None, store=None):
         self.engine = engine
         self.model_info = model_info
         self.store_id = store_id
         self.worker_name = worker_name
         self.hub = hub
+        self.store = store
 
     async def Generate(self, request, context):
         try:
@@ -246,3 +286,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 yield ev
         finally:
             self.hub.subscribers.discard(q)
+
+    async def ListCheckpoints(self, request, context):
+        """Streams every usable entry of the store with its token ids (a scan: for a
+        subscriber's resync, never the request path); nothing without a store."""
+        if self.store is None:
+            return
+        entries = await asyncio.to_thread(self.store.entries)
+        for i in range(0, len(entries), LISTING_BATCH):
+            for msg in await asyncio.to_thread(listing_messages, self.store, entries[i: i + LISTING_BATCH]):
+                yield msg

@@ -226,12 +226,40 @@ class RamTierChanged(_message.Message):
     added: bool
     def __init__(self, entry_id: _Optional[str] = ..., added: _Optional[bool] = ...) -> None: ...
 
+class CheckpointChanged(_message.Message):
+    __slots__ = ("entry_id", "added", "namespace", "model_identity", "kind", "token_ids", "n_tokens", "payload_bytes", "reason")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    N_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    entry_id: str
+    added: bool
+    namespace: str
+    model_identity: str
+    kind: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    n_tokens: int
+    payload_bytes: int
+    reason: str
+    def __init__(self, entry_id: _Optional[str] = ..., added: _Optional[bool] = ..., namespace: _Optional[str] = ..., model_identity: _Optional[str] = ..., kind: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., n_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class CacheEvent(_message.Message):
-    __slots__ = ("seq", "live", "ram")
+    __slots__ = ("seq", "live", "ram", "checkpoint")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     RAM_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     seq: int
     live: LiveStateChanged
     ram: RamTierChanged
-    def __init__(self, seq: _Optional[int] = ..., live: _Optional[_Union[LiveStateChanged, _Mapping]] = ..., ram: _Optional[_Union[RamTierChanged, _Mapping]] = ...) -> None: ...
+    checkpoint: CheckpointChanged
+    def __init__(self, seq: _Optional[int] = ..., live: _Optional[_Union[LiveStateChanged, _Mapping]] = ..., ram: _Optional[_Union[RamTierChanged, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointChanged, _Mapping]] = ...) -> None: ...

@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=kvrouter__proto_dot_worker__pb2.CacheEventsRequest.SerializeToString,
                 response_deserializer=kvrouter__proto_dot_worker__pb2.CacheEvent.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_stream(
+                '/kvrouter.worker.v1.Worker/ListCheckpoints',
+                request_serializer=kvrouter__proto_dot_worker__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=kvrouter__proto_dot_worker__pb2.CheckpointChanged.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -81,12 +86,24 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubscribeCacheEvents(self, request, context):
-        """Cache events (live state changed, RAM tier gained or dropped a checkpoint),
+        """Cache events (a live state held or dropped, RAM tier gained or dropped a
+        checkpoint, this worker stored or removed a checkpoint in its store),
         numbered from 1 per worker process; a gap means events were lost and the
         subscriber resynchronises from GetStatus. A worker holds several live
         states (one per decode slot, `--decode-concurrency`), each with its own
         `live_id`; the first messages of a stream are one `live` event per live
         state held, so a subscriber starts from a full picture.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Every usable checkpoint of the store this worker reads (whichever process
+        stored it), with its token ids, then the stream ends. A router rebuilds its
+        view of another host's store from it when that host's event stream (re)starts
+        or skips a number; `checkpoint` events keep the view current afterwards.
+        Empty without a store.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,6 +131,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.SubscribeCacheEvents,
                     request_deserializer=kvrouter__proto_dot_worker__pb2.CacheEventsRequest.FromString,
                     response_serializer=kvrouter__proto_dot_worker__pb2.CacheEvent.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=kvrouter__proto_dot_worker__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=kvrouter__proto_dot_worker__pb2.CheckpointChanged.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +246,33 @@ class Worker:
             '/kvrouter.worker.v1.Worker/SubscribeCacheEvents',
             kvrouter__proto_dot_worker__pb2.CacheEventsRequest.SerializeToString,
             kvrouter__proto_dot_worker__pb2.CacheEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvrouter.worker.v1.Worker/ListCheckpoints',
+            kvrouter__proto_dot_worker__pb2.ListCheckpointsRequest.SerializeToString,
+            kvrouter__proto_dot_worker__pb2.CheckpointChanged.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,8 @@
 """Routing across 2 real workers on the default model (`kvrouter serve --workers 2`):
 router state, spread (C13), affinity, prefill coalescing, and failover when a
-worker is killed with requests queued (then the supervisor restarts it).
+worker is killed with requests queued (then the supervisor restarts it); then a
+second host (a worker on 127.0.0.2 with its own store): it joins, and what its
+store holds reaches the router through its events.
 
 Prompts are short and max_tokens tiny: the CI machine has 2 shared CPU cores.
 """
@@ -200,6 +202,7 @@ def two_hosts(start_server, tmp_path_factory):
         server = start_server("--workers", "1", "--remote-worker", f"127.0.0.2:{port}", "--worker-token", "t0ken",
                               "--kv-cache-dir", str(tmp_path_factory.mktemp("kv-local")), *SMALL_KV_FLAGS,
                               name="two-hosts")
+        server.remote_address = f"127.0.0.2:{port}"
         yield server
         server.stop()
     finally:
@@ -222,3 +225,48 @@ def test_a_remote_worker_joins_with_its_own_store(two_hosts):
         results = list(pool.map(lambda m: post_chat(two_hosts, m), prompts))
     assert all(status == 200 for status, _, _ in results)
     assert {r["worker"] for _, _, r in results} == {"w0", "r0"}
+
+
+def test_a_checkpoint_stored_on_the_remote_host_is_predicted_there(two_hosts):
+    """The router cannot open the other host's store; the remote worker's events tell
+    it what that store holds. A prompt prefilled on the remote worker by another client
+    (this test, over gRPC) leaves its anchor there; the remote worker's live state then
+    moves on, so only its store holds the prefix; a chat sharing that prefix is routed
+    to it with RAM (or disk) reuse predicted and really reused."""
+    import asyncio
+
+    from kvrouter_proto import worker_pb2
+    from router.prompting import ModelTokenizer
+    from router.worker_client import GrpcWorkerClient
+
+    system = f"Project {uuid.uuid4().hex}.\n" + long_system_prompt(n_rules=36, project="Halcyon")
+
+    def request(tokens, anchor=0):
+        return worker_pb2.GenerateRequest(request_id=uuid.uuid4().hex, prompt_token_ids=tokens, anchor_tokens=anchor,
+                                          sampling=worker_pb2.SamplingParams(max_tokens=1))
+
+    async def prefill_on_the_remote_host():
+        client = GrpcWorkerClient("remote", two_hosts.remote_address, local=False, token="t0ken")
+        try:
+            tokenizer = ModelTokenizer(await client.model_info())  # the router's own tokenization
+            prompt = tokenizer.chat_prompt([{"role": "system", "content": system},
+                                            {"role": "user", "content": "What now?"}])
+            done = [item async for item in client.generate(request(prompt.tokens, prompt.anchor_tokens))][-1]
+            other = tokenizer.chat_prompt([{"role": "user", "content": "Hi"}])
+            [item async for item in client.generate(request(other.tokens))]  # its live state moves on
+            return prompt, done, (await client.status()).event_seq
+        finally:
+            await client.close()
+
+    prompt, done, seq = asyncio.run(prefill_on_the_remote_host())
+    assert [e.tokens for e in done.store_events if e.action == "stored" and e.kind == "anchor"] == [
+        prompt.anchor_tokens]
+    deadline = time.monotonic() + 30  # the router has applied every event the remote worker sent
+    while next(w for w in state(two_hosts)["workers"] if w["name"] == "r0")["cache"]["event_seq"] < seq:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    status, body, route = post_chat(two_hosts, [{"role": "system", "content": system},
+                                                {"role": "user", "content": "Name a colour."}])
+    assert status == 200
+    assert (route["worker"], route["source"], int(route["cached"])) == ("r0", "ram", prompt.anchor_tokens), route
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == prompt.anchor_tokens

@@ -435,6 +435,31 @@ def test_store_events_report_stores_skips_and_evictions(cfg: StoreConfig):
     assert actions[-1][:3] == ("stored", "anchor", 300)
 
 
+def test_store_events_name_the_entry_and_stores_carry_its_tokens(cfg: StoreConfig):
+    """What a worker needs to tell a router which entries exist: ids on every
+    store, eviction, quarantine and removal; token ids on stores only."""
+    events = []
+    small = StoreConfig(**{**cfg.__dict__, "disk_budget_bytes": 2500})
+    with CheckpointStore(small, on_event=events.append) as store:
+        a = store.save("waypoint", "m", "ns", toks(100), writer(b"x" * 1000))
+        b = store.save("waypoint", "m", "ns2", toks(200), writer(b"y" * 1000))
+        c = store.save("anchor", "m2", "ns", toks(300), writer(b"z" * 1000))  # evicts a
+        store.quarantine(b.id, "load failed: bad")
+        store.remove(c.id)
+    by_action = {e.action: e for e in events}
+    stored = [e for e in events if e.action == "stored"]
+    assert [(e.entry_id, e.namespace, e.model_id, e.token_ids) for e in stored] == [
+        (a.id, "ns", "m", tuple(toks(100))), (b.id, "ns2", "m", tuple(toks(200))),
+        (c.id, "ns", "m2", tuple(toks(300)))]
+    ev = by_action["evicted"]
+    assert (ev.entry_id, ev.namespace, ev.model_id, ev.n_tokens, ev.n_bytes, ev.token_ids) == (
+        a.id, "ns", "m", 100, 1000, ())
+    q = by_action["quarantined"]
+    assert (q.entry_id, q.namespace, q.model_id, q.reason, q.token_ids) == (b.id, "ns2", "m", "load failed", ())
+    r = by_action["removed"]
+    assert (r.entry_id, r.namespace, r.model_id, r.n_tokens) == (c.id, "ns", "m2", 300)
+
+
 def test_failed_store_leaves_the_schedule_for_a_later_try(store: CheckpointStore):
     """Policy rule 1: the plan is derived from what the index holds, so a store
     that failed (ENOSPC) is planned again by the next request, and succeeds then."""

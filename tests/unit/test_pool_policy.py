@@ -111,6 +111,23 @@ async def test_no_worker_left_is_unavailable_and_full_queues_are_overloaded():
     del r1, r2
 
 
+async def test_a_worker_that_answers_queue_full_is_retried_when_no_other_can_take_it():
+    """The router's count said it had room (e.g. a cancelled generation is still
+    stopping on it): retry it after the backoff instead of refusing the client."""
+    pool, model, workers, d = make(1, max_queue=1)
+    w = workers[0]
+    w._queued = 1  # a generation the router no longer counts
+    asyncio.get_running_loop().call_later(0.05, setattr, w, "_queued", 0)
+    route, out = await run(d, job(model, [1, 2, 3]))
+    assert isinstance(out[-1], Completion) and route.worker == "w0"
+    assert route.attempts == 2 and route.reason == "retry" and w.in_flight == 0
+    # still full after every attempt: 429 / 529 with Retry-After, the slot given back
+    w._queued = 1
+    with pytest.raises(Overloaded):
+        await run(d, job(model, [4, 5, 6]))
+    assert w.in_flight == 0 and len(w.requests) == 2 + 3
+
+
 async def test_second_turn_goes_to_the_worker_holding_the_session():
     pool, model, workers, d = make(2)
     first = [5] * 300
@@ -279,3 +296,66 @@ async def test_another_hosts_store_is_not_offered_to_its_workers():
     pool.view(workers[0]).ram_ids.add(store.lookup("", "", range(120)).entry.id)
     cands = {c.name: c for c in pool.candidates(model, tuple(range(120)), "", store.lookup("", "", range(120)))}
     assert [r.source for r in cands["w0"].reuse] == ["ram"]
+
+
+async def _settle(pool, fakes: dict):
+    """Waits until the pool followed each fake's event stream (after connect's own
+    resync, the stream's) and applied every event it sent."""
+    for _ in range(200):
+        if all(pool.views[n].resyncs >= 2 and pool.views[n].event_seq == f._seq for n, f in fakes.items()):
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError({n: (pool.views[n], f._seq) for n, f in fakes.items()})
+
+
+async def test_another_hosts_store_is_predicted_from_its_workers_events(monkeypatch):
+    """Host B's store (shared by r0 and r1) is known only through their events and
+    listings: a checkpoint r0 stores is offered to r0 and r1 (RAM where their RAM tier
+    holds it), never to w0 (host A); removals and listings after a gap keep it true."""
+    from router.worker_client import CacheUpdate
+
+    monkeypatch.setattr("router.pool.ModelTokenizer", lambda info: None)  # fakes carry no tokenizer
+    host_b: dict = {}
+    w0 = FakeWorkerClient("w0", store_id="hostA:/kv")
+    r0 = FakeWorkerClient("r0", store_id="hostB:/kv", stored=host_b, local=False)
+    r1 = FakeWorkerClient("r1", store_id="hostB:/kv", stored=host_b, local=False)
+    before = r1.store_checkpoint(list(range(1000, 1100)))  # stored before the router started
+    pool = WorkerPool([w0, r0, r1], local_store_id="hostA:/kv")
+    fakes = {"w0": w0, "r0": r0, "r1": r1}
+    await pool.connect(1)
+    try:
+        model = pool.model("fake")
+        prompt = tuple(range(400))
+        await _settle(pool, fakes)
+
+        def reuse():
+            return {c.name: [(r.source, r.tokens, r.bytes) for r in c.reuse]
+                    for c in pool.candidates(model, prompt, "")}
+
+        assert reuse() == {"w0": [], "r0": [], "r1": []}
+        assert pool.remote_stores.longest("hostB:/kv", "id-fake", "", range(1000, 1200)).entry_id == before.entry_id
+        stored = r0.store_checkpoint(prompt[:300], payload_bytes=5000)
+        r0._emit(CacheUpdate(0, "ram", entry_id=stored.entry_id, added=True))
+        w0.store_checkpoint(prompt[:350])  # host A's store is the router's own (LMDB): its events are not used
+        await _settle(pool, fakes)
+        assert reuse() == {"w0": [], "r0": [("ram", 300, 5000)], "r1": [("disk", 300, 5000)]}
+        decision = pool.decide(model, prompt)
+        assert (decision.worker, decision.source, decision.cached_tokens) == ("r0", "ram", 300)
+        assert pool.candidates(model, prompt, "other-namespace")[1].reuse == ()
+        # evicted by r1 (the same store): gone for both
+        r1.remove_checkpoint(stored.entry_id)
+        await _settle(pool, fakes)
+        assert reuse() == {"w0": [], "r0": [], "r1": []}
+        # removed without an event (`kvrouter cache rm`), another one stored while events were
+        # lost: the listing after the gap makes the view true again
+        r0.remove_checkpoint(before.entry_id, event=False)
+        stream, r0._events = r0._events, None
+        lost = r0.store_checkpoint(prompt[:200])  # numbered, never sent
+        r0._events = stream
+        r0._emit_live()
+        await _settle(pool, fakes)
+        assert pool.views["r0"].resyncs == 3  # connect, stream start, gap
+        assert reuse()["r1"] == [("disk", 200, 1000)] and lost.entry_id in pool.remote_stores.views["hostB:/kv"]
+        assert pool.remote_stores.longest("hostB:/kv", "id-fake", "", range(1000, 1200)) is None
+    finally:
+        await pool.close()

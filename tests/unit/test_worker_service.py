@@ -19,7 +19,7 @@ from router.routing import Rates
 from router.worker_client import GrpcWorkerClient, WorkerBusy, WorkerUnavailable
 from worker.engine import EngineBusyError
 from worker.events import FinishEvent, TokenEvent, Usage
-from worker.server import _watch_health, create_server, is_loopback
+from worker.server import _watch_health, also_call, create_server, is_loopback
 from worker.servicer import CacheEventHub
 
 INFO = worker_pb2.ModelInfo(model_name="fake", identity="id", context_length=100)
@@ -56,9 +56,9 @@ class FakeEngine:
         return job
 
 
-async def serve(engine, token=None, hub=None):
+async def serve(engine, token=None, hub=None, store=None):
     server, port, health_servicer = create_server("127.0.0.1:0", engine, INFO, token=token, store_id="h:/kv",
-                                                  worker_name="w9", hub=hub)
+                                                  worker_name="w9", hub=hub, store=store)
     await server.start()
     for name in ("", "kvrouter.worker.v1.Worker"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -170,6 +170,53 @@ async def test_cache_events_are_numbered_and_start_with_the_live_states():
     finally:
         await client.close()
         await server.stop(None)
+
+
+async def test_store_changes_are_cache_events_and_the_store_can_be_listed(tmp_path):
+    """What a router needs to know another host's store: every checkpoint the worker
+    stores (with token ids) or removes (evicted, quarantined) is a `checkpoint`
+    event, and ListCheckpoints lists what the store holds, with token ids. The
+    per-request listener (Final.store_events) still gets every event."""
+    from cachestore import CheckpointStore, StoreConfig
+
+    engine = FakeEngine()
+    hub = CacheEventHub(asyncio.get_running_loop())
+    per_request = []
+    store = CheckpointStore(StoreConfig(directory=tmp_path / "kv", disk_budget_bytes=2500, min_tokens=1),
+                            on_event=per_request.append)
+    store.on_event = also_call(store.on_event, hub.publish_store_event)  # as worker.server.serve wires it
+    server, port, _ = await serve(engine, hub=hub, store=store)
+    client = GrpcWorkerClient("w9", f"127.0.0.1:{port}")
+
+    def save(tokens, data):  # on another thread, like the engine's
+        return store.save("anchor", "id", "ns", tokens, lambda path: path.write_bytes(data))
+
+    try:
+        events = client.cache_events()
+        for _ in engine.live_states:  # the stream starts with the live states held
+            assert (await asyncio.wait_for(events.__anext__(), 5)).kind == "live"
+        a = await asyncio.to_thread(save, list(range(100)), b"a" * 1000)
+        b = await asyncio.to_thread(save, list(range(200)), b"b" * 1000)
+        await asyncio.to_thread(save, list(range(100)), b"a" * 1000)  # a duplicate: skipped, no event
+        c = await asyncio.to_thread(save, list(range(300)), b"c" * 1000)  # over budget: evicts a
+        await asyncio.to_thread(store.quarantine, b.id, "load failed: bad")
+        got = [await asyncio.wait_for(events.__anext__(), 5) for _ in range(5)]
+        assert [(u.kind, u.entry_id, u.added) for u in got] == [
+            ("checkpoint", a.id, True), ("checkpoint", b.id, True), ("checkpoint", a.id, False),
+            ("checkpoint", c.id, True), ("checkpoint", b.id, False)]
+        assert [u.seq for u in got] == [3, 4, 5, 6, 7]
+        first = got[0].checkpoint
+        assert (first.namespace, first.model_identity, first.kind, first.token_ids, first.n_tokens,
+                first.payload_bytes) == ("ns", "id", "anchor", tuple(range(100)), 100, 1000)
+        assert got[2].checkpoint.token_ids == () and got[2].checkpoint.n_tokens == 100
+        listed = [cp async for cp in client.list_checkpoints()]
+        assert [(cp.entry_id, cp.token_ids, cp.payload_bytes) for cp in listed] == [(c.id, tuple(range(300)), 1000)]
+        assert [e.action for e in per_request] == ["stored", "stored", "skipped", "evicted", "stored", "quarantined"]
+        await events.aclose()
+    finally:
+        await client.close()
+        await server.stop(None)
+        store.close()
 
 
 async def test_tls_worker_with_token(tmp_path):
