@@ -46,6 +46,18 @@ def state_length(caches: list[KVCache]) -> int:
     return caches[0].offset if caches else 0
 
 
+def view_state(caches: list[KVCache]) -> list[KVCache]:
+    """New KVCache objects over the same key/value arrays and offsets: trimming
+    the view leaves `caches` whole (mlx arrays are never written in place, so
+    the view's later updates do not reach them either)."""
+    out = []
+    for c in caches:
+        v = KVCache()
+        v.keys, v.values, v.offset = c.keys, c.values, c.offset
+        out.append(v)
+    return out
+
+
 def trim_state(caches: list[KVCache], n_tokens: int) -> None:
     """Shrinks the state in place so it holds exactly the first `n_tokens` tokens."""
     for c in caches:

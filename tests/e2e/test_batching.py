@@ -84,13 +84,15 @@ def test_a_request_runs_while_another_is_decoding(server):
 
 def test_each_session_keeps_its_live_state_in_its_own_slot(server):
     """Two interleaved sessions both continue from live state: with one slot the
-    second session would have replaced the first one's state."""
+    second session would have replaced the first one's state. The second reuses
+    the first one's shared opening without taking its state away."""
     s1 = [{"role": "system", "content": long_system_prompt(6, project="Kestrel")},
           {"role": "user", "content": "Name one rule."}]
     s2 = [{"role": "system", "content": long_system_prompt(6, project="Osprey")},
           {"role": "user", "content": "Name one rule."}]
     _, r1 = ask(server, s1)
-    _, r2 = ask(server, s2)
+    route2, r2 = ask(server, s2)
+    assert route2["source"] == "live" and r2.usage.prompt_tokens_details.cached_tokens > 0  # the shared opening
     lives = router_state(server)["workers"][0]["cache"]["live_states"]
     assert len(lives) == 2, lives
     for first, msgs in ((r1, s1), (r2, s2)):
@@ -105,8 +107,9 @@ def test_each_session_keeps_its_live_state_in_its_own_slot(server):
 def test_a_dropped_slot_is_stored_as_an_evict_checkpoint(server, kv_dir):
     """A third unrelated session needs a slot: the least recently used live state
     is dropped, after its `evict` checkpoint of exactly what its client sent."""
-    sessions = [[{"role": "system", "content": long_system_prompt(5, project=p)},
+    sessions = [[{"role": "system", "content": long_system_prompt(12, project=p)},
                  {"role": "user", "content": "Hello there."}] for p in ("Heron", "Plover", "Curlew")]
+    assert len(chat_tokens(sessions[0])) > 300, "evict checkpoints need --kv-cache-min-tokens (256)"
     first_prompt = chat_tokens(sessions[0])
     for msgs in sessions:
         ask(server, msgs)

@@ -196,7 +196,8 @@ def two_hosts(start_server, tmp_path_factory):
     remote = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "worker", "--listen", f"127.0.0.2:{port}", "--name", "remote",
          "--worker-token", "t0ken", "--cache-dir", str(model_cache_dir()),
-         "--kv-cache-dir", str(tmp_path_factory.mktemp("kv-remote")), *SMALL_KV_FLAGS],
+         "--kv-cache-dir", str(tmp_path_factory.mktemp("kv-remote")), *SMALL_KV_FLAGS,
+         "--decode-concurrency", "1"],  # one live state: an unrelated request moves it on
         stdout=log, stderr=subprocess.STDOUT)
     try:
         server = start_server("--workers", "1", "--remote-worker", f"127.0.0.2:{port}", "--worker-token", "t0ken",
