@@ -16,7 +16,7 @@ from router.dispatch import Dispatcher, Job
 from router.errors import BadRequest, Overloaded, Unavailable, WorkerFailed
 from router.metrics import create_metrics
 from router.pool import ServedModel, WorkerPool
-from router.routing import Rates
+from router.routing import DEFAULT_PREFILL_TPS, Rates
 from router.worker_client import Completion, Delta, FakeWorkerClient, WorkerUnavailable
 
 
@@ -359,3 +359,19 @@ async def test_another_hosts_store_is_predicted_from_its_workers_events(monkeypa
         assert pool.remote_stores.longest("hostB:/kv", "id-fake", "", range(1000, 1200)) is None
     finally:
         await pool.close()
+
+
+async def test_prefill_backlog_lasts_until_the_first_token():
+    """A batching worker's queue wait is the prefill ahead of a request: the router
+    counts a request's predicted prefill until its first token, its whole service
+    time until it ends."""
+    pool, model, workers, d = make(1)
+    w, v = workers[0], pool.view(workers[0])
+    j = job(model, [1] * 500, max_tokens=5)
+    route = d.prepare(j)
+    assert v.prefill_backlog_s == pytest.approx(500 / DEFAULT_PREFILL_TPS)  # not measured yet: the prior
+    items = d.run(j, route)
+    assert isinstance(await items.__anext__(), Delta)
+    assert v.prefill_backlog_s == 0.0 and v.queued_s > 0  # prefilled, still decoding
+    await items.aclose()
+    assert v.queued_s == 0.0 and w.in_flight == 0
