@@ -12,6 +12,9 @@ engine reads the sequence's KV state out of the batch and writes the
 checkpoint. A request that finishes (or is cancelled) leaves the batch with
 its KV state, which stays as a live state (`worker.live_states`) until its
 slot is needed: then its `evict` checkpoint is written and it is dropped.
+A request that continues a live state's conversation takes that state into
+the batch; one that shares only part of what its client sent (a common
+system block) starts from a view of it and leaves the state in place.
 Events go back through the request's `emit` callback, which must be
 thread-safe.
 
@@ -453,6 +456,12 @@ class Engine:
         return remaining
 
     def _cancel_requested(self) -> None:
+        """Ends cancelled requests: waiting ones at once, running ones with their
+        KV state kept as a live state (what they prefilled stays reusable)."""
+        if any(job.cancelled.is_set() for job in self._waiting):
+            for job in [j for j in self._waiting if j.cancelled.is_set()]:
+                self._waiting.remove(job)
+                self._done(job, FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none")))
         for uid, run in list(self._running.items()):
             if run.job.cancelled.is_set():
                 caches, tokens = self._gen.remove([uid], return_prompt_caches=True)[uid]
