@@ -234,28 +234,26 @@ class GrpcWorkerClient:
         except grpc.aio.AioRpcError as exc:
             raise WorkerUnavailable(f"worker {self.name}: {exc.details()}") from exc
 
-    async def cache_events(self) -> AsyncIterator[CacheUpdate]:
-        """The worker's cache events until the stream breaks (raises WorkerUnavailable)."""
-        call = self._stub.SubscribeCacheEvents(worker_pb2.CacheEventsRequest(), metadata=self._metadata)
+    async def _stream(self, call, convert, what: str) -> AsyncIterator:
+        """`convert`ed messages of a server stream; a failed call raises WorkerUnavailable."""
         try:
-            async for ev in call:
-                yield cache_update_from_proto(ev)
+            async for msg in call:
+                yield convert(msg)
         except grpc.aio.AioRpcError as exc:
-            raise WorkerUnavailable(f"worker {self.name} cache events: {exc.code().name}") from exc
+            raise WorkerUnavailable(f"worker {self.name} {what}: {exc.code().name}") from exc
         finally:
             call.cancel()
 
-    async def list_checkpoints(self) -> AsyncIterator[Checkpoint]:
+    def cache_events(self) -> AsyncIterator[CacheUpdate]:
+        """The worker's cache events until the stream breaks (raises WorkerUnavailable)."""
+        call = self._stub.SubscribeCacheEvents(worker_pb2.CacheEventsRequest(), metadata=self._metadata)
+        return self._stream(call, cache_update_from_proto, "cache events")
+
+    def list_checkpoints(self) -> AsyncIterator[Checkpoint]:
         """Every usable entry of the store the worker reads, with token ids. Raises
         WorkerUnavailable when the call fails (also from a worker without the rpc)."""
         call = self._stub.ListCheckpoints(worker_pb2.ListCheckpointsRequest(), metadata=self._metadata)
-        try:
-            async for c in call:
-                yield checkpoint_from_proto(c)
-        except grpc.aio.AioRpcError as exc:
-            raise WorkerUnavailable(f"worker {self.name} checkpoint listing: {exc.code().name}") from exc
-        finally:
-            call.cancel()
+        return self._stream(call, checkpoint_from_proto, "checkpoint listing")
 
     async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]:
         """Streams Delta items and ends with one Completion.
