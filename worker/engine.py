@@ -450,6 +450,13 @@ class Engine:
         return remaining
 
     def _cancel_requested(self) -> None:
+        if any(job.cancelled.is_set() for job in self._waiting):  # answered now, not when a slot frees
+            waiting, self._waiting = self._waiting, deque()
+            for job in waiting:
+                if job.cancelled.is_set():
+                    self._done(job, FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none")))
+                else:
+                    self._waiting.append(job)
         for uid, run in list(self._running.items()):
             if run.job.cancelled.is_set():
                 caches, tokens = self._gen.remove([uid], return_prompt_caches=True)[uid]
