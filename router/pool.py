@@ -173,13 +173,16 @@ class WorkerPool:
         v.store_id = st.store_id
         v.ram_ids = set(st.ram_entry_ids)
         v.event_seq = st.event_seq
+        same_process = v.pid == st.pid
         v.pid = st.pid
         v.max_queue = st.max_queue
         v.slots = max(1, st.decode_concurrency)
         v.requests_served = st.requests_served
         v.resyncs += 1
         v.lives = {s.live_id: (s.namespace, tuple(s.token_ids)) for s in st.live_states}
-        v.live_id_seen = max(v.lives, default=0)
+        # Ids restart with the worker process; within one, a live state added and dropped
+        # before this GetStatus is not in it, but its id was seen.
+        v.live_id_seen = max(v.lives, default=0) if not same_process else max(v.live_id_seen, max(v.lives, default=0))
 
     async def _follow_events(self, client) -> None:
         """Applies `client`'s cache events forever; resyncs on a gap or a new stream,
