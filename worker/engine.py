@@ -339,11 +339,12 @@ class Engine:
             restored = Restored(kv_state.new_state(self.model), 0, "none", 0)  # a retry after a failure runs cold
         else:
             live = self.lives.best(prompt, req.namespace)
-            if live is not None and replaces(live, prompt, req.namespace):
-                # Continuing from it may cut into what its client sent: keep that first.
-                self.checkpoints.save_live("evict", live)
-            restored = self.checkpoints.restore(prompt, req.namespace, live, self.rates)
-            if restored.source == "live":
+            # A prompt that diverges inside what the live state's client sent is another
+            # session: it starts from a copy of the shared prefix, and the live state stays
+            # in its slot for its own next turn (an `evict` checkpoint when its slot is needed).
+            shared = live is not None and replaces(live, prompt, req.namespace)
+            restored = self.checkpoints.restore(prompt, req.namespace, live, self.rates, recycle=not shared)
+            if restored.source == "live" and not shared:
                 self.lives.take(live)
                 self._forget_live(live)
             self._measure_load(restored)

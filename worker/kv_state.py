@@ -54,6 +54,16 @@ def trim_state(caches: list[KVCache], n_tokens: int) -> None:
             c.trim(excess)
 
 
+def prefix_copy(caches: list[KVCache], n_tokens: int) -> list[KVCache]:
+    """A new state holding the first `n_tokens` tokens of `caches`, which stay as they are."""
+    out = []
+    for c in caches:
+        copy = KVCache()
+        copy.keys, copy.values, copy.offset = c.keys[..., :n_tokens, :], c.values[..., :n_tokens, :], n_tokens
+        out.append(copy)
+    return out
+
+
 def snapshot(caches: list[KVCache], n_tokens: int) -> dict[str, mx.array]:
     """The first `n_tokens` of the state as evaluated arrays named "{layer}.keys" /
     "{layer}.values", each of shape (1, kv_heads, n_tokens, head_dim).

@@ -105,7 +105,8 @@ def test_each_session_keeps_its_live_state_in_its_own_slot(server):
 def test_a_dropped_slot_is_stored_as_an_evict_checkpoint(server, kv_dir):
     """A third unrelated session needs a slot: the least recently used live state
     is dropped, after its `evict` checkpoint of exactly what its client sent."""
-    sessions = [[{"role": "system", "content": long_system_prompt(5, project=p)},
+    # 311 tokens each: above the store's 256-token minimum, so the evict is written.
+    sessions = [[{"role": "system", "content": long_system_prompt(12, project=p)},
                  {"role": "user", "content": "Hello there."}] for p in ("Heron", "Plover", "Curlew")]
     first_prompt = chat_tokens(sessions[0])
     for msgs in sessions:

@@ -85,3 +85,24 @@ def test_a_request_cancelled_while_waiting_for_a_slot_ends_at_once(one_slot):
     running.job.cancelled.set()
     assert running.wait().finish_reason == "cancelled"
     assert one_slot.queue_depth == 0
+
+
+def test_a_session_sharing_only_a_prefix_does_not_take_another_sessions_live_state():
+    """Two sessions share their first tokens (a chat template's header) and then
+    diverge. With two slots, the second one reuses the shared prefix from the first
+    one's live state without destroying it: the first session's next turn still
+    continues from everything it had."""
+    engine = make_engine(decode_concurrency=2)
+    try:
+        header = prompt_of(10, 7)
+        first = header + prompt_of(40, 8)
+        second = header + prompt_of(40, 9)
+        a = Call(engine, first, max_tokens=2).wait()
+        b = Call(engine, second, max_tokens=2).wait()
+        assert (b.usage.cached_tokens, b.usage.cache_source) == (10, "live")
+        assert len(engine.live_states) == 2
+        again = Call(engine, first + prompt_of(5, 10), max_tokens=2).wait()
+        assert again.usage.cache_source == "live"
+        assert again.usage.cached_tokens >= a.usage.prompt_tokens
+    finally:
+        engine.stop(shutdown_checkpoint=False)
