@@ -65,6 +65,10 @@ class WorkerView:
     max_queue: int = 0
     slots: int = 1  # sequences it decodes together (--decode-concurrency)
     lives: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # live_id -> (namespace, tokens)
+    # Highest live id its events (or GetStatus) reported: the worker numbers live states in
+    # order and publishes each before the Final naming it, so a completion naming an id
+    # at or below this one is known to the event stream already (and may be gone).
+    live_id_seen: int = 0
     requests_served: int = 0
     resyncs: int = 0
     last_error: str = ""
@@ -169,12 +173,16 @@ class WorkerPool:
         v.store_id = st.store_id
         v.ram_ids = set(st.ram_entry_ids)
         v.event_seq = st.event_seq
+        same_process = v.pid == st.pid
         v.pid = st.pid
         v.max_queue = st.max_queue
         v.slots = max(1, st.decode_concurrency)
         v.requests_served = st.requests_served
         v.resyncs += 1
         v.lives = {s.live_id: (s.namespace, tuple(s.token_ids)) for s in st.live_states}
+        # Ids restart with the worker process; within one, a live state added and dropped
+        # before this GetStatus is not in it, but its id was seen.
+        v.live_id_seen = max(v.lives, default=0) if not same_process else max(v.live_id_seen, max(v.lives, default=0))
 
     async def _follow_events(self, client) -> None:
         """Applies `client`'s cache events forever; resyncs on a gap or a new stream,
@@ -222,7 +230,9 @@ class WorkerPool:
             if ev.checkpoint is not None and is_remote(store_id, self.local_store_id):
                 self.remote_stores.apply(store_id, ev.checkpoint, ev.added)
         elif ev.kind == "live":
-            lives = self.views.setdefault(name, WorkerView()).lives
+            v = self.views.setdefault(name, WorkerView())
+            lives = v.lives
+            v.live_id_seen = max(v.live_id_seen, ev.live_id)
             if ev.removed:
                 lives.pop(ev.live_id, None)
             else:
@@ -345,7 +355,7 @@ class WorkerPool:
         """Updates the view from a finished request: the live state it left (the
         worker's cache event, exact, may come later) and the worker's rates."""
         v = self.views.setdefault(worker_name, WorkerView())
-        if completion.live_id and completion.live_id not in v.lives:
+        if completion.live_id > v.live_id_seen:  # else its events said where it stands
             v.lives[completion.live_id] = (namespace, live_tokens)
         if completion.rates is not None:
             v.rates = completion.rates

@@ -97,11 +97,11 @@ class CheckpointManager:
         return out
 
     def restore(self, prompt: list[int], namespace: str, live: LiveState | None,
-                rates: Rates | None = None) -> Restored:
+                rates: Rates | None = None, recycle: bool = True) -> Restored:
         """The longest reusable prefix of `prompt`, loaded into a fresh or recycled state.
 
-        The live state is recycled (trimmed in place) when it gives the longest
-        reuse; a stored checkpoint that reaches further is taken from the RAM tier
+        The live state is recycled (trimmed in place; with `recycle` False, its
+        prefix is copied and it stays whole) when it gives the longest reuse; a stored checkpoint that reaches further is taken from the RAM tier
         or loaded from disk, unless loading it would take longer than prefilling
         the tokens it adds (`rates`: the worker's measurements; None loads always).
         A damaged checkpoint is quarantined and the request continues from the
@@ -120,6 +120,8 @@ class CheckpointManager:
                 restored.stored_prefix_tokens = stored
                 return restored
         if live_len > 0:
+            if not recycle:
+                return Restored(kv_state.prefix_copy(live.caches, live_len), live_len, "live", stored)
             kv_state.trim_state(live.caches, live_len)
             return Restored(live.caches, live_len, "live", stored)
         return Restored(kv_state.new_state(self.model), 0, "none", stored)

@@ -342,14 +342,12 @@ class Engine:
             restored = Restored(kv_state.new_state(self.model), 0, "none", 0)  # a retry after a failure runs cold
         else:
             live = self.lives.best(prompt, req.namespace)
-            candidate = live
-            if live is not None and replaces(live, prompt, req.namespace):
-                # The prompt shares only part of what that state's client sent: start
-                # from a view of it and leave the state for its own conversation.
-                candidate = LiveState(live.namespace, live.tokens, kv_state.view_state(live.caches),
-                                      live.prompt_tokens, live.preview)
-            restored = self.checkpoints.restore(prompt, req.namespace, candidate, self.rates)
-            if restored.source == "live" and candidate is live:  # it continues that conversation
+            # A prompt that diverges inside what the live state's client sent is another
+            # session: it starts from a copy of the shared prefix, and the live state stays
+            # in its slot for its own next turn (an `evict` checkpoint when its slot is needed).
+            shared = live is not None and replaces(live, prompt, req.namespace)
+            restored = self.checkpoints.restore(prompt, req.namespace, live, self.rates, recycle=not shared)
+            if restored.source == "live" and not shared:
                 self.lives.take(live)
                 self._forget_live(live)
             self._measure_load(restored)

@@ -46,24 +46,22 @@ def state_length(caches: list[KVCache]) -> int:
     return caches[0].offset if caches else 0
 
 
-def view_state(caches: list[KVCache]) -> list[KVCache]:
-    """New KVCache objects over the same key/value arrays and offsets: trimming
-    the view leaves `caches` whole (mlx arrays are never written in place, so
-    the view's later updates do not reach them either)."""
-    out = []
-    for c in caches:
-        v = KVCache()
-        v.keys, v.values, v.offset = c.keys, c.values, c.offset
-        out.append(v)
-    return out
-
-
 def trim_state(caches: list[KVCache], n_tokens: int) -> None:
     """Shrinks the state in place so it holds exactly the first `n_tokens` tokens."""
     for c in caches:
         excess = c.offset - n_tokens
         if excess > 0:
             c.trim(excess)
+
+
+def prefix_copy(caches: list[KVCache], n_tokens: int) -> list[KVCache]:
+    """A new state holding the first `n_tokens` tokens of `caches`, which stay as they are."""
+    out = []
+    for c in caches:
+        copy = KVCache()
+        copy.keys, copy.values, copy.offset = c.keys[..., :n_tokens, :], c.values[..., :n_tokens, :], n_tokens
+        out.append(copy)
+    return out
 
 
 def snapshot(caches: list[KVCache], n_tokens: int) -> dict[str, mx.array]:

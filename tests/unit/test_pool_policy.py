@@ -375,3 +375,21 @@ async def test_prefill_backlog_lasts_until_the_first_token():
     assert v.prefill_backlog_s == 0.0 and v.queued_s > 0  # prefilled, still decoding
     await items.aclose()
     assert v.queued_s == 0.0 and w.in_flight == 0
+
+
+def test_a_completion_does_not_revive_a_live_state_its_worker_already_dropped():
+    """The worker publishes live state N (event), then the request's Final names N.
+    The two travel on different streams: when N's removal event is applied before
+    the Final, the completion must not put N back (the router would believe in a
+    live state the worker no longer holds, and in more of them than it has slots)."""
+    from router.worker_client import CacheUpdate
+
+    pool, model, workers, _ = make(1)
+    pool.apply("w0", CacheUpdate(1, "live", namespace="", tokens=(1, 2, 3), live_id=5))
+    pool.apply("w0", CacheUpdate(2, "live", live_id=5, removed=True))
+    done = Completion("length", 3, 1, 0, "none", 0.0, 0.0, live_id=5)
+    pool.observe("w0", done, (1, 2, 3, 4), "")
+    assert pool.views["w0"].lives == {}
+    # a completion that arrives before its live state's event still counts at once
+    pool.observe("w0", Completion("length", 3, 1, 0, "none", 0.0, 0.0, live_id=6), (7, 8, 9), "")
+    assert pool.views["w0"].lives == {6: ("", (7, 8, 9))}

@@ -1,0 +1,108 @@
+"""The batching engine in process with the real default model: cancellation and
+admission edge cases (short prompts, few tokens; no server)."""
+
+from __future__ import annotations
+
+import queue
+import random
+
+import pytest
+
+from tests.support.server import model_cache_dir
+
+MODEL_TIMEOUT_S = 300
+
+
+def prompt_of(n: int, seed: int) -> tuple[int, ...]:
+    r = random.Random(seed)
+    return tuple(r.randrange(100, 40000) for _ in range(n))
+
+
+class Call:
+    """One request: its events land in a queue read by `next_event` / `wait`."""
+
+    def __init__(self, engine, prompt, max_tokens=4, temperature=0.0, seed=None):
+        from worker.events import GenerationRequest, SamplingConfig
+
+        self.events: queue.Queue = queue.Queue()
+        self.tokens: list[int] = []
+        self.final = None
+        req = GenerationRequest("t", tuple(prompt), SamplingConfig(temperature, 1.0, max_tokens, seed))
+        self.job = engine.submit(req, self.events.put)
+
+    def next_event(self):
+        from worker.events import TokenEvent
+
+        ev = self.events.get(timeout=MODEL_TIMEOUT_S)
+        if isinstance(ev, TokenEvent):
+            self.tokens += ev.token_ids
+        else:
+            self.final = ev
+        return ev
+
+    def wait(self):
+        while self.final is None:
+            self.next_event()
+        return self.final
+
+
+def make_engine(tmp_path=None, decode_concurrency=1, prompt_concurrency=1, **kw):
+    from worker.config import BatchingConfig, WorkerConfig
+    from worker.server import build_engine
+
+    store = None
+    if tmp_path is not None:
+        from cachestore import StoreConfig
+
+        store = StoreConfig(tmp_path, min_tokens=256, boundary_align_tokens=256, boundary_trim_tokens=32)
+    config = WorkerConfig(model=None, listen="127.0.0.1:0", store=store, cache_dir=model_cache_dir(),
+                          batching=BatchingConfig(decode_concurrency, prompt_concurrency), **kw)
+    engine, _ = build_engine(config)
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def one_slot():
+    engine = make_engine(decode_concurrency=1)
+    yield engine
+    engine.stop(shutdown_checkpoint=False)
+
+
+def test_a_request_cancelled_while_waiting_for_a_slot_ends_at_once(one_slot):
+    """A client that gives up while its request waits for a slot is answered (and
+    stops counting in queue_depth / --max-queue) without waiting for the slot."""
+    running = Call(one_slot, prompt_of(20, 3), max_tokens=300)  # no EOS in its first 300 tokens
+    running.next_event()
+    waiting = Call(one_slot, prompt_of(20, 2))
+    waiting.job.cancelled.set()
+    assert waiting.wait().finish_reason == "cancelled"
+    from worker.events import FinishEvent
+
+    assert not any(isinstance(ev, FinishEvent) for ev in list(running.events.queue)), \
+        "the request in the slot must still be running"
+    assert one_slot.queue_depth == 1
+    running.job.cancelled.set()
+    assert running.wait().finish_reason == "cancelled"
+    assert one_slot.queue_depth == 0
+
+
+def test_a_session_sharing_only_a_prefix_does_not_take_another_sessions_live_state():
+    """Two sessions share their first tokens (a chat template's header) and then
+    diverge. With two slots, the second one reuses the shared prefix from the first
+    one's live state without destroying it: the first session's next turn still
+    continues from everything it had."""
+    engine = make_engine(decode_concurrency=2)
+    try:
+        header = prompt_of(10, 7)
+        first = header + prompt_of(40, 8)
+        second = header + prompt_of(40, 9)
+        a = Call(engine, first, max_tokens=2).wait()
+        b = Call(engine, second, max_tokens=2).wait()
+        assert (b.usage.cached_tokens, b.usage.cache_source) == (10, "live")
+        assert len(engine.live_states) == 2
+        again = Call(engine, first + prompt_of(5, 10), max_tokens=2).wait()
+        assert again.usage.cache_source == "live"
+        assert again.usage.cached_tokens >= a.usage.prompt_tokens
+    finally:
+        engine.stop(shutdown_checkpoint=False)
