@@ -126,6 +126,13 @@ class CheckpointManager:
             return Restored(live.caches, live_len, "live", stored)
         return Restored(kv_state.new_state(self.model), 0, "none", stored)
 
+    def stored_prefix_tokens(self, prompt: list[int], namespace: str) -> int:
+        """Tokens of `prompt` the longest stored checkpoint covers (0: none or no store)."""
+        if self.store is None:
+            return 0
+        hit = self.store.lookup(self.model_id, namespace, prompt)
+        return hit.n_tokens if hit else 0
+
     def _worth_loading(self, entry: Entry, limit: int, base_tokens: int, rates: Rates | None) -> bool:
         if rates is None:
             return True

@@ -106,6 +106,11 @@ def _failpoint_hit() -> bool:
     return True
 
 
+# A request sharing at least this many more prompt tokens with a request in the batch
+# than any live state or checkpoint offers waits for that request's prefill to pass them
+# and starts from a copy of its KV state (prefill sharing inside one worker).
+MIN_SHARED_GAIN = 32  # tokens
+
 EWMA_WEIGHT = 0.3  # weight of the newest measurement
 MIN_RATE_TOKENS = 64  # shorter prefills measure per-step overhead more than the rate
 MIN_RATE_STEPS = 8  # decode steps per decode-rate measurement
@@ -127,8 +132,9 @@ class Job:
 class Running:
     """A request inside the batch (engine thread only).
 
-    start: prompt tokens restored before prefill. plan: checkpoints still to
-    write (`cachestore.PlannedStore`). events: store events for its Final.
+    restored: the state it started from. plan: checkpoints still to write
+    (`cachestore.PlannedStore`). events: store events for its Final. pos:
+    prompt tokens whose KV state the batch holds for it so far.
     """
 
     job: Job
@@ -140,6 +146,7 @@ class Running:
     events: list = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
+    pos: int = 0
 
 
 _STOP = object()
@@ -323,31 +330,72 @@ class Engine:
 
     # -- admission --------------------------------------------------------------
     def _admit_waiting(self) -> None:
+        deferred = []
         while self._waiting and len(self._running) < self.config.decode_concurrency:
             job = self._waiting.popleft()
             if job.cancelled.is_set():
                 self._done(job, FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none")))
                 continue
             try:
-                self._admit(job)
+                if not self._admit(job):
+                    deferred.append(job)
             except Exception as exc:
                 log.exception("request %s failed on admission", job.request.request_id)
                 self._done(job, ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
+        self._waiting.extendleft(reversed(deferred))
 
-    def _admit(self, job: Job) -> None:
+    def _sharer(self, prompt: list[int], namespace: str) -> tuple[int, Running | None, int]:
+        """(uid, request, tokens) of the request in the batch whose prompt shares the
+        longest prefix with `prompt` (at most len(prompt) - 1 tokens), or (0, None, 0)."""
+        best: tuple[int, Running | None, int] = (0, None, 0)
+        for uid, run in self._running.items():
+            if run.job.request.namespace == namespace:
+                n = min(common_prefix_length(run.prompt, prompt), len(prompt) - 1)
+                if n > best[2]:
+                    best = (uid, run, n)
+        return best
+
+    def _share_from_batch(self, prompt: list[int], namespace: str, live) -> Restored | bool | None:
+        """Prefill sharing inside the worker: when a request in the batch shares at
+        least MIN_SHARED_GAIN more prompt tokens than the best live state or stored
+        checkpoint, returns a copy of its KV state for them (a Restored, source
+        "live"), or False while its prefill has not reached them yet (the new
+        request waits). None: nothing worth sharing."""
+        uid, run, n = self._sharer(prompt, namespace)
+        if run is None:
+            return None
+        live_n = common_prefix_length(live.tokens, prompt) if live is not None else 0
+        stored_n = self.checkpoints.stored_prefix_tokens(prompt, namespace)
+        if n < max(live_n, stored_n) + MIN_SHARED_GAIN:
+            return None
+        if run.pos < n:
+            return False
+        caches, _ = self._gen.extract_cache([uid])[uid]
+        log.info("sharing %d prompt tokens with a request in the batch", n)
+        return Restored(kv_state.prefix_copy(caches, n), n, "live", stored_n)
+
+    def _admit(self, job: Job) -> bool:
+        """Restores the request's prefix and puts it in the batch. Returns False
+        (nothing done) when it should wait for a request in the batch to prefill
+        the prefix they share."""
         req = job.request
         prompt = list(req.prompt)
         self.checkpoints.take_events()  # drop events of earlier failed work
+        live = self.lives.best(prompt, req.namespace)
+        from_batch = None if job.attempts else self._share_from_batch(prompt, req.namespace, live)
+        if from_batch is False:
+            return False
         if job.attempts:
             restored = Restored(kv_state.new_state(self.model), 0, "none", 0)  # a retry after a failure runs cold
+        elif from_batch is not None:
+            restored = from_batch
         else:
-            live = self.lives.best(prompt, req.namespace)
             # A prompt that diverges inside what the live state's client sent is another
             # session: it starts from a copy of the shared prefix, and the live state stays
             # in its slot for its own next turn (an `evict` checkpoint when its slot is needed).
-            shared = live is not None and replaces(live, prompt, req.namespace)
-            restored = self.checkpoints.restore(prompt, req.namespace, live, self.rates, recycle=not shared)
-            if restored.source == "live" and not shared:
+            other_session = live is not None and replaces(live, prompt, req.namespace)
+            restored = self.checkpoints.restore(prompt, req.namespace, live, self.rates, recycle=not other_session)
+            if restored.source == "live" and not other_session:
                 self.lives.take(live)
                 self._forget_live(live)
             self._measure_load(restored)
@@ -357,7 +405,7 @@ class Engine:
         events += self.checkpoints.take_events()
         detok = copy.copy(self._detokenizer)
         detok.reset()
-        run = Running(job, prompt, restored, plan, detok, time.perf_counter(), events)
+        run = Running(job, prompt, restored, plan, detok, time.perf_counter(), events, pos=restored.n_tokens)
         run.plan = self._store_reached(run, restored.caches, restored.n_tokens)  # e.g. an anchor inside a live state
         segments = prefill_segments(prompt, restored.n_tokens, self.config.prefill_chunk_tokens,
                                     [p.n_tokens for p in run.plan])
@@ -370,6 +418,7 @@ class Engine:
         (uid,) = self._gen.insert_segments([segments], max_tokens=[max_tokens], caches=[restored.caches],
                                            all_tokens=[prompt[: restored.n_tokens]], samplers=[sampler])
         self._running[uid] = run
+        return True
 
     def _measure_load(self, restored: Restored) -> None:
         if not (restored.loaded_bytes and restored.load_seconds > 0):
@@ -389,7 +438,7 @@ class Engine:
             run = self._running.get(r.uid)
             if run is None or not r.end_of_segment:
                 continue
-            pos = run.restored.n_tokens + r.progress[0]
+            pos = run.pos = run.restored.n_tokens + r.progress[0]
             if r.end_of_prompt:
                 run.prefill_s = time.perf_counter() - run.t_admit
             if any(p.n_tokens <= pos for p in run.plan):

@@ -106,3 +106,24 @@ def test_a_session_sharing_only_a_prefix_does_not_take_another_sessions_live_sta
         assert again.usage.cached_tokens >= a.usage.prompt_tokens
     finally:
         engine.stop(shutdown_checkpoint=False)
+
+
+def test_requests_arriving_together_prefill_their_shared_prefix_once():
+    """Prefill sharing inside a worker: the second of two requests that share a
+    300-token prefix nobody holds waits for the first one's prefill to pass it,
+    then starts from a copy of that KV state instead of computing it again."""
+    engine = make_engine(decode_concurrency=2, prompt_concurrency=2)
+    try:
+        shared = prompt_of(300, 11)
+        a = Call(engine, shared + prompt_of(20, 12), max_tokens=2)
+        b = Call(engine, shared + prompt_of(20, 13), max_tokens=2)
+        fa, fb = a.wait(), b.wait()
+        assert (fa.usage.cached_tokens, fa.usage.cache_source) == (0, "none")
+        assert (fb.usage.cached_tokens, fb.usage.cache_source) == (300, "live")
+        assert fa.usage.prefilled_tokens + fb.usage.prefilled_tokens == 300 + 20 + 20
+        # Unrelated prompts never wait for each other.
+        c = Call(engine, prompt_of(40, 14), max_tokens=2)
+        d = Call(engine, prompt_of(40, 15), max_tokens=2)
+        assert c.wait().usage.cached_tokens == 0 and d.wait().usage.cached_tokens == 0
+    finally:
+        engine.stop(shutdown_checkpoint=False)
