@@ -154,7 +154,8 @@ _STOP = object()
 
 def replaces(live: LiveState, prompt: list[int], namespace: str) -> bool:
     """True when `prompt` does not continue the live state's client-sent tokens
-    (another namespace, or it diverges inside them): serving it drops that state."""
+    (another namespace, or it diverges inside them): it belongs to another
+    conversation, which may only copy the prefix they share."""
     if live.namespace != namespace:
         return True
     return common_prefix_length(live.tokens[: live.prompt_tokens], prompt) < live.prompt_tokens
