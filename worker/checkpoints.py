@@ -1,8 +1,8 @@
 """The worker's side of prefix reuse: pick the best reusable prefix, restore it,
 and write the checkpoints the store's policy asks for.
 
-Sources, cheapest first: the live state (the KV state of this worker's last
-request, still in memory), the RAM tier (recent checkpoints kept in memory) and
+Sources, cheapest first: a live state (the KV state a finished request left
+in memory; the engine passes the one sharing the longest prefix), the RAM tier (recent checkpoints kept in memory) and
 the disk store (`cachestore`). A restored prefix never covers the whole prompt:
 at most `len(prompt) - 1` tokens are reused, so the last prompt token is always
 fed and the next-token logits come from a real forward pass (store case C6:
@@ -101,7 +101,8 @@ class CheckpointManager:
         """The longest reusable prefix of `prompt`, loaded into a fresh or recycled state.
 
         The live state is recycled (trimmed in place; with `recycle` False, its
-        prefix is copied and it stays whole) when it gives the longest reuse; a stored checkpoint that reaches further is taken from the RAM tier
+        prefix is copied and it stays whole) when it gives the longest reuse; a
+        stored checkpoint that reaches further is taken from the RAM tier
         or loaded from disk, unless loading it would take longer than prefilling
         the tokens it adds (`rates`: the worker's measurements; None loads always).
         A damaged checkpoint is quarantined and the request continues from the
