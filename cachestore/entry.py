@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from cachestore.keys import unpack_tokens
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -58,7 +60,9 @@ class StoreEvent:
     seconds: time the action took (stores and skips), 0 otherwise; reason: why (skips,
     evictions, quarantines), e.g. "duplicate", "io_error", "budget".
     entry_id / namespace / model_id: the row acted on ("" for skips, which have none);
-    token_ids: the checkpoint's token ids, for "stored" only (empty otherwise).
+    packed_tokens: the checkpoint's token ids as `keys.pack_tokens` packs them, for
+    "stored" only (empty otherwise); `token_ids` unpacks them when a listener needs them,
+    so storing does not pay for it.
     """
 
     action: str
@@ -70,4 +74,8 @@ class StoreEvent:
     entry_id: str = ""
     namespace: str = ""
     model_id: str = ""
-    token_ids: tuple[int, ...] = ()
+    packed_tokens: bytes = b""
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(unpack_tokens(self.packed_tokens))

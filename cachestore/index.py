@@ -255,7 +255,6 @@ class Txn:
         deepest one in log2(len/64) + 1 reads. Registrations are then searched from
         that node back; a node without a matching registration costs one more read.
         """
-        n = len(packed) // 4
         root = keys.root_key(model_id, namespace)
         first = self.node(root)
         if first is None:
@@ -271,25 +270,15 @@ class Txn:
             else:
                 lo = mid
                 found[mid] = got[1]
-        step = keys.BLOCK_TOKENS * 4
-        for k in range(lo, -1, -1):
-            node = chain[k]
-            regs = found.get(k)
-            if regs is None:
-                got = self.node(node)
-                regs = got[1] if got is not None else []
-            base = k * keys.BLOCK_TOKENS
-            fitting = sorted((reg for reg in regs if base + reg[0] <= n), key=lambda reg: -reg[0])
-            tails: dict[int, bytes] = {}
-            for r, th, eid in fitting:
-                if r not in tails:
-                    tails[r] = keys.tail_hash(node, packed[k * step : k * step + 4 * r])
-                if tails[r] != th:
-                    continue
-                entry = self._confirm(eid, model_id, namespace, packed, base + r)
-                if entry is not None:
-                    return entry
-        return None
+
+        def regs_at(k: int):
+            if k in found:
+                return found[k]
+            got = self.node(chain[k])
+            return got[1] if got is not None else []
+
+        return keys.search_registrations(
+            chain, lo, packed, regs_at, lambda eid, n: self._confirm(eid, model_id, namespace, packed, n))
 
     def _confirm(self, eid: str, model_id: str, namespace: str, packed: bytes, n: int) -> Entry | None:
         entry = self.row(eid)

@@ -19,7 +19,7 @@ import array
 import sys
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -129,3 +129,33 @@ def path_nodes(root: bytes, packed: bytes) -> list[bytes]:
 def split(n_tokens: int) -> tuple[int, int]:
     """(q, r) with n_tokens = q * BLOCK_TOKENS + r."""
     return divmod(n_tokens, BLOCK_TOKENS)
+
+
+def search_registrations(chain: Sequence[bytes], deepest: int, packed: bytes,
+                         regs_at: Callable[[int], Iterable[tuple[int, bytes, str]]],
+                         confirm: Callable[[str, int], object]):
+    """The longest registered entry whose tokens are a prefix of ``packed``.
+
+    chain: the prompt's nodes c_0, c_1, ...; deepest: the index of the deepest one
+    that exists in the store. An entry of n = q*64 + r tokens is registered under
+    c_q as (r, tail hash, entry id); ``regs_at(k)`` gives the registrations under
+    chain[k]. Nodes are searched from ``deepest`` back to the root, longest tail
+    first; a registration whose tail hash matches is handed to ``confirm(entry id,
+    n_tokens)``, which checks the exact tokens and returns the entry or None.
+    Returns the first confirmed entry, or None.
+    """
+    n = len(packed) // 4
+    step = BLOCK_TOKENS * 4
+    for k in range(deepest, -1, -1):
+        base = k * BLOCK_TOKENS
+        fitting = sorted((reg for reg in regs_at(k) if base + reg[0] <= n), key=lambda reg: -reg[0])
+        tails: dict[int, bytes] = {}
+        for r, th, entry_id in fitting:
+            if r not in tails:
+                tails[r] = tail_hash(chain[k], packed[k * step : k * step + 4 * r])
+            if tails[r] != th:
+                continue
+            entry = confirm(entry_id, base + r)
+            if entry is not None:
+                return entry
+    return None

@@ -328,7 +328,7 @@ class CheckpointStore:
             entry_id, kind, n, size / _MIB, (time.monotonic() - t0) * 1000, len(victims), namespace,
         )
         self._emit(StoreEvent("stored", kind, n, size, time.monotonic() - t0, "", entry_id, namespace, model_id,
-                              tuple(keys.unpack_tokens(packed))))
+                              packed))
         return entry
 
     def quarantine(self, entry_id: str, reason: str) -> None:

@@ -225,22 +225,21 @@ def setup_logging(level: str, name: str | None = None) -> None:
     )
 
 
+def read_flag_file(path: Path, flag: str) -> bytes:
+    """The bytes of the file a flag names. Raises ValueError naming the flag."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror}") from exc
+
+
 def api_config(ns: argparse.Namespace) -> dict:
     """RouterConfig fields of the client API flags. Raises ValueError naming a bad flag value."""
     from router.auth import ApiKeys
 
     if ns.max_body_mb <= 0:
         raise ValueError("--max-body-mb must be positive")
-    if ns.max_tokens_limit is not None and ns.max_tokens_limit < 1:
-        raise ValueError("--max-tokens-limit must be at least 1")
-    if ns.grpc_port is not None and not 0 <= ns.grpc_port < 65536:
-        raise ValueError("--grpc-port must be between 0 and 65535")
-    template = None
-    if ns.chat_template is not None:
-        try:
-            template = ns.chat_template.read_text()
-        except OSError as exc:
-            raise ValueError(f"--chat-template {ns.chat_template}: {exc.strerror}") from exc
+    template = read_flag_file(ns.chat_template, "--chat-template").decode() if ns.chat_template else None
     return {
         "api_keys": ApiKeys.load(ns.api_keys_file) if ns.api_keys_file else None,
         "max_body_bytes": int(ns.max_body_mb * 2**20),
@@ -262,17 +261,10 @@ def _serve(ns: argparse.Namespace) -> int:
     from router.supervisor import run_serve
 
     setup_logging(ns.log_level)
-    if ns.workers < 0 or (ns.workers == 0 and not ns.remote_worker):
+    if ns.workers == 0 and not ns.remote_worker:
         raise ValueError("--workers must be at least 1 (or 0 with --remote-worker)")
-    if ns.max_queue < 0:
-        raise ValueError("--max-queue must be 0 (no limit) or more")
     api = api_config(ns)
-    tls_ca = None
-    if ns.worker_tls_ca is not None:
-        try:
-            tls_ca = ns.worker_tls_ca.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"--worker-tls-ca {ns.worker_tls_ca}: {exc.strerror}") from exc
+    tls_ca = read_flag_file(ns.worker_tls_ca, "--worker-tls-ca") if ns.worker_tls_ca else None
     models = tuple(ns.model) if ns.model else (None,)
     cfg = ServeConfig(
         router=RouterConfig(host=ns.host, port=ns.port, store=store_config(ns),

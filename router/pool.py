@@ -25,7 +25,7 @@ from cachestore.keys import common_prefix_length
 from router.errors import NotFound, Overloaded, Unavailable
 from router.prompting import ModelTokenizer
 from router.remote_stores import RemoteStores, is_remote
-from router.routing import (Candidate, Decision, Rates, Reuse, choose_worker, load_seconds, prefill_seconds,
+from router.routing import (Candidate, Decision, Rates, Reuse, choose_worker, first_token_work_s,
                             request_seconds)
 from router.worker_client import GrpcWorkerClient, WorkerUnavailable, rates_from_proto
 
@@ -173,16 +173,16 @@ class WorkerPool:
         v.store_id = st.store_id
         v.ram_ids = set(st.ram_entry_ids)
         v.event_seq = st.event_seq
-        same_process = v.pid == st.pid
+        seen_before = v.live_id_seen if v.pid == st.pid else 0  # ids restart with the worker process
         v.pid = st.pid
         v.max_queue = st.max_queue
         v.slots = max(1, st.decode_concurrency)
         v.requests_served = st.requests_served
         v.resyncs += 1
         v.lives = {s.live_id: (s.namespace, tuple(s.token_ids)) for s in st.live_states}
-        # Ids restart with the worker process; within one, a live state added and dropped
-        # before this GetStatus is not in it, but its id was seen.
-        v.live_id_seen = max(v.lives, default=0) if not same_process else max(v.live_id_seen, max(v.lives, default=0))
+        # Within one process, a live state added and dropped before this GetStatus is
+        # not in it, but its id was seen.
+        v.live_id_seen = max(seen_before, max(v.lives, default=0))
 
     async def _follow_events(self, client) -> None:
         """Applies `client`'s cache events forever; resyncs on a gap or a new stream,
@@ -231,12 +231,11 @@ class WorkerPool:
                 self.remote_stores.apply(store_id, ev.checkpoint, ev.added)
         elif ev.kind == "live":
             v = self.views.setdefault(name, WorkerView())
-            lives = v.lives
             v.live_id_seen = max(v.live_id_seen, ev.live_id)
             if ev.removed:
-                lives.pop(ev.live_id, None)
+                v.lives.pop(ev.live_id, None)
             else:
-                lives[ev.live_id] = (ev.namespace, ev.tokens)
+                v.lives[ev.live_id] = (ev.namespace, ev.tokens)
         elif ev.kind == "ram":
             ids = self.views.setdefault(name, WorkerView()).ram_ids
             if ev.added:
@@ -297,10 +296,14 @@ class WorkerPool:
             elif hit is not None and self.reads_local_store(w) and min(hit.n_tokens, limit) > 0:
                 source = "ram" if hit.entry.id in v.ram_ids else "disk"
                 reuse.append(Reuse(source, min(hit.n_tokens, limit), hit.entry.payload_bytes))
-            limits = [q for q in (self.max_queue, v.max_queue) if q]
             out.append(Candidate(w.name, w.healthy, w.in_flight, tuple(reuse), v.rates, v.queued_s,
-                                 min(limits) if limits else 0, v.slots, v.prefill_backlog_s))
+                                 self.queue_limit(v), v.slots, v.prefill_backlog_s))
         return out
+
+    def queue_limit(self, v: WorkerView) -> int:
+        """Requests in flight a worker takes: the lower of the router's and its own
+        --max-queue (0: no limit)."""
+        return min([q for q in (self.max_queue, v.max_queue) if q], default=0)
 
     def live_match(self, name: str, tokens, namespace: str) -> int:
         """Tokens of `tokens` the best live state of worker `name` holds (0: none)."""
@@ -337,7 +340,7 @@ class WorkerPool:
         v = self.view(worker)
         reuse = Reuse(decision.source, decision.cached_tokens)
         seconds = request_seconds(prompt_tokens, reuse, min(max_tokens, DECODE_TOKENS_FOR_QUEUE), v.rates)
-        prefill_s = load_seconds(reuse, v.rates) + prefill_seconds(prompt_tokens - reuse.tokens, v.rates)
+        prefill_s = first_token_work_s(prompt_tokens, reuse, v.rates)
         worker.in_flight += 1
         v.queued_s += seconds
         v.prefill_backlog_s += prefill_s
@@ -385,7 +388,7 @@ class WorkerPool:
                     "healthy": w.healthy,
                     "load": {"in_flight": w.in_flight, "queued_seconds": round(v.queued_s, 3), "slots": v.slots,
                              "prefill_backlog_seconds": round(v.prefill_backlog_s, 3),
-                             "max_queue": min([q for q in (self.max_queue, v.max_queue) if q], default=0)},
+                             "max_queue": self.queue_limit(v)},
                     "rates": {"prefill_tokens_per_second": round(v.rates.prefill_tps, 1),
                               "disk_load_bytes_per_second": round(v.rates.disk_bps),
                               "ram_load_bytes_per_second": round(v.rates.ram_bps),

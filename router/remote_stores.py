@@ -131,30 +131,20 @@ class StoreView:
         if root not in self._refs:
             return None
         packed = keys.pack_tokens(tokens)
-        n = len(packed) // 4
         chain = [root]
         for node in keys.iter_nodes(root, packed):
             if node not in self._refs:
                 break
             chain.append(node)
-        step = keys.BLOCK_TOKENS * 4
-        for k in range(len(chain) - 1, -1, -1):
-            regs = self._regs.get(chain[k])
-            if not regs:
-                continue
-            base = k * keys.BLOCK_TOKENS
-            tails: dict[int, bytes] = {}
-            for entry_id, (r, tail) in sorted(regs.items(), key=lambda item: -item[1][0]):
-                if base + r > n:
-                    continue
-                if r not in tails:
-                    tails[r] = keys.tail_hash(chain[k], packed[k * step: k * step + 4 * r])
-                if tails[r] != tail:
-                    continue
-                cp, stored = self._entries[entry_id]
-                if stored == packed[: len(stored)]:
-                    return cp
-        return None
+
+        def regs_at(k: int):
+            return [(r, tail, entry_id) for entry_id, (r, tail) in self._regs.get(chain[k], {}).items()]
+
+        def confirm(entry_id: str, n: int) -> Checkpoint | None:
+            cp, stored = self._entries[entry_id]
+            return cp if stored == packed[: 4 * n] else None
+
+        return keys.search_registrations(chain, len(chain) - 1, packed, regs_at, confirm)
 
 
 class RemoteStores:

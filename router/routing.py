@@ -102,12 +102,18 @@ def should_load(reuse: Reuse, base_tokens: int, rates: Rates) -> bool:
     return load_seconds(reuse, rates) <= prefill_seconds(gained, rates)
 
 
+def first_token_work_s(prompt_tokens: int, reuse: Reuse, rates: Rates) -> float:
+    """Seconds of work before a `prompt_tokens` prompt's first token when it starts
+    from `reuse`: loading it + prefilling the rest."""
+    return load_seconds(reuse, rates) + prefill_seconds(prompt_tokens - reuse.tokens, rates)
+
+
 def best_reuse(options: list[Reuse], prompt_tokens: int, rates: Rates) -> tuple[Reuse, float]:
     """The option with the lowest load + prefill time for a `prompt_tokens` prompt,
     and that time in seconds (NO_REUSE when recomputing everything is fastest)."""
     best, best_s = NO_REUSE, prefill_seconds(prompt_tokens, rates)
     for r in options:
-        s = load_seconds(r, rates) + prefill_seconds(prompt_tokens - r.tokens, rates)
+        s = first_token_work_s(prompt_tokens, r, rates)
         if s < best_s or (s == best_s and r.tokens > best.tokens):
             best, best_s = r, s
     return best, best_s
@@ -208,5 +214,4 @@ def choose_worker(candidates: list[Candidate], prompt_tokens: int,
 def request_seconds(prompt_tokens: int, reuse: Reuse, max_tokens: int, rates: Rates) -> float:
     """Predicted service time of one request (what it adds to that worker's
     `queued_s`): load + prefill + decode, seconds."""
-    return (load_seconds(reuse, rates) + prefill_seconds(prompt_tokens - reuse.tokens, rates)
-            + max(1, max_tokens) / rates.decode())
+    return first_token_work_s(prompt_tokens, reuse, rates) + max(1, max_tokens) / rates.decode()

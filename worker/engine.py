@@ -331,12 +331,11 @@ class Engine:
 
     # -- admission --------------------------------------------------------------
     def _admit_waiting(self) -> None:
+        """Admits waiting requests while slots are free (`_cancel_requested`, run just
+        before, has answered the cancelled ones)."""
         deferred = []
         while self._waiting and len(self._running) < self.config.decode_concurrency:
             job = self._waiting.popleft()
-            if job.cancelled.is_set():
-                self._done(job, FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none")))
-                continue
             try:
                 if not self._admit(job):
                     deferred.append(job)
@@ -363,11 +362,11 @@ class Engine:
         "live"), or False while its prefill has not reached them yet (the new
         request waits). None: nothing worth sharing."""
         uid, run, n = self._sharer(prompt, namespace)
-        if run is None:
-            return None
         live_n = common_prefix_length(live.tokens, prompt) if live is not None else 0
-        stored_n = self.checkpoints.stored_prefix_tokens(prompt, namespace)
-        if n < max(live_n, stored_n) + MIN_SHARED_GAIN:
+        if run is None or n < live_n + MIN_SHARED_GAIN:
+            return None
+        stored_n = self.checkpoints.stored_prefix_tokens(prompt, namespace)  # the store is read only now
+        if n < stored_n + MIN_SHARED_GAIN:
             return None
         if run.pos < n:
             return False

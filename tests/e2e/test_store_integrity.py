@@ -23,19 +23,11 @@ from cachestore.payload import checksum_file
 from tests.support.prompts import long_system_prompt
 from tests.support.reference import chat_tokens, greedy_in_subprocess
 from tests.support.replay import Step, replay
-from tests.support.server import openai_client as client, child_pids
+from tests.support.server import STORE_CASE_FLAGS, openai_client as client, child_pids
 
 MODEL = "SmolLM2-135M-Instruct"
-FLAGS = [
-    # One batch slot: an unrelated request drops the live state (writing its evict
-    # checkpoint), so reuse across sessions comes from the store these tests check.
-    "--decode-concurrency", "1",
-    "--kv-cache-min-tokens", "128",
-    "--kv-cache-boundary-align-tokens", "128",
-    "--kv-cache-boundary-trim-tokens", "16",
-    "--kv-cache-continued-interval-tokens", "512",
-    "--kv-cache-ram-mb", "0",  # every restore reads the disk payload (C10, C11 are about files)
-]
+FLAGS = [*STORE_CASE_FLAGS,
+         "--kv-cache-ram-mb", "0"]  # every restore reads the disk payload (C10, C11 are about files)
 
 
 @pytest.fixture(scope="module")

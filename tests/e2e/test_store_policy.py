@@ -16,19 +16,10 @@ from cachestore import CheckpointStore, StoreConfig
 from tests.support.prompts import env_block, long_system_prompt, tool_block
 from tests.support.reference import chat_tokens, greedy_in_subprocess, reference_model
 from tests.support.replay import Step, replay
-from tests.support.server import openai_client as client, pid_alive
+from tests.support.server import STORE_CASE_FLAGS, openai_client as client, pid_alive
 
 MODEL = "SmolLM2-135M-Instruct"
-FLAGS = [
-    # One batch slot: an unrelated request drops the live state (writing its evict
-    # checkpoint), so reuse across sessions comes from the store these tests check.
-    "--decode-concurrency", "1",
-    "--kv-cache-min-tokens", "128",
-    "--kv-cache-boundary-align-tokens", "128",
-    "--kv-cache-boundary-trim-tokens", "16",
-    "--kv-cache-continued-interval-tokens", "512",
-    "--kv-cache-cold-max-tokens", "1000",
-]
+FLAGS = [*STORE_CASE_FLAGS, "--kv-cache-cold-max-tokens", "1000"]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,18 @@ SMALL_KV_FLAGS = [
 ]
 
 
+# The store cases (tests/e2e/test_store_*.py): smaller policy values still, and one slot.
+STORE_CASE_FLAGS = [
+    # One batch slot: an unrelated request drops the live state (writing its evict
+    # checkpoint), so reuse across sessions comes from the store these tests check.
+    "--decode-concurrency", "1",
+    "--kv-cache-min-tokens", "128",
+    "--kv-cache-boundary-align-tokens", "128",
+    "--kv-cache-boundary-trim-tokens", "16",
+    "--kv-cache-continued-interval-tokens", "512",
+]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
