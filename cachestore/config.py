@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,3 +67,9 @@ class StoreConfig:
         """Waypoint interval in tokens: ``continued_interval_tokens`` rounded up to a multiple of the alignment."""
         align = self.boundary_align_tokens
         return -(-self.continued_interval_tokens // align) * align
+
+
+def store_id_of(directory) -> str:
+    """Which store a process reads: "hostname:/real/path" (stores are per host, one
+    LMDB environment per directory)."""
+    return f"{socket.gethostname()}:{os.path.realpath(directory)}"

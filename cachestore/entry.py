@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from cachestore.keys import unpack_tokens
+from kvrouter.cachestore.keys import unpack_tokens
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,16 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from router.config import RouterConfig
-from router.dispatch import Dispatcher
-from router.errors import ApiError, NotFound, PayloadTooLarge
-from router.keys import DISPATCHER, METRICS, POOL, ROUTER_CONFIG
-from router.metrics import count_errors_middleware, create_metrics, refresh_scrape_gauges
-from router.pool import WorkerPool
-from router.auth import authorize
-from router.views.common import ARRIVED_KEY
-from router.views import anthropic, completions, openai, openapi, responses
-from router.views.common import NAMESPACE_KEY
+from kvrouter.router.config import RouterConfig
+from kvrouter.router.dispatch import Dispatcher
+from kvrouter.router.errors import ApiError, NotFound, PayloadTooLarge
+from kvrouter.router.keys import DISPATCHER, METRICS, POOL, ROUTER_CONFIG
+from kvrouter.router.metrics import count_errors_middleware, create_metrics, refresh_scrape_gauges
+from kvrouter.router.pool import WorkerPool
+from kvrouter.router.auth import authorize
+from kvrouter.router.views.common import ARRIVED_KEY
+from kvrouter.router.views import anthropic, completions, openai, openapi, responses
+from kvrouter.router.views.common import NAMESPACE_KEY
 
 log = logging.getLogger("kvrouter.router")
 
@@ -118,10 +118,10 @@ def create_app(config: RouterConfig, pool: WorkerPool | None = None) -> web.Appl
     store = None
     if pool is None:
         if config.store is not None:
-            from cachestore import CheckpointStore
+            from kvrouter.cachestore import CheckpointStore
 
             store = CheckpointStore(config.store)
-        from worker.server import store_id_of
+        from kvrouter.cachestore.config import store_id_of
 
         pool = WorkerPool.from_addresses(
             config.worker_addresses, store, remote=config.remote_workers, token=config.worker_token,
@@ -142,7 +142,7 @@ def create_app(config: RouterConfig, pool: WorkerPool | None = None) -> web.Appl
 
     app.cleanup_ctx.append(pool_ctx)
     if config.grpc_port is not None:
-        from router.grpc_api import grpc_ctx
+        from kvrouter.router.grpc_api import grpc_ctx
 
         app.cleanup_ctx.append(grpc_ctx)
     app.router.add_post("/v1/chat/completions", openai.chat_completions)

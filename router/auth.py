@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from router.errors import BadRequest, Unauthorized
+from kvrouter.router.errors import BadRequest, Unauthorized
 
 NAMESPACE_HEADER = "x-kvrouter-namespace"
 MAX_NAMESPACE_CHARS = 128

@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import asdict
 
-from cachestore import CheckpointStore, StoreConfig
+from kvrouter.cachestore import CheckpointStore, StoreConfig
 
 
 def add_parser(sub) -> None:

@@ -11,8 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from router import __version__
-from worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
+from kvrouter.router import __version__
+from kvrouter.worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY, default_cache_dir
+from kvrouter.router.extras import MissingExtra, require_extra
+from kvrouter.worker.launch import module_command
 
 DESCRIPTION = """\
 kvrouter: a cache-aware router for local LLM inference on MLX.
@@ -50,16 +52,6 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
     return value
-
-
-def default_cache_dir() -> Path:
-    """The user's kvrouter cache directory: $KVROUTER_CACHE_DIR, else
-    ~/Library/Caches/kvrouter on macOS, else $XDG_CACHE_HOME/kvrouter or ~/.cache/kvrouter."""
-    if os.environ.get("KVROUTER_CACHE_DIR"):
-        return Path(os.environ["KVROUTER_CACHE_DIR"]).expanduser()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "kvrouter"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvrouter"
 
 
 def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
@@ -111,7 +103,7 @@ def store_config(ns: argparse.Namespace):
     Raises ValueError with a message naming the bad flag value."""
     if ns.no_kv_cache:
         return None
-    from cachestore import StoreConfig
+    from kvrouter.cachestore import StoreConfig
 
     return StoreConfig(
         directory=store_dir(ns),
@@ -207,10 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "`smg launch --worker-urls grpc://HOST:PORT` (default off)")
     worker.add_argument("--port-file", type=Path, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    from router import cache_cli
+    from kvrouter.router import cache_cli
 
     cache_cli.add_parser(sub)
-    from router import ops_cli
+    from kvrouter.router import ops_cli
 
     ops_cli.add_parsers(sub, default_cache_dir())
     return parser
@@ -235,7 +227,7 @@ def read_flag_file(path: Path, flag: str) -> bytes:
 
 def api_config(ns: argparse.Namespace) -> dict:
     """RouterConfig fields of the client API flags. Raises ValueError naming a bad flag value."""
-    from router.auth import ApiKeys
+    from kvrouter.router.auth import ApiKeys
 
     if ns.max_body_mb <= 0:
         raise ValueError("--max-body-mb must be positive")
@@ -251,14 +243,14 @@ def api_config(ns: argparse.Namespace) -> dict:
 
 
 def batching_config(ns: argparse.Namespace):
-    from worker.config import BatchingConfig
+    from kvrouter.worker.config import BatchingConfig
 
     return BatchingConfig(ns.decode_concurrency, ns.prompt_concurrency, ns.live_state_mb * 2**20)
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from router.config import RouterConfig, ServeConfig
-    from router.supervisor import run_serve
+    from kvrouter.router.config import RouterConfig, ServeConfig
+    from kvrouter.router.supervisor import run_serve
 
     setup_logging(ns.log_level)
     if ns.workers == 0 and not ns.remote_worker:
@@ -282,11 +274,13 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _worker(ns: argparse.Namespace) -> int:
-    from worker.blas import reexec_with_preload
+    from kvrouter.worker.blas import reexec_with_preload
 
-    reexec_with_preload([sys.executable, "-m", "router.cli", *sys.argv[1:]])
-    from worker.config import WorkerConfig
-    from worker.server import serve
+    if ns.smg_listen is not None:
+        require_extra("smg", "kvrouter worker --smg-listen")
+    reexec_with_preload([*module_command("kvrouter.router.cli"), *sys.argv[1:]])
+    from kvrouter.worker.config import WorkerConfig
+    from kvrouter.worker.server import serve
 
     setup_logging(ns.log_level, ns.name)
     cfg = WorkerConfig(
@@ -310,7 +304,7 @@ def _worker(ns: argparse.Namespace) -> int:
 
 
 def _cache(ns: argparse.Namespace) -> int:
-    from router import cache_cli
+    from kvrouter.router import cache_cli
 
     setup_logging("WARNING")
     directory = Path(ns.kv_cache_dir) if ns.kv_cache_dir else default_cache_dir() / "kv"
@@ -318,7 +312,7 @@ def _cache(ns: argparse.Namespace) -> int:
 
 
 def _ops_commands() -> dict:
-    from router import ops_cli
+    from kvrouter.router import ops_cli
 
     return ops_cli.COMMANDS
 
@@ -336,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         return {"serve": _serve, "worker": _worker, "cache": _cache, **_ops_commands()}[ns.command](ns)
     except ValueError as exc:
         parser.error(str(exc))
+    except MissingExtra as exc:
+        print(f"kvrouter: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

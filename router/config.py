@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachestore import StoreConfig
-from router.auth import ApiKeys
-from worker.config import BatchingConfig
+from kvrouter.cachestore import StoreConfig
+from kvrouter.router.auth import ApiKeys
+from kvrouter.worker.config import BatchingConfig
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from kvrouter_proto import worker_pb2
-from router.errors import ContextTooLong, Overloaded, Unavailable, WorkerFailed
-from router.worker_client import Completion, Delta, WorkerBusy, WorkerError, WorkerUnavailable
+from kvrouter.router.errors import ContextTooLong, Overloaded, Unavailable, WorkerFailed
+from kvrouter.router.worker_client import Completion, Delta, WorkerBusy, WorkerError, WorkerUnavailable
 
 log = logging.getLogger("kvrouter.router.dispatch")
 

@@ -43,7 +43,7 @@ def check_mlx() -> list[Check]:
 
 
 def check_blas() -> list[Check]:
-    from worker.blas import NO_PRELOAD_ENV, describe_blas, find_openblas
+    from kvrouter.worker.blas import NO_PRELOAD_ENV, describe_blas, find_openblas
 
     here = describe_blas()
     if sys.platform == "darwin":
@@ -60,7 +60,7 @@ def check_blas() -> list[Check]:
 
 
 def check_model(cache_dir: Path) -> list[Check]:
-    from worker.models.resolve import DEFAULT_GGUF, _packaged_gguf
+    from kvrouter.worker.models.resolve import DEFAULT_GGUF, _packaged_gguf
 
     packaged = _packaged_gguf()
     cached = cache_dir / "models" / DEFAULT_GGUF
@@ -76,8 +76,8 @@ def check_model(cache_dir: Path) -> list[Check]:
 def check_store(store_dir: Path, budget_bytes: int | None = None) -> list[Check]:
     """Reads the store's index without opening a CheckpointStore (whose open-time
     repair would change things) and compares rows with payload files."""
-    from cachestore import payload
-    from cachestore.index import Index
+    from kvrouter.cachestore import payload
+    from kvrouter.cachestore.index import Index
 
     name = "store"
     if not (store_dir / "index").is_dir():

@@ -30,9 +30,9 @@ def export_mlx_model(spec: str | None, cache_dir: Path, out_dir: Path) -> Path:
     """
     import mlx.core as mx
 
-    from worker.models import build_hf_tokenizer, default_model_path
-    from worker.models.gguf import dequantize_weights, model_args_from_metadata, read_gguf, rename_tensors
-    from worker.models.tokenizer import gguf_tokenizer_fields
+    from kvrouter.worker.models import build_hf_tokenizer, default_model_path
+    from kvrouter.worker.models.gguf import dequantize_weights, model_args_from_metadata, read_gguf, rename_tensors
+    from kvrouter.worker.models.tokenizer import gguf_tokenizer_fields
 
     if spec is not None and not spec.endswith(".gguf"):
         raise ValueError(f"--model {spec!r}: only GGUF models need exporting (an mlx-lm directory already is one)")

@@ -12,12 +12,12 @@ import grpc
 from aiohttp import web
 
 from kvrouter_proto import router_pb2, router_pb2_grpc
-from router.auth import authorize
-from router.errors import ApiError, BadRequest
-from router.keys import DISPATCHER, POOL, ROUTER_CONFIG
-from router.views.common import make_job
-from router.views.generation import Outcome, generate, parse_stop
-from router.views.openai_request import cap_max_tokens, parse_messages
+from kvrouter.router.auth import authorize
+from kvrouter.router.errors import ApiError, BadRequest
+from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
+from kvrouter.router.views.common import make_job
+from kvrouter.router.views.generation import Outcome, generate, parse_stop
+from kvrouter.router.views.openai_request import cap_max_tokens, parse_messages
 
 log = logging.getLogger("kvrouter.router.grpc")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from router.config import RouterConfig
-from router.dispatch import Dispatcher
-from router.metrics import RouterMetrics
-from router.pool import WorkerPool
+from kvrouter.router.config import RouterConfig
+from kvrouter.router.dispatch import Dispatcher
+from kvrouter.router.metrics import RouterMetrics
+from kvrouter.router.pool import WorkerPool
 
 ROUTER_CONFIG = web.AppKey("router_config", RouterConfig)
 POOL = web.AppKey("pool", WorkerPool)

@@ -155,7 +155,7 @@ def error_class(exc: BaseException) -> str:
     router.errors class name, HTTPNotFound-style aiohttp names, or InternalError."""
     from aiohttp import web
 
-    from router.errors import ApiError
+    from kvrouter.router.errors import ApiError
 
     if isinstance(exc, (ApiError, web.HTTPException)):
         return type(exc).__name__

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_parsers(sub, default_cache_dir: Path) -> None:
-    from router.bench.cli import add_parser as add_bench
+    from kvrouter.router.bench.cli import add_parser as add_bench
 
     add_bench(sub, default_cache_dir)
     doctor = sub.add_parser("doctor", help="check this machine's setup and the store, say what to fix",
@@ -29,14 +29,14 @@ def add_parsers(sub, default_cache_dir: Path) -> None:
 
 
 def _bench(ns: argparse.Namespace) -> int:
-    from router.bench.cli import run
+    from kvrouter.router.bench.cli import run
 
     logging.basicConfig(level="WARNING")
     return run(ns)
 
 
 def _doctor(ns: argparse.Namespace) -> int:
-    from router.doctor import format_report, run_checks
+    from kvrouter.router.doctor import format_report, run_checks
 
     checks = run_checks(ns.cache_dir, ns.kv_cache_dir or ns.cache_dir / "kv", ns.kv_cache_disk_mb * 2**20)
     print(format_report(checks))
@@ -44,7 +44,7 @@ def _doctor(ns: argparse.Namespace) -> int:
 
 
 def _export(ns: argparse.Namespace) -> int:
-    from router.export_mlx import export_mlx_model
+    from kvrouter.router.export_mlx import export_mlx_model
 
     logging.basicConfig(level="INFO", format="%(message)s")
     try:

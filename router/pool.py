@@ -21,13 +21,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from cachestore.keys import common_prefix_length
-from router.errors import NotFound, Overloaded, Unavailable
-from router.prompting import ModelTokenizer
-from router.remote_stores import RemoteStores, is_remote
-from router.routing import (Candidate, Decision, Rates, Reuse, choose_worker, first_token_work_s,
-                            request_seconds)
-from router.worker_client import GrpcWorkerClient, WorkerUnavailable, rates_from_proto
+from kvrouter.cachestore.keys import common_prefix_length
+from kvrouter.router.errors import NotFound, Overloaded, Unavailable
+from kvrouter.router.prompting import ModelTokenizer
+from kvrouter.router.remote_stores import RemoteStores, is_remote
+from kvrouter.cachestore.costs import Rates, Reuse, first_token_work_s
+from kvrouter.router.routing import Candidate, Decision, choose_worker, request_seconds
+from kvrouter.router.worker_client import GrpcWorkerClient, WorkerUnavailable, rates_from_proto
 
 log = logging.getLogger("kvrouter.router.pool")
 

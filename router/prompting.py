@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.errors import BadRequest
-from worker.models.tokenizer import build_hf_tokenizer
+from kvrouter.router.errors import BadRequest
+from kvrouter.worker.models.tokenizer import build_hf_tokenizer
 
 
 @dataclass(frozen=True)

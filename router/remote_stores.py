@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from cachestore import keys
+from kvrouter.cachestore import keys
 
 log = logging.getLogger("kvrouter.router.remote_stores")
 

@@ -8,16 +8,16 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from aiohttp import web
 
-from router.app import create_app
-from router.config import ServeConfig
-from worker.blas import preload_env
+from kvrouter.router.app import create_app
+from kvrouter.router.config import ServeConfig
+from kvrouter.worker.blas import preload_env
+from kvrouter.worker.launch import module_command
 
 log = logging.getLogger("kvrouter.serve")
 
@@ -99,7 +99,7 @@ class WorkerProcess:
 def worker_argv(cfg: ServeConfig, model: str | None, name: str, port_file: Path, kv_args: list[str]) -> list[str]:
     """The command line of one local worker process."""
     return [
-        sys.executable, "-m", "router.cli", "worker",
+        *module_command("kvrouter.router.cli"), "worker",
         "--listen", "127.0.0.1:0",
         "--name", name,
         "--cache-dir", str(cfg.cache_dir),
@@ -115,7 +115,7 @@ def worker_argv(cfg: ServeConfig, model: str | None, name: str, port_file: Path,
 
 async def run_serve(cfg: ServeConfig, kv_args: list[str]) -> int:
     """Runs until SIGINT/SIGTERM. Returns the process exit status."""
-    from worker.models import default_model_path
+    from kvrouter.worker.models import default_model_path
 
     models = cfg.models or (cfg.model,)
     # Fetch the default model once, here, so workers do not race to download it.

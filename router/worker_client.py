@@ -29,9 +29,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
-from router.errors import BadRequest
-from router.remote_stores import Checkpoint
-from router.routing import Rates
+from kvrouter.router.errors import BadRequest
+from kvrouter.router.remote_stores import Checkpoint
+from kvrouter.cachestore.costs import Rates
 
 log = logging.getLogger("kvrouter.router.worker_client")
 

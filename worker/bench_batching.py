@@ -1,6 +1,6 @@
 """Benchmark: what continuous batching gives a worker on this machine.
 
-    python -m worker.bench_batching [--requests 8] [--prompt-tokens 200] [--max-tokens 48]
+    python -m kvrouter.worker.bench_batching [--requests 8] [--prompt-tokens 200] [--max-tokens 48]
                                     [--concurrency 1,8]
 
 Runs the worker's engine in-process on the default model (no store), once per
@@ -20,13 +20,15 @@ import sys
 import threading
 import time
 
+from kvrouter.worker.launch import module_command
+
 
 def run(bundle, hf_tok, concurrency: int, requests: int, prompt_tokens: int, max_tokens: int) -> dict:
     """Serves `requests` concurrent requests on a fresh engine; returns the figures
     (seconds, tokens per second)."""
-    from worker.checkpoints import CheckpointManager
-    from worker.engine import Engine, EngineConfig
-    from worker.events import FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
+    from kvrouter.worker.checkpoints import CheckpointManager
+    from kvrouter.worker.engine import Engine, EngineConfig
+    from kvrouter.worker.events import FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
 
     engine = Engine(bundle, hf_tok, CheckpointManager(bundle.model, bundle.identity, None),
                     EngineConfig(decode_concurrency=concurrency, prompt_concurrency=min(8, concurrency)))
@@ -61,9 +63,9 @@ def run(bundle, hf_tok, concurrency: int, requests: int, prompt_tokens: int, max
 
 
 def main(argv: list[str] | None = None) -> None:
-    from worker.blas import describe_blas, reexec_with_preload
+    from kvrouter.worker.blas import describe_blas, reexec_with_preload
 
-    reexec_with_preload([sys.executable, "-m", "worker.bench_batching", *sys.argv[1:]])
+    reexec_with_preload([*module_command("kvrouter.worker.bench_batching"), *sys.argv[1:]])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=8, help="concurrent requests (default 8)")
     p.add_argument("--prompt-tokens", type=int, default=200, help="tokens per prompt (default 200)")
@@ -73,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import mlx.core as mx
 
-    from router.cli import default_cache_dir
-    from worker.models import build_hf_tokenizer, load_model
+    from kvrouter.worker.config import default_cache_dir
+    from kvrouter.worker.models import build_hf_tokenizer, load_model
 
     bundle = load_model(None, default_cache_dir())
     hf_tok = build_hf_tokenizer(bundle.tokenizer_json, bundle.chat_template, bundle.eos_token_ids,

@@ -1,6 +1,6 @@
 """Benchmark: prefill speed of the default model on this machine's MLX backend.
 
-    python -m worker.bench_prefill [--tokens 512] [--repeat 3]
+    python -m kvrouter.worker.bench_prefill [--tokens 512] [--repeat 3]
 
 Prints tokens per second and the BLAS in use. Run it under `kvrouter`'s worker
 environment (OpenBLAS preloaded on Linux) to see what workers get:
@@ -14,11 +14,13 @@ import argparse
 import sys
 import time
 
+from kvrouter.worker.launch import module_command
+
 
 def main(argv: list[str] | None = None) -> None:
-    from worker.blas import describe_blas, reexec_with_preload
+    from kvrouter.worker.blas import describe_blas, reexec_with_preload
 
-    reexec_with_preload([sys.executable, "-m", "worker.bench_prefill", *sys.argv[1:]])
+    reexec_with_preload([*module_command("kvrouter.worker.bench_prefill"), *sys.argv[1:]])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
@@ -27,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from router.cli import default_cache_dir
-    from worker.models import load_model
+    from kvrouter.worker.config import default_cache_dir
+    from kvrouter.worker.models import load_model
 
     bundle = load_model(None, default_cache_dir())
     ids = mx.array([[(i * 7919) % 40000 + 100 for i in range(args.tokens)]], dtype=mx.int32)

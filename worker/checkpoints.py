@@ -23,13 +23,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-from cachestore import CheckpointStore, Entry, PayloadError, StoreEvent, plan_stores
-from cachestore.keys import common_prefix_length
+from kvrouter.cachestore import CheckpointStore, Entry, PayloadError, StoreEvent, plan_stores
+from kvrouter.cachestore.keys import common_prefix_length
 
-from router.routing import Rates, Reuse, should_load
-from worker import kv_state
-from worker.kv_state import CheckpointFormatError
-from worker.ram_tier import RamTier
+from kvrouter.cachestore.costs import Rates, Reuse, should_load
+from kvrouter.worker import kv_state
+from kvrouter.worker.kv_state import CheckpointFormatError
+from kvrouter.worker.ram_tier import RamTier
 
 log = logging.getLogger("kvrouter.worker.checkpoints")
 

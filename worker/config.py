@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachestore import StoreConfig
+from kvrouter.cachestore import StoreConfig
+
+
+def default_cache_dir() -> Path:
+    """The user's kvrouter cache directory: $KVROUTER_CACHE_DIR, else
+    ~/Library/Caches/kvrouter on macOS, else $XDG_CACHE_HOME/kvrouter or ~/.cache/kvrouter."""
+    if os.environ.get("KVROUTER_CACHE_DIR"):
+        return Path(os.environ["KVROUTER_CACHE_DIR"]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "kvrouter"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvrouter"
 
 
 # mlx_lm.server's defaults (its `--decode-concurrency`, `--prompt-concurrency`).

@@ -47,14 +47,14 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
-from router.routing import Rates
-from cachestore.keys import common_prefix_length
-from worker.checkpoints import CheckpointManager, LiveState, Restored
-from worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
-from worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
-from worker.live_states import LiveStates
-from worker.segments import prefill_segments
-from worker import kv_state
+from kvrouter.cachestore.costs import Rates
+from kvrouter.cachestore.keys import common_prefix_length
+from kvrouter.worker.checkpoints import CheckpointManager, LiveState, Restored
+from kvrouter.worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
+from kvrouter.worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
+from kvrouter.worker.live_states import LiveStates
+from kvrouter.worker.segments import prefill_segments
+from kvrouter.worker import kv_state
 
 log = logging.getLogger("kvrouter.worker.engine")
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 
-from cachestore.keys import common_prefix_length
-from worker.checkpoints import LiveState
+from kvrouter.cachestore.keys import common_prefix_length
+from kvrouter.worker.checkpoints import LiveState
 
 
 def state_bytes(live: LiveState) -> int:

@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import mlx.core as mx
 
-from worker.kv_state import snapshot_bytes
+from kvrouter.worker.kv_state import snapshot_bytes
 
 
 class RamTier:

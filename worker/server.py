@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
-from worker.config import WorkerConfig
+from kvrouter.cachestore.config import store_id_of
+from kvrouter.worker.config import WorkerConfig
 
 log = logging.getLogger("kvrouter.worker")
 
@@ -64,11 +64,6 @@ def die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def store_id_of(directory) -> str:
-    """Which store a worker reads: "hostname:/real/path" (stores are per host)."""
-    return f"{socket.gethostname()}:{os.path.realpath(directory)}"
 
 
 def also_call(first, then):
@@ -120,11 +115,11 @@ def build_engine(config: WorkerConfig):
 
     Raises the model loader's errors (ModelNotFoundError, ...) unchanged.
     """
-    from cachestore import CheckpointStore
-    from worker.blas import describe_blas
-    from worker.checkpoints import CheckpointManager
-    from worker.engine import Engine, EngineConfig
-    from worker.models import build_hf_tokenizer, load_model
+    from kvrouter.cachestore import CheckpointStore
+    from kvrouter.worker.blas import describe_blas
+    from kvrouter.worker.checkpoints import CheckpointManager
+    from kvrouter.worker.engine import Engine, EngineConfig
+    from kvrouter.worker.models import build_hf_tokenizer, load_model
     import mlx.core as mx
 
     bundle = load_model(config.model, config.cache_dir)
@@ -138,7 +133,7 @@ def build_engine(config: WorkerConfig):
         log.info("KV checkpoint store off (--no-kv-cache)")
     else:
         log.info("KV checkpoint store at %s", config.store.directory)
-    from worker.ram_tier import RamTier
+    from kvrouter.worker.ram_tier import RamTier
 
     checkpoints = CheckpointManager(bundle.model, bundle.identity, store, RamTier(config.ram_bytes))
     engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(
@@ -169,7 +164,7 @@ def create_server(address: str, engine, model_info, *, token: str | None = None,
     Returns (server, bound port, health servicer). Raises RuntimeError when the
     address cannot be bound, ValueError for a non-loopback address without a token.
     """
-    from worker.servicer import WorkerServicer
+    from kvrouter.worker.servicer import WorkerServicer
 
     if not token and not is_loopback(address):
         raise ValueError(f"listening on {address} (not loopback) requires --worker-token")
@@ -232,7 +227,7 @@ def _read_tls(config: WorkerConfig) -> tuple[bytes, bytes] | None:
 async def serve(config: WorkerConfig) -> int:
     """Runs a worker until SIGTERM/SIGINT, then writes the shutdown checkpoint and exits.
     Returns the process exit status (ENGINE_DEATH_EXIT_STATUS when the engine thread died)."""
-    from worker.servicer import CacheEventHub
+    from kvrouter.worker.servicer import CacheEventHub
 
     if not config.worker_token and not is_loopback(config.listen):
         raise ValueError(f"--listen {config.listen} is not loopback: give --worker-token (and --tls-cert/--tls-key)")
@@ -261,7 +256,7 @@ async def serve(config: WorkerConfig) -> int:
     smg = None
     smg_health: tuple = ()
     if config.smg_listen is not None:  # SMG's MlxEngine protocol on a second port (worker/smg_servicer.py)
-        from worker.smg_servicer import SMG_SERVICE_NAME, create_smg_server, model_directory, model_source
+        from kvrouter.worker.smg_servicer import SMG_SERVICE_NAME, create_smg_server, model_directory, model_source
 
         smg = create_smg_server(config.smg_listen, engine, model_source(config.model, config.cache_dir),
                                 model_directory(config.model))

@@ -21,10 +21,10 @@ import os
 
 import grpc
 
-from cachestore import StoreEvent
+from kvrouter.cachestore import StoreEvent
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
-from worker.engine import Engine, EngineBusyError, EngineDeadError
-from worker.events import ErrorEvent, FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
+from kvrouter.worker.engine import Engine, EngineBusyError, EngineDeadError
+from kvrouter.worker.events import ErrorEvent, FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
 
 log = logging.getLogger("kvrouter.worker.servicer")
 

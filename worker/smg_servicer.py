@@ -29,9 +29,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from smg_grpc_proto.generated import common_pb2, mlx_engine_pb2, mlx_engine_pb2_grpc
 
-from worker.servicer import submit_or_abort
-from worker.events import ErrorEvent, FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
-from worker import smg_tokenizer
+from kvrouter.worker.servicer import submit_or_abort
+from kvrouter.worker.events import ErrorEvent, FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
+from kvrouter.worker import smg_tokenizer
 
 log = logging.getLogger("kvrouter.worker.smg")
 
@@ -84,7 +84,7 @@ def model_directory(spec: str | None) -> Path | None:
     if path.exists() or path.suffix == ".gguf":
         return None
     try:
-        from worker.models.resolve import hf_snapshot_path
+        from kvrouter.worker.models.resolve import hf_snapshot_path
 
         return hf_snapshot_path(spec)
     except Exception:  # not a cached repo: the bundle is written from the loaded model
@@ -97,7 +97,7 @@ def model_source(spec: str | None, cache_dir: Path) -> str:
     if directory is not None:
         return str(directory.resolve())
     if spec is None:
-        from worker.models.resolve import default_model_path
+        from kvrouter.worker.models.resolve import default_model_path
 
         return str(default_model_path(cache_dir).resolve())
     return str(Path(spec).expanduser().resolve())

@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvrouter.router.extras import require_extra
+
 log = logging.getLogger("kvrouter.bench")
 
 TARGETS = ("kvrouter", "kvrouter-no-kv-cache", "mlx_lm.server", "smg+kvrouter", "smg+mlx")
@@ -68,25 +70,6 @@ def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
     return p
 
 
-def chat_tokenizer(model: str | None, cache_dir: Path):
-    """A callable messages -> token ids rendering the chat template as the router does
-    (the default model's or a GGUF's tokenizer)."""
-    from worker.models import build_hf_tokenizer, default_model_path
-    from worker.models.gguf import read_gguf
-    from worker.models.tokenizer import gguf_tokenizer_fields
-
-    path = default_model_path(cache_dir) if model is None else Path(model)
-    fields = gguf_tokenizer_fields(read_gguf(path)[1])
-    tok = build_hf_tokenizer(fields["tokenizer_json"], fields["chat_template"], fields["eos_token_ids"],
-                             fields["bos_token_id"])
-
-    def encode(messages) -> list[int]:
-        text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        return tok.encode(text, add_special_tokens=False)
-
-    return encode
-
-
 def _model_name(base_url: str) -> str:
     import urllib.request
 
@@ -98,8 +81,9 @@ def _model_name(base_url: str) -> str:
 
 
 def run(ns: argparse.Namespace) -> int:
+    require_extra("bench", "kvrouter bench")
     if ns.overhead:
-        from router.bench.overhead import run_overhead_bench
+        from kvrouter.router.bench.overhead import run_overhead_bench
 
         ns.output.mkdir(parents=True, exist_ok=True)
         result = run_overhead_bench(200, ns.cache_dir)
@@ -107,7 +91,7 @@ def run(ns: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0 if result["router_adds_p50_ms"] < 3.0 else 1
     if ns.routing:
-        from router.bench.routing import run_routing_bench
+        from kvrouter.router.bench.routing import run_routing_bench
 
         ns.output.mkdir(parents=True, exist_ok=True)
         result = run_routing_bench(ns.routing_checkpoints, ns.routing_prompt_tokens, ns.cache_dir, ns.model)
@@ -118,13 +102,15 @@ def run(ns: argparse.Namespace) -> int:
 
 
 async def _run(ns: argparse.Namespace) -> int:
-    from router.bench import report, servers
-    from router.bench.client import run_workload
-    from router.bench.workload import WorkloadSpec, distinct_prefixes, make_workload
+    from kvrouter.router.bench import report, servers
+    from kvrouter.router.bench.client import run_workload
+    from kvrouter.router.bench.workload import WorkloadSpec, distinct_prefixes, make_workload
 
     spec = WorkloadSpec(seed=ns.seed, sessions=ns.sessions, users=ns.users, turns=ns.turns,
                         env_every=ns.env_every, system_words=ns.system_words)
     sessions = make_workload(spec)
+    from kvrouter.router.bench.tokenize import chat_tokenizer
+
     encode = chat_tokenizer(ns.model, ns.cache_dir)
     prompts = [encode(r.messages) for reqs in sessions for r in reqs]
     oracle = distinct_prefixes(prompts)
@@ -157,7 +143,7 @@ async def _run(ns: argparse.Namespace) -> int:
     if ns.endpoint:
         await measure("endpoint", ns.endpoint, ns.model_name or _model_name(ns.endpoint))
     else:
-        from router.bench import smg
+        from kvrouter.router.bench import smg
 
         explicit = ns.targets is not None
         targets = (ns.targets or list(TARGETS)) if ns.compare or explicit else ["kvrouter"]
@@ -167,7 +153,7 @@ async def _run(ns: argparse.Namespace) -> int:
         def exported() -> Path:
             nonlocal model_dir
             if model_dir is None:
-                from router.export_mlx import export_mlx_model
+                from kvrouter.router.export_mlx import export_mlx_model
 
                 model_dir = export_mlx_model(ns.model, ns.cache_dir, work / "mlx-model")
             return model_dir

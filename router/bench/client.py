@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 from openai import AsyncOpenAI
 from tqdm import tqdm
 
-from router.bench.workload import BenchRequest
+from kvrouter.router.bench.workload import BenchRequest
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ import grpc
 from aiohttp import web
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
-from router.app import create_app
-from router.config import RouterConfig
-from router.keys import POOL
-from worker.blas import preload_env
+from kvrouter.router.app import create_app
+from kvrouter.router.config import RouterConfig
+from kvrouter.router.keys import POOL
+from kvrouter.worker.blas import preload_env
+from kvrouter.worker.launch import module_command
 
 MESSAGES = [{"role": "user", "content": "Say hi."}]
 
@@ -116,7 +117,7 @@ def run_overhead_bench(n: int, cache_dir: Path) -> dict:
     """Starts one worker, measures, stops it. Returns the figures (milliseconds)."""
     port = _free_port()
     port_file = Path(tempfile.mkdtemp()) / "port"
-    cmd = [sys.executable, "-m", "router.cli", "--log-level", "WARNING", "worker", "--no-kv-cache",
+    cmd = [*module_command("kvrouter.router.cli"), "--log-level", "WARNING", "worker", "--no-kv-cache",
            "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache_dir), "--port-file", str(port_file)]
     proc = subprocess.Popen(cmd, env=preload_env(dict(os.environ)))
     try:
@@ -132,7 +133,7 @@ def run_overhead_bench(n: int, cache_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    from router.cli import default_cache_dir
+    from kvrouter.worker.config import default_cache_dir
 
     print(json.dumps(run_overhead_bench(int(sys.argv[1]) if len(sys.argv) > 1 else 200, default_cache_dir()),
                      indent=2))

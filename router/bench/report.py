@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from router.bench.client import RunResult
+from kvrouter.router.bench.client import RunResult
 
 
 def percentile(values: list[float], q: float) -> float:

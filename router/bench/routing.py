@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.bench.report import percentile
+from kvrouter.router.bench.report import percentile
 
 SYSTEM_TOKENS = 1024
 WAYPOINT_EVERY = 2048
@@ -40,8 +40,8 @@ class _Worker:
 
 def build_index(store, model_id: str, prompt: list[int], checkpoints: int, rng: random.Random) -> int:
     """Inserts `checkpoints` rows (see module docstring). Returns tokens stored in total."""
-    from cachestore import Entry
-    from cachestore.keys import pack_tokens
+    from kvrouter.cachestore import Entry
+    from kvrouter.cachestore.keys import pack_tokens
 
     rows: list[tuple[Entry, bytes]] = []
     own = [prompt[:n] for n in range(WAYPOINT_EVERY, len(prompt), WAYPOINT_EVERY)][:16]
@@ -75,10 +75,10 @@ def build_index(store, model_id: str, prompt: list[int], checkpoints: int, rng: 
 def run_routing_bench(checkpoints: int = 10_000, prompt_tokens: int = 32_768, cache_dir: Path | None = None,
                       model: str | None = None, iterations: int = 2000, seed: int = 0) -> dict:
     """Returns decision p50/p99/max in ms, tokenization ms, and the setup."""
-    from cachestore import CheckpointStore, StoreConfig
-    from router.dispatch import Dispatcher, Job
-    from router.metrics import create_metrics
-    from router.pool import ServedModel, WorkerPool
+    from kvrouter.cachestore import CheckpointStore, StoreConfig
+    from kvrouter.router.dispatch import Dispatcher, Job
+    from kvrouter.router.metrics import create_metrics
+    from kvrouter.router.pool import ServedModel, WorkerPool
 
     rng = random.Random(seed)
     prompt = [rng.randrange(49152) for _ in range(prompt_tokens)]
@@ -135,8 +135,8 @@ def _tokenize_ms(prompt_tokens: int, cache_dir: Path | None, model: str | None) 
     (reported apart from the decision). Skipped (None) without a cache directory."""
     if cache_dir is None:
         return {"tokenize_tokens": None, "tokenize_ms": None}
-    from router.bench.cli import chat_tokenizer
-    from router.bench.workload import WORDS
+    from kvrouter.router.bench.tokenize import chat_tokenizer
+    from kvrouter.router.bench.workload import WORDS
 
     encode = chat_tokenizer(model, cache_dir)
     rng = random.Random(1)

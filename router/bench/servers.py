@@ -15,7 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.blas import preload_env
+from kvrouter.worker.blas import preload_env
+from kvrouter.worker.launch import module_command
 
 START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
@@ -94,7 +95,7 @@ class ManagedServer:
 
 def kvrouter_server(name: str, work: Path, cache_dir: Path, extra: list[str]) -> ManagedServer:
     """`kvrouter serve` with its store in `work`/kv-<name> (fresh per run)."""
-    argv = [sys.executable, "-m", "router.cli", "serve", "--port", "{port}", "--cache-dir", str(cache_dir),
+    argv = [*module_command("kvrouter.router.cli"), "serve", "--port", "{port}", "--cache-dir", str(cache_dir),
             "--kv-cache-dir", str(work / f"kv-{name}"), *extra]
     return ManagedServer(name, argv, "SmolLM2-135M-Instruct", dict(os.environ), work / f"{name}.log")
 

@@ -31,6 +31,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvrouter.worker.launch import module_command
+
 SMG_VERSION = "1.13.0"
 SMG_MLX_SERVICER_VERSION = "0.14.1"
 START_TIMEOUT_S = 600.0
@@ -118,7 +120,7 @@ def gateway_argv(smg: Path, port: int, worker_ports: list[int], metrics_port: in
 def kvrouter_worker_argv(python: str, name: str, smg_port: int, kv_dir: Path, cache_dir: Path,
                          extra: list[str] = ()) -> list[str]:
     """A kvrouter worker: its own service on an ephemeral port, SMG's protocol on `smg_port`."""
-    return [python, "-m", "router.cli", "worker", "--cache-dir", str(cache_dir), "--name", name,
+    return [*module_command("kvrouter.router.cli", python), "worker", "--cache-dir", str(cache_dir), "--name", name,
             "--listen", "127.0.0.1:0", "--smg-listen", f"127.0.0.1:{smg_port}", "--kv-cache-dir", str(kv_dir),
             *extra]
 
@@ -131,7 +133,7 @@ def mlx_worker_argv(python: Path, model_dir: Path, port: int) -> list[str]:
 
 def worker_env(env: dict[str, str], offline: bool = False) -> dict[str, str]:
     """OpenBLAS preloaded and 1 BLAS thread per worker; `offline`: no Hugging Face downloads."""
-    from worker.blas import preload_env
+    from kvrouter.worker.blas import preload_env
 
     return preload_env({**env, "HF_HUB_OFFLINE": "1"} if offline else env, threads=1)
 
@@ -139,7 +141,7 @@ def worker_env(env: dict[str, str], offline: bool = False) -> dict[str, str]:
 # The running configuration.
 
 def _free_port() -> int:
-    from router.bench.servers import free_port
+    from kvrouter.router.bench.servers import free_port
 
     return free_port()
 

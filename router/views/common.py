@@ -7,8 +7,8 @@ import json
 
 from aiohttp import web
 
-from router.dispatch import Job
-from router.errors import BadRequest
+from kvrouter.router.dispatch import Job
+from kvrouter.router.errors import BadRequest
 
 PREVIEW_CHARS = 80
 # perf_counter() at arrival, set by router.app.error_middleware (a typed key where aiohttp has them)

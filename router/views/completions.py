@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from router.errors import ApiError, BadRequest, WorkerFailed
-from router.keys import DISPATCHER, POOL, ROUTER_CONFIG
-from router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
-from router.views.generation import collect, generate, parse_stop
-from router.views.openai import usage_body
-from router.views.openai_request import _number, cap_max_tokens
+from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
+from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
+from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.generation import collect, generate, parse_stop
+from kvrouter.router.views.openai import usage_body
+from kvrouter.router.views.openai_request import _number, cap_max_tokens
 
 _vocab_sizes: dict[int, int] = {}
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from router.errors import BadRequest
-from router.worker_client import Completion, Delta
+from kvrouter.router.errors import BadRequest
+from kvrouter.router.worker_client import Completion, Delta
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256

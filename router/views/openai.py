@@ -10,12 +10,12 @@ import uuid
 
 from aiohttp import web
 
-from router.errors import ApiError, WorkerFailed
-from router.keys import DISPATCHER, POOL, ROUTER_CONFIG
-from router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
-from router.views.generation import Outcome, collect, generate
-from router.views.openai_request import parse_chat_request
-from router.views.tools import ToolCallSplitter, split_text, syntax_for
+from kvrouter.router.errors import ApiError, WorkerFailed
+from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
+from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.generation import Outcome, collect, generate
+from kvrouter.router.views.openai_request import parse_chat_request
+from kvrouter.router.views.tools import ToolCallSplitter, split_text, syntax_for
 
 __all__ = ["chat_completions", "list_models", "read_json", "usage_body"]
 

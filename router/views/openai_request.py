@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from router.errors import BadRequest
-from router.views.generation import parse_stop
+from kvrouter.router.errors import BadRequest
+from kvrouter.router.views.generation import parse_stop
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from router import __version__
-from router.keys import POOL
+from kvrouter.router import __version__
+from kvrouter.router.keys import POOL
 
 
 def _obj(props: dict, required: list[str] | None = None) -> dict:

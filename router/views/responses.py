@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from router.errors import ApiError, BadRequest, WorkerFailed
-from router.keys import DISPATCHER, POOL, ROUTER_CONFIG
-from router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
-from router.views.generation import Outcome, collect, generate
-from router.views.openai_request import _number, cap_max_tokens, parse_arguments, tool_choice_parses
-from router.views.tools import ToolCallSplitter, flat_function_tools, split_text, syntax_for
+from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
+from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
+from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.generation import Outcome, collect, generate
+from kvrouter.router.views.openai_request import _number, cap_max_tokens, parse_arguments, tool_choice_parses
+from kvrouter.router.views.tools import ToolCallSplitter, flat_function_tools, split_text, syntax_for
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 

@@ -8,7 +8,7 @@ directory under a private package name so that the router never imports
 
 from __future__ import annotations
 
-from router.errors import BadRequest
+from kvrouter.router.errors import BadRequest
 
 import importlib
 import importlib.util

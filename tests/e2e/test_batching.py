@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from cachestore import CheckpointStore, StoreConfig
+from kvrouter.cachestore import CheckpointStore, StoreConfig
 from tests.support.prompts import long_system_prompt
 from tests.support.reference import chat_tokens
 from tests.support.server import SMALL_KV_FLAGS, openai_client as client

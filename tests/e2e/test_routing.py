@@ -22,7 +22,8 @@ import pytest
 
 from tests.support.prompts import long_system_prompt
 from tests.support.server import SMALL_KV_FLAGS, pid_alive
-from worker.engine import FAILPOINT_ENV
+from kvrouter.worker.engine import FAILPOINT_ENV
+from kvrouter.worker.launch import module_command
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -187,14 +188,13 @@ def two_hosts(start_server, tmp_path_factory):
     """A worker alone on 127.0.0.2 with its own store (the "other host"), and
     `kvrouter serve` with one local worker plus that one as --remote-worker."""
     import subprocess
-    import sys
 
     from tests.support.server import free_port, model_cache_dir
 
     port = free_port()
     log = open(tmp_path_factory.mktemp("logs") / "remote-worker.log", "wb")
     remote = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "worker", "--listen", f"127.0.0.2:{port}", "--name", "remote",
+        [*module_command("kvrouter.router.cli"), "worker", "--listen", f"127.0.0.2:{port}", "--name", "remote",
          "--worker-token", "t0ken", "--cache-dir", str(model_cache_dir()),
          "--kv-cache-dir", str(tmp_path_factory.mktemp("kv-remote")), *SMALL_KV_FLAGS,
          "--decode-concurrency", "1"],  # one live state: an unrelated request moves it on
@@ -237,8 +237,8 @@ def test_a_checkpoint_stored_on_the_remote_host_is_predicted_there(two_hosts):
     import asyncio
 
     from kvrouter_proto import worker_pb2
-    from router.prompting import ModelTokenizer
-    from router.worker_client import GrpcWorkerClient
+    from kvrouter.router.prompting import ModelTokenizer
+    from kvrouter.router.worker_client import GrpcWorkerClient
 
     system = f"Project {uuid.uuid4().hex}.\n" + long_system_prompt(n_rules=36, project="Halcyon")
 

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -27,10 +26,12 @@ import grpc
 import openai
 import pytest
 
-from router.bench import smg as bench_smg
+from kvrouter.router.bench import smg as bench_smg
 from tests.support.prompts import long_system_prompt
 from tests.support.reference import chat_tokens, greedy_in_subprocess
 from tests.support.server import SMALL_KV_FLAGS, free_port, model_cache_dir
+
+from kvrouter.worker.launch import module_command
 
 SMG_VERSION = bench_smg.SMG_VERSION
 MODEL = "SmolLM2-135M-Instruct"
@@ -116,7 +117,7 @@ def cluster(tmp_path_factory):
     try:
         for name in ("w1", "w2"):
             port = free_port()
-            w = Proc([sys.executable, "-m", "router.cli", "worker", "--cache-dir", str(model_cache_dir()),
+            w = Proc([*module_command("kvrouter.router.cli"), "worker", "--cache-dir", str(model_cache_dir()),
                       "--name", name, "--listen", "127.0.0.1:0", "--smg-listen", f"127.0.0.1:{port}",
                       "--kv-cache-dir", str(root / "kv"), *SMALL_KV_FLAGS], root / f"{name}.log")
             procs.append(w)
@@ -270,7 +271,7 @@ async def test_health_check_fails_when_the_engine_thread_is_gone():
 
     from smg_grpc_proto.generated import mlx_engine_pb2
 
-    from worker.smg_servicer import SmgServicer
+    from kvrouter.worker.smg_servicer import SmgServicer
 
     bundle = SimpleNamespace(tokenizer_json=json.dumps({}), model=None)
     engine = SimpleNamespace(bundle=bundle, alive=False)
@@ -285,7 +286,7 @@ async def test_health_check_fails_when_the_engine_thread_is_gone():
 def test_chatml_anchor_is_the_last_user_turn_before_the_first_assistant_turn():
     from tests.support.reference import reference_model
 
-    from worker.smg_servicer import ChatmlAnchor
+    from kvrouter.worker.smg_servicer import ChatmlAnchor
 
     anchor = ChatmlAnchor.for_tokenizer(reference_model()[0].tokenizer_json)
     system = [{"role": "system", "content": SYSTEM}]

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +17,14 @@ import mlx.core as mx
 import openai
 import pytest
 
-from cachestore import CheckpointStore, StoreConfig
-from cachestore.payload import checksum_file
+from kvrouter.cachestore import CheckpointStore, StoreConfig
+from kvrouter.cachestore.payload import checksum_file
 from tests.support.prompts import long_system_prompt
 from tests.support.reference import chat_tokens, greedy_in_subprocess
 from tests.support.replay import Step, replay
 from tests.support.server import STORE_CASE_FLAGS, openai_client as client, child_pids
+
+from kvrouter.worker.launch import module_command
 
 MODEL = "SmolLM2-135M-Instruct"
 FLAGS = [*STORE_CASE_FLAGS,
@@ -43,7 +44,7 @@ def server(start_server, kv_dir):
 
 
 def cache_cli(kv_dir, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "router.cli", "cache", *args, "--kv-cache-dir", str(kv_dir)],
+    return subprocess.run([*module_command("kvrouter.router.cli"), "cache", *args, "--kv-cache-dir", str(kv_dir)],
                           capture_output=True, text=True, timeout=120)
 
 

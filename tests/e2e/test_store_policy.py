@@ -12,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachestore import CheckpointStore, StoreConfig
+from kvrouter.cachestore import CheckpointStore, StoreConfig
 from tests.support.prompts import env_block, long_system_prompt, tool_block
 from tests.support.reference import chat_tokens, greedy_in_subprocess, reference_model
 from tests.support.replay import Step, replay

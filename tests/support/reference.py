@@ -20,7 +20,7 @@ class GreedyRun:
 
 @lru_cache(maxsize=1)
 def reference_model():
-    from worker.models import build_hf_tokenizer, load_model
+    from kvrouter.worker.models import build_hf_tokenizer, load_model
 
     bundle = load_model(None, model_cache_dir())
     tok = build_hf_tokenizer(bundle.tokenizer_json, bundle.chat_template, bundle.eos_token_ids, bundle.bos_token_id)
@@ -67,7 +67,7 @@ def greedy_in_subprocess(messages: list[dict], max_tokens: int) -> GreedyRun:
     import subprocess
     import sys
 
-    from worker.blas import preload_env
+    from kvrouter.worker.blas import preload_env
 
     out = subprocess.run(
         [sys.executable, "-m", "tests.support.reference"],

@@ -7,12 +7,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import urllib.error
 import urllib.request
+
+from kvrouter.worker.launch import module_command
 
 START_TIMEOUT_S = 600
 
@@ -73,19 +74,24 @@ def pid_alive(pid: int) -> bool:
 class KvrouterServer:
     """One `kvrouter serve` subprocess. Its log goes to `log_path`."""
 
-    def __init__(self, args: list[str], log_path: Path):
+    def __init__(self, args: list[str], log_path: Path, *, cwd: Path | None = None,
+                 command: list[str] | None = None):
+        """cwd: the directory to launch from (default: this one). command: the argv
+        prefix that runs kvrouter (default: `python -P -m kvrouter.router.cli`)."""
         self.args = args
         self.log_path = log_path
+        self.cwd = cwd
+        self.command = command or module_command("kvrouter.router.cli")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.worker_pids: list[int] = []
 
     def start(self) -> "KvrouterServer":
-        cmd = [sys.executable, "-m", "router.cli", "serve", "--port", str(self.port),
+        cmd = [*self.command, "serve", "--port", str(self.port),
                "--cache-dir", str(model_cache_dir()), *self.args]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

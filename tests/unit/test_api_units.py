@@ -10,14 +10,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from router.app import error_middleware
-from router.auth import ApiKeys, authorize, make_namespace
-from router.errors import BadRequest, Overloaded, PayloadTooLarge, Unauthorized
-from router.keys import METRICS, ROUTER_CONFIG
-from router.config import RouterConfig
-from router.metrics import create_metrics
-from router.views.generation import StopMatcher, parse_stop
-from router.views.tools import ToolCallSplitter, infer_parser_name, split_text, tool_syntax
+from kvrouter.router.app import error_middleware
+from kvrouter.router.auth import ApiKeys, authorize, make_namespace
+from kvrouter.router.errors import BadRequest, Overloaded, PayloadTooLarge, Unauthorized
+from kvrouter.router.keys import METRICS, ROUTER_CONFIG
+from kvrouter.router.config import RouterConfig
+from kvrouter.router.metrics import create_metrics
+from kvrouter.router.views.generation import StopMatcher, parse_stop
+from kvrouter.router.views.tools import ToolCallSplitter, infer_parser_name, split_text, tool_syntax
 
 TEMPLATE = (Path(__file__).resolve().parents[1] / "support" / "chatml_tools.jinja").read_text()
 
@@ -162,7 +162,7 @@ async def test_unexpected_exception_is_a_500_in_the_protocol_format():
 
 
 def test_odd_json_bodies_are_400_not_500():
-    from router.views.common import decode_json
+    from kvrouter.router.views.common import decode_json
 
     assert decode_json(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}  # a paired surrogate is fine
     for raw in (b"[" * 100_000, b'{"a": 1', b'{"a": "\\ud800"}', b"1" * 5000, b"\xff"):

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from worker.checkpoints import LiveState
-from worker.live_states import LiveStates
-from worker.segments import prefill_segments
+from kvrouter.worker.checkpoints import LiveState
+from kvrouter.worker.live_states import LiveStates
+from kvrouter.worker.segments import prefill_segments
 
 
 def test_segments_cut_at_absolute_chunk_multiples_and_store_points():

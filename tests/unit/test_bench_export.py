@@ -15,8 +15,8 @@ def test_export_mlx_matches_the_imported_model(tmp_path):
     import mlx.core as mx
     import mlx_lm
 
-    from router.cli import main
-    from worker.models import build_hf_tokenizer, load_model
+    from kvrouter.router.cli import main
+    from kvrouter.worker.models import build_hf_tokenizer, load_model
 
     out = tmp_path / "mlx-model"
     assert main(["export-mlx", str(out), "--cache-dir", str(model_cache_dir())]) == 0

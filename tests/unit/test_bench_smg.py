@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from router.bench import smg
-from router.bench.cli import SMG_TARGETS, TARGETS, parse_targets
+from kvrouter.router.bench import smg
+from kvrouter.router.bench.cli import SMG_TARGETS, TARGETS, parse_targets
 
 
 def test_targets_accept_the_smg_configurations_in_order_without_repeats():
@@ -36,7 +36,7 @@ def test_gateway_command_line():
 
 def test_kvrouter_worker_command_line():
     argv = smg.kvrouter_worker_argv("/py", "w2", 50062, Path("/tmp/kv"), Path("/cache"), ["--model", "m.gguf"])
-    assert argv[:4] == ["/py", "-m", "router.cli", "worker"]
+    assert argv[:5] == ["/py", "-P", "-m", "kvrouter.router.cli", "worker"]
     assert argv[argv.index("--smg-listen") + 1] == "127.0.0.1:50062"
     assert argv[argv.index("--listen") + 1] == "127.0.0.1:0"
     assert argv[argv.index("--kv-cache-dir") + 1] == "/tmp/kv"

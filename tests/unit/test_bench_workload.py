@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from router.bench.client import RequestRecord, RunResult
-from router.bench.report import percentile, reuse_by_source, side_by_side, summarize
-from router.bench.workload import (
+from kvrouter.router.bench.client import RequestRecord, RunResult
+from kvrouter.router.bench.report import percentile, reuse_by_source, side_by_side, summarize
+from kvrouter.router.bench.workload import (
     WorkloadSpec,
     distinct_prefixes,
     env_block,
@@ -67,7 +67,7 @@ def test_schedule_visits_every_session_before_any_returns():
 
 
 def test_workload_oracle_with_the_real_tokenizer():
-    from router.bench.cli import chat_tokenizer
+    from kvrouter.router.bench.tokenize import chat_tokenizer
     from tests.support.server import model_cache_dir
 
     encode = chat_tokenizer(None, model_cache_dir())
@@ -87,7 +87,7 @@ def record(ttft, prompt, cached, phase=0, error=""):
 def test_summary_figures_and_side_by_side_ratios():
     from prometheus_client import generate_latest
 
-    from router.metrics import create_metrics
+    from kvrouter.router.metrics import create_metrics
 
     m = create_metrics()  # a real router registry, as /metrics serves it
     m.prompt_tokens.labels("m", "computed").inc(300)
@@ -111,7 +111,7 @@ def test_summary_figures_and_side_by_side_ratios():
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    from router.bench.report import plot
+    from kvrouter.router.bench.report import plot
 
     run = RunResult([record(1.0, 1000, 700), record(3.0, 1000, 0, phase=1)], 5.0, True, 1.0, [])
     s = summarize(run, oracle=900, workload_prompt_tokens=2000)
@@ -121,7 +121,7 @@ def test_plots_are_written(tmp_path):
 
 
 def test_routing_micro_benchmark_finds_the_live_worker_and_the_stored_prefix():
-    from router.bench.routing import run_routing_bench
+    from kvrouter.router.bench.routing import run_routing_bench
 
     r = run_routing_bench(checkpoints=300, prompt_tokens=6144, cache_dir=None, iterations=50)
     assert r["route"]["worker"] == "w0" and r["route"]["reason"] == "live_prefix"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import cachestore
-from cachestore import CheckpointStore, Entry, PayloadError, StoreConfig, keys
-from cachestore import store as store_mod
+from kvrouter import cachestore
+from kvrouter.cachestore import CheckpointStore, Entry, PayloadError, StoreConfig, keys
+from kvrouter.cachestore import store as store_mod
 
 
 def writer(data: bytes):
@@ -244,7 +244,7 @@ def test_touch_remove_entries(store: CheckpointStore):
 
 
 def _crash_child(directory: str, point: str, prompt: list[int]) -> None:
-    from cachestore import index as index_mod
+    from kvrouter.cachestore import index as index_mod
 
     store = CheckpointStore(StoreConfig(directory=Path(directory), min_tokens=1))
 
@@ -407,7 +407,7 @@ def test_lookup_reads_o_prompt_over_64_keys_with_10k_entries(store: CheckpointSt
 
 
 def test_index_map_grows_on_map_full(tmp_path: Path, monkeypatch):
-    from cachestore import index as index_mod
+    from kvrouter.cachestore import index as index_mod
 
     monkeypatch.setattr(index_mod, "INITIAL_MAP_SIZE", 1 << 20)
     cfg = StoreConfig(directory=tmp_path / "small", min_tokens=1)
@@ -463,7 +463,7 @@ def test_store_events_name_the_entry_and_stores_carry_its_tokens(cfg: StoreConfi
 def test_failed_store_leaves_the_schedule_for_a_later_try(store: CheckpointStore):
     """Policy rule 1: the plan is derived from what the index holds, so a store
     that failed (ENOSPC) is planned again by the next request, and succeeds then."""
-    from cachestore import plan_stores
+    from kvrouter.cachestore import plan_stores
 
     prompt = toks(900)
     cfg = StoreConfig(directory=store.directory, min_tokens=128, boundary_align_tokens=128,

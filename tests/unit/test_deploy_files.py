@@ -84,10 +84,10 @@ async def router_metrics_text(tmp_path):
     """GET /metrics from a real router app (no workers) over a real store with one checkpoint."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from cachestore import CheckpointStore, StoreConfig
-    from router.app import create_app
-    from router.config import RouterConfig
-    from router.pool import WorkerPool
+    from kvrouter.cachestore import CheckpointStore, StoreConfig
+    from kvrouter.router.app import create_app
+    from kvrouter.router.config import RouterConfig
+    from kvrouter.router.pool import WorkerPool
 
     store = CheckpointStore(StoreConfig(directory=tmp_path / "kv"))
     store.save("anchor", "model", "", list(range(600)), lambda p: p.write_bytes(b"x" * 1000))

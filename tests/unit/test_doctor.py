@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cachestore import CheckpointStore, StoreConfig
-from router.doctor import check_store, format_report, run_checks
+from kvrouter.cachestore import CheckpointStore, StoreConfig
+from kvrouter.router.doctor import check_store, format_report, run_checks
 from tests.support.server import model_cache_dir
 
 
@@ -23,7 +23,7 @@ def test_doctor_reports_store_size_and_damage_without_repairing(tmp_path):
 
 
 def test_doctor_command_checks_this_machine(capsys):
-    from router.cli import main
+    from kvrouter.router.cli import main
 
     checks = run_checks(model_cache_dir(), model_cache_dir() / "no-such-kv")
     names = [c.name for c in checks]

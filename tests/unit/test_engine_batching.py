@@ -22,7 +22,7 @@ class Call:
     """One request: its events land in a queue read by `next_event` / `wait`."""
 
     def __init__(self, engine, prompt, max_tokens=4, temperature=0.0, seed=None):
-        from worker.events import GenerationRequest, SamplingConfig
+        from kvrouter.worker.events import GenerationRequest, SamplingConfig
 
         self.events: queue.Queue = queue.Queue()
         self.tokens: list[int] = []
@@ -31,7 +31,7 @@ class Call:
         self.job = engine.submit(req, self.events.put)
 
     def next_event(self):
-        from worker.events import TokenEvent
+        from kvrouter.worker.events import TokenEvent
 
         ev = self.events.get(timeout=MODEL_TIMEOUT_S)
         if isinstance(ev, TokenEvent):
@@ -47,12 +47,12 @@ class Call:
 
 
 def make_engine(tmp_path=None, decode_concurrency=1, prompt_concurrency=1, **kw):
-    from worker.config import BatchingConfig, WorkerConfig
-    from worker.server import build_engine
+    from kvrouter.worker.config import BatchingConfig, WorkerConfig
+    from kvrouter.worker.server import build_engine
 
     store = None
     if tmp_path is not None:
-        from cachestore import StoreConfig
+        from kvrouter.cachestore import StoreConfig
 
         store = StoreConfig(tmp_path, min_tokens=256, boundary_align_tokens=256, boundary_trim_tokens=32)
     config = WorkerConfig(model=None, listen="127.0.0.1:0", store=store, cache_dir=model_cache_dir(),
@@ -77,7 +77,7 @@ def test_a_request_cancelled_while_waiting_for_a_slot_ends_at_once(one_slot):
     waiting = Call(one_slot, prompt_of(20, 2))
     waiting.job.cancelled.set()
     assert waiting.wait().finish_reason == "cancelled"
-    from worker.events import FinishEvent
+    from kvrouter.worker.events import FinishEvent
 
     assert not any(isinstance(ev, FinishEvent) for ev in list(running.events.queue)), \
         "the request in the slot must still be running"

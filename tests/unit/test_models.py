@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from worker.models import (
+from kvrouter.worker.models import (
     CHECKPOINT_FORMAT,
     ModelBundle,
     build_hf_tokenizer,
@@ -100,7 +100,7 @@ def test_hf_tokenizer_chat_template(bundle: ModelBundle) -> None:
 
 
 def test_tokenizer_module_does_not_import_mlx() -> None:
-    code = "import sys, worker.models.tokenizer, worker.models; assert 'mlx' not in sys.modules, 'mlx imported'"
+    code = "import sys, kvrouter.worker.models.tokenizer, kvrouter.worker.models; assert 'mlx' not in sys.modules, 'mlx imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cachestore import Entry, PlannedStore, SkippedStore, StoreConfig, eviction_victims, plan_stores
+from kvrouter.cachestore import Entry, PlannedStore, SkippedStore, StoreConfig, eviction_victims, plan_stores
 
 CFG = StoreConfig(directory="/nonexistent", min_tokens=512, cold_max_tokens=30000,
                   continued_interval_tokens=10000, boundary_trim_tokens=32, boundary_align_tokens=2048)

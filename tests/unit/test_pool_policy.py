@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from router.dispatch import Dispatcher, Job
-from router.errors import BadRequest, Overloaded, Unavailable, WorkerFailed
-from router.metrics import create_metrics
-from router.pool import ServedModel, WorkerPool
-from router.routing import DEFAULT_PREFILL_TPS, Rates
-from router.worker_client import Completion, Delta, FakeWorkerClient, WorkerUnavailable
+from kvrouter.router.dispatch import Dispatcher, Job
+from kvrouter.router.errors import BadRequest, Overloaded, Unavailable, WorkerFailed
+from kvrouter.router.metrics import create_metrics
+from kvrouter.router.pool import ServedModel, WorkerPool
+from kvrouter.cachestore.costs import DEFAULT_PREFILL_TPS, Rates
+from kvrouter.router.worker_client import Completion, Delta, FakeWorkerClient, WorkerUnavailable
 
 
 def make(n=2, store=None, **kw):
@@ -266,7 +266,7 @@ async def test_a_leader_dropped_unused_frees_its_followers():
 
 
 async def test_requests_go_only_to_workers_serving_their_model(monkeypatch):
-    monkeypatch.setattr("router.pool.ModelTokenizer", lambda info: None)  # fakes carry no tokenizer
+    monkeypatch.setattr("kvrouter.router.pool.ModelTokenizer", lambda info: None)  # fakes carry no tokenizer
     a, b = FakeWorkerClient("w0", "alpha"), FakeWorkerClient("w1", "beta")
     pool = WorkerPool([a, b])
     await pool.connect(1)
@@ -275,7 +275,7 @@ async def test_requests_go_only_to_workers_serving_their_model(monkeypatch):
         for _ in range(3):
             route, _ = await run(d, job(pool.model("beta"), [1, 2, 3]))
             assert route.worker == "w1"
-        from router.errors import NotFound
+        from kvrouter.router.errors import NotFound
 
         with pytest.raises(NotFound):
             pool.model("gamma")
@@ -312,9 +312,9 @@ async def test_another_hosts_store_is_predicted_from_its_workers_events(monkeypa
     """Host B's store (shared by r0 and r1) is known only through their events and
     listings: a checkpoint r0 stores is offered to r0 and r1 (RAM where their RAM tier
     holds it), never to w0 (host A); removals and listings after a gap keep it true."""
-    from router.worker_client import CacheUpdate
+    from kvrouter.router.worker_client import CacheUpdate
 
-    monkeypatch.setattr("router.pool.ModelTokenizer", lambda info: None)  # fakes carry no tokenizer
+    monkeypatch.setattr("kvrouter.router.pool.ModelTokenizer", lambda info: None)  # fakes carry no tokenizer
     host_b: dict = {}
     w0 = FakeWorkerClient("w0", store_id="hostA:/kv")
     r0 = FakeWorkerClient("r0", store_id="hostB:/kv", stored=host_b, local=False)
@@ -382,7 +382,7 @@ def test_a_completion_does_not_revive_a_live_state_its_worker_already_dropped():
     The two travel on different streams: when N's removal event is applied before
     the Final, the completion must not put N back (the router would believe in a
     live state the worker no longer holds, and in more of them than it has slots)."""
-    from router.worker_client import CacheUpdate
+    from kvrouter.router.worker_client import CacheUpdate
 
     pool, model, workers, _ = make(1)
     pool.apply("w0", CacheUpdate(1, "live", namespace="", tokens=(1, 2, 3), live_id=5))

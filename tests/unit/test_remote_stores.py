@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from router.remote_stores import Checkpoint, RemoteStores, StoreView, is_remote
+from kvrouter.router.remote_stores import Checkpoint, RemoteStores, StoreView, is_remote
 
 
 def toks(n: int, seed: int = 0) -> tuple[int, ...]:

@@ -1,8 +1,7 @@
 """The routing cost model (router.routing) on snapshots: no I/O, no workers."""
 
-from router.routing import (
-    Candidate, Rates, Reuse, best_reuse, choose_worker, load_seconds, prefill_seconds, queue_wait_s, should_load,
-)
+from kvrouter.cachestore.costs import Rates, Reuse, load_seconds, prefill_seconds, should_load
+from kvrouter.router.routing import Candidate, best_reuse, choose_worker, queue_wait_s
 
 CPU = Rates(prefill_tps=250, disk_bps=0.5e9, ram_bps=10e9)
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from router.cli import build_parser
-from router.config import RouterConfig, ServeConfig
-from router.supervisor import worker_argv
+from kvrouter.router.cli import build_parser
+from kvrouter.router.config import RouterConfig, ServeConfig
+from kvrouter.router.supervisor import worker_argv
 
 
 def test_serve_takes_several_models_remote_workers_and_a_queue_bound():
@@ -29,7 +29,7 @@ def test_worker_flags_for_another_host():
 
 
 def test_serve_without_any_worker_is_refused():
-    from router.cli import main
+    from kvrouter.router.cli import main
 
     with pytest.raises(SystemExit):
         main(["serve", "--workers", "0"])

@@ -14,13 +14,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrouter_proto import worker_pb2
-from router.errors import BadRequest
-from router.routing import Rates
-from router.worker_client import GrpcWorkerClient, WorkerBusy, WorkerUnavailable
-from worker.engine import EngineBusyError
-from worker.events import FinishEvent, TokenEvent, Usage
-from worker.server import _watch_health, also_call, create_server, is_loopback
-from worker.servicer import CacheEventHub
+from kvrouter.router.errors import BadRequest
+from kvrouter.cachestore.costs import Rates
+from kvrouter.router.worker_client import GrpcWorkerClient, WorkerBusy, WorkerUnavailable
+from kvrouter.worker.engine import EngineBusyError
+from kvrouter.worker.events import FinishEvent, TokenEvent, Usage
+from kvrouter.worker.server import _watch_health, also_call, create_server, is_loopback
+from kvrouter.worker.servicer import CacheEventHub
 
 INFO = worker_pb2.ModelInfo(model_name="fake", identity="id", context_length=100)
 
@@ -177,7 +177,7 @@ async def test_store_changes_are_cache_events_and_the_store_can_be_listed(tmp_pa
     stores (with token ids) or removes (evicted, quarantined) is a `checkpoint`
     event, and ListCheckpoints lists what the store holds, with token ids. The
     per-request listener (Final.store_events) still gets every event."""
-    from cachestore import CheckpointStore, StoreConfig
+    from kvrouter.cachestore import CheckpointStore, StoreConfig
 
     engine = FakeEngine()
     hub = CacheEventHub(asyncio.get_running_loop())
