@@ -3,9 +3,10 @@ import pytest
 from tests.support.server import KvrouterServer
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
-    """Factory: start_server(*args) -> a running KvrouterServer, stopped at session end."""
+    """Factory: start_server(*args) -> a running KvrouterServer, stopped when the module
+    that started it ends (each live server holds about 1 GB)."""
     started: list[KvrouterServer] = []
 
     def start(*args: str, name: str = "server") -> KvrouterServer:

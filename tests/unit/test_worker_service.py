@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -22,6 +23,7 @@ from kvrouter.worker.events import FinishEvent, TokenEvent, Usage
 from kvrouter.worker.server import _watch_health, also_call, create_server, is_loopback
 from kvrouter.worker.servicer import CacheEventHub
 
+TLS_DIR = Path(__file__).resolve().parents[1] / "support" / "tls"
 INFO = worker_pb2.ModelInfo(model_name="fake", identity="id", context_length=100)
 
 
@@ -219,16 +221,10 @@ async def test_store_changes_are_cache_events_and_the_store_can_be_listed(tmp_pa
         store.close()
 
 
-async def test_tls_worker_with_token(tmp_path):
-    import shutil
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is missing")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+async def test_tls_worker_with_token():
+    # A self-signed test certificate for 127.0.0.1 (tests/support/tls, valid until 2126), checked in
+    # as gRPC's own examples check theirs in, so this test starts no process.
+    cert, key = TLS_DIR / "cert.pem", TLS_DIR / "key.pem"
     server, port, _ = create_server("127.0.0.1:0", FakeEngine(), INFO, token="t",
                                     tls=(cert.read_bytes(), key.read_bytes()))
     await server.start()
