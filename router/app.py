@@ -118,9 +118,12 @@ def create_app(config: RouterConfig, pool: WorkerPool | None = None) -> web.Appl
     store = None
     if pool is None:
         if config.store is not None:
-            from kvrouter.cachestore import CheckpointStore
+            from kvrouter.cachestore import CheckpointStore, StoreUnavailableError
 
-            store = CheckpointStore(config.store)
+            try:
+                store = CheckpointStore(config.store)
+            except StoreUnavailableError as exc:
+                log.warning("routing without the store's index: %s", exc)
         from kvrouter.cachestore.config import store_id_of
 
         pool = WorkerPool.from_addresses(

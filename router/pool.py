@@ -369,10 +369,9 @@ class WorkerPool:
         store = None
         if self.store is not None:
             try:
-                entries = self.store.entries()
-                store = {"id": self.local_store_id, "entries": len(entries),
-                         "bytes": sum(e.payload_bytes for e in entries),
-                         "tokens": sum(e.n_tokens for e in entries)}
+                stats = self.store.stats()  # the index's counters: no scan
+                store = {"id": self.local_store_id, "entries": stats.total_entries,
+                         "bytes": stats.total_bytes, "tokens": stats.total_tokens}
             except Exception as exc:
                 store = {"id": self.local_store_id, "error": str(exc)}
         workers = []

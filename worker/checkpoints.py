@@ -199,7 +199,8 @@ class CheckpointManager:
             return None
         arrays = kv_state.snapshot(caches, len(tokens))
         writer = kv_state.payload_writer(arrays, len(tokens), self.model_id)
-        entry = self.store.save(kind, self.model_id, namespace, tokens, writer, text_preview=preview)
+        entry = self.store.save(kind, self.model_id, namespace, tokens, writer, text_preview=preview,
+                                size_hint=kv_state.snapshot_bytes(arrays))
         if entry is not None:
             self.ram.put(entry.id, arrays)
         return entry

@@ -110,12 +110,42 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return self._deny_unary
 
 
+def open_store(config):
+    """The worker's CheckpointStore for a `cachestore.StoreConfig` (None: --no-kv-cache),
+    repaired (orphans, dead writers' temp files, rows without payload, counters).
+
+    Never refuses to start over the store: a directory that is full or unwritable is
+    served read-only (the store logs why), one that cannot even be read safely gives
+    None (live-state reuse only) with a warning, and a repair that fails is logged."""
+    import lmdb
+
+    from kvrouter.cachestore import CheckpointStore, StoreUnavailableError
+
+    if config is None:
+        log.info("KV checkpoint store off (--no-kv-cache)")
+        return None
+    try:
+        store = CheckpointStore(config)
+    except StoreUnavailableError as exc:
+        log.warning("KV checkpoint store off: %s (serving from live state, recomputing the rest)", exc)
+        return None
+    if not store.writes_off:
+        try:
+            removed = store.repair()
+            if removed:
+                log.info("store repair removed %d orphan or temp file(s)", removed)
+        except (OSError, lmdb.Error) as exc:
+            log.warning("store repair at start failed (serving anyway): %s", exc)
+    log.info("KV checkpoint store at %s%s", config.directory,
+             f" (read-only: {store.writes_off})" if store.writes_off else "")
+    return store
+
+
 def build_engine(config: WorkerConfig):
     """Loads the model and store and returns (engine, ModelInfo message).
 
     Raises the model loader's errors (ModelNotFoundError, ...) unchanged.
     """
-    from kvrouter.cachestore import CheckpointStore
     from kvrouter.worker.blas import describe_blas
     from kvrouter.worker.checkpoints import CheckpointManager
     from kvrouter.worker.engine import Engine, EngineConfig
@@ -128,11 +158,7 @@ def build_engine(config: WorkerConfig):
         bundle.name, bundle.kv_layout, mx.default_device(), describe_blas(),
     )
     hf_tok = build_hf_tokenizer(bundle.tokenizer_json, bundle.chat_template, bundle.eos_token_ids, bundle.bos_token_id)
-    store = CheckpointStore(config.store) if config.store is not None else None
-    if store is None:
-        log.info("KV checkpoint store off (--no-kv-cache)")
-    else:
-        log.info("KV checkpoint store at %s", config.store.directory)
+    store = open_store(config.store)
     from kvrouter.worker.ram_tier import RamTier
 
     checkpoints = CheckpointManager(bundle.model, bundle.identity, store, RamTier(config.ram_bytes))
