@@ -55,3 +55,18 @@ def test_reopened_on_a_full_disk_it_reads_and_stores_nothing(small_tmpfs, monkey
         monkeypatch.setattr(store_module, "WRITE_BACKOFF_INITIAL_S", 0.0)
         store._writes_succeeded()  # the backoff ends (its own test fakes the clock)
         assert store.save("anchor", "m", "ns", toks(300), writer(b"y")) is not None
+
+
+def test_mlx_payload_writer_on_a_full_disk_is_a_skip(small_tmpfs, no_backoff):
+    """mx.save_safetensors raises RuntimeError ("[write] Unable to write ...") on ENOSPC,
+    not OSError: the store turns it into a skip too."""
+    import mlx.core as mx
+
+    from kvrouter.worker import kv_state
+
+    events = []
+    arrays = {"0.keys": mx.zeros((1, 4, 4096, 256)), "0.values": mx.zeros((1, 4, 4096, 256))}  # 32 MiB
+    with CheckpointStore(StoreConfig(directory=small_tmpfs / "kv", min_tokens=1), on_event=events.append) as store:
+        assert store.save("anchor", "m", "ns", toks(4096), kv_state.payload_writer(arrays, 4096, "m")) is None
+        assert [(e.action, e.reason) for e in events] == [("skipped", "write_failed")]
+        assert os.listdir(store.payload_dir) == [] and store.entries() == []
