@@ -133,8 +133,9 @@ class Delta:
 
 
 @dataclass(frozen=True)
-class StoreEvent:
-    """A checkpoint store action a worker took for the request (see worker.proto).
+class CheckpointEvent:
+    """A checkpoint store action a worker took for the request (worker.proto `StoreEvent`;
+    the worker side is `cachestore.StoreEvent`).
     tokens: checkpoint length; bytes: payload size; seconds: time it took."""
 
     action: str
@@ -176,7 +177,7 @@ class Completion:
     cache_source: str
     prefill_seconds: float
     load_seconds: float
-    store_events: tuple[StoreEvent, ...] = ()
+    store_events: tuple[CheckpointEvent, ...] = ()
     loaded_bytes: int = 0
     rates: Rates | None = None  # the worker's measurements after this request
     live_id: int = 0  # the live state the request left on the worker (0: none)
@@ -255,7 +256,7 @@ def completion_from_proto(final: worker_pb2.Final) -> Completion:
         cache_source=_SOURCE_NAMES.get(u.cache_source, "none"),
         prefill_seconds=u.prefill_seconds,
         load_seconds=u.load_seconds,
-        store_events=tuple(StoreEvent(e.action, e.kind, e.tokens, e.bytes, e.seconds, e.reason)
+        store_events=tuple(CheckpointEvent(e.action, e.kind, e.tokens, e.bytes, e.seconds, e.reason)
                            for e in final.store_events),
         loaded_bytes=u.loaded_bytes,
         rates=rates_from_proto(final.rates) if final.HasField("rates") else None,
