@@ -37,8 +37,8 @@ def anchor_message_count(messages: list[dict]) -> int:
 class ModelTokenizer:
     """Renders and tokenizes prompts for one model.
 
-    Built from the worker's ModelInfo: tokenizer_json (a `tokenizers` JSON),
-    chat_template, eos/bos ids and the context length in tokens.
+    Built from the worker's `router.worker_client.ModelInfo`: tokenizer_json (a
+    `tokenizers` JSON), chat_template, eos/bos ids and the context length in tokens.
     """
 
     def __init__(self, info, chat_template: str | None = None):
@@ -50,7 +50,7 @@ class ModelTokenizer:
             info.tokenizer_json,
             self.chat_template or None,
             tuple(info.eos_token_ids),
-            info.bos_token_id if info.HasField("bos_token_id") else None,
+            info.bos_token_id,
         )
         self.has_chat_template = bool(self.chat_template)
 
