@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 
 from kvrouter.router import __version__
-from kvrouter.worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY, default_cache_dir
+from kvrouter.worker.config import (
+    DEFAULT_DECODE_CONCURRENCY,
+    DEFAULT_PROMPT_CONCURRENCY,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    DEFAULT_WRITER_ITEMS,
+    default_cache_dir,
+)
 from kvrouter.router.extras import MissingExtra, require_extra
 from kvrouter.worker.launch import module_command
 
@@ -72,10 +78,43 @@ def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens dropped from the end of a cold store without an anchor (default 32)")
     g.add_argument("--kv-cache-boundary-align-tokens", type=positive_int, default=2048,
                    help="cold stores without an anchor are aligned down to a multiple of this (default 2048)")
-    g.add_argument("--kv-cache-ram-mb", type=nonneg_int, default=1024,
-                   help="RAM tier: recently used checkpoints kept in memory per worker, MiB (default 1024; "
-                        "on Apple silicon this is GPU memory)")
+    g.add_argument("--kv-cache-ram-mb", type=nonneg_int, default=None,
+                   help="RAM tier: recently used checkpoints kept in memory per worker, MiB (default: sized from "
+                        "the model and the machine's memory, printed at start; on Apple silicon this is GPU memory)")
     g.add_argument("--no-kv-cache", action="store_true", help="turn the disk checkpoint store off")
+
+
+def add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """A worker's memory bounds. Unset ones are sized from the model's KV bytes per token,
+    its weights and the machine's memory (`kvrouter.worker.sizing`) and printed at start."""
+    m = p.add_argument_group("worker memory (defaults sized from the model and the machine, printed at start)")
+    m.add_argument("--running-kv-mb", type=positive_int, default=None,
+                   help="KV memory the requests in a worker's batch may hold together, MiB; past it new requests "
+                        "wait for admission instead of over-committing (default: sized)")
+    m.add_argument("--mlx-cache-limit-mb", type=nonneg_int, default=None,
+                   help="MLX's buffer cache limit per worker, MiB: freed memory past it goes back to the system "
+                        "(default: sized, 128-2048)")
+    m.add_argument("--checkpoint-writer-mb", type=positive_int, default=None,
+                   help="KV snapshots waiting for the checkpoint writer, MiB; past it lower-value stores are "
+                        "skipped (default: sized)")
+    m.add_argument("--checkpoint-writer-items", type=positive_int, default=DEFAULT_WRITER_ITEMS,
+                   help=f"checkpoints waiting for the writer (default {DEFAULT_WRITER_ITEMS})")
+    m.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
+                   help="time a stopping worker gives its shutdown checkpoints (written in parallel); the rest are "
+                        f"skipped and reported (default {DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
+
+
+def memory_config(ns: argparse.Namespace, workers_on_host: int = 1):
+    """A worker.config.MemoryConfig from the flags. Raises ValueError naming a bad value."""
+    from kvrouter.worker.config import MemoryConfig
+
+    if ns.shutdown_timeout < 0:
+        raise ValueError("--shutdown-timeout must be >= 0")
+    mib = lambda v: None if v is None else v * 2**20  # noqa: E731
+    return MemoryConfig(running_kv_bytes=mib(ns.running_kv_mb), mlx_cache_limit_bytes=mib(ns.mlx_cache_limit_mb),
+                        writer_queue_bytes=mib(ns.checkpoint_writer_mb), writer_max_items=ns.checkpoint_writer_items,
+                        shutdown_timeout_s=ns.shutdown_timeout,
+                        workers_on_host=getattr(ns, "workers_on_host", None) or workers_on_host)
 
 
 def kv_flags_as_args(ns: argparse.Namespace) -> list[str]:
@@ -90,7 +129,7 @@ def kv_flags_as_args(ns: argparse.Namespace) -> list[str]:
         "--kv-cache-continued-interval-tokens", str(ns.kv_cache_continued_interval_tokens),
         "--kv-cache-boundary-trim-tokens", str(ns.kv_cache_boundary_trim_tokens),
         "--kv-cache-boundary-align-tokens", str(ns.kv_cache_boundary_align_tokens),
-        "--kv-cache-ram-mb", str(ns.kv_cache_ram_mb),
+        *(["--kv-cache-ram-mb", str(ns.kv_cache_ram_mb)] if ns.kv_cache_ram_mb is not None else []),
     ]
 
 
@@ -131,18 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
                             + ("; repeat it to serve several models (--workers each)" if many_models else ""))
         p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                        help=f"where models and the default store live (default: {default_cache_dir()})")
-        p.add_argument("--prefill-chunk-tokens", type=positive_int, default=256,
-                       help="prefill chunk size in tokens; chunks end at its multiples (default 256)")
+        p.add_argument("--prefill-chunk-tokens", type=positive_int, default=None,
+                       help="prefill chunk size in tokens; chunks end at its multiples (default 256 on the CPU, "
+                            "2048 on a GPU)")
         b = p.add_argument_group("continuous batching (mlx_lm.server's flag names)")
         b.add_argument("--decode-concurrency", type=positive_int, default=DEFAULT_DECODE_CONCURRENCY,
                        help="sequences each worker decodes together; also its batch slots, shared by running "
                             f"requests and kept live states (default {DEFAULT_DECODE_CONCURRENCY})")
         b.add_argument("--prompt-concurrency", type=positive_int, default=DEFAULT_PROMPT_CONCURRENCY,
                        help=f"prompts each worker prefills together (default {DEFAULT_PROMPT_CONCURRENCY})")
-        b.add_argument("--live-state-mb", type=nonneg_int, default=2048,
+        b.add_argument("--live-state-mb", type=nonneg_int, default=None,
                        help="memory a worker may keep in idle live states (the KV state of finished requests, "
                             "reused by their next turn) in MiB; past it the oldest is dropped after its evict "
-                            "checkpoint (default 2048; 0 = no bound besides the slots)")
+                            "checkpoint (default: sized from the model and the machine; 0 = no bound besides "
+                            "the slots)")
+        add_memory_flags(p)
         add_kv_cache_flags(p)
 
     serve = sub.add_parser("serve", help="run the gateway and its local worker processes",
@@ -199,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "`smg launch --worker-urls grpc://HOST:PORT` (default off)")
     worker.add_argument("--port-file", type=Path, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--workers-on-host", type=positive_int, default=None, help=argparse.SUPPRESS)
     from kvrouter.router import cache_cli
 
     cache_cli.add_parser(sub)
@@ -245,7 +288,8 @@ def api_config(ns: argparse.Namespace) -> dict:
 def batching_config(ns: argparse.Namespace):
     from kvrouter.worker.config import BatchingConfig
 
-    return BatchingConfig(ns.decode_concurrency, ns.prompt_concurrency, ns.live_state_mb * 2**20)
+    return BatchingConfig(ns.decode_concurrency, ns.prompt_concurrency,
+                          None if ns.live_state_mb is None else ns.live_state_mb * 2**20)
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -269,6 +313,7 @@ def _serve(ns: argparse.Namespace) -> int:
         cache_dir=ns.cache_dir,
         prefill_chunk_tokens=ns.prefill_chunk_tokens,
         batching=batching_config(ns),
+        memory=memory_config(ns),
     )
     return asyncio.run(run_serve(cfg, kv_flags_as_args(ns)))
 
@@ -290,7 +335,8 @@ def _worker(ns: argparse.Namespace) -> int:
         cache_dir=ns.cache_dir,
         prefill_chunk_tokens=ns.prefill_chunk_tokens,
         batching=batching_config(ns),
-        ram_bytes=0 if ns.no_kv_cache else ns.kv_cache_ram_mb * 2**20,
+        ram_bytes=0 if ns.no_kv_cache else None if ns.kv_cache_ram_mb is None else ns.kv_cache_ram_mb * 2**20,
+        memory=memory_config(ns),
         port_file=ns.port_file,
         parent_pid=ns.parent_pid,
         worker_name=ns.name,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvrouter.cachestore import StoreConfig
 from kvrouter.router.auth import ApiKeys
-from kvrouter.worker.config import BatchingConfig
+from kvrouter.worker.config import BatchingConfig, MemoryConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class ServeConfig:
     model: str | None
     workers: int
     cache_dir: Path
-    prefill_chunk_tokens: int = 256
+    prefill_chunk_tokens: int | None = None
     batching: BatchingConfig = BatchingConfig()
+    memory: MemoryConfig = MemoryConfig()
     models: tuple[str | None, ...] = ()  # every --model (workers each); empty: (model,)

@@ -20,6 +20,7 @@ the same cost model the router routes by.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from kvrouter.cachestore.keys import common_prefix_length
 
 from kvrouter.cachestore.costs import Rates, Reuse, should_load
 from kvrouter.worker import kv_state
+from kvrouter.worker.checkpoint_writer import WriteJob
 from kvrouter.worker.kv_state import CheckpointFormatError
 from kvrouter.worker.ram_tier import RamTier
 
@@ -84,11 +86,14 @@ class CheckpointManager:
         self.store = store
         self.ram = ram if ram is not None else RamTier(0)  # an empty tier is falsy (it has __len__)
         self.events: list[StoreEvent] = []  # what the store did for the current request
+        self._sink = threading.local()  # on a writer thread: the events of the save it runs
+        self._round: dict[str, dict] = {}  # checkpoints loaded during this admission round, by entry id
         if store is not None:
             store.on_event = self._on_store_event
 
     def _on_store_event(self, event: StoreEvent) -> None:
-        self.events.append(event)
+        sink = getattr(self._sink, "events", None)
+        (sink if sink is not None else self.events).append(event)
 
     def take_events(self) -> tuple[StoreEvent, ...]:
         """The store events since the last call (the current request's)."""
@@ -145,9 +150,16 @@ class CheckpointManager:
                  entry.id, source, entry.n_tokens, entry.payload_bytes / 2**20)
         return False
 
+    def end_admission_round(self) -> None:
+        """Forgets the checkpoints loaded for the requests admitted together (see `_load`)."""
+        self._round.clear()
+
     def _load(self, entry: Entry, limit: int) -> Restored | None:
+        """Restores `entry`: from the RAM tier, else from a load made for another request
+        admitted in the same round (requests restored from one checkpoint share one
+        restored state until the batch copies it), else from disk."""
         t0 = time.perf_counter()
-        arrays = self.ram.get(entry.id)
+        arrays = self.ram.get(entry.id) or self._round.get(entry.id)
         source = "ram"
         try:
             if arrays is None:
@@ -163,6 +175,7 @@ class CheckpointManager:
             return None
         if source == "disk":
             self.ram.put(entry.id, arrays)
+            self._round[entry.id] = arrays
         n = min(entry.n_tokens, limit)
         kv_state.trim_state(caches, n)
         seconds = time.perf_counter() - t0
@@ -191,27 +204,56 @@ class CheckpointManager:
             self.events.append(StoreEvent("skipped", "anchor", skip.n_tokens, reason=skip.reason))
         return plan.stores
 
-    def save(self, kind: str, caches: list, tokens: list[int], namespace: str, preview: str) -> Entry | None:
-        """Writes a checkpoint of `tokens` (a prefix of what `caches` holds) and keeps
-        it in the RAM tier. Returns None when the store skipped it; never raises for
-        I/O errors (they are logged and reported as events)."""
+    def prepare(self, kind: str, caches: list, tokens: list[int], namespace: str, preview: str,
+                owner=None) -> WriteJob | None:
+        """A WriteJob for a checkpoint of `tokens` (a prefix of what `caches` holds): the
+        snapshot is taken now, on the engine thread; `job.write()` stores it from any
+        thread (a `worker.checkpoint_writer.CheckpointWriter`) and returns (Entry or
+        None, that save's store events). Then `stored` keeps it in the RAM tier. None
+        without a store. Never raises for I/O errors (they are skips, as events)."""
         if self.store is None or not tokens:
             return None
         arrays = kv_state.snapshot(caches, len(tokens))
-        writer = kv_state.payload_writer(arrays, len(tokens), self.model_id)
-        entry = self.store.save(kind, self.model_id, namespace, tokens, writer, text_preview=preview,
-                                size_hint=kv_state.snapshot_bytes(arrays))
+        size = kv_state.snapshot_bytes(arrays)
+        payload_writer = kv_state.payload_writer(arrays, len(tokens), self.model_id)
+        store, model_id, tokens = self.store, self.model_id, list(tokens)
+
+        def write() -> tuple[Entry | None, tuple[StoreEvent, ...]]:
+            events: list[StoreEvent] = []
+            self._sink.events = events
+            try:
+                entry = store.save(kind, model_id, namespace, tokens, payload_writer, text_preview=preview,
+                                   size_hint=size)
+            finally:
+                self._sink.events = None
+            return entry, tuple(events)
+
+        return WriteJob(kind, len(tokens), size, write, owner=owner, payload=arrays)
+
+    def stored(self, job: WriteJob, entry: Entry | None) -> None:
+        """After a job's write (engine thread): keeps a stored checkpoint in the RAM tier."""
         if entry is not None:
-            self.ram.put(entry.id, arrays)
+            self.ram.put(entry.id, job.payload)
+
+    def save(self, kind: str, caches: list, tokens: list[int], namespace: str, preview: str) -> Entry | None:
+        """Writes a checkpoint now, on this thread (`prepare`, write, `stored`); its store
+        events go to `events`. Returns None when the store skipped it."""
+        job = self.prepare(kind, caches, tokens, namespace, preview)
+        if job is None:
+            return None
+        entry, events = job.write()
+        self.events += events
+        self.stored(job, entry)
         return entry
 
-    def save_live(self, kind: str, live: LiveState | None) -> Entry | None:
-        """Stores the client-sent part of a live state as an `evict` or `shutdown`
-        checkpoint, when it is long enough (min_tokens) and not stored already."""
+    def prepare_live(self, kind: str, live: LiveState | None, owner=None) -> WriteJob | None:
+        """A WriteJob storing the client-sent part of a live state as an `evict` or
+        `shutdown` checkpoint, when it is long enough (min_tokens) and not stored already;
+        else None."""
         if live is None or self.store is None or live.prompt_tokens < self.store.config.min_tokens:
             return None
         tokens = live.tokens[: live.prompt_tokens]
         hit = self.store.lookup(self.model_id, live.namespace, tokens)
         if hit is not None and hit.n_tokens == len(tokens):
             return None
-        return self.save(kind, live.caches, tokens, live.namespace, live.preview)
+        return self.prepare(kind, live.caches, tokens, live.namespace, live.preview, owner)

@@ -8,10 +8,13 @@ to `prompt_concurrency` prompts together, in segments that end at absolute
 multiples of `prefill_chunk_tokens` and at every position where the store's
 policy plans a checkpoint (`worker.segments`), and decodes up to
 `decode_concurrency` sequences together. At each planned position the
-engine reads the sequence's KV state out of the batch and writes the
-checkpoint. A request that finishes (or is cancelled) leaves the batch with
-its KV state, which stays as a live state (`worker.live_states`) until its
-slot is needed: then its `evict` checkpoint is written and it is dropped.
+engine snapshots the sequence's KV state out of the batch and hands it to the
+checkpoint writer (`worker.checkpoint_writer`: one thread, a bounded queue),
+so no write delays a first token or the next chunk; a request's Final waits
+for its own stores, so it still reports them. A request that finishes (or is
+cancelled) leaves the batch with its KV state, which stays as a live state
+(`worker.live_states`) until its slot is needed: then its `evict` checkpoint
+is handed to the writer and it is dropped.
 A request that continues a live state's conversation takes that state into
 the batch; one that shares only part of what its client sent (a common
 system block) starts from a view of it and leaves the state in place.
@@ -49,9 +52,12 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from kvrouter.cachestore.costs import Rates
 from kvrouter.cachestore.keys import common_prefix_length
+from kvrouter.cachestore import StoreEvent
+from kvrouter.worker.checkpoint_writer import DEFAULT_MAX_ITEMS, CheckpointWriter, Completion, WriteJob
 from kvrouter.worker.checkpoints import CheckpointManager, LiveState, Restored
 from kvrouter.worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
 from kvrouter.worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
+from kvrouter.worker.sizing import batch_bytes
 from kvrouter.worker.live_states import LiveStates
 from kvrouter.worker.segments import prefill_segments
 from kvrouter.worker import kv_state
@@ -68,6 +74,14 @@ class EngineConfig:
         slots that running requests and idle live states share.
     prompt_concurrency: sequences prefilled together.
     live_state_bytes: bound on idle live states' memory, bytes (0: none).
+    writer_max_items / writer_max_bytes: the checkpoint writer's queue bounds
+        (`worker.checkpoint_writer`; snapshots waiting to be written hold memory).
+    shutdown_timeout_s: time a stop gives the shutdown checkpoints, seconds.
+    running_kv_bytes: KV the sequences in the batch may hold together (0: no
+        bound); a request waits for admission while adding it would pass this
+        (`worker.sizing.batch_bytes` with kv_bytes_per_token: mlx-lm pads the
+        batch to its longest sequence). A request alone is always admitted.
+    kv_bytes_per_token: the model's KV state per token, bytes (0: unknown, no bound).
     """
 
     prefill_chunk_tokens: int = 256
@@ -75,6 +89,11 @@ class EngineConfig:
     decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY
     prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY
     live_state_bytes: int = 2048 * 2**20
+    writer_max_items: int = DEFAULT_MAX_ITEMS
+    writer_max_bytes: int = 1024 * 2**20
+    shutdown_timeout_s: float = 20.0
+    running_kv_bytes: int = 0
+    kv_bytes_per_token: int = 0
 
 
 class EngineDeadError(RuntimeError):
@@ -147,9 +166,19 @@ class Running:
     generated: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     pos: int = 0
+    kv_tokens: int = 0  # tokens its KV state reaches (prompt + max_tokens), for admission
+    pending_stores: int = 0  # its checkpoints the writer has not finished
+    final: Event | None = None  # its last event, held until pending_stores is 0
+    closed: bool = False  # its last event was sent
 
 
 _STOP = object()
+_WAKE = object()  # put on the queue by the checkpoint writer: a write finished
+
+
+def seeded(req: GenerationRequest) -> bool:
+    """A sampling request with a seed: it must run alone to be reproducible."""
+    return req.sampling.seed is not None and req.sampling.temperature > 0
 
 
 def replaces(live: LiveState, prompt: list[int], namespace: str) -> bool:
@@ -192,6 +221,11 @@ class Engine:
         self._stopping: tuple | None = None  # (shutdown_checkpoint,) once stop() was called
         self._prompt_acc = [0, 0.0]  # prompt tokens, seconds since the last prefill-rate update
         self._decode_acc = [0, 0.0]  # decode steps, seconds since the last decode-rate update
+        self.writer = CheckpointWriter(config.writer_max_items, config.writer_max_bytes,
+                                       on_complete=lambda: self._queue.put(_WAKE))
+        self.shutdown_report: tuple[int, int] | None = None  # (stored, skipped) shutdown checkpoints
+        self.admitted_kv_bytes = 0  # the batch's KV bound now (`_batch_bytes`), bytes
+        self.peak_admitted_kv_bytes = 0  # the most it has been, bytes
 
     # -- control (any thread) -------------------------------------------------
     def start(self) -> None:
@@ -235,12 +269,14 @@ class Engine:
         self._queue.put(job)
         return job
 
-    def stop(self, timeout: float = 30.0, shutdown_checkpoint: bool = True) -> None:
-        """Finishes queued and running work, writes a `shutdown` checkpoint of
-        every live state, ends the thread."""
+    def stop(self, timeout: float | None = None, shutdown_checkpoint: bool = True) -> None:
+        """Finishes queued and running work, writes a `shutdown` checkpoint of every
+        live state (in parallel, within `config.shutdown_timeout_s`; `shutdown_report`
+        says how many were stored and skipped), ends the thread. `timeout`: how long
+        to wait for all that (default: the shutdown timeout + 30 s)."""
         self._stopped.set()
         self._queue.put((_STOP, shutdown_checkpoint))
-        self._thread.join(timeout)
+        self._thread.join(self.config.shutdown_timeout_s + 30 if timeout is None else timeout)
 
     # -- the engine thread ----------------------------------------------------
     def _new_generator(self) -> BatchGenerator:
@@ -258,6 +294,7 @@ class Engine:
         self._gen = self._new_generator()
         while True:
             self._take_jobs(block=not self._running and not self._waiting)
+            self._collect_writes()
             if self._stopping is not None and not self._running and not self._waiting:
                 self._shutdown(self._stopping[0])
                 return
@@ -269,6 +306,7 @@ class Engine:
                     self._step()
                 except Exception as exc:  # one failure must not kill the thread
                     self._batch_failed(exc)
+                self._account()
             self._publish_ram(ram_before)
 
     def _take_jobs(self, block: bool) -> None:
@@ -277,20 +315,78 @@ class Engine:
             while True:
                 if isinstance(item, tuple) and item[0] is _STOP:
                     self._stopping = (item[1],)
-                else:
+                elif item is not _WAKE:
                     self._waiting.append(item)
                 item = self._queue.get_nowait()
         except queue.Empty:
             pass
 
     def _shutdown(self, shutdown_checkpoint: bool) -> None:
-        stored = 0
+        """Writes a `shutdown` checkpoint of every live state, in parallel with what the
+        writer still holds, within the shutdown timeout; logs what was stored and skipped."""
+        t0 = time.monotonic()
+        jobs = []
         for live in self.lives.clear():
-            if shutdown_checkpoint and self.checkpoints.save_live("shutdown", live) is not None:
-                stored += 1
+            job = self.checkpoints.prepare_live("shutdown", live) if shutdown_checkpoint else None
+            if job is not None:
+                jobs.append(job)
+        for job in jobs:
+            for skipped in self.writer.submit(job):
+                self._writer_skipped(skipped, "writer_behind")
+        not_written = self.writer.drain(self.config.shutdown_timeout_s)
+        for job in not_written:
+            self._writer_skipped(job, "shutdown_timeout")
+        done = self._collect_writes()
+        stored = sum(1 for c in done if c.job.kind == "shutdown" and c.entry is not None)
+        skipped = len(jobs) - stored
+        self.shutdown_report = (stored, skipped)
         self.checkpoints.take_events()
-        if stored:
-            log.info("stored %d shutdown checkpoint(s) of the live states", stored)
+        if jobs:
+            log.info("shutdown checkpoints: %d stored, %d skipped (%s) in %.1f s", stored, skipped,
+                     f"{len(not_written)} past --shutdown-timeout {self.config.shutdown_timeout_s:g} s"
+                     if not_written else "duplicates or store skips", time.monotonic() - t0)
+
+    # -- the checkpoint writer -----------------------------------------------------
+    def _submit_store(self, job: WriteJob | None, owner: Running | None) -> None:
+        """Hands a checkpoint to the writer (engine thread). `owner`: the request whose
+        Final reports the store (it waits for it); None for none."""
+        if job is None:
+            return
+        job.owner = owner
+        if owner is not None:
+            owner.pending_stores += 1
+        for skipped in self.writer.submit(job):
+            self._writer_skipped(skipped, "writer_behind")
+
+    def _writer_skipped(self, job: WriteJob, reason: str) -> None:
+        """A store the writer did not take (it was behind) or could not start in time."""
+        log.info("store skipped kind=%s tokens=%d mib=%.1f reason=%s queued_mib=%.1f",
+                 job.kind, job.n_tokens, job.n_bytes / 2**20, reason, self.writer.queued_bytes / 2**20)
+        self._settle(job.owner, (StoreEvent("skipped", job.kind, job.n_tokens, job.n_bytes, 0.0, reason),))
+
+    def _collect_writes(self) -> list[Completion]:
+        """Takes the writer's finished stores: RAM tier, then each owner's events (engine thread)."""
+        done = self.writer.take_completed()
+        for c in done:
+            self.checkpoints.stored(c.job, c.entry)
+            self._settle(c.job.owner, c.events)
+        return done
+
+    def _settle(self, owner: Running | None, events: tuple) -> None:
+        """One of `owner`'s stores ended with `events`; its Final goes out after the last."""
+        if owner is None or owner.closed:
+            return
+        owner.events += events
+        owner.pending_stores -= 1
+        if owner.pending_stores <= 0 and owner.final is not None:
+            self._close(owner)
+
+    def _close(self, run: Running) -> None:
+        final, run.final = run.final, None
+        run.closed = True
+        if isinstance(final, FinishEvent):
+            final = FinishEvent(final.finish_reason, final.usage, tuple(run.events), final.live_id)
+        self._done(run.job, final)
 
     def _done(self, job: Job, event: Event) -> None:
         """The request's last event; it stops counting against the queue."""
@@ -321,28 +417,57 @@ class Engine:
     def _forget_live(self, live: LiveState) -> None:
         self._notify("live", (live.live_id, live.namespace, (), True))
 
-    def _drop_lives(self, running: int, events: list) -> None:
+    def _drop_lives(self, running: int, owner: Running) -> None:
         """Frees slots: the least recently used live states beyond what `running`
-        requests leave are dropped, each after its `evict` checkpoint (ds4's evict)."""
+        requests leave are dropped, each after its `evict` checkpoint (ds4's evict),
+        which `owner`'s Final reports."""
         for live in self.lives.to_drop(running):
-            self.checkpoints.save_live("evict", live)
+            self._submit_store(self.checkpoints.prepare_live("evict", live), owner)
             self._forget_live(live)
-        events += self.checkpoints.take_events()
+        owner.events += self.checkpoints.take_events()
 
     # -- admission --------------------------------------------------------------
     def _admit_waiting(self) -> None:
-        """Admits waiting requests while slots are free (`_cancel_requested`, run just
-        before, has answered the cancelled ones)."""
+        """Admits waiting requests, first come first served, while slots are free and
+        their KV fits `running_kv_bytes` (`_cancel_requested`, run just before, has
+        answered the cancelled ones). A seeded sampling request runs alone, as
+        mlx_lm.server runs it: MLX's random state is global, so a shared batch would
+        change its draws and theirs."""
         deferred = []
         while self._waiting and len(self._running) < self.config.decode_concurrency:
-            job = self._waiting.popleft()
+            job = self._waiting[0]
+            if self._running and (seeded(job.request) or any(seeded(r.job.request) for r in self._running.values())):
+                break
+            kv_tokens = self._kv_tokens(job.request)
+            if self._running and self._batch_bytes(kv_tokens) > self.config.running_kv_bytes > 0:
+                break  # the burst queues here instead of over-committing memory
+            self._waiting.popleft()
             try:
-                if not self._admit(job):
+                if not self._admit(job, kv_tokens):
                     deferred.append(job)
             except Exception as exc:
                 log.exception("request %s failed on admission", job.request.request_id)
                 self._done(job, ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
         self._waiting.extendleft(reversed(deferred))
+        self.checkpoints.end_admission_round()
+        self._account()
+
+    def _account(self) -> None:
+        """Publishes the batch's KV bound (after admissions and after each step)."""
+        self.admitted_kv_bytes = self._batch_bytes()
+        self.peak_admitted_kv_bytes = max(self.peak_admitted_kv_bytes, self.admitted_kv_bytes)
+
+    def _kv_tokens(self, req: GenerationRequest) -> int:
+        """Tokens a request's KV state reaches: its prompt plus what it may generate."""
+        return min(self.bundle.context_length, len(req.prompt) + max(1, req.sampling.max_tokens))
+
+    def _batch_bytes(self, extra_tokens: int | None = None) -> int:
+        """KV bytes the batch holds at most with its running requests (and one more of
+        `extra_tokens`), padded to the longest as mlx-lm's batch cache pads."""
+        lengths = [r.kv_tokens for r in self._running.values()]
+        if extra_tokens is not None:
+            lengths.append(extra_tokens)
+        return batch_bytes(lengths, self.config.kv_bytes_per_token)
 
     def _sharer(self, prompt: list[int], namespace: str) -> tuple[int, Running | None, int]:
         """(uid, request, tokens) of the request in the batch whose prompt shares the
@@ -374,7 +499,7 @@ class Engine:
         log.info("sharing %d prompt tokens with a request in the batch", n)
         return Restored(kv_state.prefix_copy(caches, n), n, "live", stored_n)
 
-    def _admit(self, job: Job) -> bool:
+    def _admit(self, job: Job, kv_tokens: int = 0) -> bool:
         """Restores the request's prefix and puts it in the batch. Returns False
         (nothing done) when it should wait for a request in the batch to prefill
         the prefix they share."""
@@ -399,13 +524,13 @@ class Engine:
                 self.lives.take(live)
                 self._forget_live(live)
             self._measure_load(restored)
-        events = list(self.checkpoints.take_events())
-        self._drop_lives(len(self._running) + 1, events)
-        plan = list(self.checkpoints.plan(len(prompt), restored.stored_prefix_tokens, req.anchor_tokens))
-        events += self.checkpoints.take_events()
         detok = copy.copy(self._detokenizer)
         detok.reset()
-        run = Running(job, prompt, restored, plan, detok, time.perf_counter(), events, pos=restored.n_tokens)
+        run = Running(job, prompt, restored, [], detok, time.perf_counter(), list(self.checkpoints.take_events()),
+                      pos=restored.n_tokens, kv_tokens=kv_tokens)
+        self._drop_lives(len(self._running) + 1, run)
+        run.plan = list(self.checkpoints.plan(len(prompt), restored.stored_prefix_tokens, req.anchor_tokens))
+        run.events += self.checkpoints.take_events()
         run.plan = self._store_reached(run, restored.caches, restored.n_tokens)  # e.g. an anchor inside a live state
         segments = prefill_segments(prompt, restored.n_tokens, self.config.prefill_chunk_tokens,
                                     [p.n_tokens for p in run.plan])
@@ -472,7 +597,7 @@ class Engine:
                              min(len(run.prompt), len(tokens)), run.job.request.text_preview)
             self._keep_live(live)
             live_id = live.live_id
-        self._drop_lives(len(self._running), run.events)
+        self._drop_lives(len(self._running), run)
         r = run.restored
         usage = Usage(
             prompt_tokens=len(run.prompt),
@@ -483,22 +608,21 @@ class Engine:
             load_seconds=r.load_seconds,
             loaded_bytes=r.loaded_bytes,
         )
-        self._done(run.job, FinishEvent(reason, usage, tuple(run.events), live_id))
+        run.final = FinishEvent(reason, usage, (), live_id)
+        if run.pending_stores <= 0:  # else its last store's completion sends it
+            self._close(run)
 
     def _store_reached(self, run: Running, caches, pos: int) -> list:
-        """Writes the planned checkpoints at or before `pos` from `caches` (which
-        hold at least `pos` tokens of the prompt); returns the rest of the plan."""
+        """Hands the planned checkpoints at or before `pos` to the writer, snapshotted from
+        `caches` (which hold at least `pos` tokens of the prompt); returns the rest of the plan."""
         remaining = []
         req = run.job.request
         for p in run.plan:
             if p.n_tokens > pos:
                 remaining.append(p)
                 continue
-            t0 = time.perf_counter()
-            entry = self.checkpoints.save(p.kind, caches, run.prompt[: p.n_tokens], req.namespace, req.text_preview)
-            if entry is not None:
-                log.info("store kind=%s tokens=%d ms=%.0f MiB=%.1f",
-                         p.kind, p.n_tokens, (time.perf_counter() - t0) * 1000, entry.payload_bytes / 2**20)
+            self._submit_store(self.checkpoints.prepare(p.kind, caches, run.prompt[: p.n_tokens], req.namespace,
+                                                        req.text_preview), run)
         run.events += self.checkpoints.take_events()
         return remaining
 
@@ -544,6 +668,7 @@ class Engine:
         self._gen = self._new_generator()
         retry = []
         for run in failed:
+            run.closed = True  # stores it handed the writer finish unreported
             if not run.generated and run.job.attempts == 0:
                 if run.restored.entry_id is not None:
                     self.checkpoints.quarantine(run.restored, f"prefill failed: {exc}")

@@ -141,6 +141,33 @@ def open_store(config):
     return store
 
 
+def memory_plan(config: WorkerConfig, model):
+    """The worker's memory budgets (`worker.sizing.plan_memory`) from the loaded model, the
+    machine and the flags given; logged. Also sets MLX's buffer cache limit from it and
+    hands back what loading left in MLX's cache."""
+    import gc
+
+    import mlx.core as mx
+
+    from kvrouter.worker.sizing import machine_memory_bytes, measure_model, plan_memory
+
+    kv_per_token, weights = measure_model(model)
+    machine, backend = machine_memory_bytes()
+    m = config.memory
+    plan = plan_memory(
+        kv_bytes_per_token=kv_per_token, weights_bytes=weights, machine_bytes=machine,
+        workers_on_host=m.workers_on_host, backend=backend, prompt_concurrency=config.batching.prompt_concurrency,
+        prefill_chunk_tokens=config.prefill_chunk_tokens, running_kv_bytes=m.running_kv_bytes,
+        live_state_bytes=config.batching.live_state_bytes, ram_tier_bytes=config.ram_bytes,
+        writer_queue_bytes=m.writer_queue_bytes, mlx_cache_limit_bytes=m.mlx_cache_limit_bytes)
+    gc.collect()  # the loader's temporaries (GGUF dequantization) ...
+    mx.set_cache_limit(plan.mlx_cache_limit_bytes)
+    mx.clear_cache()  # ... and MLX's freed buffers go back to the system now
+    log.info("%s (machine %.1f GiB, %s, %d worker(s) on it)", plan.describe(), machine / 2**30, backend,
+             m.workers_on_host)
+    return plan
+
+
 def build_engine(config: WorkerConfig):
     """Loads the model and store and returns (engine, ModelInfo message).
 
@@ -158,13 +185,17 @@ def build_engine(config: WorkerConfig):
         bundle.name, bundle.kv_layout, mx.default_device(), describe_blas(),
     )
     hf_tok = build_hf_tokenizer(bundle.tokenizer_json, bundle.chat_template, bundle.eos_token_ids, bundle.bos_token_id)
+    plan = memory_plan(config, bundle.model)
     store = open_store(config.store)
     from kvrouter.worker.ram_tier import RamTier
 
-    checkpoints = CheckpointManager(bundle.model, bundle.identity, store, RamTier(config.ram_bytes))
+    checkpoints = CheckpointManager(bundle.model, bundle.identity, store, RamTier(plan.ram_tier_bytes))
     engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(
-        config.prefill_chunk_tokens, config.max_queue, config.batching.decode_concurrency,
-        config.batching.prompt_concurrency, config.batching.live_state_bytes))
+        plan.prefill_chunk_tokens, config.max_queue, config.batching.decode_concurrency,
+        config.batching.prompt_concurrency, plan.live_state_bytes,
+        writer_max_items=config.memory.writer_max_items, writer_max_bytes=plan.writer_queue_bytes,
+        shutdown_timeout_s=config.memory.shutdown_timeout_s, running_kv_bytes=plan.running_kv_bytes,
+        kv_bytes_per_token=plan.kv_bytes_per_token))
     info = worker_pb2.ModelInfo(
         model_name=bundle.name,
         identity=bundle.identity,
