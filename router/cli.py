@@ -19,7 +19,9 @@ from kvrouter.worker.config import (
     DEFAULT_WRITER_ITEMS,
     default_cache_dir,
 )
+from kvrouter.router.config import DEFAULT_STALL_TIMEOUT_S
 from kvrouter.router.extras import MissingExtra, require_extra
+from kvrouter.router.usage import UsageError, flag_errors
 from kvrouter.worker.launch import module_command
 
 DESCRIPTION = """\
@@ -209,12 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PEM root certificate(s) to verify remote workers that use TLS (default: plaintext)")
     rt.add_argument("--no-coalesce", action="store_true",
                     help="do not make requests that share a new prefix wait for the one prefilling it")
+    rt.add_argument("--worker-stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S, metavar="SECONDS",
+                    help="a worker that holds requests and makes no progress (no prefill chunk, no token) this long "
+                         "leaves routing until it moves again; its requests without a token go to another worker "
+                         f"(default {DEFAULT_STALL_TIMEOUT_S:g})")
     api = serve.add_argument_group("client API")
     api.add_argument("--api-keys-file", type=Path, default=None,
                      help="require API keys: one key per line, an optional name after whitespace, '#' comments; "
                           "each key's requests get their own cache namespace (default: no auth)")
+    api.add_argument("--admin-keys", default="", metavar="NAME[,NAME...]",
+                     help="names (from --api-keys-file) of keys that see every tenant in /v1/router/state; other "
+                          "keys see their own namespaces only (default: none)")
     api.add_argument("--max-body-mb", type=float, default=8,
                      help="largest request body in MiB; larger ones get 413 (default 8)")
+    api.add_argument("--body-read-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="a request body must arrive within this; slower clients get 408 (default 30)")
     api.add_argument("--max-tokens-limit", type=positive_int, default=None,
                      help="cap every request's max_tokens at this many tokens (default: no cap)")
     api.add_argument("--grpc-port", type=port_number, default=None,
@@ -270,19 +281,32 @@ def read_flag_file(path: Path, flag: str) -> bytes:
 
 def api_config(ns: argparse.Namespace) -> dict:
     """RouterConfig fields of the client API flags. Raises ValueError naming a bad flag value."""
-    from kvrouter.router.auth import ApiKeys
+    from kvrouter.router.auth import ApiKeys, check_admin_keys
 
     if ns.max_body_mb <= 0:
         raise ValueError("--max-body-mb must be positive")
     template = read_flag_file(ns.chat_template, "--chat-template").decode() if ns.chat_template else None
+    if not ns.body_read_timeout > 0:
+        raise ValueError("--body-read-timeout must be positive")
+    keys = ApiKeys.load(ns.api_keys_file) if ns.api_keys_file else None
+    admins = tuple(n.strip() for n in ns.admin_keys.split(",") if n.strip())
     return {
-        "api_keys": ApiKeys.load(ns.api_keys_file) if ns.api_keys_file else None,
+        "api_keys": keys,
+        "admin_keys": check_admin_keys(keys, admins),
+        "body_read_timeout_s": ns.body_read_timeout,
         "max_body_bytes": int(ns.max_body_mb * 2**20),
         "max_tokens_limit": ns.max_tokens_limit,
         "grpc_port": ns.grpc_port,
         "grpc_host": ns.host,
         "chat_template": template,
     }
+
+
+def stall_timeout(ns: argparse.Namespace) -> float:
+    """--worker-stall-timeout, checked. Raises ValueError."""
+    if not ns.worker_stall_timeout > 0:
+        raise ValueError("--worker-stall-timeout must be positive")
+    return ns.worker_stall_timeout
 
 
 def batching_config(ns: argparse.Namespace):
@@ -293,20 +317,29 @@ def batching_config(ns: argparse.Namespace):
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from kvrouter.router.config import RouterConfig, ServeConfig
     from kvrouter.router.supervisor import run_serve
 
     setup_logging(ns.log_level)
+    with flag_errors():
+        cfg = serve_config(ns)
+    return asyncio.run(run_serve(cfg, kv_flags_as_args(ns)))
+
+
+def serve_config(ns: argparse.Namespace):
+    """The ServeConfig of `kvrouter serve`'s flags. Raises ValueError naming a bad flag."""
+    from kvrouter.router.config import RouterConfig, ServeConfig
+
     if ns.workers == 0 and not ns.remote_worker:
         raise ValueError("--workers must be at least 1 (or 0 with --remote-worker)")
     api = api_config(ns)
     tls_ca = read_flag_file(ns.worker_tls_ca, "--worker-tls-ca") if ns.worker_tls_ca else None
     models = tuple(ns.model) if ns.model else (None,)
-    cfg = ServeConfig(
+    return ServeConfig(
         router=RouterConfig(host=ns.host, port=ns.port, store=store_config(ns),
                             default_max_tokens=ns.max_tokens_default,
                             remote_workers=tuple(ns.remote_worker), worker_token=ns.worker_token,
-                            worker_tls_ca=tls_ca, max_queue=ns.max_queue, coalesce=not ns.no_coalesce, **api),
+                            worker_tls_ca=tls_ca, max_queue=ns.max_queue, coalesce=not ns.no_coalesce,
+                            stall_timeout_s=stall_timeout(ns), **api),
         model=models[0],
         models=models,
         workers=ns.workers,
@@ -315,7 +348,6 @@ def _serve(ns: argparse.Namespace) -> int:
         batching=batching_config(ns),
         memory=memory_config(ns),
     )
-    return asyncio.run(run_serve(cfg, kv_flags_as_args(ns)))
 
 
 def _worker(ns: argparse.Namespace) -> int:
@@ -324,11 +356,25 @@ def _worker(ns: argparse.Namespace) -> int:
     if ns.smg_listen is not None:
         require_extra("smg", "kvrouter worker --smg-listen")
     reexec_with_preload([*module_command("kvrouter.router.cli"), *sys.argv[1:]])
-    from kvrouter.worker.config import WorkerConfig
     from kvrouter.worker.server import serve
 
     setup_logging(ns.log_level, ns.name)
-    cfg = WorkerConfig(
+    with flag_errors():
+        cfg = worker_config(ns)
+    return asyncio.run(serve(cfg))
+
+
+def worker_config(ns: argparse.Namespace):
+    """The WorkerConfig of `kvrouter worker`'s flags. Raises ValueError naming a bad flag."""
+    from kvrouter.worker.config import WorkerConfig
+    from kvrouter.worker.grpc_security import check_exposure
+
+    check_exposure(ns.listen, ns.worker_token)
+    if ns.smg_listen is not None:
+        check_exposure(ns.smg_listen, ns.worker_token, "--smg-listen")
+    if (ns.tls_cert is None) != (ns.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    return WorkerConfig(
         model=ns.model,
         listen=ns.listen,
         store=store_config(ns),
@@ -346,7 +392,6 @@ def _worker(ns: argparse.Namespace) -> int:
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
     )
-    return asyncio.run(serve(cfg))
 
 
 def _cache(ns: argparse.Namespace) -> int:
@@ -374,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return {"serve": _serve, "worker": _worker, "cache": _cache, **_ops_commands()}[ns.command](ns)
-    except ValueError as exc:
+    except UsageError as exc:
         parser.error(str(exc))
     except MissingExtra as exc:
         print(f"kvrouter: {exc}", file=sys.stderr)

@@ -246,7 +246,7 @@ async def refresh_scrape_gauges(m: RouterMetrics, cluster) -> None:
     parallel) and the store's entries and bytes per kind."""
     clients = list(cluster.clients)
     for c in clients:
-        m.worker_healthy.labels(c.name).set(1 if c.healthy else 0)
+        m.worker_healthy.labels(c.name).set(1 if cluster.serving(c) else 0)
 
     async def depth(c):
         try:

@@ -224,6 +224,9 @@ class Engine:
         self.writer = CheckpointWriter(config.writer_max_items, config.writer_max_bytes,
                                        on_complete=lambda: self._queue.put(_WAKE))
         self.shutdown_report: tuple[int, int] | None = None  # (stored, skipped) shutdown checkpoints
+        # Steps of work done: admissions, batch steps (a prefill chunk or a decoded token),
+        # checkpoints written. Read from other threads (GetStatus) to tell a stall.
+        self.progress = 0
         self.admitted_kv_bytes = 0  # the batch's KV bound now (`_batch_bytes`), bytes
         self.peak_admitted_kv_bytes = 0  # the most it has been, bytes
 
@@ -367,6 +370,7 @@ class Engine:
     def _collect_writes(self) -> list[Completion]:
         """Takes the writer's finished stores: RAM tier, then each owner's events (engine thread)."""
         done = self.writer.take_completed()
+        self.progress += len(done)
         for c in done:
             self.checkpoints.stored(c.job, c.entry)
             self._settle(c.job.owner, c.events)
@@ -543,6 +547,7 @@ class Engine:
         (uid,) = self._gen.insert_segments([segments], max_tokens=[max_tokens], caches=[restored.caches],
                                            all_tokens=[prompt[: restored.n_tokens]], samplers=[sampler])
         self._running[uid] = run
+        self.progress += 1
         return True
 
     def _measure_load(self, restored: Restored) -> None:
@@ -558,6 +563,7 @@ class Engine:
     def _step(self) -> None:
         with self._gen.stats() as stats:
             prompt_out, gen_out = self._gen.next()
+        self.progress += 1
         self._measure_step(stats)
         for r in prompt_out:
             run = self._running.get(r.uid)
@@ -576,9 +582,12 @@ class Engine:
 
     def _generated(self, r, run: Running) -> None:
         if not (r.finish_reason == "stop" and r.token in self.eos_ids):
+            restored = None
+            if not run.generated:  # the first token says what reuse the request really got
+                restored = (run.restored.n_tokens, run.restored.source if run.restored.n_tokens else "none")
             run.generated.append(r.token)
             run.detok.add_token(r.token)
-            run.job.emit(TokenEvent((r.token,), run.detok.last_segment))
+            run.job.emit(TokenEvent((r.token,), run.detok.last_segment, restored))
             if _failpoint_hit():
                 log.error("test failpoint: the generation thread dies now")
                 raise EngineFailpoint("test failpoint")

@@ -61,10 +61,15 @@ class Usage:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """Newly generated tokens and the text they complete (may be empty mid-character)."""
+    """Newly generated tokens and the text they complete (may be empty mid-character).
+
+    restored: on a request's first token only, (prompt tokens whose KV state was really
+    reused, where from: "none", "live", "ram", "disk"); None on the others.
+    """
 
     token_ids: tuple[int, ...]
     text: str
+    restored: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ipaddress
 import logging
 import os
 import signal
@@ -27,25 +26,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
 from kvrouter.cachestore.config import store_id_of
+from kvrouter.worker.grpc_security import KEEPALIVE_SERVER_OPTIONS, TokenInterceptor, bind, check_exposure, is_loopback
+from kvrouter.worker.grpc_strict import add_servicer
 from kvrouter.worker.config import WorkerConfig
 
 log = logging.getLogger("kvrouter.worker")
 
 SERVICE_NAME = "kvrouter.worker.v1.Worker"
+
 HEALTH_POLL_SECONDS = 0.5
 ENGINE_DEATH_EXIT_STATUS = 3
 ENGINE_DEATH_GRACE_S = 2.0  # streams in progress get their error before the process exits
-
-
-def is_loopback(address: str) -> bool:
-    """True when "HOST:PORT" binds only the loopback interface."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -79,35 +70,6 @@ def also_call(first, then):
             then(event)
 
     return both
-
-
-class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer TOKEN` metadata (UNAUTHENTICATED)."""
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}"
-
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong worker token")
-
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-
-        async def deny_stream(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong worker token")
-            yield  # pragma: no cover
-
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
-
-    async def intercept_service(self, continuation, handler_call_details):
-        import hmac
-
-        md = dict(handler_call_details.invocation_metadata or ())
-        if hmac.compare_digest(md.get("authorization", ""), self._expected):
-            return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if handler is not None and handler.response_streaming:
-            return self._deny_stream
-        return self._deny_unary
 
 
 def open_store(config):
@@ -223,21 +185,15 @@ def create_server(address: str, engine, model_info, *, token: str | None = None,
     """
     from kvrouter.worker.servicer import WorkerServicer
 
-    if not token and not is_loopback(address):
-        raise ValueError(f"listening on {address} (not loopback) requires --worker-token")
+    check_exposure(address, token)
     interceptors = [TokenInterceptor(token)] if token else []
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 2**20)], interceptors=interceptors)
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 2**20), *KEEPALIVE_SERVER_OPTIONS],
+                             interceptors=interceptors)
     servicer = WorkerServicer(engine, model_info, store_id=store_id, worker_name=worker_name, hub=hub, store=store)
-    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    add_servicer(worker_pb2_grpc.add_WorkerServicer_to_server, servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if tls is not None:
-        port = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"cannot listen on {address}")
-    return server, port, health_servicer
+    return server, bind(server, address, tls), health_servicer
 
 
 async def _watch_health(engine, health_servicer, parent_pid: int | None, stop: asyncio.Event,
@@ -286,8 +242,9 @@ async def serve(config: WorkerConfig) -> int:
     Returns the process exit status (ENGINE_DEATH_EXIT_STATUS when the engine thread died)."""
     from kvrouter.worker.servicer import CacheEventHub
 
-    if not config.worker_token and not is_loopback(config.listen):
-        raise ValueError(f"--listen {config.listen} is not loopback: give --worker-token (and --tls-cert/--tls-key)")
+    check_exposure(config.listen, config.worker_token)
+    if config.smg_listen is not None:
+        check_exposure(config.smg_listen, config.worker_token, "--smg-listen")
     if config.parent_pid is not None:
         die_with_parent(config.parent_pid)
     tls = _read_tls(config)
@@ -316,7 +273,7 @@ async def serve(config: WorkerConfig) -> int:
         from kvrouter.worker.smg_servicer import SMG_SERVICE_NAME, create_smg_server, model_directory, model_source
 
         smg = create_smg_server(config.smg_listen, engine, model_source(config.model, config.cache_dir),
-                                model_directory(config.model))
+                                model_directory(config.model), token=config.worker_token, tls=tls)
         await smg[0].start()
         smg_health = ((smg[3], ""), (smg[3], SMG_SERVICE_NAME))
         log.info("worker %s serving SMG's mlx.grpc.engine.MlxEngine on %s:%d",

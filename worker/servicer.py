@@ -203,9 +203,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         await context.abort(grpc.StatusCode.UNAVAILABLE, "the generation thread died")
                     continue
                 if isinstance(ev, TokenEvent):
-                    yield worker_pb2.GenerateResponse(
-                        delta=worker_pb2.TokenDelta(token_ids=ev.token_ids, text=ev.text)
-                    )
+                    delta = worker_pb2.TokenDelta(token_ids=ev.token_ids, text=ev.text)
+                    if ev.restored is not None:
+                        delta.first = True
+                        delta.cached_tokens, delta.cache_source = ev.restored[0], _SOURCES[ev.restored[1]]
+                    yield worker_pb2.GenerateResponse(delta=delta)
                 elif isinstance(ev, FinishEvent):
                     u = ev.usage
                     yield worker_pb2.GenerateResponse(
@@ -259,6 +261,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                          for s in lives],
             decode_concurrency=engine.config.decode_concurrency,
             prompt_concurrency=engine.config.prompt_concurrency,
+            progress=engine.progress,
         )
 
     async def SubscribeCacheEvents(self, request, context):

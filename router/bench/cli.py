@@ -106,8 +106,11 @@ async def _run(ns: argparse.Namespace) -> int:
     from kvrouter.router.bench.client import run_workload
     from kvrouter.router.bench.workload import WorkloadSpec, distinct_prefixes, make_workload
 
-    spec = WorkloadSpec(seed=ns.seed, sessions=ns.sessions, users=ns.users, turns=ns.turns,
-                        env_every=ns.env_every, system_words=ns.system_words)
+    from kvrouter.router.usage import flag_errors
+
+    with flag_errors():
+        spec = WorkloadSpec(seed=ns.seed, sessions=ns.sessions, users=ns.users, turns=ns.turns,
+                            env_every=ns.env_every, system_words=ns.system_words)
     sessions = make_workload(spec)
     from kvrouter.router.bench.tokenize import chat_tokenizer
 

@@ -23,7 +23,8 @@ from aiohttp import web
 
 from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, prepare_sse, read_json, sse_data,
+                                          sse_response)
 from kvrouter.router.views.generation import Outcome, collect, generate, parse_stop
 from kvrouter.router.views.openai_request import _number, cap_max_tokens
 from kvrouter.router.views.tools import ToolCallSplitter, flat_function_tools, split_text, syntax_for
@@ -241,7 +242,7 @@ async def _stream(request, dispatcher, job, route, req, syntax, msg_id) -> web.S
         try:
             async for item in items:
                 if not started:
-                    await resp.prepare(request)
+                    await prepare_sse(resp, request, route)
                     await send("message_start", {"message": {
                         "id": msg_id, "type": "message", "role": "assistant", "model": job.model.name,
                         "content": [], "stop_reason": None, "stop_sequence": None,

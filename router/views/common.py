@@ -14,6 +14,7 @@ PREVIEW_CHARS = 80
 # perf_counter() at arrival, set by router.app.error_middleware (a typed key where aiohttp has them)
 ARRIVED_KEY = web.RequestKey("kvrouter_arrived", float) if hasattr(web, "RequestKey") else "kvrouter_arrived"
 NAMESPACE_KEY = "kvrouter_namespace"  # set on the request by router.app.auth_middleware
+KEY_NAME_KEY = "kvrouter_key_name"  # the API key's name (None without --api-keys-file), same place
 
 
 async def read_json(request: web.Request):
@@ -54,6 +55,13 @@ def make_job(model, tokens, anchor_tokens: int, max_tokens: int, temperature: fl
         prompt_param=prompt_param,
         arrived_s=arrived_s,
     )
+
+
+async def prepare_sse(resp: web.StreamResponse, request: web.Request, route) -> None:
+    """Sends a stream's headers at its first token, with `x-kvrouter-route` as the route
+    stands then: after any retry, with the reuse the worker really made."""
+    resp.headers["x-kvrouter-route"] = route.header()
+    await resp.prepare(request)
 
 
 def sse_response(route_header: str) -> web.StreamResponse:

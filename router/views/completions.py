@@ -14,7 +14,8 @@ from aiohttp import web
 
 from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, prepare_sse, read_json, sse_data,
+                                          sse_response)
 from kvrouter.router.views.generation import collect, generate, parse_stop
 from kvrouter.router.views.openai import usage_body
 from kvrouter.router.views.openai_request import _number, cap_max_tokens
@@ -129,7 +130,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             try:
                 async for item in items:
                     if not started:
-                        await resp.prepare(request)
+                        await prepare_sse(resp, request, route)
                         started = True
                     if isinstance(item, str):
                         await resp.write(sse_data(choice(item)))

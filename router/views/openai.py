@@ -12,7 +12,8 @@ from aiohttp import web
 
 from kvrouter.router.errors import ApiError, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, prepare_sse, read_json, sse_data,
+                                          sse_response)
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import parse_chat_request
 from kvrouter.router.views.tools import ToolCallSplitter, split_text, syntax_for
@@ -110,7 +111,7 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
         try:
             async for item in items:
                 if not started:
-                    await resp.prepare(request)
+                    await prepare_sse(resp, request, route)
                     await send(chunk({"role": "assistant", "content": ""}))
                     started = True
                 if isinstance(item, str):

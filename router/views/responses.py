@@ -16,7 +16,8 @@ from aiohttp import web
 
 from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, prepare_sse, read_json, sse_data,
+                                          sse_response)
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import _number, cap_max_tokens, parse_arguments, tool_choice_parses
 from kvrouter.router.views.tools import ToolCallSplitter, flat_function_tools, split_text, syntax_for
@@ -206,7 +207,7 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
         try:
             async for item in items:
                 if not started:
-                    await resp.prepare(request)
+                    await prepare_sse(resp, request, route)
                     shell = response_body(resp_id, created, job.model.name, req, [], None, "in_progress")
                     await send("response.created", {"response": shell})
                     await send("response.in_progress", {"response": shell})
