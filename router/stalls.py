@@ -69,7 +69,7 @@ class StallWatch:
                     log.warning("worker %s makes progress again; routing to it", client.name)
                     self.cluster.set_stalled(client.name, False)
             elif busy and now - moved_at >= self.timeout_s:
-                log.warning("worker %s holds %d request(s) and made no progress for %.0f s: taking it out of "
+                log.warning("worker %s holds %d request(s) and made no progress for %.1f s: taking it out of "
                             "routing; requests without a token go elsewhere", client.name,
                             self.leases.in_flight(client.name), now - moved_at)
                 self.cluster.set_stalled(client.name, True)

@@ -13,8 +13,10 @@ from kvrouter.router.errors import BadRequest
 PREVIEW_CHARS = 80
 # perf_counter() at arrival, set by router.app.error_middleware (a typed key where aiohttp has them)
 ARRIVED_KEY = web.RequestKey("kvrouter_arrived", float) if hasattr(web, "RequestKey") else "kvrouter_arrived"
-NAMESPACE_KEY = "kvrouter_namespace"  # set on the request by router.app.auth_middleware
-KEY_NAME_KEY = "kvrouter_key_name"  # the API key's name (None without --api-keys-file), same place
+# set on the request by router.app.auth_middleware
+NAMESPACE_KEY = web.RequestKey("kvrouter_namespace", str) if hasattr(web, "RequestKey") else "kvrouter_namespace"
+# the API key's name (None without --api-keys-file), set by the same middleware
+KEY_NAME_KEY = web.RequestKey("kvrouter_key_name", object) if hasattr(web, "RequestKey") else "kvrouter_key_name"
 
 
 async def read_json(request: web.Request):
