@@ -57,7 +57,7 @@ from kvrouter.worker.checkpoint_writer import DEFAULT_MAX_ITEMS, CheckpointWrite
 from kvrouter.worker.checkpoints import CheckpointManager, LiveState, Restored
 from kvrouter.worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
 from kvrouter.worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
-from kvrouter.worker.sizing import batch_bytes
+from kvrouter.worker.sizing import batch_bytes, return_free_memory
 from kvrouter.worker.live_states import LiveStates
 from kvrouter.worker.segments import prefill_segments
 from kvrouter.worker import kv_state
@@ -295,8 +295,13 @@ class Engine:
     def _loop(self) -> None:
         self._stream = mx.new_stream(mx.default_device())
         self._gen = self._new_generator()
+        busy = False
         while True:
-            self._take_jobs(block=not self._running and not self._waiting)
+            idle = not self._running and not self._waiting
+            if idle and busy:  # the burst is over: memory nothing holds goes back to the system
+                return_free_memory()
+            busy = not idle
+            self._take_jobs(block=idle)
             self._collect_writes()
             if self._stopping is not None and not self._running and not self._waiting:
                 self._shutdown(self._stopping[0])
@@ -602,6 +607,10 @@ class Engine:
             run.job.emit(TokenEvent((), run.detok.last_segment))
         live_id = 0
         if tokens:
+            # mlx-lm extracts a sequence's cache lazily (mx.contiguous of a slice of the batch
+            # cache): evaluated now, the live state owns just its own KV instead of holding the
+            # whole batch buffer of the moment it left (hundreds of MiB after a burst).
+            mx.eval([c.state for c in caches])
             live = LiveState(run.job.request.namespace, list(tokens), caches,
                              min(len(run.prompt), len(tokens)), run.job.request.text_preview)
             self._keep_live(live)

@@ -123,6 +123,23 @@ def plan_memory(*, kv_bytes_per_token: int, weights_bytes: int, machine_bytes: i
     )
 
 
+def return_free_memory() -> None:
+    """Hands memory nothing uses back to the system: MLX's buffer cache, then (Linux,
+    glibc) the C heap's free pages (`malloc_trim`; glibc keeps freed blocks otherwise, so
+    a worker's RSS stayed at its burst peak while idle). Call it when the engine idles."""
+    import ctypes
+    import sys
+
+    import mlx.core as mx
+
+    mx.clear_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 def sequence_bytes(tokens: int, kv_bytes_per_token: int, step: int = 256) -> int:
     """KV a sequence of `tokens` holds in mlx-lm's batch cache, which grows in `step`-token
     blocks, bytes."""
