@@ -235,17 +235,6 @@ class CheckpointManager:
         if entry is not None:
             self.ram.put(entry.id, job.payload)
 
-    def save(self, kind: str, caches: list, tokens: list[int], namespace: str, preview: str) -> Entry | None:
-        """Writes a checkpoint now, on this thread (`prepare`, write, `stored`); its store
-        events go to `events`. Returns None when the store skipped it."""
-        job = self.prepare(kind, caches, tokens, namespace, preview)
-        if job is None:
-            return None
-        entry, events = job.write()
-        self.events += events
-        self.stored(job, entry)
-        return entry
-
     def prepare_live(self, kind: str, live: LiveState | None, owner=None) -> WriteJob | None:
         """A WriteJob storing the client-sent part of a live state as an `evict` or
         `shutdown` checkpoint, when it is long enough (min_tokens) and not stored already;

@@ -4,9 +4,9 @@ Setup: the routing benchmark's store (`bench.routing.build_index`, 10,000 checkp
 a 32K-token prompt) behind a router's cluster and dispatcher, in one asyncio loop as
 in the router process. A scraper does what `GET /metrics` and `GET /v1/router/state`
 do, once a second; meanwhile a routing decision (`Dispatcher.prepare`, the path of
-every request after tokenization) is due every `interval_ms`. For each decision: how
-late it started (the loop was busy) plus how long it took; and the loop's own worst
-stall (a ticker's oversleep). Run for `seconds` with the scraper, then as long
+every request after tokenization) is due `interval_ms` after the last one ended. For
+each decision: how late it started (its wait: the loop was busy elsewhere) and how long
+it took; and the loop's own worst stall (a ticker's oversleep). Run for `seconds` with the scraper, then as long
 without it (the baseline), then with the scraper doing what the gauges used to do
 (a scan of every row in a thread) for comparison.
 
@@ -47,9 +47,10 @@ class _Worker:
 
 async def _measure(dispatcher, job, scrape, seconds: float, interval_ms: float) -> dict:
     """Decisions every `interval_ms` for `seconds` while `scrape()` (or nothing) runs each
-    second. `during_scrape_*`: the decisions due while a scrape was in progress (what a
-    scrape costs them); `scrape_on_loop_max_ms`: the longest the scraper held the loop
-    in one go (the parts of a scrape that do not run in a thread)."""
+    second. A decision's wait: how late it started (the loop was busy elsewhere); its own
+    time is `decision_ms_*`. `during_scrape_*`: the decisions due while a scrape was in
+    progress (what a scrape costs them); `scrape_on_loop_max_ms`: the longest the scraper
+    held the loop in one go (the parts of a scrape that do not run in a thread)."""
     waits, lags, windows, held = [], [], [], []
     stop = time.perf_counter() + seconds
 
@@ -72,18 +73,19 @@ async def _measure(dispatcher, job, scrape, seconds: float, interval_ms: float) 
             due = ended + interval_ms / 1000  # one decision every interval after the last one ended
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
             started = time.perf_counter()
-            late = max(0.0, started - due)
             dispatcher.finish(dispatcher.prepare(job))
             ended = time.perf_counter()
-            waits.append((due, (late + ended - started) * 1000))
+            waits.append((due, max(0.0, started - due) * 1000, (ended - started) * 1000))
 
     tasks = [ticker(), decisions()] + ([scraper()] if scrape is not None else [])
     await asyncio.gather(*tasks)
-    during = [w for due, w in waits if any(a <= due <= b + 0.001 for a, b in windows)]
-    all_waits = [w for _, w in waits]
-    return {"decisions": len(all_waits), "decision_wait_p50_ms": round(percentile(all_waits, 50), 3),
-            "decision_wait_p99_ms": round(percentile(all_waits, 99), 3),
-            "decision_wait_max_ms": round(max(all_waits), 3),
+    during = [late for due, late, _ in waits if any(a <= due <= b + 0.001 for a, b in windows)]
+    lates = [late for _, late, _ in waits]
+    took = [d for _, _, d in waits]
+    return {"decisions": len(waits), "decision_ms_p50": round(percentile(took, 50), 3),
+            "decision_ms_max": round(max(took), 3),
+            "wait_p50_ms": round(percentile(lates, 50), 3), "wait_p99_ms": round(percentile(lates, 99), 3),
+            "wait_max_ms": round(max(lates), 3),
             "decisions_during_scrape": len(during),
             "during_scrape_wait_max_ms": round(max(during), 3) if during else None,
             "scrape_on_loop_max_ms": round(max(held), 3) if held else None,

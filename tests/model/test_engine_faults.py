@@ -151,3 +151,38 @@ def test_memory_is_handed_back_after_load_and_the_cache_limit_set():
         assert engine.config.kv_bytes_per_token == SMOLLM_KV_BYTES_PER_TOKEN
     finally:
         engine.stop(shutdown_checkpoint=False)
+
+
+def test_requests_admitted_together_share_one_restored_checkpoint(tmp_path, monkeypatch):
+    """Issue 13 item 5: two requests restored from the same disk checkpoint in one
+    admission round load it once (the RAM tier is off here, so nothing else would share)."""
+    first = make_engine(tmp_path / "kv", decode_concurrency=1, ram_bytes=0)
+    shared = prompt_of(300, 81)
+    try:
+        stored = Call(first, shared, max_tokens=1).wait()
+        assert [(e.action, e.n_tokens) for e in stored.store_events] == [("stored", 256)]
+    finally:
+        first.stop(shutdown_checkpoint=False)
+    loads = []
+    real = kv_state.load_arrays
+
+    def counting(path, model_id, n_tokens):
+        loads.append(path)
+        return real(path, model_id, n_tokens)
+
+    monkeypatch.setattr(kv_state, "load_arrays", counting)
+    engine = make_engine(tmp_path / "kv", decode_concurrency=3, prompt_concurrency=3, ram_bytes=0)
+    try:
+        # an unrelated long prefill keeps the engine inside a batch step while the two arrive,
+        # so they wait in the queue together and are admitted in one round
+        busy = Call(engine, prompt_of(700, 84), max_tokens=1)
+        while engine.progress == 0:
+            threading.Event().wait(0.01)
+        b = Call(engine, shared[:256] + prompt_of(30, 82), max_tokens=1)
+        c = Call(engine, shared[:256] + prompt_of(30, 83), max_tokens=1)
+        busy.wait()
+        fb, fc = b.wait(), c.wait()
+        assert (fb.usage.cached_tokens, fc.usage.cached_tokens) == (256, 256)
+        assert len(loads) == 1  # one read of the payload for both
+    finally:
+        engine.stop(shutdown_checkpoint=False)
