@@ -62,7 +62,8 @@ class Route:
     """Where a request went and why (for `x-kvrouter-route`).
 
     worker: its name; source: where the reused prefix comes from ("live", "ram",
-    "disk", "none"); cached: prompt tokens predicted reused; predicted_ttft_s:
+    "disk", "none"); cached: prompt tokens reused: the prediction until the worker
+    reports the real figure (its first token, or its final report); predicted_ttft_s:
     the cost model's time to first token; reason: the routing reason
     ("live_prefix", "least_loaded", "retry", ...); predicted_cached: the longest
     stored checkpoint of the prompt (the store's view, whatever worker wins);
@@ -240,6 +241,8 @@ class Dispatcher:
             try:
                 async for item in worker.generate(request):
                     if isinstance(item, Delta):
+                        if item.reuse is not None:  # the reuse that really happened replaces the prediction
+                            route.cached, route.source = item.reuse
                         generated.extend(item.token_ids)
                         now = time.perf_counter()
                         if first:
@@ -253,6 +256,7 @@ class Dispatcher:
                                 self.metrics.inter_token.labels(model_name).observe(gap)
                         last_token_at = now
                     if isinstance(item, Completion):
+                        route.cached, route.source = item.cached_tokens, item.cache_source
                         self.metrics.request_seconds.labels(model_name).observe(time.perf_counter() - t0)
                         self._record(job, item, worker.name)
                         self.pool.observe(worker.name, item, job.tokens + tuple(generated), job.namespace)

@@ -25,9 +25,9 @@ from kvrouter.cachestore.keys import common_prefix_length
 from kvrouter.router.errors import NotFound, Overloaded, Unavailable
 from kvrouter.router.prompting import ModelTokenizer
 from kvrouter.router.remote_stores import RemoteStores, is_remote
-from kvrouter.cachestore.costs import Rates, Reuse, first_token_work_s
+from kvrouter.cachestore.costs import CUT_ANY, Rates, Reuse, ReuseRules, first_token_work_s, lookup_span, reusable_tokens
 from kvrouter.router.routing import Candidate, Decision, choose_worker, request_seconds
-from kvrouter.router.worker_client import GrpcWorkerClient, WorkerUnavailable, rates_from_proto
+from kvrouter.router.worker_client import GrpcWorkerClient, WorkerUnavailable, rates_from_proto, reuse_rules_from_proto
 
 log = logging.getLogger("kvrouter.router.pool")
 
@@ -36,13 +36,15 @@ DECODE_TOKENS_FOR_QUEUE = 64  # generated tokens assumed per queued request (max
 
 @dataclass
 class ServedModel:
-    """One model: its name, identity (for store lookups), tokenizer and workers."""
+    """One model: its name, identity (for store lookups), tokenizer, workers, and
+    reuse rules (how far back its workers can cut a state: `ModelInfo.reuse`)."""
 
     name: str
     identity: str
     context_length: int
     tokenizer: ModelTokenizer
     workers: list = field(default_factory=list)
+    rules: ReuseRules = CUT_ANY
 
 
 @dataclass
@@ -152,7 +154,8 @@ class WorkerPool:
             model = self.models.get(info.model_name)
             if model is None:
                 tokenizer = await asyncio.to_thread(ModelTokenizer, info)
-                model = ServedModel(info.model_name, info.identity, info.context_length, tokenizer)
+                model = ServedModel(info.model_name, info.identity, info.context_length, tokenizer,
+                                    rules=reuse_rules_from_proto(info))
                 self.models[info.model_name] = model
             model.workers.append(client)
             await self.resync(client)
@@ -255,11 +258,12 @@ class WorkerPool:
 
     # -- routing ------------------------------------------------------------------
     def stored_hit(self, model: ServedModel, namespace: str, tokens):
-        """The longest stored checkpoint of this prompt in the local store, or None."""
+        """The longest stored checkpoint of this prompt in the local store that the
+        model's workers can use (`costs.lookup_span`), or None."""
         if self.store is None:
             return None
         try:
-            return self.store.lookup(model.identity, namespace, tokens)
+            return self.store.lookup(model.identity, namespace, tokens[: lookup_span(len(tokens), model.rules)])
         except Exception as exc:  # a broken index must not fail routing
             log.warning("store lookup failed: %s", exc)
             return None
@@ -276,26 +280,29 @@ class WorkerPool:
         `hit`: the longest checkpoint in the router's own store (offered to workers on
         this host); a worker reading another host's store is offered that store's
         longest entry from `remote_stores` (RAM when its RAM tier holds it)."""
-        limit = len(tokens) - 1
+        total, rules = len(tokens), model.rules
         out = []
         remote_hits: dict[str, object] = {}  # store id -> its longest entry, looked up once per call
         for w in model.workers:
             v = self.view(w)
             reuse = []
-            n = min(self.live_match(w.name, tokens, namespace), limit)
+            n = self.live_reusable(w.name, tokens, namespace, rules)
             if n > 0:
                 reuse.append(Reuse("live", n))
             if is_remote(v.store_id, self.local_store_id):
                 if v.store_id not in remote_hits:
-                    remote_hits[v.store_id] = self.remote_stores.longest(v.store_id, model.identity, namespace,
-                                                                         tokens)
+                    remote_hits[v.store_id] = self.remote_stores.longest(
+                        v.store_id, model.identity, namespace, tokens[: lookup_span(total, rules)])
                 cp = remote_hits[v.store_id]
-                if cp is not None and min(cp.n_tokens, limit) > 0:
+                n = reusable_tokens(cp.n_tokens, cp.n_tokens, total, rules) if cp is not None else 0
+                if n > 0:
                     source = "ram" if cp.entry_id in v.ram_ids else "disk"
-                    reuse.append(Reuse(source, min(cp.n_tokens, limit), cp.payload_bytes))
-            elif hit is not None and self.reads_local_store(w) and min(hit.n_tokens, limit) > 0:
-                source = "ram" if hit.entry.id in v.ram_ids else "disk"
-                reuse.append(Reuse(source, min(hit.n_tokens, limit), hit.entry.payload_bytes))
+                    reuse.append(Reuse(source, n, cp.payload_bytes))
+            elif hit is not None and self.reads_local_store(w):
+                n = reusable_tokens(hit.n_tokens, hit.n_tokens, total, rules)
+                if n > 0:
+                    source = "ram" if hit.entry.id in v.ram_ids else "disk"
+                    reuse.append(Reuse(source, n, hit.entry.payload_bytes))
             out.append(Candidate(w.name, w.healthy, w.in_flight, tuple(reuse), v.rates, v.queued_s,
                                  self.queue_limit(v), v.slots, v.prefill_backlog_s))
         return out
@@ -305,13 +312,16 @@ class WorkerPool:
         --max-queue (0: no limit)."""
         return min([q for q in (self.max_queue, v.max_queue) if q], default=0)
 
-    def live_match(self, name: str, tokens, namespace: str) -> int:
-        """Tokens of `tokens` the best live state of worker `name` holds (0: none)."""
+    def live_reusable(self, name: str, tokens, namespace: str, rules: ReuseRules) -> int:
+        """Prompt tokens the best live state of worker `name` can give `tokens` under the
+        model's reuse rules (`costs.reusable_tokens`: all it holds when the prompt
+        extends it; cut back to the first differing token only where the rules allow;
+        never the last prompt token). 0: none."""
         v = self.views.get(name)
         if v is None:
             return 0
-        return max((common_prefix_length(t, tokens) for ns, t in list(v.lives.values()) if ns == namespace and t),
-                   default=0)
+        return max((reusable_tokens(len(t), common_prefix_length(t, tokens), len(tokens), rules)
+                    for ns, t in list(v.lives.values()) if ns == namespace and t), default=0)
 
     def decide(self, model: ServedModel, tokens, namespace: str = "", exclude=frozenset(), hit=None) -> Decision:
         """The routing decision for a prompt; raises Unavailable or Overloaded."""

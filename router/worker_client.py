@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
 from kvrouter.router.errors import BadRequest
 from kvrouter.router.remote_stores import Checkpoint
-from kvrouter.cachestore.costs import Rates
+from kvrouter.cachestore.costs import Rates, ReuseRules
 
 log = logging.getLogger("kvrouter.router.worker_client")
 
@@ -50,10 +50,12 @@ class WorkerError(RuntimeError):
 
 @dataclass(frozen=True)
 class Delta:
-    """Generated tokens and their text."""
+    """Generated tokens and their text. reuse: on the first delta of a generation, the
+    (prompt tokens reused, source) that really happened; None on the others."""
 
     token_ids: tuple[int, ...]
     text: str
+    reuse: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,16 @@ _SOURCE_NAMES = {
 def rates_from_proto(r: worker_pb2.Rates) -> Rates:
     return Rates(r.prefill_tokens_per_second, r.disk_load_bytes_per_second, r.ram_load_bytes_per_second,
                  r.decode_tokens_per_second)
+
+
+def reuse_rules_from_proto(info: worker_pb2.ModelInfo) -> ReuseRules:
+    """A worker's reuse rules (`ModelInfo.reuse`; unset: states cut back anywhere)."""
+    r = info.reuse
+    if r.whole_only:
+        return ReuseRules(cut_any=False, window_tokens=0)
+    if r.cut_below_tokens:
+        return ReuseRules(cut_any=False, window_tokens=r.cut_below_tokens)
+    return ReuseRules()
 
 
 def checkpoint_from_proto(c: worker_pb2.CheckpointChanged) -> Checkpoint:
@@ -268,7 +280,10 @@ class GrpcWorkerClient:
             async for msg in call:
                 if msg.HasField("delta"):
                     started = True
-                    yield Delta(tuple(msg.delta.token_ids), msg.delta.text)
+                    d = msg.delta
+                    reuse = ((d.cached_tokens, _SOURCE_NAMES.get(d.cache_source, "none"))
+                             if d.HasField("cached_tokens") else None)
+                    yield Delta(tuple(d.token_ids), d.text, reuse)
                 else:
                     u = msg.final.usage
                     yield Completion(

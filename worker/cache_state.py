@@ -295,7 +295,14 @@ class StateSpec:
 
 
 def state_spec(model, quant: KvQuantization | None = None) -> StateSpec:
-    """The `StateSpec` of `model`. Raises ValueError as `new_state` does."""
+    """The `StateSpec` of `model`. Raises ValueError as `new_state` does, and when
+    `quant` cannot quantize this model's keys (checked by running one token: mx.quantize
+    needs the head dimension to be a multiple of the group size)."""
     caches = new_state(model, quant)
+    if quant is not None:
+        try:
+            mx.eval(model(mx.array([[0]], dtype=mx.int32), cache=new_state(model, quant)))
+        except ValueError as exc:
+            raise ValueError(f"--kv-bits {quant.bits} --kv-group-size {quant.group_size}: {exc}") from exc
     return StateSpec(model, quant, describe_layout(caches), reuse_rules(caches), batchable(caches),
                      serializable(caches))

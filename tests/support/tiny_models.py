@@ -7,7 +7,7 @@ Families and the mlx-lm cache each builds (`make_cache`):
 
 | family | layers | caches |
 |---|---|---|
-| `llama` | 2 | KVCache (QuantizedKVCache with `--kv-bits`) |
+| `llama` | 2 | KVCache (QuantizedKVCache with `--kv-bits`: head_dim 64, a multiple of the group size) |
 | `gpt_oss` | 2 | RotatingKVCache (window 32), KVCache |
 | `gemma3_text` | 2 | RotatingKVCache (window 32), KVCache |
 | `qwen3_next` | 4 | ArraysCache (gated-delta recurrent) x3, KVCache |
@@ -33,8 +33,8 @@ _COMMON = {"vocab_size": VOCAB, "max_position_embeddings": CONTEXT, "eos_token_i
 
 CONFIGS: dict[str, dict] = {
     "llama": {
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 128,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "tie_word_embeddings": False,
     },
     "gpt_oss": {
