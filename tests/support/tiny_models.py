@@ -22,6 +22,7 @@ are mostly well above 1e-3 (tests still measure them).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 VOCAB = 49152  # the default model's tokenizer
@@ -107,3 +108,47 @@ def tokenizer_dir(out_dir: Path) -> Path:
     if not (out_dir / "tokenizer.json").exists():
         export_tokenizer(None, model_cache_dir(), out_dir)
     return out_dir
+
+
+@dataclass(frozen=True)
+class GreedyRun:
+    """An uncached greedy run: generated token ids (EOS excluded), the top-1 minus
+    top-2 logit margin of every step, and the logits of the first generated token
+    (shape (vocab,), float32)."""
+
+    tokens: tuple[int, ...]
+    margins: tuple[float, ...]
+    first_logits: object
+
+    @property
+    def min_margin(self) -> float:
+        return min(self.margins)
+
+
+def greedy_reference(model, prompt, max_tokens: int, quant=None, eos=(2,), chunk: int = 256) -> GreedyRun:
+    """What a worker computes for `prompt` without any reuse, one sequence alone:
+    prefill in chunks ending at absolute multiples of `chunk` (the worker's
+    `--prefill-chunk-tokens`), then greedy decoding until an `eos` id or `max_tokens`.
+    quant: the worker's `--kv-bits` (`worker.config.KvQuantization`) or None."""
+    import mlx.core as mx
+
+    from kvrouter.worker.cache_state import new_state
+
+    cache = new_state(model, quant)
+    prompt = list(prompt)
+    pos = 0
+    while pos < len(prompt):
+        end = min(len(prompt), (pos // chunk + 1) * chunk)
+        logits = model(mx.array(prompt[pos:end])[None], cache=cache)[0, -1]
+        pos = end
+    first = logits
+    out, margins = [], []
+    for _ in range(max_tokens):
+        top2 = mx.sort(logits)[-2:]
+        margins.append(float(top2[1] - top2[0]))
+        token = int(mx.argmax(logits).item())
+        if token in eos:
+            break
+        out.append(token)
+        logits = model(mx.array([[token]]), cache=cache)[0, -1]
+    return GreedyRun(tuple(out), tuple(margins), first)
