@@ -36,7 +36,7 @@ class RouterConfig:
     grpc_port: int | None = None  # public gRPC service (kvrouter.router.v1.Router); 0 picks a free port
     grpc_host: str = "127.0.0.1"
     chat_template: str | None = None  # replaces every model's chat template (--chat-template FILE)
-    # Routing (router.pool, router.routing, router.dispatch):
+    # Routing (router.cluster, router.routing, router.dispatch):
     remote_workers: tuple[str, ...] = ()  # gRPC "HOST:PORT" of workers on other hosts (--remote-worker)
     worker_token: str | None = None  # sent to remote workers (their --worker-token)
     worker_tls_ca: bytes | None = None  # PEM roots to verify TLS remote workers (None: plaintext)
@@ -59,5 +59,4 @@ class ServeConfig:
     cache_dir: Path
     prefill_chunk_tokens: int = 256
     batching: BatchingConfig = BatchingConfig()
-    log_dir: Path | None = None
     models: tuple[str | None, ...] = ()  # every --model (workers each); empty: (model,)

@@ -209,17 +209,6 @@ class Engine:
         """The idle live states, least recently used first (a snapshot)."""
         return self.lives.snapshot
 
-    @property
-    def live(self) -> LiveState | None:
-        """The newest live state, or None."""
-        snap = self.lives.snapshot
-        return snap[-1] if snap else None
-
-    @property
-    def live_prefix_tokens(self) -> int:
-        live = self.live
-        return len(live.tokens) if live else 0
-
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Job:
         """Queues a request. Raises EngineDeadError when the engine thread is gone,
         EngineBusyError when `max_queue` requests are already waiting or running."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
-from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
+from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
 from kvrouter.router.views.generation import Outcome, collect, generate, parse_stop
 from kvrouter.router.views.openai_request import _number, cap_max_tokens
@@ -193,7 +193,7 @@ def tool_use_block(call) -> dict:
 
 async def count_tokens(request: web.Request) -> web.Response:
     req = parse_messages_request(await read_json(request), None, count_only=True)
-    model = request.app[POOL].model(req.model)
+    model = request.app[CLUSTER].model(req.model)
     prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
     return web.json_response({"input_tokens": len(prompt.tokens)})
 
@@ -201,32 +201,32 @@ async def count_tokens(request: web.Request) -> web.Response:
 async def messages(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
     req = parse_messages_request(await read_json(request), config.max_tokens_limit)
-    model = request.app[POOL].model(req.model)
+    model = request.app[CLUSTER].model(req.model)
     prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
                    namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY))
     dispatcher = request.app[DISPATCHER]
-    route = dispatcher.prepare(job)
-    msg_id = f"msg_{uuid.uuid4().hex[:24]}"
-    if req.stream:
-        return await _stream(request, dispatcher, job, route, req, syntax, msg_id)
-    text, outcome = await collect(dispatcher, job, route, req.stop)
-    if outcome is None:
-        raise WorkerFailed("the worker ended the stream without a final report")
-    content, calls = split_text(syntax, req.tools, text)
-    blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [tool_use_block(c) for c in calls]
-    body = {
-        "id": msg_id,
-        "type": "message",
-        "role": "assistant",
-        "model": model.name,
-        "content": blocks,
-        "stop_reason": stop_reason(outcome, bool(calls)),
-        "stop_sequence": outcome.stop_sequence,
-        "usage": usage_body(outcome),
-    }
-    return web.json_response(body, headers={"x-kvrouter-route": route.header()})
+    async with dispatcher.route(job) as route:
+        msg_id = f"msg_{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            return await _stream(request, dispatcher, job, route, req, syntax, msg_id)
+        text, outcome = await collect(dispatcher, job, route, req.stop)
+        if outcome is None:
+            raise WorkerFailed("the worker ended the stream without a final report")
+        content, calls = split_text(syntax, req.tools, text)
+        blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [tool_use_block(c) for c in calls]
+        body = {
+            "id": msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": model.name,
+            "content": blocks,
+            "stop_reason": stop_reason(outcome, bool(calls)),
+            "stop_sequence": outcome.stop_sequence,
+            "usage": usage_body(outcome),
+        }
+        return web.json_response(body, headers={"x-kvrouter-route": route.header()})
 
 
 async def _stream(request, dispatcher, job, route, req, syntax, msg_id) -> web.StreamResponse:

@@ -90,7 +90,6 @@ class Outcome:
     completion_tokens: int
     cached_tokens: int
     stored_tokens: int
-    exact: bool = True
 
     @classmethod
     def from_completion(cls, c: Completion) -> "Outcome":
@@ -116,7 +115,7 @@ async def generate(dispatcher, job, route, stops: tuple[str, ...] = ()) -> Async
                     yield text
                 if hit is not None:
                     yield Outcome("stop", hit, len(job.tokens), completion_tokens,
-                                  route.cached, 0, exact=False)
+                                  route.cached, 0)
                     return
             else:
                 rest = matcher.flush()

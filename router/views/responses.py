@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
-from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
+from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import _number, cap_max_tokens, parse_arguments, tool_choice_parses
@@ -169,24 +169,24 @@ def response_body(resp_id, created, model, req, output, outcome: Outcome | None,
 async def create_response(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
     req = parse_responses_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
-    model = request.app[POOL].model(req.model)
+    model = request.app[CLUSTER].model(req.model)
     prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
                    namespace_of(request), prompt.text, prompt_param="input", arrived_s=request.get(ARRIVED_KEY))
     dispatcher = request.app[DISPATCHER]
-    route = dispatcher.prepare(job)
-    resp_id, created, msg_id = f"resp_{uuid.uuid4().hex[:24]}", int(time.time()), f"msg_{uuid.uuid4().hex[:24]}"
-    if req.stream:
-        return await _stream(request, dispatcher, job, route, req, syntax, resp_id, created, msg_id)
-    text, outcome = await collect(dispatcher, job, route)
-    if outcome is None:
-        raise WorkerFailed("the worker ended the stream without a final report")
-    content, calls = split_text(syntax, req.tools, text)
-    output = ([message_item(msg_id, content)] if content or not calls else []) + [call_item(c) for c in calls]
-    status = "incomplete" if outcome.finish_reason == "length" and not calls else "completed"
-    body = response_body(resp_id, created, model.name, req, output, outcome, status)
-    return web.json_response(body, headers={"x-kvrouter-route": route.header()})
+    async with dispatcher.route(job) as route:
+        resp_id, created, msg_id = f"resp_{uuid.uuid4().hex[:24]}", int(time.time()), f"msg_{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            return await _stream(request, dispatcher, job, route, req, syntax, resp_id, created, msg_id)
+        text, outcome = await collect(dispatcher, job, route)
+        if outcome is None:
+            raise WorkerFailed("the worker ended the stream without a final report")
+        content, calls = split_text(syntax, req.tools, text)
+        output = ([message_item(msg_id, content)] if content or not calls else []) + [call_item(c) for c in calls]
+        status = "incomplete" if outcome.finish_reason == "length" and not calls else "completed"
+        body = response_body(resp_id, created, model.name, req, output, outcome, status)
+        return web.json_response(body, headers={"x-kvrouter-route": route.header()})
 
 
 async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created, msg_id) -> web.StreamResponse:
