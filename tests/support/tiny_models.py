@@ -152,3 +152,13 @@ def greedy_reference(model, prompt, max_tokens: int, quant=None, eos=(2,), chunk
         out.append(token)
         logits = model(mx.array([[token]]), cache=cache)[0, -1]
     return GreedyRun(tuple(out), tuple(margins), first)
+
+
+if __name__ == "__main__":
+    # python -m tests.support.tiny_models DIR: every family's model directory under DIR.
+    import sys
+
+    root = Path(sys.argv[1])
+    tok = tokenizer_dir(root / "tokenizer")
+    for family in FAMILIES:
+        print(build_model_dir(family, root / family, tok))
