@@ -143,16 +143,19 @@ class CheckpointManager:
 
     def save_live(self, kind: str, live: LiveState | None) -> Entry | None:
         """Stores a live state as an `evict` or `shutdown` checkpoint: its client-sent
-        part where it can be cut back there, else (recurrent layers, a wrapped window)
-        the whole state, generated tokens included. Skipped when shorter than
-        min_tokens or stored already."""
+        part (cut back there, or its `prompt_state` where states cannot be cut back);
+        without either (a request cancelled in its prefill), the whole state. Skipped
+        when shorter than min_tokens or stored already."""
         if live is None or self.store is None:
             return None
-        n = live.prompt_tokens if self.can_store(live.held, live.prompt_tokens) else live.held
+        caches, held = live.caches, live.held
+        if live.prompt_state is not None:
+            caches, held = live.prompt_state, live.prompt_tokens
+        n = live.prompt_tokens if self.can_store(held, live.prompt_tokens) else held
         if n < self.store.config.min_tokens:
             return None
         tokens = live.tokens[:n]
         hit = self.store.lookup(self.model_id, live.namespace, tokens)
         if hit is not None and hit.n_tokens == n:
             return None
-        return self.save(kind, live.caches, live.held, tokens, live.namespace, live.preview)
+        return self.save(kind, caches, held, tokens, live.namespace, live.preview)

@@ -145,6 +145,7 @@ class Running:
     generated: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     pos: int = 0
+    prompt_state: list | None = None  # the state holding exactly the prompt (LiveState.prompt_state)
 
 
 _STOP = object()
@@ -394,15 +395,16 @@ class Engine:
                             plan.stored_tokens)
         if plan.source == "live":
             live = plan.live
+            caches, held = (live.prompt_state, live.prompt_tokens) if plan.from_prompt_state else \
+                (live.caches, live.held)
             if plan.take:  # the request continues this conversation: its state moves into the batch
                 self.lives.take(live)
                 self._forget_live(live)
-                cache_state.trim(live.caches, live.held, plan.n_tokens)
-                return Restored(live.caches, plan.n_tokens, "live", plan.stored_tokens)
+                cache_state.trim(caches, held, plan.n_tokens)
+                return Restored(caches, plan.n_tokens, "live", plan.stored_tokens)
             # Another session sharing a prefix: a copy; the live state stays in its slot for
             # its own next turn (an `evict` checkpoint when its slot is needed).
-            return Restored(cache_state.cut(live.caches, live.held, plan.n_tokens), plan.n_tokens, "live",
-                            plan.stored_tokens)
+            return Restored(cache_state.cut(caches, held, plan.n_tokens), plan.n_tokens, "live", plan.stored_tokens)
         return Restored(self.spec.new(), 0, "none", plan.stored_tokens)
 
     def _admit(self, job: Job) -> bool:
@@ -456,8 +458,11 @@ class Engine:
             pos = run.pos = run.restored.n_tokens + r.progress[0]
             if r.end_of_prompt:
                 run.prefill_s = time.perf_counter() - run.t_admit
-            if any(p.n_tokens <= pos for p in run.plan):
+            keep_prompt_state = r.end_of_prompt and not self.spec.rules.cut_any
+            if keep_prompt_state or any(p.n_tokens <= pos for p in run.plan):
                 caches, _ = self._gen.extract_cache([r.uid])[r.uid]
+                if keep_prompt_state:  # where the client-sent part ends: see LiveState.prompt_state
+                    run.prompt_state = cache_state.cut(caches, pos, pos)
                 with self._working_for(run.job):
                     run.plan = self._store_reached(run, caches, pos)
         for r in gen_out:
@@ -486,8 +491,10 @@ class Engine:
             run.job.emit(TokenEvent((), run.detok.last_segment))
         live_id = 0
         if tokens:
-            live = LiveState(run.job.request.namespace, list(tokens), caches,
-                             min(len(run.prompt), len(tokens)), run.job.request.text_preview)
+            sent = min(len(run.prompt), len(tokens))
+            prompt_state = run.prompt_state if len(tokens) > sent else None
+            live = LiveState(run.job.request.namespace, list(tokens), caches, sent, run.job.request.text_preview,
+                             prompt_state=prompt_state)
             self._keep_live(live)
             live_id = live.live_id
         with self._working_for(run.job):

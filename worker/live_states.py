@@ -31,6 +31,11 @@ class LiveState:
     the client-sent part is what comes back verbatim in the next turn, so
     `evict` and `shutdown` checkpoints stop there (generated text may
     re-tokenize differently when sent back, case C7).
+    prompt_state: for a model whose states cannot be cut back (recurrent layers,
+    sliding windows), a copy of the state where the client-sent part ended (holding
+    exactly `prompt_tokens` tokens, taken when the prefill got there): the next turn
+    resumes from it when it diverges inside the generated part, and the `evict` and
+    `shutdown` checkpoints are written from it. None where states can be cut back.
     """
 
     namespace: str
@@ -39,6 +44,7 @@ class LiveState:
     prompt_tokens: int
     preview: str = ""
     live_id: int = 0  # set by `LiveStates.add`
+    prompt_state: list | None = None
 
     @property
     def held(self) -> int:
@@ -47,8 +53,8 @@ class LiveState:
 
 
 def state_bytes(live: LiveState) -> int:
-    """Memory held by a live state's caches, bytes."""
-    return sum(c.nbytes for c in live.caches)
+    """Memory held by a live state's caches (and its prompt state), bytes."""
+    return sum(c.nbytes for c in live.caches) + sum(c.nbytes for c in live.prompt_state or ())
 
 
 class LiveStates:

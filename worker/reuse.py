@@ -14,6 +14,9 @@ Sources, cheapest first:
   request continues it (its prompt extends what the state's client sent: the
   state moves into the batch, cut back in place where needed), or shares only
   a prefix with it (another session: a copy of the prefix, the state stays);
+  where states cannot be cut back, a continuing request that diverges inside
+  the generated part resumes from the state's `prompt_state` (the state where
+  the client-sent part ended);
 - a request in the batch whose prompt shares a longer prefix (prefill sharing
   inside the worker): a copy of its state once its prefill has passed the
   shared tokens (only where states can be cut back at any point);
@@ -67,7 +70,8 @@ class RestorePlan:
         whatever source wins (the store policy's input), tokens.
     live: the live state (source "live"); take: the request continues it, so
         the state moves into the batch (cut back in place to n_tokens) instead
-        of being copied.
+        of being copied. from_prompt_state: the tokens come from the live state's
+        `prompt_state` (its client-sent part), not its whole state.
     uid / wait: source "batch": the running request to copy from, and whether
         its prefill has not reached n_tokens yet (the request waits; nothing to do now).
     entry: source "ram"/"disk": the checkpoint (its whole n_tokens are loaded,
@@ -82,6 +86,7 @@ class RestorePlan:
     stored_tokens: int = 0
     live: LiveState | None = None
     take: bool = False
+    from_prompt_state: bool = False
     uid: int | None = None
     wait: bool = False
     entry: Entry | None = None
@@ -121,19 +126,25 @@ def plan_restore(prompt: Sequence[int], namespace: str, lives: Iterable[LiveStat
 
 
 def _best_live(prompt, namespace, lives, rules: ReuseRules, stored: int) -> RestorePlan:
-    """The live state giving the most tokens (ties: one the request continues)."""
-    best, best_key = None, (0, False)
+    """The live state giving the most tokens (ties: one the request continues, then
+    its whole state over its prompt state)."""
+    best, best_key = None, (0, False, False)
     for live in lives:
         if live.namespace != namespace:
             continue
         shared = common_prefix_length(live.tokens, prompt)
-        n = reusable_tokens(live.held, shared, len(prompt), rules)
         continues = shared >= live.prompt_tokens  # it extends what this state's client sent
-        if n > 0 and (n, continues) > best_key:
-            best, best_key = live, (n, continues)
+        options = [(reusable_tokens(live.held, shared, len(prompt), rules), continues, True)]
+        if live.prompt_state is not None and continues:
+            pt = live.prompt_tokens
+            options.append((reusable_tokens(pt, pt, len(prompt), rules), continues, False))
+        for key in options:
+            if key[0] > 0 and key > best_key:
+                best, best_key = live, key
     if best is None:
         return RestorePlan("none", 0, stored)
-    return RestorePlan("live", best_key[0], stored, best, take=best_key[1])
+    n, take, whole = best_key
+    return RestorePlan("live", n, stored, best, take=take, from_prompt_state=not whole)
 
 
 def _best_in_batch(prompt, namespace, batch, rules: ReuseRules) -> tuple[int, int, int] | None:

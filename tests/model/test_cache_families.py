@@ -131,9 +131,11 @@ def test_checkpoints_round_trip_and_states_cut_only_where_their_layers_allow(bun
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_engine_batches_each_family_and_reuses_live_states_within_the_rules(bundles, tiny_model, case):
     """No store (--no-kv-cache): two prompts run together (one at a time where mlx-lm
-    cannot batch the caches), a turn that extends a live state reuses all of it, and a
-    prompt diverging inside another session's prompt reuses the shared prefix only
-    where the state can be cut back to it. Every output equals the uncached run."""
+    cannot batch the caches), a turn that extends a live state reuses all of it, a turn
+    whose resent reply differs from what was generated reuses all its client sent
+    before, and a prompt diverging inside another session's prompt reuses the shared
+    prefix only where the state can be cut back to it. Every output equals the
+    uncached run."""
     family, quant, rules = CASES[case][:3]
     bundle = bundles(case)
     engine = make_engine(model=tiny_model(family), decode_concurrency=2, prompt_concurrency=2, kv_quant=quant)
@@ -154,6 +156,14 @@ def test_the_engine_batches_each_family_and_reuses_live_states_within_the_rules(
         assert (ft.usage.cached_tokens, ft.usage.cache_source) == (len(a) + 4, "live")
         assert ct.first_reuse == (len(a) + 4, "live")
         assert_same_greedy(ct.tokens, ref(turn))
+        # The turn after, with the reply re-tokenized differently (the generated part diverges):
+        # everything the client sent before is reused, also where states cannot be cut back
+        # (from the state kept where the prompt ended).
+        retold = turn + tokens_of(8, 6)
+        cr = Call(engine, retold)
+        fr = cr.wait()
+        assert (fr.usage.cached_tokens, fr.usage.cache_source) == (len(turn), "live")
+        assert_same_greedy(cr.tokens, ref(retold))
         other = a[:50] + tokens_of(30, 5)  # another session sharing a's first 50 tokens
         co = Call(engine, other)
         fo = co.wait()

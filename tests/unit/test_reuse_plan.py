@@ -104,3 +104,17 @@ def test_prefill_sharing_inside_the_batch_only_where_states_can_be_cut():
 def test_a_retry_after_a_failed_batch_runs_cold():
     plan = plan_restore(list(range(100)), "", [live(range(90))], [], hit(64), set(), None, CUT_ANY, cold=True)
     assert (plan.source, plan.n_tokens, plan.stored_tokens) == ("none", 0, 64)
+
+
+def test_a_resent_reply_that_differs_resumes_where_the_client_sent_part_ended():
+    """Recurrent state cannot be cut back into its generated tokens; the state kept where
+    the prompt ended (`prompt_state`) gives everything the client sent before."""
+    state = live(range(100), prompt_tokens=90)
+    state.prompt_state = [SimpleNamespace(nbytes=0)]
+    retold = list(range(90)) + [999] * 30  # the same prompt, then another rendering of the reply
+    plan = plan_restore(retold, "", [state], [], None, set(), None, EXACT)
+    assert (plan.source, plan.n_tokens, plan.take, plan.from_prompt_state) == ("live", 90, True, True)
+    extends = plan_restore(list(range(120)), "", [state], [], None, set(), None, EXACT)
+    assert (extends.n_tokens, extends.from_prompt_state) == (100, False)  # the whole state when it extends
+    other = list(range(50)) + [999] * 30  # another session: inside the client-sent part
+    assert plan_restore(other, "", [state], [], None, set(), None, EXACT).source == "none"
