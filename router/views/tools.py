@@ -8,8 +8,6 @@ directory under a private package name so that the router never imports
 
 from __future__ import annotations
 
-from kvrouter.router.errors import BadRequest
-
 import importlib
 import importlib.util
 import json
@@ -181,35 +179,3 @@ def split_text(syntax: ToolSyntax | None, tools: list | None, text: str) -> tupl
     head = splitter.feed(text)
     rest, calls = splitter.finish()
     return head + rest, calls
-
-
-def flat_function_tools(raw, schema_key: str, default_schema: dict, keep) -> list | None:
-    """Tools given as flat objects `{"name", "description", <schema_key>}` (Anthropic's
-    `input_schema`, the Responses API's `parameters`) as chat-template function tools
-    `[{"type": "function", "function": {...}}]`, or None when there are none.
-
-    `keep(tool)` says which tool types to render (hosted tools such as web search run
-    at the provider and have nothing to render). Raises BadRequest naming the field.
-    """
-    if raw is None:
-        return None
-    if not isinstance(raw, list):
-        raise BadRequest("'tools' must be an array", param="tools")
-    out = []
-    for j, t in enumerate(raw):
-        if not isinstance(t, dict):
-            raise BadRequest(f"tools[{j}] must be an object", param=f"tools[{j}]")
-        if not keep(t):
-            continue
-        name, schema, desc = t.get("name"), t.get(schema_key), t.get("description")
-        if not isinstance(name, str) or not name:
-            raise BadRequest(f"tools[{j}].name must be a non-empty string", param=f"tools[{j}].name")
-        if schema is not None and not isinstance(schema, dict):
-            raise BadRequest(f"tools[{j}].{schema_key} must be an object", param=f"tools[{j}].{schema_key}")
-        if desc is not None and not isinstance(desc, str):
-            raise BadRequest(f"tools[{j}].description must be a string", param=f"tools[{j}].description")
-        fn = {"name": name, "parameters": schema if schema is not None else default_schema}
-        if desc:
-            fn["description"] = desc
-        out.append({"type": "function", "function": fn})
-    return out or None
