@@ -110,7 +110,7 @@ class CustomTool(Body):
 class ServerTool(Body):
     """An Anthropic-hosted tool (web search, bash, ...): nothing to render."""
 
-    type: str
+    type: Annotated[str, Field(json_schema_extra={"not": {"const": "custom"}})]
 
 
 Tool = tagged("type", {"custom": CustomTool}, default="custom", other=ServerTool)

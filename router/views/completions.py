@@ -57,8 +57,9 @@ def _one_prompt(value):
     return value
 
 
-TokenId = Annotated[int, Field(json_schema_extra={"minimum": 0, "x-kvrouter-token-id": True})]
-"""A token id; the view checks it against the model's vocabulary (the schema says 0..vocabulary size - 1)."""
+TOKEN_ID_MARK = "x-kvrouter-token-id"
+TokenId = Annotated[int, Field(json_schema_extra={"minimum": 0, TOKEN_ID_MARK: True})]
+"""A token id; the view checks it against the model's vocabulary (/openapi.json: 0..vocabulary size - 1)."""
 
 
 class CompletionBody(Body):

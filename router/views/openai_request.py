@@ -13,12 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from kvrouter.router.views.generation import StopStrings
-from kvrouter.router.views.validation import Between, Body, Only, missing_field, integer, number, validate
+from kvrouter.router.views.validation import Between, Body, Only, integer, number, tagged, validate
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 MODEL_TEXT = "'{param}' is required and must be a string"
 ARGUMENTS_TEXT = "{param} must be a JSON string or an object"
 TOOL_CHOICE_TEXT = "'{param}' must be 'none', 'auto', 'required' or an object naming a tool"
@@ -69,22 +68,39 @@ class ToolCall(Body):
     function: FunctionCall
 
 
-class ChatMessage(Body):
-    """One message. `content` may be left out on assistant messages (tool calls only)."""
-
-    field_texts = {"role": "{param} must be one of " + ", ".join(ROLES),
-                   "content": "{param} must be a string or a list of parts"}
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+class _Message(Body):
+    field_texts = {"content": {"missing": "{name} is required", "*": "{param} must be a string or a list of parts"}}
+    content: str | list[TextPart] | None
     name: str | None = None
+
+
+class SystemMessage(_Message):
+    """A system message ("developer" as newer OpenAI models name it)."""
+
+    role: Literal["system", "developer"]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class AssistantMessage(_Message):
+    """An earlier assistant turn: text, tool calls, or both (`content` may be left out)."""
+
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None
+
+
+class ToolMessage(_Message):
+    """A tool's result; `tool_call_id` names the call it answers."""
+
+    role: Literal["tool"]
     tool_call_id: str | None = None
 
-    @model_validator(mode="after")
-    def _content_required(self) -> "ChatMessage":
-        if "content" not in self.model_fields_set and self.role != "assistant":
-            raise missing_field("ChatMessage", "content", self.model_dump())
-        return self
+
+ChatMessage = tagged("role", {"system": SystemMessage, "developer": SystemMessage, "user": UserMessage,
+                              "assistant": AssistantMessage, "tool": ToolMessage})
 
 
 class FunctionDef(Body):
@@ -157,15 +173,15 @@ def _content_text(content: str | list[TextPart] | None) -> str:
     return "".join(p.text for p in content)
 
 
-def template_message(m: ChatMessage) -> dict:
+def template_message(m: _Message) -> dict:
     """A chat message as the chat template takes it: {"role", "content"} (developer
     becomes system), with `tool_calls` (assistant), `tool_call_id` (tool), `name`."""
     msg: dict = {"role": "system" if m.role == "developer" else m.role, "content": _content_text(m.content)}
-    if m.role == "assistant" and m.tool_calls is not None:
+    if isinstance(m, AssistantMessage) and m.tool_calls is not None:
         msg["tool_calls"] = [{"id": c.id or "", "type": "function",
                               "function": {"name": c.function.name, "arguments": parse_arguments(c.function.arguments)}}
                              for c in m.tool_calls]
-    if m.role == "tool":
+    if isinstance(m, ToolMessage):
         msg["tool_call_id"] = m.tool_call_id or ""
     if m.name:
         msg["name"] = m.name

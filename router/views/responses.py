@@ -102,7 +102,7 @@ class FunctionTool(Body):
 class HostedTool(Body):
     """A tool the provider runs (web_search, file_search, ...): nothing to render."""
 
-    type: str
+    type: Annotated[str, Field(json_schema_extra={"not": {"const": "function"}})]
 
 
 Tool = tagged("type", {"function": FunctionTool}, other=HostedTool)

@@ -10,12 +10,14 @@ Every body model derives from `Body`: strict types (no "1" for 1, no true for
         field_texts = {"model": "'{param}' is required and must be a string"}
 
 A text is either one string, used for every error at that field (wrong type,
-missing, too short, ...), or a mapping from pydantic error type to text
-(`{"missing": "max_tokens: field required"}`). `{param}` stands for the field's
-path in the body (`messages[2].content`), `{name}` for the same path quoted
-when it has no index (`'stop_options.include_usage'`, but `tools[0].name`).
-Errors without a text of their own get a generic one by error type
-(`GENERIC_TEXTS`).
+missing, too short, ...), or a mapping from pydantic error type to text, "*"
+for any other type (`{"missing": "max_tokens: field required"}`: only when it
+is missing). `{param}` stands for the field's path in the body
+(`messages[2].content`), `{name}` for the same path quoted when it has no index
+(`'stream_options.include_usage'`, but `tools[0].name`). Errors without a text
+of their own get a generic one by error type (`GENERIC_TEXTS`); a union chosen
+by a field (`tagged`: content blocks by "type", messages by "role") names that
+field and the values it takes.
 
 `validate(model, body)` returns the model or raises BadRequest naming the
 field (`param`). When several errors occur, the deepest one is reported (for a
@@ -69,12 +71,6 @@ def text_error(text: str, missing: bool = False) -> PydanticCustomError:
     return PydanticCustomError(TEXT_ERROR, "{text}", {"text": text, "missing": missing})
 
 
-def missing_field(model: str, field: str, data: Any) -> ValidationError:
-    """A "missing" ValidationError at `field` of `data`, for a model validator to raise
-    when a field is required only in some cases."""
-    return ValidationError.from_exception_data(model, [{"type": "missing", "loc": (field,), "input": data}])
-
-
 class Body(BaseModel):
     """Base of every request body model: strict, frozen, unknown fields kept and ignored.
 
@@ -102,7 +98,7 @@ def _with_field_texts(exc: ValidationError, data: Any, texts) -> ValidationError
         path = data_path(data, e["loc"], missing)
         text = texts.get(path[0]) if len(path) == 1 else None
         if isinstance(text, Mapping):
-            text = text.get(e["type"])
+            text = text.get(e["type"], text.get("*"))
         if text is not None and e["type"] != TEXT_ERROR:
             line_errors.append({"type": text_error(text, missing), "loc": path, "input": e["input"]})
         elif e["type"] == TEXT_ERROR:

@@ -50,7 +50,8 @@ CASES = [
     (chat, {"model": "m"}, "'messages' must be a non-empty array", "messages"),
     (chat, {"model": "m", "messages": ["Hi"]}, "messages[0] must be an object", "messages[0]"),
     (chat, {"model": "m", "messages": [{"role": "bot", "content": "x"}]},
-     "messages[0].role must be one of system, developer, user, assistant, tool", "messages[0].role"),
+     "messages[0].role: 'bot' is not supported here (expected one of 'system', 'developer', 'user', 'assistant', "
+     "'tool')", "messages[0].role"),
     (chat, {"model": "m", "messages": [{"role": "user"}]}, "messages[0].content is required", "messages[0].content"),
     (chat, {"model": "m", "messages": [{"role": "user", "content": 5}]},
      "messages[0].content must be a string or a list of parts", "messages[0].content"),
