@@ -28,7 +28,7 @@ from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
 from kvrouter.router.views.generation import Outcome, StopStrings, collect, generate
 from kvrouter.router.views.openai_request import MaxTokens, ModelName, UnitNumber, cap_max_tokens
-from kvrouter.router.views.tools import ToolCallSplitter, split_text, syntax_for
+from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
 from kvrouter.router.views.validation import Body, integer, tagged, validate
 
 
@@ -257,7 +257,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     req = parse_messages_request(await read_json(request), config.max_tokens_limit)
     model = request.app[CLUSTER].model(req.model)
     prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
-    syntax = syntax_for(model.tokenizer) if req.parse_tools else None
+    syntax = tool_syntax(model.tool_parser) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
                    namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY))
     dispatcher = request.app[DISPATCHER]

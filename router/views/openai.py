@@ -15,7 +15,7 @@ from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import parse_chat_request
-from kvrouter.router.views.tools import ToolCallSplitter, split_text, syntax_for
+from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
 
 __all__ = ["chat_completions", "list_models", "read_json", "usage_body"]
 
@@ -67,7 +67,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cluster = request.app[CLUSTER]
     model = cluster.model(req.model)
     prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
-    syntax = syntax_for(model.tokenizer) if req.parse_tools else None
+    syntax = tool_syntax(model.tool_parser) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p,
                    req.seed, namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY))
     dispatcher = request.app[DISPATCHER]

@@ -23,7 +23,7 @@ from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import (ARGUMENTS_TEXT, MODEL_TEXT, TOOL_CHOICE_TEXT, MaxTokens, ModelName,
                                                    Temperature, UnitNumber,
                                                    cap_max_tokens, parse_arguments)
-from kvrouter.router.views.tools import ToolCallSplitter, split_text, syntax_for
+from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
 from kvrouter.router.views.validation import Body, tagged, validate
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -221,7 +221,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     req = parse_responses_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
     model = request.app[CLUSTER].model(req.model)
     prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
-    syntax = syntax_for(model.tokenizer) if req.parse_tools else None
+    syntax = tool_syntax(model.tool_parser) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
                    namespace_of(request), prompt.text, prompt_param="input", arrived_s=request.get(ARRIVED_KEY))
     dispatcher = request.app[DISPATCHER]
