@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvrouter.router.errors import BadRequest
+from kvrouter.router.incremental import IncrementalEncoder
 from kvrouter.worker.models.tokenizer import build_hf_tokenizer
 
 
@@ -52,6 +53,7 @@ class ModelTokenizer:
             info.bos_token_id,
         )
         self.has_chat_template = bool(self.chat_template)
+        self.incremental = IncrementalEncoder(self._tok.backend_tokenizer)
 
     def vocab(self) -> dict[str, int]:
         return self._tok.get_vocab()
@@ -67,8 +69,9 @@ class ModelTokenizer:
             raise BadRequest(f"cannot render the chat template for these messages: {exc}") from exc
 
     def encode(self, text: str) -> tuple[int, ...]:
-        """Token ids of `text`, special tokens in the text recognised, none added."""
-        return tuple(self._tok.encode(text, add_special_tokens=False))
+        """Token ids of `text`, special tokens in the text recognised, none added; the part
+        an earlier prompt shared is not tokenized again (`router.incremental`)."""
+        return self.incremental.encode(text)
 
     def decode(self, tokens) -> str:
         return self._tok.decode(list(tokens))

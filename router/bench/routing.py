@@ -135,21 +135,31 @@ def run_routing_bench(checkpoints: int = 10_000, prompt_tokens: int = 32_768, ca
 
 
 def _tokenize_ms(prompt_tokens: int, cache_dir: Path | None, model: str | None) -> dict:
-    """Time to tokenize a text of about `prompt_tokens` tokens with the model's tokenizer
-    (reported apart from the decision). Skipped (None) without a cache directory."""
+    """Rendering + tokenizing an agent conversation of about `prompt_tokens` tokens with the
+    model's tokenizer and chat template, as the router does (reported apart from the
+    decision): in full (`tokenize_ms`), and again after one more turn was appended, when
+    the router tokenizes only what is new (`tokenize_incremental_ms`, the hit path of an
+    agent client that resends the conversation). Medians of 5 runs. Skipped (None)
+    without a cache directory."""
     if cache_dir is None:
-        return {"tokenize_tokens": None, "tokenize_ms": None}
-    from kvrouter.router.bench.tokenize import chat_tokenizer
+        return {"tokenize_tokens": None, "tokenize_ms": None, "tokenize_incremental_ms": None}
+    from kvrouter.router.bench.tokenize import model_tokenizer
     from kvrouter.router.bench.workload import WORDS
 
-    encode = chat_tokenizer(model, cache_dir)
     rng = random.Random(1)
-    words = " ".join(rng.choice(WORDS) for _ in range(int(prompt_tokens / 1.05)))
-    messages = [{"role": "user", "content": words}]
-    n = len(encode(messages))
-    runs = []
+    say = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    system = say(int(prompt_tokens * 0.6))
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": say(int(prompt_tokens * 0.35 / 20))}
+             for i in range(20)]
+    messages = [{"role": "system", "content": system}, *turns, {"role": "user", "content": say(60)}]
+    full, incremental = [], []
     for _ in range(5):
+        tok = model_tokenizer(model, cache_dir)  # fresh: nothing seen
         t = time.perf_counter()
-        encode(messages)
-        runs.append((time.perf_counter() - t) * 1000)
-    return {"tokenize_tokens": n, "tokenize_ms": round(sorted(runs)[2], 2)}
+        n = len(tok.chat_prompt(messages[:-2]).tokens)
+        full.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        n = len(tok.chat_prompt(messages).tokens)  # the same conversation, one turn longer
+        incremental.append((time.perf_counter() - t) * 1000)
+    return {"tokenize_tokens": n, "tokenize_ms": round(sorted(full)[2], 2),
+            "tokenize_incremental_ms": round(sorted(incremental)[2], 2)}
