@@ -25,7 +25,8 @@ from pydantic import Field
 
 from kvrouter.router.errors import ApiError, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, send_event,
+                                          sse_response)
 from kvrouter.router.views.generation import Outcome, StopStrings, collect, generate
 from kvrouter.router.views.openai_request import MaxTokens, ModelName, UnitNumber, cap_max_tokens
 from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
@@ -287,7 +288,7 @@ async def _stream(request, dispatcher, job, route, req, syntax, msg_id) -> web.S
     resp = sse_response(route.header())
 
     async def send(event: str, obj: dict) -> None:
-        await resp.write(sse_data({"type": event, **obj}, event))
+        await send_event(resp, {"type": event, **obj}, event)
 
     splitter = ToolCallSplitter(syntax, req.tools)
     started = False
@@ -326,6 +327,6 @@ async def _stream(request, dispatcher, job, route, req, syntax, msg_id) -> web.S
         except ApiError as exc:
             if not started:
                 raise
-            await resp.write(sse_data(exc.anthropic_body(), "error"))
-    await resp.write_eof()
+            await send_event(resp, exc.anthropic_body(), "error")
+    await end_stream(resp)
     return resp

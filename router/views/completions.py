@@ -16,7 +16,8 @@ from pydantic import BeforeValidator, Field
 
 from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, send_event,
+                                          sse_response)
 from kvrouter.router.views.generation import StopStrings, collect, generate
 from kvrouter.router.views.openai import usage_body
 from kvrouter.router.views.openai_request import (MODEL_TEXT, MaxTokens, ModelName, Seed, StreamOptions, Temperature,
@@ -143,15 +144,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
                         await resp.prepare(request)
                         started = True
                     if isinstance(item, str):
-                        await resp.write(sse_data(choice(item)))
+                        await send_event(resp, choice(item))
                     else:
-                        await resp.write(sse_data(choice("", item.finish_reason)))
+                        await send_event(resp, choice("", item.finish_reason))
                         if req.include_usage:
-                            await resp.write(sse_data({**base, "choices": [], "usage": usage_body(item)}))
+                            await send_event(resp, {**base, "choices": [], "usage": usage_body(item)})
             except ApiError as exc:
                 if not started:
                     raise
-                await resp.write(sse_data(exc.openai_body()))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+                await send_event(resp, exc.openai_body())
+        await end_stream(resp, done_marker=True)
         return resp

@@ -12,7 +12,8 @@ from aiohttp import web
 
 from kvrouter.router.errors import ApiError, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, send_event,
+                                          sse_response)
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import parse_chat_request
 from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
@@ -99,7 +100,7 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": job.model.name}
 
     async def send(obj) -> None:
-        await resp.write(sse_data(obj))
+        await send_event(resp, obj)
 
     def chunk(delta: dict, finish=None) -> dict:
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -130,6 +131,5 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
             if not started:
                 raise  # nothing sent yet: the error middleware answers with a status code
             await send(exc.openai_body())  # mid-stream: an error event, never a normal stop
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+    await end_stream(resp, done_marker=True)
     return resp

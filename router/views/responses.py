@@ -18,7 +18,8 @@ from pydantic import Field
 
 from kvrouter.router.errors import ApiError, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, send_event,
+                                          sse_response)
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import (ARGUMENTS_TEXT, MODEL_TEXT, TOOL_CHOICE_TEXT, MaxTokens, ModelName,
                                                    Temperature, UnitNumber,
@@ -245,7 +246,7 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
 
     async def send(event: str, obj: dict) -> None:
         nonlocal seq
-        await resp.write(sse_data({"type": event, "sequence_number": seq, **obj}, event))
+        await send_event(resp, {"type": event, "sequence_number": seq, **obj}, event)
         seq += 1
 
     splitter = ToolCallSplitter(syntax, req.tools)
@@ -298,5 +299,5 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
             if not started:
                 raise
             await send("error", {"code": exc.code or exc.type, "message": exc.message, "param": exc.param})
-    await resp.write_eof()
+    await end_stream(resp)
     return resp

@@ -171,3 +171,36 @@ def test_odd_json_bodies_are_400_not_500():
     for raw in (b"[" * 100_000, b'{"a": 1', b'{"a": "\\ud800"}', b"1" * 5000, b"\xff"):
         with pytest.raises(BadRequest):
             decode_json(raw)
+
+
+async def test_event_streams_frame_data_named_events_keepalives_and_done(monkeypatch):
+    """The SSE helpers every stream uses (aiohttp-sse underneath): `data:` lines,
+    `event:` names, ": ping" comments while a stream waits, `[DONE]` last."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from kvrouter.router.views import common
+
+    monkeypatch.setattr(common, "KEEPALIVE_S", 0.05)
+
+    async def handler(request):
+        resp = common.sse_response("w0:hit")
+        await resp.prepare(request)
+        await common.send_event(resp, {"a": "x\ny"})
+        await asyncio.sleep(0.2)  # a slow token: keep-alive comments go out meanwhile
+        await common.send_event(resp, {"type": "message_stop"}, "message_stop")
+        await common.end_stream(resp, done_marker=True)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/s", handler)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.post("/s")
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        assert resp.headers["x-kvrouter-route"] == "w0:hit"
+        body = (await resp.read()).decode()
+    events = body.split("\n\n")
+    assert ": ping" in events
+    assert [e for e in events if e != ": ping"] == [
+        'data: {"a": "x\\ny"}', 'event: message_stop\ndata: {"type": "message_stop"}', "data: [DONE]", ""]
