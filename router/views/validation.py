@@ -63,6 +63,7 @@ GENERIC_TEXTS: Mapping[str, str] = {
 """Texts by pydantic error type (pydantic's `ctx` keys fill the placeholders)."""
 
 BODY_NOT_OBJECT = "the request body must be a JSON object"
+TAG_CHARS = 80  # characters of an unsupported "type"/"role" value an error text repeats
 
 
 def text_error(text: str, missing: bool = False) -> PydanticCustomError:
@@ -187,7 +188,7 @@ def _tag_error(e: dict, path: tuple) -> BadRequest:
     param = param_of(path + (field,))
     if e["type"] == "union_tag_not_found":
         return BadRequest(f"{param} is required", param=param)
-    tag = str(ctx.get("tag", "")).partition("=")[2]
+    tag = str(ctx.get("tag", "")).partition("=")[2][:TAG_CHARS]
     expected = ", ".join(f"'{t.strip().strip(chr(39)).partition('=')[2]}'"
                          for t in str(ctx.get("expected_tags", "")).split(",") if "=" in t)
     return BadRequest(f"{param}: '{tag}' is not supported here (expected one of {expected})", param=param)
