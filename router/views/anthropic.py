@@ -35,6 +35,10 @@ from kvrouter.router.views.validation import Body, integer, tagged, validate
 
 @dataclass(frozen=True)
 class MessagesRequest:
+    """A validated Messages (or count_tokens) request: system and messages as
+    chat-template messages (tool_use as tool_calls, tool_result as tool messages), custom
+    tools to render and parse, max_tokens capped (1 for count_tokens), stop sequences."""
+
     model: str
     messages: list[dict]  # chat-template messages
     tools: list | None  # OpenAI chat tool format, for the template and the parser
@@ -49,6 +53,8 @@ class MessagesRequest:
 # -- the body ----------------------------------------------------------------------------------
 
 class TextBlock(Body):
+    """A text block."""
+
     type: Literal["text"]
     text: str
 
@@ -73,6 +79,8 @@ class ToolUseBlock(Body):
 
 
 class ToolResultBlock(Body):
+    """A tool's result (in a user message) for the tool_use `tool_use_id`."""
+
     field_texts = {"content": TEXT_TEXT}
     type: Literal["tool_result"]
     tool_use_id: str
@@ -86,12 +94,16 @@ AssistantBlock = tagged("type", {"text": TextBlock, "tool_use": ToolUseBlock,
 
 
 class UserMessage(Body):
+    """A user turn: text, tool results, or both."""
+
     field_texts = {"content": "{param} must be a string or an array of content blocks"}
     role: Literal["user"]
     content: str | list[UserBlock]
 
 
 class AssistantMessage(Body):
+    """An earlier assistant turn: text, tool calls, or both."""
+
     field_texts = {"content": "{param} must be a string or an array of content blocks"}
     role: Literal["assistant"]
     content: str | list[AssistantBlock]
@@ -101,6 +113,8 @@ Message = tagged("role", {"user": UserMessage, "assistant": AssistantMessage})
 
 
 class CustomTool(Body):
+    """A tool the client runs: name, description and a JSON schema of its input."""
+
     field_texts = {"name": "{param} must be a non-empty string"}
     type: Literal["custom"] = "custom"
     name: Annotated[str, Field(min_length=1)]
@@ -118,6 +132,8 @@ Tool = tagged("type", {"custom": CustomTool}, default="custom", other=ServerTool
 
 
 class ToolChoice(Body):
+    """tool_choice: auto, any, tool (with `name`), none (tools rendered, calls not parsed)."""
+
     field_texts = {"type": "tool_choice must be {'type': 'auto' | 'any' | 'tool' | 'none'}"}
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None

@@ -37,6 +37,9 @@ def vocab_size(tokenizer) -> int:
 
 @dataclass(frozen=True)
 class CompletionRequest:
+    """A validated completion request: one prompt (text, or token ids checked against
+    the vocabulary by the view), max_tokens capped, sampling defaults applied."""
+
     model: str
     prompt: str | list[int]
     max_tokens: int

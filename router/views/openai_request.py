@@ -31,6 +31,11 @@ ModelName = Annotated[str, Field(min_length=1, description="a served model's id 
 
 @dataclass(frozen=True)
 class ChatRequest:
+    """A validated chat completion request, as the view runs it: `messages` in the chat
+    template's form (`template_message`), max_tokens already capped (--max-tokens-limit),
+    temperature/top_p with OpenAI's defaults (1.0), stop strings, and tools to render
+    and parse (None with tool_choice "none")."""
+
     model: str
     messages: list[dict]
     max_tokens: int
@@ -55,6 +60,8 @@ class TextPart(Body):
 
 
 class FunctionCall(Body):
+    """The function of an earlier tool call: its name and arguments."""
+
     field_texts = {"arguments": ARGUMENTS_TEXT}
     name: str
     arguments: str | dict | None = None  # JSON text (OpenAI) or an object
@@ -81,6 +88,8 @@ class SystemMessage(_Message):
 
 
 class UserMessage(_Message):
+    """A user message."""
+
     role: Literal["user"]
 
 
@@ -104,6 +113,8 @@ ChatMessage = tagged("role", {"system": SystemMessage, "developer": SystemMessag
 
 
 class FunctionDef(Body):
+    """A function tool: name, description and a JSON schema of its parameters."""
+
     name: Annotated[str, Field(min_length=1)]
     description: str | None = None
     parameters: dict | None = None  # a JSON schema
@@ -117,10 +128,14 @@ class ChatTool(Body):
 
 
 class NamedToolChoice(Body):
+    """tool_choice as an object (`{"type": "function", "function": {"name": ...}}`)."""
+
     type: str
 
 
 class StreamOptions(Body):
+    """stream_options: `include_usage` adds a last chunk with the usage."""
+
     include_usage: bool | None = None
 
 

@@ -107,6 +107,7 @@ def build_spec(models: list[str], vocab: int | None = None) -> dict:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
+    """GET /openapi.json: `build_spec` for the served models and their smallest vocabulary."""
     cluster = request.app[CLUSTER]
     vocabs = [vocab_size(m.tokenizer) for m in cluster.models.values() if m.tokenizer is not None]
     return web.json_response(build_spec(sorted(cluster.models), min(vocabs) if vocabs else None))

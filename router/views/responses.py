@@ -34,6 +34,9 @@ PREVIOUS_RESPONSE_TEXT = ("previous_response_id is not supported: responses are 
 
 @dataclass(frozen=True)
 class ResponsesRequest:
+    """A validated Responses request: `input` and `instructions` as chat-template
+    messages, function tools to render and parse, max_output_tokens capped."""
+
     model: str
     messages: list[dict]
     tools: list | None
@@ -48,6 +51,8 @@ class ResponsesRequest:
 # -- the body ----------------------------------------------------------------------------------
 
 class InputText(Body):
+    """A text part of a message item (input_text, output_text)."""
+
     field_texts = {"type": "{param}: only text parts (input_text, output_text) are supported"}
     type: Literal["input_text", "output_text", "text"]
     text: str
@@ -57,6 +62,8 @@ Content = str | list[InputText]
 
 
 class MessageItem(Body):
+    """A message (the `type` may be left out); developer is rendered as system."""
+
     field_texts = {"role": "{param} must be one of user, system, developer, assistant",
                    "content": "{param} must be a string or an array of text parts"}
     type: Literal["message"] = "message"
@@ -75,6 +82,8 @@ class FunctionCallItem(Body):
 
 
 class FunctionCallOutputItem(Body):
+    """A tool's output for the call `call_id`."""
+
     field_texts = {"output": "{param} must be a string or an array of text parts"}
     type: Literal["function_call_output"]
     call_id: str
@@ -93,6 +102,8 @@ InputItem = tagged("type", {"message": MessageItem, "function_call": FunctionCal
 
 
 class FunctionTool(Body):
+    """A function tool: name, description and a JSON schema of its parameters."""
+
     field_texts = {"name": "{param} must be a non-empty string"}
     type: Literal["function"]
     name: Annotated[str, Field(min_length=1)]
