@@ -168,6 +168,7 @@ class Engine:
         self.eos_ids = set(bundle.eos_token_ids)
         # Sequences run together: every slot where mlx-lm can batch the caches, else one.
         self.batch_width = config.decode_concurrency if self.spec.batchable else 1
+        self.tokenizer = hf_tokenizer  # chat template and vocabulary (GetModelInfo's tool parser choice)
         self._detokenizer = BPEStreamingDetokenizer(hf_tokenizer)  # copied per request
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="mlx-engine", daemon=True)

@@ -112,6 +112,7 @@ def build_engine(config: WorkerConfig):
     from kvrouter.worker.checkpoints import CheckpointManager
     from kvrouter.worker.engine import Engine, EngineConfig
     from kvrouter.worker.models import build_hf_tokenizer, load_model
+    from kvrouter.worker.models.tool_parser import tool_parser_for
     from kvrouter.worker.ram_tier import RamTier
     from kvrouter.worker.servicer import reuse_rules_message
     import mlx.core as mx
@@ -148,6 +149,7 @@ def build_engine(config: WorkerConfig):
         eos_token_ids=list(bundle.eos_token_ids),
         context_length=bundle.context_length,
         reuse=reuse_rules_message(spec.rules),
+        tool_parser=tool_parser_for(hf_tok, declared=bundle.tool_parser),
     )
     if bundle.bos_token_id is not None:
         info.bos_token_id = bundle.bos_token_id

@@ -22,6 +22,7 @@ from kvrouter.worker.config import KvQuantization
 from .identity import model_identity, weights_digest
 from .resolve import DEFAULT_MODEL_NAME, ModelNotFoundError, default_model_path, hf_snapshot_path
 from .tokenizer import gguf_tokenizer_fields
+from .tool_parser import declared_tool_parser
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -52,6 +53,9 @@ class ModelBundle:
             (see ``kv_layout_of``).
         state: how its caches behave (``worker.cache_state.StateSpec``: layout, reuse
             rules, batchable, serializable).
+        tool_parser: the mlx-lm tool parser ``mlx_lm.load`` chose for a model directory
+            (named in its files or found in its template), or None (GGUF: chosen later
+            from the template, ``worker.models.tool_parser``).
     """
 
     name: str
@@ -64,6 +68,7 @@ class ModelBundle:
     identity: str
     kv_layout: str
     state: StateSpec
+    tool_parser: str | None = None
 
 
 def default_dequantize() -> bool:
@@ -168,6 +173,7 @@ def _load_mlx_dir(path: Path, cache_dir: Path, dequantize: bool, name: str, kv_q
         bos_token_id=hf_tokenizer.bos_token_id,
         context_length=int(context),
         kv_quant=kv_quant,
+        tool_parser=declared_tool_parser(wrapper),
     )
 
 
