@@ -17,6 +17,9 @@ from kvrouter.worker.config import (
     DEFAULT_PROMPT_CONCURRENCY,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
     DEFAULT_WRITER_ITEMS,
+    KV_BITS,
+    KV_GROUP_SIZES,
+    KvQuantization,
     default_cache_dir,
 )
 from kvrouter.router.config import DEFAULT_STALL_TIMEOUT_S
@@ -119,8 +122,19 @@ def memory_config(ns: argparse.Namespace, workers_on_host: int = 1):
                         workers_on_host=getattr(ns, "workers_on_host", None) or workers_on_host)
 
 
+def kv_quant(ns: argparse.Namespace) -> KvQuantization | None:
+    """The quantized KV cache the flags ask for, or None."""
+    return KvQuantization(ns.kv_bits, ns.kv_group_size) if ns.kv_bits is not None else None
+
+
 def kv_flags_as_args(ns: argparse.Namespace) -> list[str]:
-    """The KV flags of `ns` as command-line arguments, to pass on to worker processes."""
+    """The KV flags of `ns` (store and quantization) as command-line arguments, to pass
+    on to worker processes."""
+    quant = kv_quant(ns)
+    return (quant.as_args() if quant is not None else []) + _store_flags_as_args(ns)
+
+
+def _store_flags_as_args(ns: argparse.Namespace) -> list[str]:
     if ns.no_kv_cache:
         return ["--no-kv-cache"]
     return [
@@ -187,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "checkpoint (default: sized from the model and the machine; 0 = no bound besides "
                             "the slots)")
         add_memory_flags(p)
+        q = p.add_argument_group("quantized KV cache (mlx_lm.server's flag names)")
+        q.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
+                       help="keep keys and values quantized to this many bits from the first token (mlx-lm's "
+                            "QuantizedKVCache): smaller live states, RAM tier and checkpoints; only for models "
+                            "whose every layer is a plain KV cache (others are refused at start); requests then "
+                            "run one at a time, as in mlx_lm.server (default: not quantized)")
+        q.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64,
+                       help="quantization group size of --kv-bits (default 64)")
         add_kv_cache_flags(p)
 
     serve = sub.add_parser("serve", help="run the gateway and its local worker processes",
@@ -391,6 +413,7 @@ def worker_config(ns: argparse.Namespace):
         worker_token=ns.worker_token,
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
+        kv_quant=kv_quant(ns),
     )
 
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from kvrouter.cachestore.costs import Rates, Reuse
+from kvrouter.cachestore.costs import CUT_ANY, Rates, Reuse, ReuseRules, lookup_span, reusable_tokens
 from kvrouter.cachestore.keys import common_prefix_length
 from kvrouter.router.errors import NotFound
 from kvrouter.router.leases import Leases
@@ -41,13 +41,17 @@ EVENTS_BUG_BACKOFF_S = 30.0  # the wait after an unexpected error (a bug): logge
 @dataclass
 class ServedModel:
     """One model: its name, identity (for store lookups), context length in tokens,
-    tokenizer and the clients of the workers serving it."""
+    tokenizer, the clients of the workers serving it, the mlx-lm tool parser for its
+    chat template ("" none; `router.views.tools.tool_syntax`), and its reuse rules (how
+    far back its workers can cut a state: `ModelInfo.reuse`)."""
 
     name: str
     identity: str
     context_length: int
     tokenizer: ModelTokenizer
     workers: list = field(default_factory=list)
+    rules: ReuseRules = CUT_ANY
+    tool_parser: str = ""
 
 
 @dataclass
@@ -91,12 +95,15 @@ class Cluster:
     its "host:directory" (workers reporting another id read another host's store,
     which this router cannot open: `remote_stores` holds what their events and
     listings say it contains). max_queue: requests in flight per worker past which it
-    takes no more (0: no limit; a worker's own --max-queue applies too).
+    takes no more (0: no limit; a worker's own --max-queue applies too). chat_template:
+    a template that replaces every model's own (--chat-template), or None.
     """
 
-    def __init__(self, clients: list, store=None, *, local_store_id: str = "", max_queue: int = 0):
+    def __init__(self, clients: list, store=None, *, local_store_id: str = "", max_queue: int = 0,
+                 chat_template: str | None = None):
         self.clients = clients
         self.store = store
+        self.chat_template = chat_template
         self.local_store_id = local_store_id
         self.max_queue = max_queue
         self.models: dict[str, ServedModel] = {}
@@ -145,11 +152,14 @@ class Cluster:
         not ready in time."""
         await asyncio.gather(*(c.wait_ready(timeout_s) for c in self.clients))
         for client in self.clients:
-            info = await client.model_info()
+            info = await client.model_info(self.chat_template)
+            if self.chat_template is not None:  # prompts are rendered with the router's template
+                info = replace(info, chat_template=self.chat_template)
             model = self.models.get(info.model_name)
             if model is None:
                 tokenizer = await asyncio.to_thread(ModelTokenizer, info)
-                model = ServedModel(info.model_name, info.identity, info.context_length, tokenizer)
+                model = ServedModel(info.model_name, info.identity, info.context_length, tokenizer,
+                                    tool_parser=info.tool_parser, rules=info.reuse)
                 self.models[info.model_name] = model
             model.workers.append(client)
             await self.resync(client)
@@ -290,11 +300,12 @@ class Cluster:
         return next(w for w in model.workers if w.name == name)
 
     def stored_hit(self, model: ServedModel, namespace: str, tokens):
-        """The longest stored checkpoint of this prompt in the local store, or None."""
+        """The longest stored checkpoint of this prompt in the local store that the
+        model's workers can use (`costs.lookup_span`), or None."""
         if self.store is None:
             return None
         try:
-            return self.store.lookup(model.identity, namespace, tokens)
+            return self.store.lookup(model.identity, namespace, tokens[: lookup_span(len(tokens), model.rules)])
         except Exception as exc:  # a broken index must not fail routing
             log.warning("store lookup failed: %s", exc)
             return None
@@ -310,13 +321,16 @@ class Cluster:
         --max-queue (0: no limit)."""
         return min([q for q in (self.max_queue, v.max_queue) if q], default=0)
 
-    def live_match(self, name: str, tokens, namespace: str) -> int:
-        """Tokens of `tokens` the best live state of worker `name` holds (0: none)."""
+    def live_reusable(self, name: str, tokens, namespace: str, rules: ReuseRules) -> int:
+        """Prompt tokens the best live state of worker `name` can give `tokens` under the
+        model's reuse rules (`costs.reusable_tokens`: all it holds when the prompt
+        extends it; cut back to the first differing token only where the rules allow;
+        never the last prompt token). 0: none."""
         v = self.views.get(name)
         if v is None:
             return 0
-        return max((common_prefix_length(t, tokens) for ns, t in list(v.lives.values()) if ns == namespace and t),
-                   default=0)
+        return max((reusable_tokens(len(t), common_prefix_length(t, tokens), len(tokens), rules)
+                    for ns, t in list(v.lives.values()) if ns == namespace and t), default=0)
 
     def snapshot(self, model: ServedModel, tokens, namespace: str, leases: Leases,
                  hit=None) -> tuple[Candidate, ...]:
@@ -326,26 +340,29 @@ class Cluster:
         `hit`: the longest checkpoint in the router's own store (offered to workers on
         this host); a worker reading another host's store is offered that store's
         longest entry from `remote_stores` (RAM when its RAM tier holds it)."""
-        limit = len(tokens) - 1
+        total, rules = len(tokens), model.rules
         out = []
         remote_hits: dict[str, object] = {}  # store id -> its longest entry, looked up once per call
         for w in model.workers:
             v = self.view(w.name)
             reuse = []
-            n = min(self.live_match(w.name, tokens, namespace), limit)
+            n = self.live_reusable(w.name, tokens, namespace, rules)
             if n > 0:
                 reuse.append(Reuse("live", n))
             if is_remote(v.store_id, self.local_store_id):
                 if v.store_id not in remote_hits:
-                    remote_hits[v.store_id] = self.remote_stores.longest(v.store_id, model.identity, namespace,
-                                                                         tokens)
+                    remote_hits[v.store_id] = self.remote_stores.longest(
+                        v.store_id, model.identity, namespace, tokens[: lookup_span(total, rules)])
                 cp = remote_hits[v.store_id]
-                if cp is not None and min(cp.n_tokens, limit) > 0:
+                n = reusable_tokens(cp.n_tokens, cp.n_tokens, total, rules) if cp is not None else 0
+                if n > 0:
                     source = "ram" if cp.entry_id in v.ram_ids else "disk"
-                    reuse.append(Reuse(source, min(cp.n_tokens, limit), cp.payload_bytes))
-            elif hit is not None and self.reads_local_store(w) and min(hit.n_tokens, limit) > 0:
-                source = "ram" if hit.entry.id in v.ram_ids else "disk"
-                reuse.append(Reuse(source, min(hit.n_tokens, limit), hit.entry.payload_bytes))
+                    reuse.append(Reuse(source, n, cp.payload_bytes))
+            elif hit is not None and self.reads_local_store(w):
+                n = reusable_tokens(hit.n_tokens, hit.n_tokens, total, rules)
+                if n > 0:
+                    source = "ram" if hit.entry.id in v.ram_ids else "disk"
+                    reuse.append(Reuse(source, n, hit.entry.payload_bytes))
             load = leases.load(w.name)
             out.append(Candidate(w.name, self.serving(w), load.in_flight, tuple(reuse), v.rates, load.queued_s,
                                  self.queue_limit(v), v.slots, load.prefill_backlog_s))

@@ -79,7 +79,8 @@ class Route:
     """Where a request went and why (for `x-kvrouter-route`).
 
     worker: its name; source: where the reused prefix comes from ("live", "ram",
-    "disk", "none"); cached: prompt tokens predicted reused; predicted_ttft_s:
+    "disk", "none"); cached: prompt tokens reused: the prediction until the worker
+    reports the real figure (its first token, or its final report); predicted_ttft_s:
     the cost model's time to first token; reason: the routing reason
     ("live_prefix", "least_loaded", "retry", ...); predicted_cached: the longest
     stored checkpoint of the prompt (the store's view, whatever worker wins);
@@ -107,12 +108,6 @@ class Route:
     def _decided(self, decision: Decision) -> None:
         self.worker, self.source, self.cached = decision.worker, decision.source, decision.cached_tokens
         self.predicted_ttft_s = decision.predicted_ttft_s
-
-    def actual(self, cached_tokens: int | None, source: str) -> None:
-        """What the worker really reused (known at its first token): replaces the
-        prediction in `header()` (e.g. 0 after a quarantined checkpoint)."""
-        if cached_tokens is not None:
-            self.cached, self.source = cached_tokens, source if cached_tokens else "none"
 
 
 async def first_item(stream: AsyncIterator, stall: asyncio.Event, worker: str):
@@ -314,15 +309,15 @@ class Dispatcher:
                     except StopAsyncIteration:
                         return
                     if isinstance(item, Delta):
-                        if not generated:
-                            route.actual(item.cached_tokens, item.cache_source)
+                        if item.reuse is not None:  # the reuse that really happened replaces the prediction
+                            route.cached, route.source = item.reuse
                         if route._lease is not None:
                             route._lease.first_token()
                         generated.extend(item.token_ids)
                         timer.tokens(len(item.token_ids))
                     else:
+                        route.cached, route.source = item.cached_tokens, item.cache_source
                         timer.done()
-                        route.actual(item.cached_tokens, item.cache_source)
                         self._completed(job, item, worker.name, tuple(generated))
                         self._end_lead(route)  # its live state is known now, even if its store was skipped
                     yield item

@@ -39,14 +39,13 @@ class ModelTokenizer:
     """Renders and tokenizes prompts for one model.
 
     Built from the worker's `router.worker_client.ModelInfo`: tokenizer_json (a
-    `tokenizers` JSON), chat_template, eos/bos ids and the context length in tokens.
+    `tokenizers` JSON), chat_template (the router's --chat-template when it replaces
+    the model's own), eos/bos ids and the context length in tokens.
     """
 
-    def __init__(self, info, chat_template: str | None = None):
-        """`chat_template` replaces the model's own template (`--chat-template FILE`)."""
-        self._info = info
+    def __init__(self, info):
         self.context_length = info.context_length
-        self.chat_template = info.chat_template if chat_template is None else chat_template
+        self.chat_template = info.chat_template
         self._tok = build_hf_tokenizer(
             info.tokenizer_json,
             self.chat_template or None,
@@ -56,10 +55,6 @@ class ModelTokenizer:
         self.has_chat_template = bool(self.chat_template)
         self.incremental = IncrementalEncoder(self._tok.backend_tokenizer)
         self._vocab: dict[str, int] | None = None
-
-    def with_chat_template(self, chat_template: str) -> "ModelTokenizer":
-        """The same tokenizer rendering prompts with another chat template."""
-        return ModelTokenizer(self._info, chat_template)
 
     def vocab(self) -> dict[str, int]:
         """Token string -> id (built once: tens of thousands of entries, read per request)."""

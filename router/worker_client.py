@@ -28,7 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
-from kvrouter.cachestore.costs import Rates
+from kvrouter.cachestore.costs import CUT_ANY, Rates, ReuseRules
 from kvrouter.router.errors import BadRequest
 from kvrouter.router.remote_stores import Checkpoint
 
@@ -44,7 +44,7 @@ KEEPALIVE_TIMEOUT_MS = 5_000
 without calls; a worker that does not answer one in KEEPALIVE_TIMEOUT_MS (a frozen or
 vanished process: the kernel still holds its socket open) has its connection closed, so
 its streams fail instead of hanging. The worker side allows pings this often
-(`worker.server.KEEPALIVE_SERVER_OPTIONS`)."""
+(`worker.grpc_security.KEEPALIVE_SERVER_OPTIONS`)."""
 
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -75,7 +75,10 @@ class ModelInfo:
 
     identity: weights + tokenizer + KV layout digest (part of every store key).
     tokenizer_json: a `tokenizers` Tokenizer as JSON; chat_template: Jinja text ("" none);
-    eos_token_ids / bos_token_id: special token ids; context_length: tokens.
+    eos_token_ids / bos_token_id: special token ids; context_length: tokens;
+    tool_parser: mlx-lm's tool parser for the chat template the router renders with
+    (`mlx_lm.tool_parsers.<name>`; "" none); reuse: how far back its states can be cut
+    (`ModelInfo.reuse`), so routing counts only on the reuse the worker can deliver.
     """
 
     model_name: str
@@ -85,6 +88,8 @@ class ModelInfo:
     chat_template: str = ""
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    tool_parser: str = ""
+    reuse: ReuseRules = CUT_ANY
 
 
 @dataclass(frozen=True)
@@ -145,13 +150,12 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class Delta:
-    """Generated tokens and their text. On a request's first delta only, `cached_tokens`
-    and `cache_source` say what reuse the worker really made (None on the others)."""
+    """Generated tokens and their text. reuse: on the first delta of a generation, the
+    (prompt tokens reused, source) that really happened; None on the others."""
 
     token_ids: tuple[int, ...]
     text: str
-    cached_tokens: int | None = None
-    cache_source: str = ""
+    reuse: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -226,9 +230,20 @@ def rates_from_proto(r: worker_pb2.Rates) -> Rates:
                  r.decode_tokens_per_second)
 
 
+def reuse_rules_from_proto(info: worker_pb2.ModelInfo) -> ReuseRules:
+    """A worker's reuse rules (`ModelInfo.reuse`; unset: states cut back anywhere)."""
+    r = info.reuse
+    if r.whole_only:
+        return ReuseRules(cut_any=False, window_tokens=0)
+    if r.cut_below_tokens:
+        return ReuseRules(cut_any=False, window_tokens=r.cut_below_tokens)
+    return ReuseRules()
+
+
 def model_info_from_proto(m: worker_pb2.ModelInfo) -> ModelInfo:
     return ModelInfo(m.model_name, m.identity, m.context_length, m.tokenizer_json, m.chat_template,
-                     tuple(m.eos_token_ids), m.bos_token_id if m.HasField("bos_token_id") else None)
+                     tuple(m.eos_token_ids), m.bos_token_id if m.HasField("bos_token_id") else None,
+                     m.tool_parser, reuse_rules_from_proto(m))
 
 
 def status_from_proto(st: worker_pb2.WorkerStatus) -> WorkerStatus:
@@ -313,7 +328,7 @@ class WorkerClient(Protocol):
 
     async def wait_ready(self, timeout_s: float) -> None: ...
     async def watch_health(self) -> None: ...
-    async def model_info(self) -> ModelInfo: ...
+    async def model_info(self, chat_template: str | None = None) -> ModelInfo: ...
     async def status(self, live_states: bool = False, timeout_s: float = STATUS_TIMEOUT_S) -> WorkerStatus: ...
     def cache_events(self) -> AsyncIterator[CacheUpdate]: ...
     def list_checkpoints(self) -> AsyncIterator[Checkpoint]: ...
@@ -381,11 +396,13 @@ class GrpcWorkerClient:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
-    async def model_info(self) -> ModelInfo:
-        """Raises WorkerUnavailable when the call fails."""
+    async def model_info(self, chat_template: str | None = None) -> ModelInfo:
+        """The worker's model. `chat_template`: the template the router renders with in
+        place of the model's own (the tool parser is chosen for it). Raises
+        WorkerUnavailable when the call fails."""
         try:
-            msg = await self._stub.GetModelInfo(worker_pb2.ModelInfoRequest(), timeout=MODEL_INFO_TIMEOUT_S,
-                                                metadata=self._metadata)
+            msg = await self._stub.GetModelInfo(worker_pb2.ModelInfoRequest(chat_template=chat_template or ""),
+                                                timeout=MODEL_INFO_TIMEOUT_S, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise translate_error(exc, self.name, "model info") from exc
         return model_info_from_proto(msg)
@@ -435,11 +452,9 @@ class GrpcWorkerClient:
                 if msg.HasField("delta"):
                     started = True
                     d = msg.delta
-                    if d.first:
-                        yield Delta(tuple(d.token_ids), d.text, d.cached_tokens,
-                                    _SOURCE_NAMES.get(d.cache_source, "none"))
-                    else:
-                        yield Delta(tuple(d.token_ids), d.text)
+                    reuse = ((d.cached_tokens, _SOURCE_NAMES.get(d.cache_source, "none"))
+                             if d.HasField("cached_tokens") else None)
+                    yield Delta(tuple(d.token_ids), d.text, reuse)
                 else:
                     yield completion_from_proto(msg.final)
         except grpc.aio.AioRpcError as exc:

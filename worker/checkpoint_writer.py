@@ -1,7 +1,7 @@
 """The worker's checkpoint writer: one thread that writes checkpoints, so that no
 write delays a first token or a request's next prefill chunk.
 
-The engine thread snapshots the KV state (evaluated arrays, `kv_state.snapshot`)
+The engine thread cuts the state to store and evaluates it (`CheckpointManager.prepare`)
 and hands it here with `submit`; the writer thread runs the store (payload write
 hashed, fsynced, renamed, then the index commit: `CheckpointStore.save`) and puts
 the outcome on a completion list that the engine thread collects

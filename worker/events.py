@@ -55,7 +55,7 @@ class Usage:
 
     @property
     def prefilled_tokens(self) -> int:
-        """Prompt tokens this request computed."""
+        """Prompt tokens this request computed (not sent: the router subtracts)."""
         return self.prompt_tokens - self.cached_tokens
 
 
@@ -63,13 +63,14 @@ class Usage:
 class TokenEvent:
     """Newly generated tokens and the text they complete (may be empty mid-character).
 
-    restored: on a request's first token only, (prompt tokens whose KV state was really
-    reused, where from: "none", "live", "ram", "disk"); None on the others.
+    reuse: on a request's first token only, (prompt tokens reused, their source:
+    "none", "live", "ram" or "disk"): the reuse that really happened, known before
+    the Final (a client that stops early still learns it); None on later events.
     """
 
     token_ids: tuple[int, ...]
     text: str
-    restored: tuple[int, str] | None = None
+    reuse: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)

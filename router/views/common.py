@@ -1,16 +1,18 @@
 """Helpers every protocol view shares: the JSON body, the request's namespace,
-building a Job, and SSE writing that stops cleanly when the client is gone."""
+building a Job, and server-sent events (aiohttp-sse)."""
 
 from __future__ import annotations
 
 import json
 
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
 from kvrouter.router.dispatch import Job
 from kvrouter.router.errors import BadRequest
 
 PREVIEW_CHARS = 80
+KEEPALIVE_S = 15.0  # seconds between SSE comments on an open stream (aiohttp-sse's default interval)
 # perf_counter() at arrival, set by router.app.error_middleware (a typed key where aiohttp has them)
 ARRIVED_KEY = web.RequestKey("kvrouter_arrived", float) if hasattr(web, "RequestKey") else "kvrouter_arrived"
 # set on the request by router.app.auth_middleware
@@ -60,22 +62,36 @@ def make_job(model, tokens, anchor_tokens: int, max_tokens: int, temperature: fl
 
 
 async def prepare_sse(resp: web.StreamResponse, request: web.Request, route) -> None:
-    """Sends a stream's headers at its first token, with `x-kvrouter-route` as the route
+    """Sends a stream's headers at its first event, with `x-kvrouter-route` as the route
     stands then: after any retry, with the reuse the worker really made."""
     resp.headers["x-kvrouter-route"] = route.header()
     await resp.prepare(request)
 
 
-def sse_response(route_header: str) -> web.StreamResponse:
-    return web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "x-kvrouter-route": route_header,
-        }
-    )
+def sse_response(route_header: str) -> EventSourceResponse:
+    """An event stream (aiohttp-sse), not yet prepared: a view prepares it when it
+    has its first event, so an error before that still gets a status code.
+
+    Once prepared it sends an SSE comment (": ping") every KEEPALIVE_S seconds so
+    that proxies and clients do not take a slow stream for a dead one, and aborts
+    a client that leaves data unread for EventSourceResponse.DEFAULT_SEND_TIMEOUT
+    (120 s); writes to a client that is gone raise ConnectionResetError (an
+    OSError), which ends the generation. Lines end with "\n".
+    """
+    return EventSourceResponse(headers={"x-kvrouter-route": route_header}, sep="\n", allow_all_methods=True,
+                               ping_interval=KEEPALIVE_S)
 
 
-def sse_data(obj, event: str | None = None) -> bytes:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(obj)}\n\n".encode()
+async def send_event(resp: EventSourceResponse, obj, event: str | None = None) -> None:
+    """`obj` as one event: `event: NAME` (Anthropic, Responses) when given, `data: JSON`."""
+    await resp.send(json.dumps(obj), event=event)
+
+
+async def end_stream(resp: EventSourceResponse, done_marker: bool = False) -> None:
+    """Ends a prepared stream: `data: [DONE]` first with `done_marker` (OpenAI's
+    chat and completions streams), then no more keep-alives, then the end of the body."""
+    if done_marker:
+        await resp.send("[DONE]")
+    resp.stop_streaming()
+    await resp.wait()
+    await resp.write_eof()

@@ -12,11 +12,11 @@ from aiohttp import web
 
 from kvrouter.router.errors import ApiError, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, prepare_sse, read_json, sse_data,
-                                          sse_response)
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, prepare_sse, read_json,
+                                          send_event, sse_response)
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import parse_chat_request
-from kvrouter.router.views.tools import ToolCallSplitter, split_text, syntax_for
+from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
 
 __all__ = ["chat_completions", "list_models", "read_json", "usage_body"]
 
@@ -68,7 +68,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cluster = request.app[CLUSTER]
     model = cluster.model(req.model)
     prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
-    syntax = syntax_for(model.tokenizer) if req.parse_tools else None
+    syntax = tool_syntax(model.tool_parser) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p,
                    req.seed, namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY))
     dispatcher = request.app[DISPATCHER]
@@ -100,7 +100,7 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": job.model.name}
 
     async def send(obj) -> None:
-        await resp.write(sse_data(obj))
+        await send_event(resp, obj)
 
     def chunk(delta: dict, finish=None) -> dict:
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -131,6 +131,5 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
             if not started:
                 raise  # nothing sent yet: the error middleware answers with a status code
             await send(exc.openai_body())  # mid-stream: an error event, never a normal stop
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+    await end_stream(resp, done_marker=True)
     return resp

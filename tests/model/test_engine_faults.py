@@ -9,9 +9,10 @@ import threading
 
 import pytest
 
-from kvrouter.worker import kv_state
+from kvrouter.worker import cache_state
 from kvrouter.worker.events import FinishEvent, TokenEvent
-from tests.model.test_engine_batching import Call, make_engine, prompt_of
+from tests.model.test_engine_batching import prompt_of
+from tests.support.engine import Call, make_engine
 
 SMOLLM_KV_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 4  # layers x kv heads x head dim x (keys, values) x fp32
 
@@ -20,10 +21,10 @@ SMOLLM_KV_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 4  # layers x kv heads x head dim 
 def blocked_writes(monkeypatch):
     """Payload writes wait until `release` is set (a slow disk); `started` is set by the first."""
     started, release = threading.Event(), threading.Event()
-    real = kv_state.payload_writer
+    real = cache_state.payload_writer
 
-    def slow_writer(arrays, n_tokens, model_id):
-        write = real(arrays, n_tokens, model_id)
+    def slow_writer(caches, n_tokens, model_id):
+        write = real(caches, n_tokens, model_id)
 
         def blocked(path):
             started.set()
@@ -32,7 +33,7 @@ def blocked_writes(monkeypatch):
 
         return blocked
 
-    monkeypatch.setattr(kv_state, "payload_writer", slow_writer)
+    monkeypatch.setattr(cache_state, "payload_writer", slow_writer)
     yield started, release
     release.set()
 
@@ -164,13 +165,13 @@ def test_requests_admitted_together_share_one_restored_checkpoint(tmp_path, monk
     finally:
         first.stop(shutdown_checkpoint=False)
     loads = []
-    real = kv_state.load_arrays
+    real = cache_state.load_payload
 
-    def counting(path, model_id, n_tokens):
+    def counting(path, *args):
         loads.append(path)
-        return real(path, model_id, n_tokens)
+        return real(path, *args)
 
-    monkeypatch.setattr(kv_state, "load_arrays", counting)
+    monkeypatch.setattr(cache_state, "load_payload", counting)
     engine = make_engine(tmp_path / "kv", decode_concurrency=3, prompt_concurrency=3, ram_bytes=0)
     try:
         # an unrelated long prefill keeps the engine inside a batch step while the two arrive,

@@ -87,7 +87,7 @@ class FakeWorkerClient:
     async def watch_health(self) -> None:
         await asyncio.Event().wait()  # health is set directly by tests
 
-    async def model_info(self) -> ModelInfo:
+    async def model_info(self, chat_template: str | None = None) -> ModelInfo:
         return ModelInfo(self.model_name, f"id-{self.model_name}", 4096)
 
     async def status(self, live_states: bool = False, timeout_s: float = 5.0) -> WorkerStatus:
@@ -180,10 +180,8 @@ class FakeWorkerClient:
                     out.append(token)
                     await self._thawed.wait()
                     self.progress += 1
-                    if i == 0:
-                        yield Delta((token,), f"t{i} ", cached, "live" if cached else "none")
-                    else:
-                        yield Delta((token,), f"t{i} ")
+                    reuse = (cached, "live" if cached else "none") if i == 0 else None
+                    yield Delta((token,), f"t{i} ", reuse)
                     await asyncio.sleep(self.decode_s)
                 self.live, self.live_namespace = prompt + tuple(out), request.namespace
                 self.served += 1

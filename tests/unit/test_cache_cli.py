@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from kvrouter.cachestore import CheckpointStore, StoreConfig
 from kvrouter.router.cli import main
+from kvrouter.worker.payload_format import FORMAT_TAG
 from tests.support.store_data import toks, writer
 
 DEAD_PID = 99_999_999  # above any pid_max: no such process
@@ -31,16 +33,29 @@ def snapshot(directory: Path) -> dict[str, tuple]:
     return out
 
 
+def payload(data: bytes):
+    """A payload writer of the current format (the tag `kvrouter cache verify` checks),
+    with `data` as its tensor bytes; no mlx needed."""
+    header = json.dumps({"__metadata__": {"0.format": FORMAT_TAG},
+                         "x": {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]}}).encode()
+
+    def write(path: Path) -> None:
+        path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+    return write
+
+
 @pytest.fixture
 def damaged(tmp_path: Path):
     """A store with one healthy row and one of each kind of damage."""
     directory = tmp_path / "kv"
     with CheckpointStore(StoreConfig(directory=directory, min_tokens=1)) as store:
-        healthy = store.save("anchor", "m", "ns", toks(100, 1), writer(b"healthy"))
-        gone = store.save("anchor", "m", "ns", toks(100, 2), writer(b"gone"))
-        flipped = store.save("waypoint", "m", "ns", toks(100, 3), writer(b"flipped"))
+        healthy = store.save("anchor", "m", "ns", toks(100, 1), payload(b"healthy"))
+        gone = store.save("anchor", "m", "ns", toks(100, 2), payload(b"gone"))
+        flipped = store.save("waypoint", "m", "ns", toks(100, 3), payload(b"flipped"))
     (directory / "payloads" / gone.payload_name).unlink()
-    (directory / "payloads" / flipped.payload_name).write_bytes(b"FLIPPED")  # same size, other bytes
+    path = directory / "payloads" / flipped.payload_name
+    path.write_bytes(path.read_bytes()[:-7] + b"FLIPPED")  # same size, other bytes
     orphan = directory / "payloads" / f"{uuid.uuid4().hex}.safetensors"
     orphan.write_bytes(b"orphan")
     old = time.time() - 3600

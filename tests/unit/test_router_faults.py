@@ -93,7 +93,7 @@ async def test_the_route_header_shows_the_reuse_the_worker_really_made(tmp_path)
         assert "cached=300" in route.header() and "source=disk" in route.header()  # the prediction
         items = [item async for item in d.run(j, route)]
         # the worker reused nothing (say the checkpoint failed its checksum and was quarantined)
-        assert items[0].cached_tokens == 0
+        assert items[0].reuse == (0, "none")
         assert "cached=0" in route.header() and "source=none" in route.header()
     store.close()
 

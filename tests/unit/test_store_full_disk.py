@@ -61,12 +61,14 @@ def test_mlx_payload_writer_on_a_full_disk_is_a_skip(small_tmpfs, no_backoff):
     """mx.save_safetensors raises RuntimeError ("[write] Unable to write ...") on ENOSPC,
     not OSError: the store turns it into a skip too."""
     import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
 
-    from kvrouter.worker import kv_state
+    from kvrouter.worker import cache_state
 
     events = []
-    arrays = {"0.keys": mx.zeros((1, 4, 4096, 256)), "0.values": mx.zeros((1, 4, 4096, 256))}  # 32 MiB
+    layer = KVCache()
+    layer.keys, layer.values, layer.offset = mx.zeros((1, 4, 4096, 256)), mx.zeros((1, 4, 4096, 256)), 4096  # 32 MiB
     with CheckpointStore(StoreConfig(directory=small_tmpfs / "kv", min_tokens=1), on_event=events.append) as store:
-        assert store.save("anchor", "m", "ns", toks(4096), kv_state.payload_writer(arrays, 4096, "m")) is None
+        assert store.save("anchor", "m", "ns", toks(4096), cache_state.payload_writer([layer], 4096, "m")) is None
         assert [(e.action, e.reason) for e in events] == [("skipped", "write_failed")]
         assert os.listdir(store.payload_dir) == [] and store.entries() == []

@@ -20,11 +20,13 @@ from kvrouter.cachestore.costs import Rates
 from kvrouter.router.worker_client import GenerateRequest, GrpcWorkerClient, WorkerBusy, WorkerUnavailable
 from kvrouter.worker.engine import EngineBusyError
 from kvrouter.worker.events import FinishEvent, TokenEvent, Usage
-from kvrouter.worker.server import _watch_health, also_call, create_server, is_loopback
+from kvrouter.worker.cache_events import LiveChanged, RamChanged, StoreListeners
+from kvrouter.worker.server import _watch_health, create_server, is_loopback
 from kvrouter.worker.servicer import CacheEventHub
 
 TLS_DIR = Path(__file__).resolve().parents[1] / "support" / "tls"
 INFO = worker_pb2.ModelInfo(model_name="fake", identity="id", context_length=100)
+TOOLS_TEMPLATE = (Path(__file__).resolve().parents[1] / "support" / "chatml_tools.jinja").read_text()
 
 
 class FakeEngine:
@@ -32,11 +34,13 @@ class FakeEngine:
 
     def __init__(self, answer="ok", max_queue=0):
         self.answer = answer
+        self.tokenizer = SimpleNamespace(chat_template="{{ messages }}", get_vocab=lambda: {"a": 0})
         self._alive = True
         self.live = SimpleNamespace(namespace="ns", tokens=[1, 2, 3], live_id=4)
         self.live_states = (SimpleNamespace(namespace="other", tokens=[5], live_id=2), self.live)
         self.checkpoints = SimpleNamespace(ram=SimpleNamespace(ids=lambda: ["e1"], bytes=10))
         self.config = SimpleNamespace(max_queue=max_queue, decode_concurrency=6, prompt_concurrency=3)
+        self.batch_width = 6
         self.rates = Rates(prefill_tps=250.0, disk_bps=5e8)
         self.queue_depth = 0
         self.requests_served = 0
@@ -70,6 +74,20 @@ async def serve(engine, token=None, hub=None, store=None):
 
 def request(n=3, max_tokens=1):
     return GenerateRequest("r", tuple(range(1, n + 1)), max_tokens)
+
+
+async def test_model_info_names_mlx_lm_s_tool_parser_for_the_routers_template():
+    """The router renders with --chat-template: the worker chooses the tool parser for
+    that template with mlx-lm's own rules (its own template has no tool syntax here)."""
+    server, port, _ = await serve(FakeEngine())
+    client = GrpcWorkerClient("w9", f"127.0.0.1:{port}")
+    try:
+        assert (await client.model_info()).tool_parser == ""
+        assert (await client.model_info(TOOLS_TEMPLATE)).tool_parser == "json_tools"
+        assert (await client.model_info("{{ messages }}")).tool_parser == ""
+    finally:
+        await client.close()
+        await server.stop(None)
 
 
 async def test_dead_engine_ends_streams_with_an_error_and_goes_not_serving_c15():
@@ -192,8 +210,8 @@ async def test_cache_events_are_numbered_and_start_with_the_live_states():
         first = [await asyncio.wait_for(events.__anext__(), 5) for _ in range(2)]
         assert [(e.seq, e.kind, e.live_id, e.namespace, e.tokens) for e in first] == \
             [(1, "live", 2, "other", (5,)), (2, "live", 4, "ns", (1, 2, 3))]
-        hub.publish_threadsafe("ram", ("e2", True))
-        hub.publish_threadsafe("live", (2, "other", (), True))
+        hub.publish_threadsafe(RamChanged("e2", True))
+        hub.publish_threadsafe(LiveChanged(2, "other", (), True))
         third, fourth = [await asyncio.wait_for(events.__anext__(), 5) for _ in range(2)]
         assert (third.seq, third.kind, third.entry_id, third.added) == (3, "ram", "e2", True)
         assert (fourth.seq, fourth.live_id, fourth.removed) == (4, 2, True)
@@ -214,9 +232,10 @@ async def test_store_changes_are_cache_events_and_the_store_can_be_listed(tmp_pa
     engine = FakeEngine()
     hub = CacheEventHub(asyncio.get_running_loop())
     per_request = []
+    listeners = StoreListeners(per_request.append)  # as worker.server.build_engine and serve wire it
     store = CheckpointStore(StoreConfig(directory=tmp_path / "kv", disk_budget_bytes=2500, min_tokens=1),
-                            on_event=per_request.append)
-    store.on_event = also_call(store.on_event, hub.publish_store_event)  # as worker.server.serve wires it
+                            on_event=listeners)
+    listeners.add(hub.publish_store_event)
     server, port, _ = await serve(engine, hub=hub, store=store)
     client = GrpcWorkerClient("w9", f"127.0.0.1:{port}")
 
