@@ -176,7 +176,7 @@ def test_requests_admitted_together_share_one_restored_checkpoint(tmp_path, monk
     try:
         # an unrelated long prefill keeps the engine inside a batch step while the two arrive,
         # so they wait in the queue together and are admitted in one round
-        busy = Call(engine, prompt_of(700, 84), max_tokens=1)
+        busy = Call(engine, prompt_of(300, 84), max_tokens=1)
         while engine.progress == 0:
             threading.Event().wait(0.01)
         b = Call(engine, shared[:256] + prompt_of(30, 82), max_tokens=1)
