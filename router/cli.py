@@ -14,6 +14,7 @@ from pathlib import Path
 from kvrouter.router import __version__
 from kvrouter.worker.config import (
     DEFAULT_DECODE_CONCURRENCY,
+    DEFAULT_LONG_PREFILL_TOKENS,
     DEFAULT_PROMPT_CONCURRENCY,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
     DEFAULT_WRITER_ITEMS,
@@ -195,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                             f"requests and kept live states (default {DEFAULT_DECODE_CONCURRENCY})")
         b.add_argument("--prompt-concurrency", type=positive_int, default=DEFAULT_PROMPT_CONCURRENCY,
                        help=f"prompts each worker prefills together (default {DEFAULT_PROMPT_CONCURRENCY})")
+        b.add_argument("--long-prefill-tokens", type=nonneg_int, default=DEFAULT_LONG_PREFILL_TOKENS,
+                       help="prompts at least this long (tokens) are prefilled outside the batch, one at a time, "
+                            "by a plain per-sequence loop (mlx-lm's causal mask; the batch's array mask made a "
+                            "32K prefill 4x slower on a GPU), then join the batch to decode "
+                            f"(default {DEFAULT_LONG_PREFILL_TOKENS}; 0 = every prompt in the batch)")
         b.add_argument("--live-state-mb", type=nonneg_int, default=None,
                        help="memory a worker may keep in idle live states (the KV state of finished requests, "
                             "reused by their next turn) in MiB; past it the oldest is dropped after its evict "
@@ -335,7 +341,8 @@ def batching_config(ns: argparse.Namespace):
     from kvrouter.worker.config import BatchingConfig
 
     return BatchingConfig(ns.decode_concurrency, ns.prompt_concurrency,
-                          None if ns.live_state_mb is None else ns.live_state_mb * 2**20)
+                          None if ns.live_state_mb is None else ns.live_state_mb * 2**20,
+                          ns.long_prefill_tokens)
 
 
 def _serve(ns: argparse.Namespace) -> int:

@@ -21,6 +21,11 @@ its slot is needed: then its `evict` checkpoint goes to the writer and it is
 dropped. A seeded sampling request runs alone (MLX's random state is global).
 When the engine goes idle, memory nothing holds goes back to the system.
 
+A prompt of at least `long_prefill_tokens` tokens is prefilled outside the
+batch, one chunk per engine step, by a plain per-sequence loop
+(`worker.long_prefill`: the batch's array mask made a 32K prefill 4x slower on a
+GPU), with the same segments, then joins the batch to decode.
+
 A model whose caches mlx-lm cannot batch (a layer without `merge`, e.g.
 `QuantizedKVCache` with `--kv-bits`) runs its requests one at a time through
 `worker.sequential.SequentialGenerator`, which has the same interface.
@@ -54,7 +59,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import mlx.core as mx
@@ -68,9 +73,10 @@ from kvrouter.worker import cache_state
 from kvrouter.worker.cache_events import CacheEvent, LiveChanged, RamChanged
 from kvrouter.worker.checkpoint_writer import DEFAULT_MAX_ITEMS, CheckpointWriter, Completion, WriteJob
 from kvrouter.worker.checkpoints import CheckpointManager, Restored
-from kvrouter.worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
+from kvrouter.worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_LONG_PREFILL_TOKENS, DEFAULT_PROMPT_CONCURRENCY
 from kvrouter.worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
 from kvrouter.worker.live_states import LiveState, LiveStates
+from kvrouter.worker.long_prefill import LongPrefillGenerator
 from kvrouter.worker.reuse import InBatch, RestorePlan, plan_restore
 from kvrouter.worker.segments import prefill_segments
 from kvrouter.worker.sequential import SequentialGenerator
@@ -95,6 +101,9 @@ class EngineConfig:
         (`worker.sizing.batch_bytes` with kv_bytes_per_token: mlx-lm pads the
         batch to its longest sequence). A request alone is always admitted.
     kv_bytes_per_token: the model's KV state per token, bytes (0: unknown, no bound).
+    long_prefill_tokens: prompts at least this long (tokens) are prefilled outside
+        the batch by a plain per-sequence loop, then join it to decode
+        (`worker.long_prefill`); 0: every prompt is prefilled in the batch.
     """
 
     prefill_chunk_tokens: int = 256
@@ -107,6 +116,7 @@ class EngineConfig:
     shutdown_timeout_s: float = 20.0
     running_kv_bytes: int = 0
     kv_bytes_per_token: int = 0
+    long_prefill_tokens: int = DEFAULT_LONG_PREFILL_TOKENS
 
 
 class EngineDeadError(RuntimeError):
@@ -287,7 +297,7 @@ class Engine:
         if not self.spec.batchable:
             return SequentialGenerator(self.model, stop_tokens=stop_tokens,
                                        prefill_step_size=self.config.prefill_chunk_tokens, stream=self._stream)
-        return BatchGenerator(
+        batch = BatchGenerator(
             self.model,
             stop_tokens=stop_tokens,
             completion_batch_size=self.config.decode_concurrency,
@@ -295,6 +305,10 @@ class Engine:
             prefill_step_size=self.config.prefill_chunk_tokens,
             stream=self._stream,
         )
+        if self.config.long_prefill_tokens <= 0:
+            return batch
+        return LongPrefillGenerator(self.model, batch, min_tokens=max(2, self.config.long_prefill_tokens),
+                                    prefill_step_size=self.config.prefill_chunk_tokens)
 
     def _loop(self) -> None:
         self._stream = mx.new_stream(mx.default_device())
@@ -579,6 +593,9 @@ class Engine:
         max_tokens = max(1, min(sp.max_tokens, self.bundle.context_length - len(prompt)))
         (uid,) = self._gen.insert_segments([segments], max_tokens=[max_tokens], caches=[restored.caches],
                                            all_tokens=[prompt[: restored.n_tokens]], samplers=[sampler])
+        # The generator owns the caches now (it prefills into them, or merges a copy into the
+        # batch); the request keeps no reference, so they are freed when it is done with them.
+        run.restored = replace(restored, caches=[])
         self._running[uid] = run
         self.progress += 1
         return True

@@ -160,7 +160,7 @@ def build_engine(config: WorkerConfig):
         config.batching.prompt_concurrency, plan.live_state_bytes,
         writer_max_items=config.memory.writer_max_items, writer_max_bytes=plan.writer_queue_bytes,
         shutdown_timeout_s=config.memory.shutdown_timeout_s, running_kv_bytes=plan.running_kv_bytes,
-        kv_bytes_per_token=plan.kv_bytes_per_token))
+        kv_bytes_per_token=plan.kv_bytes_per_token, long_prefill_tokens=config.batching.long_prefill_tokens))
     listeners.add(engine.on_store_event)
     info = worker_pb2.ModelInfo(
         model_name=bundle.name,

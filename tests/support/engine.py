@@ -42,9 +42,11 @@ class Call:
         return self.final
 
 
-def make_engine(tmp_path=None, decode_concurrency=1, prompt_concurrency=1, model=None, store_kw=None, **kw):
+def make_engine(tmp_path=None, decode_concurrency=1, prompt_concurrency=1, model=None, store_kw=None,
+                long_prefill_tokens=None, **kw):
     """A started engine for `model` (None: the default model), with a store in
-    `tmp_path` (None: no store) using small policy values (`store_kw` overrides)."""
+    `tmp_path` (None: no store) using small policy values (`store_kw` overrides);
+    long_prefill_tokens: the worker's --long-prefill-tokens (None: its default)."""
     from kvrouter.worker.config import BatchingConfig, WorkerConfig
     from kvrouter.worker.server import build_engine
 
@@ -54,8 +56,11 @@ def make_engine(tmp_path=None, decode_concurrency=1, prompt_concurrency=1, model
 
         store = StoreConfig(tmp_path, **{"min_tokens": 256, "boundary_align_tokens": 256,
                                          "boundary_trim_tokens": 32, **(store_kw or {})})
+    batching = BatchingConfig(decode_concurrency, prompt_concurrency)
+    if long_prefill_tokens is not None:
+        batching = BatchingConfig(decode_concurrency, prompt_concurrency, long_prefill_tokens=long_prefill_tokens)
     config = WorkerConfig(model=None if model is None else str(model), listen="127.0.0.1:0", store=store,
-                          cache_dir=model_cache_dir(), batching=BatchingConfig(decode_concurrency, prompt_concurrency),
+                          cache_dir=model_cache_dir(), batching=batching,
                           **kw)
     engine, _ = build_engine(config)
     engine.start()

@@ -1,0 +1,167 @@
+"""Long prompts prefilled outside mlx-lm's batch (issue 15, item 4;
+`worker.long_prefill`), in process: on small random-weight models of the batchable
+families, the generator keeps the segments (states at planned positions equal a
+plain run's), decodes the batch at every step meanwhile, and then decodes the
+long prompt in the batch as an uncached run would; with the default model through
+the engine, checkpoints, prefill sharing and cancellation work on that path too.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.model.test_cache_families import assert_same_greedy, tokens_of
+from tests.model.test_engine_batching import prompt_of
+from tests.support.engine import Call, make_engine
+from tests.support.server import model_cache_dir
+from tests.support.tiny_models import greedy_reference
+
+CHUNK = 16  # prefill chunk of the tiny-model runs, tokens
+
+
+def state_arrays(caches) -> list:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return [a for _, a in tree_flatten([c.state for c in caches]) if isinstance(a, mx.array)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_oss", "qwen3_next", "mamba2"])
+def test_a_long_prompt_prefills_on_its_own_caches_while_the_batch_decodes(tiny_model, family):
+    """A 100-token prompt (threshold 60) is prefilled chunk by chunk outside the batch,
+    one chunk per step, while a short request decodes a token at every step; every
+    segment end (chunk multiples and a planned checkpoint at 40) is reported, and the
+    state read there is exactly a plain run's. Then it decodes in the batch: greedy
+    tokens equal the uncached single-sequence run's."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    from kvrouter.worker.long_prefill import LongPrefillGenerator
+    from kvrouter.worker.models import load_model
+    from kvrouter.worker.segments import prefill_segments
+
+    bundle = load_model(str(tiny_model(family)), model_cache_dir())
+    model, spec = bundle.model, bundle.state
+    batch = BatchGenerator(model, completion_batch_size=2, prefill_batch_size=2, prefill_step_size=CHUNK)
+    gen = LongPrefillGenerator(model, batch, min_tokens=60, prefill_step_size=CHUNK)
+    short, long = tokens_of(20, 1), tokens_of(100, 2)
+    (su,) = gen.insert_segments([prefill_segments(short, 0, CHUNK)], max_tokens=[200], caches=[spec.new()])
+    assert gen.prefilling == ()  # short prompts stay in the batch
+    while not gen.next()[1]:
+        pass
+    (lu,) = gen.insert_segments([prefill_segments(long, 0, CHUNK, [40])], max_tokens=[4], caches=[spec.new()])
+    assert gen.prefilling == (lu,)
+    positions = []
+    while lu in gen.prefilling:
+        prompt_out, gen_out = gen.next()
+        assert [r.uid for r in gen_out] == [su], "the batch decodes at every step"
+        (r,) = [r for r in prompt_out if r.uid == lu]
+        assert r.end_of_segment and not r.end_of_prompt and r.progress[1] == 100
+        positions.append(r.progress[0])
+        if r.progress[0] == 40:  # a planned checkpoint: the state is read exactly there
+            caches, held = gen.extract_cache([lu])[lu]
+            assert held == long[:40]
+            ref = spec.new()
+            for a, b in ((0, 16), (16, 32), (32, 40)):
+                model(mx.array(long[a:b])[None], cache=ref)
+            got, want = state_arrays(caches), state_arrays(ref)
+            assert len(got) == len(want) and all(mx.array_equal(x, y) for x, y in zip(got, want))
+    assert positions == [16, 32, 40, 48, 64, 80, 96, 99]
+    tokens, end_of_prompt = [], []
+    while True:
+        prompt_out, gen_out = gen.next()
+        end_of_prompt += [r.progress for r in prompt_out if r.uid == lu and r.end_of_prompt]
+        tokens += [r.token for r in gen_out if r.uid == lu]
+        if any(r.uid == lu and r.finish_reason for r in gen_out):
+            break
+    assert end_of_prompt == [(100, 100)]
+    assert_same_greedy(tokens, greedy_reference(model, long, 4, eos=(), chunk=CHUNK))
+    gen.remove([su])
+    assert gen.extract_cache([su, lu]) == {}
+
+
+def test_a_long_prompt_through_the_engine_stores_its_checkpoint_and_answers_as_uncached(tmp_path):
+    """Default model, store on, --long-prefill-tokens 300: a 600-token prompt is
+    prefilled outside the batch beside a decoding request; its cold checkpoint is
+    stored at the planned 512 tokens, its output is the uncached run's, and the
+    prefill rate is measured."""
+    engine = make_engine(tmp_path / "kv", decode_concurrency=2, long_prefill_tokens=300)
+    try:
+        prompt = prompt_of(600, 61)
+        busy = Call(engine, prompt_of(20, 62), max_tokens=30)
+        busy.next_event()
+        call = Call(engine, prompt, max_tokens=4)
+        final = call.wait()
+        busy.wait()
+        assert [(e.action, e.kind, e.n_tokens) for e in final.store_events] == [("stored", "anchor", 512)]
+        assert_same_greedy(call.tokens, greedy_reference(engine.model, prompt, 4))
+        assert final.usage.prefill_seconds > 0 and engine.rates.prefill_tps > 0
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_long_prompts_arriving_together_share_their_prefix_prefilled_outside_the_batch():
+    """Prefill sharing on the long path: the second of two long prompts that share 512
+    tokens waits for the first one's prefill to pass them, then starts from a copy."""
+    engine = make_engine(decode_concurrency=2, prompt_concurrency=2, long_prefill_tokens=300)
+    try:
+        shared = prompt_of(512, 71)
+        a = Call(engine, shared + prompt_of(20, 72), max_tokens=2)
+        b = Call(engine, shared + prompt_of(20, 73), max_tokens=2)
+        fa, fb = a.wait(), b.wait()
+        assert (fa.usage.cached_tokens, fa.usage.cache_source) == (0, "none")
+        assert (fb.usage.cached_tokens, fb.usage.cache_source) == (512, "live")
+        assert fa.usage.prefilled_tokens + fb.usage.prefilled_tokens == 512 + 20 + 20
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_a_long_prefill_cancelled_midway_keeps_what_it_prefilled():
+    """A request cancelled while its long prompt is being prefilled ends "cancelled";
+    the tokens prefilled so far (a whole number of chunks) stay as a live state, which
+    the same prompt sent again reuses."""
+    engine = make_engine(decode_concurrency=2, long_prefill_tokens=300)
+    try:
+        prompt = prompt_of(1100, 81)
+        start = engine.progress
+        call = Call(engine, prompt, max_tokens=2)
+        deadline = time.monotonic() + 300
+        while engine.progress < start + 3 and time.monotonic() < deadline:  # admitted, then two chunks
+            time.sleep(0.01)
+        call.job.cancelled.set()
+        assert call.wait().finish_reason == "cancelled"
+        (live,) = engine.live_states
+        assert 0 < live.held < len(prompt) - 1 and live.held % 256 == 0
+        held = live.held
+        again = Call(engine, prompt, max_tokens=2).wait()
+        assert (again.usage.cached_tokens, again.usage.cache_source) == (held, "live")
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_a_recurrent_model_stores_exact_position_checkpoints_on_the_long_path(tiny_model, tmp_path):
+    """qwen3_next (recurrent layers: states are never cut back): a 300-token prompt on
+    the long path stores its anchor exactly at the planned 256 tokens (a segment end),
+    and a new worker on the same store continues from it with the uncached output."""
+    from kvrouter.worker.models import load_model
+
+    model_dir = tiny_model("qwen3_next")
+    prompt = tokens_of(300, 91)
+    first = make_engine(tmp_path / "kv", model=model_dir, decode_concurrency=2, long_prefill_tokens=100)
+    try:
+        final = Call(first, prompt, max_tokens=2).wait()
+        assert [(e.action, e.kind, e.n_tokens) for e in final.store_events] == [("stored", "anchor", 256)]
+    finally:
+        first.stop(shutdown_checkpoint=False)
+    second = make_engine(tmp_path / "kv", model=model_dir, decode_concurrency=2, long_prefill_tokens=100)
+    try:
+        longer = prompt + tokens_of(30, 92)
+        call = Call(second, longer, max_tokens=4)
+        final = call.wait()
+        assert (final.usage.cached_tokens, final.usage.cache_source) == (256, "disk")
+        model = load_model(str(model_dir), model_cache_dir()).model
+        assert_same_greedy(call.tokens, greedy_reference(model, longer, 4))
+    finally:
+        second.stop(shutdown_checkpoint=False)
