@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from kvrouter_proto import worker_pb2
+from kvrouter.router.affinity import AffinityMap
 from kvrouter.router.errors import ContextTooLong, Overloaded, Unavailable, WorkerFailed
 from kvrouter.router.worker_client import Completion, Delta, WorkerBusy, WorkerError, WorkerUnavailable
 
@@ -55,6 +56,8 @@ class Job:
     text_preview: str = ""
     prompt_param: str = "messages"  # the request field holding the prompt, named in context errors
     arrived_s: float | None = None  # perf_counter() when the HTTP request arrived; TTFT counts from here
+    hint_tokens: tuple[int, ...] = ()  # the client's checkpoint positions (router.client_hints), tokens
+    affinity_key: str = ""  # OpenAI prompt_cache_key: routed back to the worker that served it (router.affinity)
 
 
 @dataclass
@@ -109,6 +112,7 @@ class Dispatcher:
         self.metrics = metrics
         self.coalesce = coalesce
         self._leaders: dict[tuple, asyncio.Event] = {}
+        self.affinity = AffinityMap()
 
     def prepare(self, job: Job) -> Route:
         """Validates the job, decides the route and takes a slot on the worker.
@@ -117,7 +121,10 @@ class Dispatcher:
         started = time.perf_counter()
         pool = self.pool
         hit = pool.stored_hit(job.model, job.namespace, job.tokens)
-        decision = pool.decide(job.model, job.tokens, job.namespace, hit=hit)
+        prefer = self.affinity.worker_for(job.model.name, job.namespace, job.affinity_key)
+        decision = pool.decide(job.model, job.tokens, job.namespace, hit=hit, prefer=prefer)
+        if job.affinity_key:
+            self._count_affinity(job, prefer, decision)
         stored = min(hit.n_tokens, len(job.tokens) - 1) if hit is not None else 0
         route = Route(decision.worker, decision.reason, stored, started, decision.source, decision.cached_tokens,
                       decision.predicted_ttft_s)
@@ -127,6 +134,14 @@ class Dispatcher:
         self.metrics.routing_seconds.labels(job.model.name).observe(time.perf_counter() - started)
         self.metrics.routing_decisions.labels(job.model.name, route.reason).inc()
         return route
+
+    def _count_affinity(self, job: Job, prefer: str, decision) -> None:
+        hints = self.metrics.client_hints
+        hints.labels(job.model.name, "prompt_cache_key").inc()
+        if decision.affinity:
+            hints.labels(job.model.name, "prompt_cache_key_routed").inc()
+        log.info("prompt_cache_key=%s last_worker=%s chosen=%s", job.affinity_key[:40], prefer or "-",
+                 decision.worker)
 
     def _coalesce(self, job: Job, route: Route, hit):
         """Makes `route` the leader of its new prefix, or a follower of the request
@@ -158,6 +173,7 @@ class Dispatcher:
         `run`, or when the route is dropped unused)."""
         worker = self.pool.worker(job.model, decision.worker)
         lease = self.pool.acquire(worker, decision, len(job.tokens), job.max_tokens)
+        self.affinity.remember(job.model.name, job.namespace, job.affinity_key, worker.name)
         gauge = self.metrics.in_flight.labels(worker.name)
         gauge.inc()
         route._lease = lease
@@ -222,6 +238,7 @@ class Dispatcher:
             namespace=job.namespace,
             anchor_tokens=job.anchor_tokens,
             text_preview=job.text_preview,
+            hint_tokens=job.hint_tokens,
         )
         if job.seed is not None:
             request.sampling.seed = job.seed

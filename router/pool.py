@@ -313,12 +313,14 @@ class WorkerPool:
         return max((common_prefix_length(t, tokens) for ns, t in list(v.lives.values()) if ns == namespace and t),
                    default=0)
 
-    def decide(self, model: ServedModel, tokens, namespace: str = "", exclude=frozenset(), hit=None) -> Decision:
-        """The routing decision for a prompt; raises Unavailable or Overloaded."""
+    def decide(self, model: ServedModel, tokens, namespace: str = "", exclude=frozenset(), hit=None,
+               prefer: str = "") -> Decision:
+        """The routing decision for a prompt (`prefer`: the worker an affinity hint names);
+        raises Unavailable or Overloaded."""
         if hit is None:
             hit = self.stored_hit(model, namespace, tokens)
         decision = choose_worker(self.candidates(model, tokens, namespace, hit), len(tokens),
-                                 self.affinity_max_in_flight, frozenset(exclude))
+                                 self.affinity_max_in_flight, frozenset(exclude), prefer)
         if decision.reason == "unavailable":
             raise Unavailable("no healthy worker is available for this model; try again shortly")
         if decision.reason == "overloaded":

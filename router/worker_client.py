@@ -107,7 +107,7 @@ class Completion:
     def stored_tokens(self) -> int:
         """Tokens of the longest checkpoint this request wrote (0 when none)."""
         return max((e.tokens for e in self.store_events
-                    if e.action == "stored" and e.kind in ("anchor", "waypoint")), default=0)
+                    if e.action == "stored" and e.kind in ("anchor", "waypoint", "hint")), default=0)
 
 
 _SOURCE_NAMES = {

@@ -180,15 +180,16 @@ class CheckpointManager:
         self.ram.discard(restored.entry_id)
         self.store.quarantine(restored.entry_id, reason)
 
-    def plan(self, prompt_len: int, stored_prefix: int, anchor_tokens: int):
-        """The store plan for this prompt (see `cachestore.plan_stores`); empty without a store.
-        Skipped stores are logged and reported as store events."""
+    def plan(self, prompt_len: int, stored_prefix: int, anchor_tokens: int, hints=()):
+        """The store plan for this prompt (see `cachestore.plan_stores`; `hints`: the client's
+        checkpoint positions, tokens); empty without a store. Skipped stores are logged and
+        reported as store events."""
         if self.store is None:
             return ()
-        plan = plan_stores(prompt_len, stored_prefix, anchor_tokens or None, self.store.config)
+        plan = plan_stores(prompt_len, stored_prefix, anchor_tokens or None, self.store.config, hints)
         for skip in plan.skipped:
-            log.info("store skipped kind=anchor tokens=%d reason=%s", skip.n_tokens, skip.reason)
-            self.events.append(StoreEvent("skipped", "anchor", skip.n_tokens, reason=skip.reason))
+            log.info("store skipped kind=%s tokens=%d reason=%s", skip.kind, skip.n_tokens, skip.reason)
+            self.events.append(StoreEvent("skipped", skip.kind, skip.n_tokens, reason=skip.reason))
         return plan.stores
 
     def save(self, kind: str, caches: list, tokens: list[int], namespace: str, preview: str) -> Entry | None:

@@ -401,7 +401,8 @@ class Engine:
             self._measure_load(restored)
         events = list(self.checkpoints.take_events())
         self._drop_lives(len(self._running) + 1, events)
-        plan = list(self.checkpoints.plan(len(prompt), restored.stored_prefix_tokens, req.anchor_tokens))
+        plan = list(self.checkpoints.plan(len(prompt), restored.stored_prefix_tokens, req.anchor_tokens,
+                                           req.hint_tokens))
         events += self.checkpoints.take_events()
         detok = copy.copy(self._detokenizer)
         detok.reset()

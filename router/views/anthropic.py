@@ -16,17 +16,23 @@ import asyncio
 
 import contextlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
-from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.client_hints import PromptMarks, anthropic_marks, remove_billing_header
+from kvrouter.router.errors import ApiError, BadRequest, UnexpectedRole, WorkerFailed
+from kvrouter.router.keys import DISPATCHER, METRICS, POOL, ROUTER_CONFIG
+from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, read_json, render_prompt, route_header,
+                                          sse_data, sse_response)
+from kvrouter.router.views.streaming import KEEPALIVE, paced
 from kvrouter.router.views.generation import Outcome, collect, generate, parse_stop
 from kvrouter.router.views.openai_request import _number, cap_max_tokens
 from kvrouter.router.views.tools import ToolCallSplitter, flat_function_tools, split_text, syntax_for
+
+log = logging.getLogger("kvrouter.router.views.anthropic")
 
 IGNORED_BLOCKS = ("thinking", "redacted_thinking")
 
@@ -69,9 +75,11 @@ def _convert_message(m, i: int) -> list[dict]:
     if not isinstance(m, dict):
         raise BadRequest(f"{param} must be an object", param=param)
     role = m.get("role")
-    if role not in ("user", "assistant"):
-        raise BadRequest(f"{param}.role must be 'user' or 'assistant'", param=f"{param}.role")
+    if role not in ("user", "assistant", "system"):
+        raise UnexpectedRole(i, role)
     content = m.get("content")
+    if role == "system":  # mid-conversation system message (Claude Code sends one after the user turn)
+        return [{"role": "system", "content": _text_of(content, f"{param}.content")}]
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
@@ -191,26 +199,49 @@ def tool_use_block(call) -> dict:
             "input": args if isinstance(args, dict) else {}}
 
 
+def _client_view(request: web.Request, body) -> tuple[dict, tuple[str, ...], PromptMarks]:
+    """The body as the model should see it (Claude Code's billing line removed unless
+    --keep-billing-header), what was changed (for `x-kvrouter-route`), and the
+    client's cache_control breakpoints."""
+    if not isinstance(body, dict):
+        return body, (), PromptMarks()
+    notes: tuple[str, ...] = ()
+    system = body.get("system")
+    if not request.app[ROUTER_CONFIG].keep_billing_header:
+        system, removed = remove_billing_header(system)
+        if removed:
+            body = {**body, "system": system}
+            notes = ("billing-header",)
+    return body, notes, anthropic_marks(system, body.get("messages"), body.get("tools"))
+
+
 async def count_tokens(request: web.Request) -> web.Response:
-    req = parse_messages_request(await read_json(request), None, count_only=True)
+    body, _, _ = _client_view(request, await read_json(request))
+    req = parse_messages_request(body, None, count_only=True)
     model = request.app[POOL].model(req.model)
-    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
+    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools, None,
+                                     request.app[ROUTER_CONFIG].tools_before_system)
     return web.json_response({"input_tokens": len(prompt.tokens)})
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
-    req = parse_messages_request(await read_json(request), config.max_tokens_limit)
+    body, notes, marks = _client_view(request, await read_json(request))
+    req = parse_messages_request(body, config.max_tokens_limit)
     model = request.app[POOL].model(req.model)
-    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
+    if notes:
+        request.app[METRICS].client_hints.labels(model.name, "billing_header_removed").inc()
+    prompt = await render_prompt(request, model, req.messages, req.tools, marks)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
-                   namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY))
+                   namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY),
+                   hint_tokens=prompt.hint_tokens)
     dispatcher = request.app[DISPATCHER]
     route = dispatcher.prepare(job)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
+    header = route_header(route, notes)
     if req.stream:
-        return await _stream(request, dispatcher, job, route, req, syntax, msg_id)
+        return await _stream(request, dispatcher, job, route, req, syntax, msg_id, header)
     text, outcome = await collect(dispatcher, job, route, req.stop)
     if outcome is None:
         raise WorkerFailed("the worker ended the stream without a final report")
@@ -226,30 +257,35 @@ async def messages(request: web.Request) -> web.StreamResponse:
         "stop_sequence": outcome.stop_sequence,
         "usage": usage_body(outcome),
     }
-    return web.json_response(body, headers={"x-kvrouter-route": route.header()})
+    return web.json_response(body, headers={"x-kvrouter-route": header})
 
 
-async def _stream(request, dispatcher, job, route, req, syntax, msg_id) -> web.StreamResponse:
-    resp = sse_response(route.header())
+async def _stream(request, dispatcher, job, route, req, syntax, msg_id, header) -> web.StreamResponse:
+    """The SSE event sequence. Headers, `message_start` (usage: the predicted reuse)
+    and the text block's start go out at once; `ping` events while nothing else is
+    sent; an error after that is an `error` event."""
+    resp = sse_response(header)
 
     async def send(event: str, obj: dict) -> None:
         await resp.write(sse_data({"type": event, **obj}, event))
 
+    await resp.prepare(request)
+    cached = min(route.cached, len(job.tokens))
+    await send("message_start", {"message": {
+        "id": msg_id, "type": "message", "role": "assistant", "model": job.model.name,
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": len(job.tokens) - cached, "output_tokens": 0,
+                  "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}}})
+    await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+    await send("ping", {})
     splitter = ToolCallSplitter(syntax, req.tools)
-    started = False
+    interval = request.app[ROUTER_CONFIG].stream_keepalive_s
     async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:
         try:
-            async for item in items:
-                if not started:
-                    await resp.prepare(request)
-                    await send("message_start", {"message": {
-                        "id": msg_id, "type": "message", "role": "assistant", "model": job.model.name,
-                        "content": [], "stop_reason": None, "stop_sequence": None,
-                        "usage": {"input_tokens": len(job.tokens), "output_tokens": 0,
-                                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}})
-                    await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+            async for item in paced(items, request, interval):
+                if item is KEEPALIVE:
                     await send("ping", {})
-                    started = True
+                    continue
                 if isinstance(item, str):
                     text = splitter.feed(item)
                     if text:
@@ -270,8 +306,7 @@ async def _stream(request, dispatcher, job, route, req, syntax, msg_id) -> web.S
                     "usage": usage_body(item)})
                 await send("message_stop", {})
         except ApiError as exc:
-            if not started:
-                raise
+            log.info("stream %s ends with an error event: %s", msg_id, exc.message)
             await resp.write(sse_data(exc.anthropic_body(), "error"))
     await resp.write_eof()
     return resp

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import contextlib
 import time
@@ -12,7 +11,10 @@ from aiohttp import web
 
 from kvrouter.router.errors import ApiError, WorkerFailed
 from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.client_hints import prompt_cache_key
+from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, read_json, render_prompt, sse_data,
+                                          sse_response)
+from kvrouter.router.views.streaming import KEEPALIVE, OPENAI_KEEPALIVE, paced
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import parse_chat_request
 from kvrouter.router.views.tools import ToolCallSplitter, split_text, syntax_for
@@ -63,13 +65,15 @@ def _require(outcome: Outcome | None) -> Outcome:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
-    req = parse_chat_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
+    body = await read_json(request)
+    req = parse_chat_request(body, config.default_max_tokens, config.max_tokens_limit)
     pool = request.app[POOL]
     model = pool.model(req.model)
-    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
+    prompt = await render_prompt(request, model, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p,
-                   req.seed, namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY))
+                   req.seed, namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY),
+                   affinity_key=prompt_cache_key(body))
     dispatcher = request.app[DISPATCHER]
     route = dispatcher.prepare(job)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -95,6 +99,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_id, created) -> web.StreamResponse:
+    """The chunk sequence. Headers and the role chunk go out at once; SSE comments
+    while nothing else is sent; an error after that is an error chunk, then [DONE]."""
     resp = sse_response(route.header())
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": job.model.name}
 
@@ -104,15 +110,16 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
     def chunk(delta: dict, finish=None) -> dict:
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
+    await resp.prepare(request)
+    await send(chunk({"role": "assistant", "content": ""}))
     splitter = ToolCallSplitter(syntax, req.tools)
-    started = False
+    interval = request.app[ROUTER_CONFIG].stream_keepalive_s
     async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:
         try:
-            async for item in items:
-                if not started:
-                    await resp.prepare(request)
-                    await send(chunk({"role": "assistant", "content": ""}))
-                    started = True
+            async for item in paced(items, request, interval):
+                if item is KEEPALIVE:
+                    await resp.write(OPENAI_KEEPALIVE)
+                    continue
                 if isinstance(item, str):
                     text = splitter.feed(item)
                     if text:
@@ -127,9 +134,7 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
                 if req.include_usage:
                     await send({**base, "choices": [], "usage": usage_body(item)})
         except ApiError as exc:
-            if not started:
-                raise  # nothing sent yet: the error middleware answers with a status code
-            await send(exc.openai_body())  # mid-stream: an error event, never a normal stop
+            await send(exc.openai_body())  # after the start: an error event, never a normal stop
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp

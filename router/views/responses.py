@@ -5,7 +5,6 @@ not stored: `previous_response_id` gets a clear 400."""
 
 from __future__ import annotations
 
-import asyncio
 
 import contextlib
 import time
@@ -14,9 +13,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
+from kvrouter.router.client_hints import prompt_cache_key
+from kvrouter.router.errors import ApiError, BadRequest, ContextTooLong, WorkerFailed
 from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
+from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, read_json, render_prompt, sse_data,
+                                          sse_response)
+from kvrouter.router.views.streaming import KEEPALIVE, OPENAI_KEEPALIVE, paced
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import _number, cap_max_tokens, parse_arguments, tool_choice_parses
 from kvrouter.router.views.tools import ToolCallSplitter, flat_function_tools, split_text, syntax_for
@@ -168,15 +170,24 @@ def response_body(resp_id, created, model, req, output, outcome: Outcome | None,
 
 async def create_response(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
-    req = parse_responses_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
+    body = await read_json(request)
+    req = parse_responses_request(body, config.default_max_tokens, config.max_tokens_limit)
     model = request.app[POOL].model(req.model)
-    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
+    prompt = await render_prompt(request, model, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
-                   namespace_of(request), prompt.text, prompt_param="input", arrived_s=request.get(ARRIVED_KEY))
+                   namespace_of(request), prompt.text, prompt_param="input", arrived_s=request.get(ARRIVED_KEY),
+                   affinity_key=prompt_cache_key(body))
     dispatcher = request.app[DISPATCHER]
-    route = dispatcher.prepare(job)
     resp_id, created, msg_id = f"resp_{uuid.uuid4().hex[:24]}", int(time.time()), f"msg_{uuid.uuid4().hex[:24]}"
+    try:
+        route = dispatcher.prepare(job)
+    except ContextTooLong as exc:
+        if not req.stream:
+            raise
+        # Codex CLI recognises a context overflow only as `response.failed` with code
+        # context_length_exceeded inside the stream (an HTTP 400 is a plain error to it).
+        return await _failed_stream(request, job, req, resp_id, created, exc)
     if req.stream:
         return await _stream(request, dispatcher, job, route, req, syntax, resp_id, created, msg_id)
     text, outcome = await collect(dispatcher, job, route)
@@ -189,7 +200,30 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     return web.json_response(body, headers={"x-kvrouter-route": route.header()})
 
 
+def failed_body(resp_id, created, model, req, exc: ApiError) -> dict:
+    """A response with status "failed" and the error as OpenAI's Responses API reports it."""
+    return {**response_body(resp_id, created, model, req, [], None, "failed"),
+            "error": {"code": exc.code or exc.type, "message": exc.message}}
+
+
+async def _failed_stream(request, job, req, resp_id, created, exc: ApiError) -> web.StreamResponse:
+    """A stream that fails at once: response.created, then response.failed."""
+    resp = sse_response("")
+    await resp.prepare(request)
+    shell = response_body(resp_id, created, job.model.name, req, [], None, "in_progress")
+    await resp.write(sse_data({"type": "response.created", "sequence_number": 0, "response": shell},
+                              "response.created"))
+    await resp.write(sse_data({"type": "response.failed", "sequence_number": 1,
+                               "response": failed_body(resp_id, created, job.model.name, req, exc)},
+                              "response.failed"))
+    await resp.write_eof()
+    return resp
+
+
 async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created, msg_id) -> web.StreamResponse:
+    """The response.* event sequence. Headers, response.created and response.in_progress
+    (and the message item's start) go out at once; SSE comments while nothing else is
+    sent; an error after that is `response.failed` with the error's code."""
     resp = sse_response(route.header())
     seq = 0
 
@@ -199,22 +233,21 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
         seq += 1
 
     splitter = ToolCallSplitter(syntax, req.tools)
-    started = False
     text_parts: list[str] = []
     part = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+    await resp.prepare(request)
+    shell = response_body(resp_id, created, job.model.name, req, [], None, "in_progress")
+    await send("response.created", {"response": shell})
+    await send("response.in_progress", {"response": shell})
+    await send("response.output_item.added", {"output_index": 0, "item": message_item(msg_id, "", "in_progress")})
+    await send("response.content_part.added", {**part, "part": {"type": "output_text", "text": "", "annotations": []}})
+    interval = request.app[ROUTER_CONFIG].stream_keepalive_s
     async with contextlib.aclosing(generate(dispatcher, job, route)) as items:
         try:
-            async for item in items:
-                if not started:
-                    await resp.prepare(request)
-                    shell = response_body(resp_id, created, job.model.name, req, [], None, "in_progress")
-                    await send("response.created", {"response": shell})
-                    await send("response.in_progress", {"response": shell})
-                    await send("response.output_item.added",
-                               {"output_index": 0, "item": message_item(msg_id, "", "in_progress")})
-                    await send("response.content_part.added",
-                               {**part, "part": {"type": "output_text", "text": "", "annotations": []}})
-                    started = True
+            async for item in paced(items, request, interval):
+                if item is KEEPALIVE:
+                    await resp.write(OPENAI_KEEPALIVE)
+                    continue
                 if isinstance(item, str):
                     text = splitter.feed(item)
                     if text:
@@ -245,8 +278,6 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
                 await send("response.completed" if status == "completed" else "response.incomplete",
                            {"response": final})
         except ApiError as exc:
-            if not started:
-                raise
-            await send("error", {"code": exc.code or exc.type, "message": exc.message, "param": exc.param})
+            await send("response.failed", {"response": failed_body(resp_id, created, job.model.name, req, exc)})
     await resp.write_eof()
     return resp

@@ -24,7 +24,7 @@ def test_public_api():
         "KINDS", "StoreConfig", "Entry", "Hit", "StoreEvent", "CheckpointStore", "PayloadError", "PlannedStore", "SkippedStore",
         "StorePlan", "align_down", "eviction_score", "eviction_victims", "plan_stores",
     }
-    assert cachestore.KINDS == ("anchor", "waypoint", "evict", "shutdown")
+    assert cachestore.KINDS == ("anchor", "waypoint", "evict", "shutdown", "hint")
     assert issubclass(PayloadError, RuntimeError)
 
 
