@@ -200,7 +200,7 @@ class ModelTokenizer:
         text = self._render(messages, tools, True)
         hints, unplaced = (), 0
         if marks:
-            tokens, token_ends = self._encode_with_ends(text)
+            tokens, token_ends = self.encode_with_ends(text)
             ends, unplaced = mark_ends(text, marks)
             tool_ends = [self._tool_end(messages, tools, text, name) for name in marks.tool_names]
             unplaced += marks.unplaceable + sum(1 for e in tool_ends if e is None)
@@ -215,7 +215,7 @@ class ModelTokenizer:
                 anchor = len(prefix)
         return Prompt(text, tokens, anchor, hints, unplaced, folded, first)
 
-    def _encode_with_ends(self, text: str) -> tuple[tuple[int, ...], list[int]]:
+    def encode_with_ends(self, text: str) -> tuple[tuple[int, ...], list[int]]:
         """Token ids of `text` (as `encode`) and each token's end offset in characters."""
         enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
         return tuple(enc["input_ids"]), [end for _, end in enc["offset_mapping"]]

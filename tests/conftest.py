@@ -18,3 +18,15 @@ def start_server(tmp_path_factory):
     yield start
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def agent_clients():
+    """The pinned Claude Code and Codex CLI from npm, installed once into a cached prefix
+    (tests/support/agent_clients.py); skipped only where npm itself is missing."""
+    from tests.support import agent_clients as ac
+
+    try:
+        return ac.install()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
