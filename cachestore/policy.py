@@ -73,11 +73,14 @@ def plan_stores(prompt_len: int, hit_len: int, anchor_len: int | None, cfg: Stor
       - client hints (kind "hint"), after the rules above, in ascending order: a hint
         position p with hit_len < p <= prompt_len is stored when p >= min_tokens, no
         planned store lies within HINT_MERGE_TOKENS of it (either side), and p lies at
-        least ``cfg.interval_tokens`` past the nearest store below it (the stored prefix
-        ``hit_len`` when it is > 0, the planned anchor and waypoints, hints kept so far):
-        at most one hint checkpoint per waypoint interval, so a breakpoint on the final
-        user message of every request (Claude Code puts one there) does not mean a store
-        per request. Hints are not limited by cold_max (waypoints are not either).
+        least ``cfg.interval_tokens`` past the nearest of what already ends a stable
+        prefix below it: the stored prefix ``hit_len`` (when > 0), the planned anchor,
+        hints kept so far. At most one hint checkpoint per waypoint interval, so a
+        breakpoint on the final user message of every request (Claude Code puts one
+        there) does not mean a store per request; a hint before the anchor (the end of
+        a stable block ahead of a volatile one) is kept. Waypoints do not count: their
+        positions are multiples of the interval, not ends of blocks. Hints are not
+        limited by cold_max (waypoints are not either).
     No store is ever planned past prompt_len (the caller keeps the last token out on restore).
 
     Returns a StorePlan. Raises ValueError when 0 <= hit_len <= prompt_len does not hold.
@@ -140,7 +143,7 @@ def _plan_hints(stores: dict[int, PlannedStore], skipped: list[SkippedStore], pr
         if any(abs(p - pos) <= HINT_MERGE_TOKENS for p in stores):
             skipped.append(SkippedStore(pos, "hint_near_store", "hint"))
             continue
-        below = [p for p in stores if p < pos] + ([hit_len] if hit_len > 0 else [])
+        below = [p for p, s in stores.items() if p < pos and s.kind != "waypoint"] + ([hit_len] if hit_len else [])
         if below and pos - max(below) < interval:
             skipped.append(SkippedStore(pos, "hint_spacing", "hint"))
             continue

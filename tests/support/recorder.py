@@ -23,6 +23,8 @@ import aiohttp
 from aiohttp import web
 
 HOP_HEADERS = {"host", "content-length", "accept-encoding", "connection", "transfer-encoding"}
+TOKEN_EVENTS = (b"event: content_block_delta", b"event: response.output_text.delta",
+                b"event: response.function_call_arguments.delta")  # SSE events that carry generated text
 
 
 @dataclass
@@ -40,6 +42,12 @@ class Exchange:
     body_text: str = ""
     started_s: float = 0.0  # time.perf_counter() when the request arrived
     first_event_s: float | None = None  # ... when the first SSE event came back
+    first_token_s: float | None = None  # ... when the first generated text came back
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Seconds from the request to its first generated text, as the client saw them."""
+        return None if self.first_token_s is None else self.first_token_s - self.started_s
 
     def usage(self) -> dict | None:
         """The final usage of an Anthropic or OpenAI Responses stream, or of a plain body."""
@@ -160,6 +168,8 @@ class Recorder:
                 async for chunk in up.content.iter_any():
                     if ex.first_event_s is None and b"data:" in chunk:
                         ex.first_event_s = time.perf_counter()
+                    if ex.first_token_s is None and any(m in chunk for m in TOKEN_EVENTS):
+                        ex.first_token_s = time.perf_counter()
                     chunks.append(chunk)
                     await resp.write(chunk)
                 text = b"".join(chunks).decode(errors="replace")

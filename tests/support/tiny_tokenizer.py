@@ -1,0 +1,38 @@
+"""A real byte-level BPE tokenizer without a model, for unit tests: one token per byte
+plus the ChatML control tokens (built the way a GGUF tokenizer is, through
+`kvrouter.worker.models.tokenizer.tokenizer_json_from_gguf`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import pre_tokenizers
+
+from kvrouter_proto import worker_pb2
+from kvrouter.worker.models.tokenizer import tokenizer_json_from_gguf
+
+CHATML_TOOLS = (Path(__file__).parent / "chatml_tools.jinja").read_text()
+
+# SmolLM2's template (what the default model ships): any role renders as a turn of its own.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# A template that refuses a system message anywhere but first (as many do).
+STRICT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('System message must be at the beginning.') }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def model_info(chat_template: str = SMOLLM2_TEMPLATE, context_length: int = 65536) -> worker_pb2.ModelInfo:
+    """A ModelInfo whose tokenizer maps every byte to one token."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = alphabet + ["<|im_start|>", "<|im_end|>"]
+    types = [1] * len(alphabet) + [3, 3]
+    eos = len(tokens) - 1
+    return worker_pb2.ModelInfo(model_name="tiny", identity="tiny", tokenizer_json=tokenizer_json_from_gguf(
+        tokens, [], types), chat_template=chat_template, eos_token_ids=[eos], context_length=context_length)
