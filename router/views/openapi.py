@@ -92,7 +92,7 @@ def build_spec(models: list[str]) -> dict:
         _obj({"type": {"type": "string", "enum": ["tool_result"]}, "tool_use_id": STR, "content": STR},
              ["type", "tool_use_id"]),
     ]}
-    a_message = _obj({"role": {"type": "string", "enum": ["user", "assistant"]},
+    a_message = _obj({"role": {"type": "string", "enum": ["user", "assistant", "system"]},
                       "content": {"oneOf": [STR, {"type": "array", "items": block}]}}, ["role", "content"])
     a_tools = {"type": "array", "items": _obj({"name": {"type": "string", "minLength": 1}, "description": STR,
                                                "input_schema": {"type": "object"}}, ["name", "input_schema"])}
