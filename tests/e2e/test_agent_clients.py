@@ -20,6 +20,7 @@ Claude Code's session sequence (one scratch git repository):
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import urllib.request
 
@@ -34,7 +35,10 @@ from tests.support.recorder import Recorder
 
 MAX_TOKENS = 8
 ENVIRONMENT_MARKER = "gitStatus:"  # where Claude Code's environment block (git status) starts
-CUT_BY_LIMIT = "Incomplete response returned, reason: max_output_tokens"  # Codex on a capped answer
+# What each client says when the server's cap cuts its output (not a kvrouter failure): Claude
+# Code asks to continue three times, then gives up with this; Codex exits 1 with the other.
+CLAUDE_CUT_BY_LIMIT = re.compile(r"API Error: Claude's response exceeded the \d+ output token maximum")
+CODEX_CUT_BY_LIMIT = "Incomplete response returned, reason: max_output_tokens"
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +97,9 @@ def claude_sessions(served, agent_clients, tmp_path_factory):
 def test_claude_code_sessions_complete_without_api_error(claude_sessions):
     for i, (done, exchanges) in enumerate(claude_sessions, 1):
         output = done.stdout + done.stderr
-        assert done.returncode == 0 and "API Error" not in output, f"session {i}: {output[-2000:]}"
+        errors = [line for line in output.splitlines() if "API Error" in line and not CLAUDE_CUT_BY_LIMIT.search(line)]
+        assert not errors, f"session {i}: {output[-2000:]}"
+        assert done.returncode == 0 or CLAUDE_CUT_BY_LIMIT.search(output), f"session {i}: {output[-2000:]}"
         posts = [e for e in exchanges if e.path.startswith("/v1/messages")]
         assert posts and all(e.status == 200 for e in posts), [(e.path, e.status) for e in exchanges]
         for e in posts:  # every stream ended normally, with kvrouter's usage
@@ -146,7 +152,7 @@ def codex_sessions(served, agent_clients, tmp_path_factory):
 def test_codex_sessions_complete(codex_sessions):
     for i, (done, exchanges) in enumerate(codex_sessions, 1):
         errors = [line for line in (done.stdout + done.stderr).splitlines()
-                  if "ERROR" in line and CUT_BY_LIMIT not in line]
+                  if "ERROR" in line and CODEX_CUT_BY_LIMIT not in line]
         assert not errors, f"session {i}: {errors}"
         posts = [e for e in exchanges if e.path.startswith("/v1/responses")]
         assert posts and all(e.status == 200 for e in posts)
