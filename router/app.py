@@ -1,5 +1,10 @@
 """The aiohttp application factory: routes, the error middleware, and the
-cleanup contexts that own the worker pool and the store index."""
+cleanup contexts that own the cluster (worker clients) and the store index.
+
+The request path has three parts: `router.cluster` (what is known of the
+workers, and the routing snapshot), `router.leases` (the load each request
+puts on its worker) and `router.worker_client` (the wire); `router.dispatch`
+ties them together for every protocol view."""
 
 from __future__ import annotations
 
@@ -10,16 +15,17 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvrouter.router.auth import authorize
+from kvrouter.router.cluster import Cluster
 from kvrouter.router.config import RouterConfig
 from kvrouter.router.dispatch import Dispatcher
 from kvrouter.router.errors import ApiError, NotFound, PayloadTooLarge
-from kvrouter.router.keys import DISPATCHER, METRICS, POOL, ROUTER_CONFIG
+from kvrouter.router.keys import CLUSTER, DISPATCHER, LEASES, METRICS, ROUTER_CONFIG
+from kvrouter.router.leases import Leases
 from kvrouter.router.metrics import count_errors_middleware, create_metrics, refresh_scrape_gauges
-from kvrouter.router.pool import WorkerPool
-from kvrouter.router.auth import authorize
-from kvrouter.router.views.common import ARRIVED_KEY
 from kvrouter.router.views import anthropic, completions, openai, openapi, responses
-from kvrouter.router.views.common import NAMESPACE_KEY
+from kvrouter.router.views.common import ARRIVED_KEY, NAMESPACE_KEY
+from kvrouter.router.views.state import router_state_view
 
 log = logging.getLogger("kvrouter.router")
 
@@ -89,25 +95,19 @@ async def auth_middleware(request: web.Request, handler):
 
 
 async def health(request: web.Request) -> web.Response:
-    pool = request.app[POOL]
-    workers = {c.name: c.healthy for c in pool.clients}
+    workers = {c.name: c.healthy for c in request.app[CLUSTER].clients}
     ok = any(workers.values())
     return web.json_response({"status": "ok" if ok else "unavailable", "workers": workers}, status=200 if ok else 503)
 
 
-async def router_state(request: web.Request) -> web.Response:
-    """GET /v1/router/state: workers (pid of local ones), health, load, rates, cache summary."""
-    return web.json_response(request.app[POOL].state())
-
-
 async def metrics_view(request: web.Request) -> web.Response:
     m = request.app[METRICS]
-    await refresh_scrape_gauges(m, request.app[POOL])
+    await refresh_scrape_gauges(m, request.app[CLUSTER])
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(config: RouterConfig, pool: WorkerPool | None = None) -> web.Application:
-    """The gateway for `config`. `pool` defaults to gRPC clients for
+def create_app(config: RouterConfig, cluster: Cluster | None = None) -> web.Application:
+    """The gateway for `config`. `cluster` defaults to gRPC clients for
     `config.worker_addresses`; it is connected on startup and closed on cleanup."""
     metrics = create_metrics()
     # count_errors_middleware is inner: it sees each exception before error_middleware maps it.
@@ -116,31 +116,33 @@ def create_app(config: RouterConfig, pool: WorkerPool | None = None) -> web.Appl
     app[ROUTER_CONFIG] = config
     app[METRICS] = metrics
     store = None
-    if pool is None:
+    if cluster is None:
         if config.store is not None:
             from kvrouter.cachestore import CheckpointStore
 
             store = CheckpointStore(config.store)
         from kvrouter.cachestore.config import store_id_of
 
-        pool = WorkerPool.from_addresses(
+        cluster = Cluster.from_addresses(
             config.worker_addresses, store, remote=config.remote_workers, token=config.worker_token,
             tls_ca=config.worker_tls_ca, local_store_id=store_id_of(config.store.directory) if store else "",
-            affinity_max_in_flight=config.affinity_max_in_flight, max_queue=config.max_queue)
-    app[POOL] = pool
-    app[DISPATCHER] = Dispatcher(pool, app[METRICS], coalesce=config.coalesce)
+            max_queue=config.max_queue)
+    app[CLUSTER] = cluster
+    app[LEASES] = Leases(metrics.in_flight)
+    app[DISPATCHER] = Dispatcher(cluster, app[LEASES], metrics, coalesce=config.coalesce,
+                                 affinity_max_in_flight=config.affinity_max_in_flight)
 
-    async def pool_ctx(app: web.Application):
-        await pool.connect(config.worker_ready_timeout_s)
+    async def cluster_ctx(app: web.Application):
+        await cluster.connect(config.worker_ready_timeout_s)
         if config.chat_template is not None:
-            for m in pool.models.values():
+            for m in cluster.models.values():
                 m.tokenizer = await asyncio.to_thread(m.tokenizer.with_chat_template, config.chat_template)
         yield
-        await pool.close()
-        if pool.store is not None:
-            pool.store.close()
+        await cluster.close()
+        if cluster.store is not None:
+            cluster.store.close()
 
-    app.cleanup_ctx.append(pool_ctx)
+    app.cleanup_ctx.append(cluster_ctx)
     if config.grpc_port is not None:
         from kvrouter.router.grpc_api import grpc_ctx
 
@@ -150,7 +152,7 @@ def create_app(config: RouterConfig, pool: WorkerPool | None = None) -> web.Appl
     app.router.add_post("/v1/responses", responses.create_response)
     app.router.add_get("/v1/models", openai.list_models)
     app.router.add_get("/v1/models/{model:.+}", openai.retrieve_model)
-    app.router.add_get("/v1/router/state", router_state)
+    app.router.add_get("/v1/router/state", router_state_view)
     app.router.add_post("/v1/messages", anthropic.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic.count_tokens)
     app.router.add_get("/openapi.json", openapi.openapi_json)

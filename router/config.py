@@ -40,7 +40,7 @@ class RouterConfig:
     keep_billing_header: bool = False  # keep Claude Code's x-anthropic-billing-header line in the prompt
     tools_before_system: bool = False  # render tools before the system text where the template can
     stream_keepalive_s: float = 10.0  # SSE keep-alive interval while a stream has nothing to send, seconds
-    # Routing (router.pool, router.routing, router.dispatch):
+    # Routing (router.cluster, router.routing, router.dispatch):
     remote_workers: tuple[str, ...] = ()  # gRPC "HOST:PORT" of workers on other hosts (--remote-worker)
     worker_token: str | None = None  # sent to remote workers (their --worker-token)
     worker_tls_ca: bytes | None = None  # PEM roots to verify TLS remote workers (None: plaintext)
@@ -63,5 +63,4 @@ class ServeConfig:
     cache_dir: Path
     prefill_chunk_tokens: int = 256
     batching: BatchingConfig = BatchingConfig()
-    log_dir: Path | None = None
     models: tuple[str | None, ...] = ()  # every --model (workers each); empty: (model,)

@@ -1,5 +1,5 @@
 """The public gRPC API (`kvrouter.router.v1.Router`, proto/kvrouter_proto/router.proto),
-served from the router process next to the HTTP API with the same pool,
+served from the router process next to the HTTP API with the same cluster,
 dispatcher, keys and namespaces. Started by `kvrouter serve --grpc-port`."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from aiohttp import web
 from kvrouter_proto import router_pb2, router_pb2_grpc
 from kvrouter.router.auth import authorize
 from kvrouter.router.errors import ApiError, BadRequest
-from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
+from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.views.common import make_job
 from kvrouter.router.views.generation import Outcome, generate, parse_stop
 from kvrouter.router.views.openai_request import cap_max_tokens, parse_messages
@@ -56,14 +56,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self._namespace(context)
         except ApiError as exc:
             await context.abort(status_code(exc), exc.message)
-        pool = self.app[POOL]
+        cluster = self.app[CLUSTER]
         return router_pb2.ListModelsResponse(models=[
-            router_pb2.Model(id=name, context_length=pool.models[name].context_length) for name in sorted(pool.models)
+            router_pb2.Model(id=name, context_length=cluster.models[name].context_length) for name in sorted(cluster.models)
         ])
 
     def _job(self, request, namespace: str):
         config = self.app[ROUTER_CONFIG]
-        model = self.app[POOL].model(request.model)
+        model = self.app[CLUSTER].model(request.model)
         which = request.WhichOneof("input")
         anchor, preview = 0, ""
         if which == "messages":
@@ -92,26 +92,26 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             job = self._job(request, self._namespace(context))
             stops = parse_stop(list(request.stop), "stop")
             dispatcher = self.app[DISPATCHER]
-            route = dispatcher.prepare(job)
-            async with contextlib.aclosing(generate(dispatcher, job, route, stops)) as items:
-                async for item in items:
-                    if isinstance(item, Outcome):
-                        yield router_pb2.GenerateResponse(final=router_pb2.Final(
-                            finish_reason=item.finish_reason,
-                            stop_sequence=item.stop_sequence or "",
-                            worker=route.worker,
-                            usage=router_pb2.Usage(
-                                prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
-                                cached_tokens=item.cached_tokens, stored_tokens=item.stored_tokens),
-                        ))
-                    elif item:
-                        yield router_pb2.GenerateResponse(delta=router_pb2.Delta(text=item))
+            async with dispatcher.route(job) as route:
+                async with contextlib.aclosing(generate(dispatcher, job, route, stops)) as items:
+                    async for item in items:
+                        if isinstance(item, Outcome):
+                            yield router_pb2.GenerateResponse(final=router_pb2.Final(
+                                finish_reason=item.finish_reason,
+                                stop_sequence=item.stop_sequence or "",
+                                worker=route.worker,
+                                usage=router_pb2.Usage(
+                                    prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
+                                    cached_tokens=item.cached_tokens, stored_tokens=item.stored_tokens),
+                            ))
+                        elif item:
+                            yield router_pb2.GenerateResponse(delta=router_pb2.Delta(text=item))
         except ApiError as exc:
             await context.abort(status_code(exc), exc.message)
 
 
 async def grpc_ctx(app: web.Application):
-    """Cleanup context: serves the gRPC API while the app runs (after the pool connected)."""
+    """Cleanup context: serves the gRPC API while the app runs (after the cluster connected)."""
     config = app[ROUTER_CONFIG]
     server = grpc.aio.server()
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(app), server)

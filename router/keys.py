@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from kvrouter.router.cluster import Cluster
 from kvrouter.router.config import RouterConfig
 from kvrouter.router.dispatch import Dispatcher
+from kvrouter.router.leases import Leases
 from kvrouter.router.metrics import RouterMetrics
-from kvrouter.router.pool import WorkerPool
 
 ROUTER_CONFIG = web.AppKey("router_config", RouterConfig)
-POOL = web.AppKey("pool", WorkerPool)
+CLUSTER = web.AppKey("cluster", Cluster)
+LEASES = web.AppKey("leases", Leases)
 METRICS = web.AppKey("metrics", RouterMetrics)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)

@@ -4,7 +4,7 @@ Workers run in other processes, but nothing here needs prometheus-client's
 multiprocess mode: every worker-side figure (prefill and load time, checkpoint
 stores, skips, evictions, quarantines) arrives with the request it belongs to,
 in the worker's `Final` message (`usage` and `store_events`, see
-proto/kvrouter_proto/worker.proto), and is recorded by `router.dispatch`.
+proto/kvrouter_proto/worker.proto), and is recorded by `record_completion` (called by `router.dispatch`).
 Scrape-time figures (worker health and queue depth, store entries and bytes
 per kind) are read when `/metrics` is served (`refresh_scrape_gauges`).
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter as Tally
 from dataclasses import dataclass
 
@@ -149,12 +150,59 @@ def create_metrics() -> RouterMetrics:
         store_budget_bytes=Gauge("kvrouter_store_budget_bytes", "The store's disk budget (--kv-cache-disk-mb)",
                                  registry=reg),
         client_hints=Counter(
-            "kvrouter_client_hints", "What agent clients told the router beyond the conversation (router.client_hints): "
-            "cache_control breakpoints placed on prompt tokens or not placed, prompt_cache_key affinity hints "
-            "and whether routing followed them, client metadata removed from the prompt, system messages folded",
+            "kvrouter_client_hints",
+            "What agent clients told the router beyond the conversation (router.client_hints): cache_control "
+            "breakpoints placed on prompt tokens or not placed, prompt_cache_key affinity hints and whether routing "
+            "followed them, client metadata removed from the prompt, system messages folded, tools rendered first",
             ["model", "hint"], registry=reg,
         ),
     )
+
+
+class RequestTimer:
+    """Times one request from `t0` (perf_counter seconds): its time to first token,
+    the gaps between later tokens and its whole duration, for model `model`."""
+
+    def __init__(self, m: RouterMetrics, model: str, t0: float):
+        self.m, self.model, self.t0 = m, model, t0
+        self._last = 0.0
+
+    def tokens(self, n: int) -> None:
+        """A chunk of `n` generated tokens arrived (the first chunk marks the first token;
+        later ones count n gaps of 1/n of their delay)."""
+        now = time.perf_counter()
+        if not self._last:
+            self.m.ttft.labels(self.model).observe(now - self.t0)
+        elif n:
+            gap = (now - self._last) / n
+            for _ in range(n):
+                self.m.inter_token.labels(self.model).observe(gap)
+        self._last = now
+
+    def done(self) -> None:
+        """The request's last token arrived."""
+        self.m.request_seconds.labels(self.model).observe(time.perf_counter() - self.t0)
+
+
+def record_completion(m: RouterMetrics, model: str, c, loaded_bytes: int = 0) -> None:
+    """Records what a worker reported at the end of a request (`worker_client.Completion`):
+    prompt tokens by source, completion tokens, prefill and disk-load time and bytes
+    (`loaded_bytes` of the checkpoint loaded from disk), and its store events."""
+    m.prompt_tokens.labels(model, "computed").inc(c.prompt_tokens - c.cached_tokens)
+    if c.cached_tokens:
+        m.prompt_tokens.labels(model, c.cache_source).inc(c.cached_tokens)
+    m.completion_tokens.labels(model).inc(c.completion_tokens)
+    if c.prompt_tokens > c.cached_tokens:
+        m.prefill_seconds.labels(model).observe(c.prefill_seconds)
+    if c.cache_source == "disk":
+        m.checkpoint_load_seconds.labels(model).observe(c.load_seconds)
+        if loaded_bytes:
+            m.checkpoint_load_bytes.labels(model).observe(loaded_bytes)
+    for e in c.store_events:
+        m.checkpoint_events.labels(model, e.action, e.kind, e.reason).inc()
+        if e.action == "stored":
+            m.checkpoint_store_seconds.labels(model, e.kind).observe(e.seconds)
+            m.checkpoint_store_bytes.labels(model, e.kind).observe(e.bytes)
 
 
 def error_class(exc: BaseException) -> str:
@@ -205,10 +253,11 @@ def store_gauges(store) -> tuple[dict[str, int], dict[str, int], int]:
     return dict(entries), dict(size), len(rows) - len(usable)
 
 
-async def refresh_scrape_gauges(m: RouterMetrics, pool) -> None:
-    """Sets the gauges read at scrape time: worker health and queue depth (GetStatus,
-    WORKER_STATUS_TIMEOUT_S each, in parallel) and the store's entries and bytes per kind."""
-    clients = list(pool.clients)
+async def refresh_scrape_gauges(m: RouterMetrics, cluster) -> None:
+    """Sets the gauges read at scrape time from a `router.cluster.Cluster`: worker health
+    and queue depth (GetStatus without live states, WORKER_STATUS_TIMEOUT_S each, in
+    parallel) and the store's entries and bytes per kind."""
+    clients = list(cluster.clients)
     for c in clients:
         m.worker_healthy.labels(c.name).set(1 if c.healthy else 0)
 
@@ -224,7 +273,7 @@ async def refresh_scrape_gauges(m: RouterMetrics, pool) -> None:
                 pass
 
     await asyncio.gather(*(depth(c) for c in clients if c.healthy))
-    store = pool.store
+    store = cluster.store
     if store is not None:
         entries, size, quarantined = await asyncio.to_thread(store_gauges, store)
         for kind in entries:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from kvrouter.router.client_hints import PromptMarks, char_to_token_positions, mark_ends
 from kvrouter.router.errors import BadRequest
+from kvrouter.router.incremental import IncrementalEncoder
 from kvrouter.worker.models.tokenizer import build_hf_tokenizer
 
 SYSTEM_REMINDER = "<system-reminder>\n{}\n</system-reminder>"
@@ -115,8 +116,8 @@ def anchor_message_count(messages: list[dict]) -> int:
 class ModelTokenizer:
     """Renders and tokenizes prompts for one model.
 
-    Built from the worker's ModelInfo: tokenizer_json (a `tokenizers` JSON),
-    chat_template, eos/bos ids and the context length in tokens.
+    Built from the worker's `router.worker_client.ModelInfo`: tokenizer_json (a
+    `tokenizers` JSON), chat_template, eos/bos ids and the context length in tokens.
     """
 
     def __init__(self, info, chat_template: str | None = None):
@@ -128,9 +129,10 @@ class ModelTokenizer:
             info.tokenizer_json,
             self.chat_template or None,
             tuple(info.eos_token_ids),
-            info.bos_token_id if info.HasField("bos_token_id") else None,
+            info.bos_token_id,
         )
         self.has_chat_template = bool(self.chat_template)
+        self.incremental = IncrementalEncoder(self._tok.backend_tokenizer)
 
     @functools.cached_property
     def traits(self) -> TemplateTraits:
@@ -171,8 +173,9 @@ class ModelTokenizer:
             raise BadRequest(f"cannot render the chat template for these messages: {exc}") from exc
 
     def encode(self, text: str) -> tuple[int, ...]:
-        """Token ids of `text`, special tokens in the text recognised, none added."""
-        return tuple(self._tok.encode(text, add_special_tokens=False))
+        """Token ids of `text`, special tokens in the text recognised, none added; the part
+        an earlier prompt shared is not tokenized again (`router.incremental`)."""
+        return self.incremental.encode(text)
 
     def decode(self, tokens) -> str:
         return self._tok.decode(list(tokens))

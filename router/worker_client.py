@@ -1,9 +1,10 @@
-"""The router's view of one worker: a small interface and its gRPC implementation.
+"""The wire between the router and one worker: the only router module that speaks
+protobuf (`kvrouter.worker.v1.Worker` and `grpc.health.v1`).
 
-`WorkerClient` is what the pool, the dispatcher and the HTTP views use;
-`GrpcWorkerClient` speaks `kvrouter.worker.v1.Worker` and `grpc.health.v1` to a
-worker process; `FakeWorkerClient` is an in-memory worker for policy tests.
-gRPC errors are translated here, at the process boundary:
+`WorkerClient` is the small interface the rest of the router uses; everything it
+takes and returns is a dataclass of this module. `GrpcWorkerClient` implements it
+over gRPC; `tests/support/fake_worker.py` implements it in memory. gRPC errors are
+translated here, in one place (`translate_error`), at the process boundary:
 
     RuntimeError
     ├── WorkerUnavailable   nothing was generated: safe to retry elsewhere
@@ -13,27 +14,29 @@ gRPC errors are translated here, at the process boundary:
 and invalid requests become `router.errors.BadRequest` (a client error: it
 never counts against the worker's health, case C14).
 
-In-flight counts are not kept here: the dispatcher raises `in_flight` when it
-decides the route and lowers it when the request ends, whatever way it ends.
+Load (requests in flight) is not counted here: `router.leases` owns it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
+from kvrouter.cachestore.costs import Rates
 from kvrouter.router.errors import BadRequest
 from kvrouter.router.remote_stores import Checkpoint
-from kvrouter.cachestore.costs import Rates
 
 log = logging.getLogger("kvrouter.router.worker_client")
+
+STATUS_TIMEOUT_S = 5.0
+MODEL_INFO_TIMEOUT_S = 30.0
+MAX_MESSAGE_BYTES = 64 * 2**20  # a ModelInfo carries the tokenizer JSON; a status, every live state's tokens
 
 
 class WorkerUnavailable(RuntimeError):
@@ -48,6 +51,82 @@ class WorkerError(RuntimeError):
     """The worker accepted the request and then failed it."""
 
 
+# -- what crosses the wire, as the router sees it -------------------------------------------
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model a worker serves (GetModelInfo).
+
+    identity: weights + tokenizer + KV layout digest (part of every store key).
+    tokenizer_json: a `tokenizers` Tokenizer as JSON; chat_template: Jinja text ("" none);
+    eos_token_ids / bos_token_id: special token ids; context_length: tokens.
+    """
+
+    model_name: str
+    identity: str
+    context_length: int
+    tokenizer_json: str = ""
+    chat_template: str = ""
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class LiveStateInfo:
+    """A live state a worker holds: its id, namespace and the token ids of its KV state."""
+
+    live_id: int
+    namespace: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """A worker's counters and cache summary (GetStatus).
+
+    queue_depth: requests waiting plus running in its engine. store_id: "host:directory"
+    of the store it reads ("" none). ram_entry_ids / ram_bytes: its RAM tier. event_seq:
+    number of its last cache event. live_states: every live state, only when asked for.
+    max_queue: requests it accepts (0: no limit). slots / prompt_slots: its
+    --decode-concurrency / --prompt-concurrency.
+    """
+
+    model_name: str
+    queue_depth: int = 0
+    requests_served: int = 0
+    pid: int = 0
+    rates: Rates = Rates()
+    ram_entry_ids: tuple[str, ...] = ()
+    ram_bytes: int = 0
+    store_id: str = ""
+    max_queue: int = 0
+    event_seq: int = 0
+    live_states: tuple[LiveStateInfo, ...] = ()
+    slots: int = 1
+    prompt_slots: int = 1
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation for a worker. prompt: token ids; namespace: the tenant (part of every
+    checkpoint key); anchor_tokens: length of the stable chat prefix (0: none);
+    text_preview: the prompt's first characters, kept with stored checkpoints.
+    hint_tokens: positions (tokens) the client marked as ends of stable prefixes
+    (candidate checkpoint positions, `cachestore.plan_stores`).
+    Sampling: temperature (0 greedy), top_p (1 off), max_tokens, seed (None: unseeded)."""
+
+    request_id: str
+    prompt: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    namespace: str = ""
+    anchor_tokens: int = 0
+    text_preview: str = ""
+    hint_tokens: tuple[int, ...] = ()
+
+
 @dataclass(frozen=True)
 class Delta:
     """Generated tokens and their text."""
@@ -57,8 +136,10 @@ class Delta:
 
 
 @dataclass(frozen=True)
-class StoreEvent:
-    """A checkpoint store action a worker took for the request (see worker.proto)."""
+class CheckpointEvent:
+    """A checkpoint store action a worker took for the request (worker.proto `StoreEvent`;
+    the worker side is `cachestore.StoreEvent`).
+    tokens: checkpoint length; bytes: payload size; seconds: time it took."""
 
     action: str
     kind: str
@@ -74,7 +155,7 @@ class CacheUpdate:
     `tokens` (in `namespace`), or was dropped (`removed`); kind "ram": `entry_id`
     entered (added) or left its RAM tier; kind "checkpoint": the worker stored
     (added) or removed `checkpoint` (id `entry_id`) in the store it reads (token
-    ids only when added)."""
+    ids only when added; `reason` says why it was removed)."""
 
     seq: int
     kind: str
@@ -85,6 +166,7 @@ class CacheUpdate:
     live_id: int = 0
     removed: bool = False
     checkpoint: Checkpoint | None = None
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,7 +180,7 @@ class Completion:
     cache_source: str
     prefill_seconds: float
     load_seconds: float
-    store_events: tuple[StoreEvent, ...] = ()
+    store_events: tuple[CheckpointEvent, ...] = ()
     loaded_bytes: int = 0
     rates: Rates | None = None  # the worker's measurements after this request
     live_id: int = 0  # the live state the request left on the worker (0: none)
@@ -109,6 +191,8 @@ class Completion:
         return max((e.tokens for e in self.store_events
                     if e.action == "stored" and e.kind in ("anchor", "waypoint", "hint")), default=0)
 
+
+# -- protobuf <-> dataclasses -----------------------------------------------------------------
 
 _SOURCE_NAMES = {
     worker_pb2.CACHE_SOURCE_NONE: "none",
@@ -123,6 +207,21 @@ def rates_from_proto(r: worker_pb2.Rates) -> Rates:
                  r.decode_tokens_per_second)
 
 
+def model_info_from_proto(m: worker_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(m.model_name, m.identity, m.context_length, m.tokenizer_json, m.chat_template,
+                     tuple(m.eos_token_ids), m.bos_token_id if m.HasField("bos_token_id") else None)
+
+
+def status_from_proto(st: worker_pb2.WorkerStatus) -> WorkerStatus:
+    return WorkerStatus(
+        model_name=st.model_name, queue_depth=st.queue_depth, requests_served=st.requests_served, pid=st.pid,
+        rates=rates_from_proto(st.rates), ram_entry_ids=tuple(st.ram_entry_ids), ram_bytes=st.ram_bytes,
+        store_id=st.store_id, max_queue=st.max_queue, event_seq=st.event_seq,
+        live_states=tuple(LiveStateInfo(s.live_id, s.namespace, tuple(s.token_ids)) for s in st.live_states),
+        slots=max(1, st.decode_concurrency), prompt_slots=max(1, st.prompt_concurrency),
+    )
+
+
 def checkpoint_from_proto(c: worker_pb2.CheckpointChanged) -> Checkpoint:
     return Checkpoint(c.entry_id, c.namespace, c.model_identity, c.kind, tuple(c.token_ids), c.n_tokens,
                       c.payload_bytes)
@@ -135,28 +234,72 @@ def cache_update_from_proto(ev: worker_pb2.CacheEvent) -> CacheUpdate:
     if ev.HasField("checkpoint"):
         c = ev.checkpoint
         return CacheUpdate(ev.seq, "checkpoint", entry_id=c.entry_id, added=c.added,
-                           checkpoint=checkpoint_from_proto(c))
+                           checkpoint=checkpoint_from_proto(c), reason=c.reason)
     return CacheUpdate(ev.seq, "ram", entry_id=ev.ram.entry_id, added=ev.ram.added)
 
 
+def request_to_proto(r: GenerateRequest) -> worker_pb2.GenerateRequest:
+    msg = worker_pb2.GenerateRequest(
+        request_id=r.request_id, prompt_token_ids=r.prompt,
+        sampling=worker_pb2.SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens),
+        namespace=r.namespace, anchor_tokens=r.anchor_tokens, text_preview=r.text_preview,
+        hint_tokens=r.hint_tokens,
+    )
+    if r.seed is not None:
+        msg.sampling.seed = r.seed
+    return msg
+
+
+def completion_from_proto(final: worker_pb2.Final) -> Completion:
+    u = final.usage
+    return Completion(
+        finish_reason=final.finish_reason,
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        cached_tokens=u.cached_tokens,
+        cache_source=_SOURCE_NAMES.get(u.cache_source, "none"),
+        prefill_seconds=u.prefill_seconds,
+        load_seconds=u.load_seconds,
+        store_events=tuple(CheckpointEvent(e.action, e.kind, e.tokens, e.bytes, e.seconds, e.reason)
+                           for e in final.store_events),
+        loaded_bytes=u.loaded_bytes,
+        rates=rates_from_proto(final.rates) if final.HasField("rates") else None,
+        live_id=final.live_id,
+    )
+
+
+def translate_error(exc: grpc.aio.AioRpcError, worker: str, what: str, started: bool = False) -> Exception:
+    """The router's exception for a failed call `what` to `worker`: BadRequest for
+    INVALID_ARGUMENT; before any token, WorkerBusy (RESOURCE_EXHAUSTED) or
+    WorkerUnavailable; after one, WorkerError."""
+    code = exc.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return BadRequest(exc.details() or "invalid request")
+    if started:
+        return WorkerError(f"worker {worker} failed: {exc.details()}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return WorkerBusy(f"worker {worker}: {exc.details()}")
+    return WorkerUnavailable(f"worker {worker} {what}: {code.name}: {exc.details()}")
+
+
+# -- the interface and its gRPC implementation -----------------------------------------------
+
 class WorkerClient(Protocol):
-    """name: the router's name for it ("w0", "r0"); local: a process `kvrouter serve`
-    started on this host; healthy: follows grpc.health.v1 Watch; in_flight: requests
-    the dispatcher sent and that have not ended."""
+    """name: the router's name for it ("w0", "r0"); address: where it listens; local: a
+    process `kvrouter serve` started on this host; healthy: follows grpc.health.v1 Watch."""
 
     name: str
     address: str
     local: bool
     healthy: bool
-    in_flight: int
 
     async def wait_ready(self, timeout_s: float) -> None: ...
     async def watch_health(self) -> None: ...
-    async def model_info(self) -> worker_pb2.ModelInfo: ...
-    async def status(self) -> worker_pb2.WorkerStatus: ...
+    async def model_info(self) -> ModelInfo: ...
+    async def status(self, live_states: bool = False) -> WorkerStatus: ...
     def cache_events(self) -> AsyncIterator[CacheUpdate]: ...
     def list_checkpoints(self) -> AsyncIterator[Checkpoint]: ...
-    def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]: ...
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta | Completion]: ...
     async def close(self) -> None: ...
 
 
@@ -174,8 +317,7 @@ class GrpcWorkerClient:
         self.address = address
         self.local = local
         self.healthy = False
-        self.in_flight = 0
-        options = [("grpc.max_receive_message_length", 64 * 2**20)]
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         if tls_ca is not None:
             self._channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options=options)
         else:
@@ -221,18 +363,24 @@ class GrpcWorkerClient:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
-    async def model_info(self) -> worker_pb2.ModelInfo:
+    async def model_info(self) -> ModelInfo:
+        """Raises WorkerUnavailable when the call fails."""
         try:
-            return await self._stub.GetModelInfo(worker_pb2.ModelInfoRequest(), timeout=30,
-                                                     metadata=self._metadata)
+            msg = await self._stub.GetModelInfo(worker_pb2.ModelInfoRequest(), timeout=MODEL_INFO_TIMEOUT_S,
+                                                metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            raise WorkerUnavailable(f"worker {self.name}: {exc.details()}") from exc
+            raise translate_error(exc, self.name, "model info") from exc
+        return model_info_from_proto(msg)
 
-    async def status(self) -> worker_pb2.WorkerStatus:
+    async def status(self, live_states: bool = False) -> WorkerStatus:
+        """The worker's status; `live_states`: with every live state's token ids.
+        Raises WorkerUnavailable when the call fails."""
         try:
-            return await self._stub.GetStatus(worker_pb2.StatusRequest(), timeout=5, metadata=self._metadata)
+            msg = await self._stub.GetStatus(worker_pb2.StatusRequest(include_live_states=live_states),
+                                             timeout=STATUS_TIMEOUT_S, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            raise WorkerUnavailable(f"worker {self.name}: {exc.details()}") from exc
+            raise translate_error(exc, self.name, "status") from exc
+        return status_from_proto(msg)
 
     async def _stream(self, call, convert, what: str) -> AsyncIterator:
         """`convert`ed messages of a server stream; a failed call raises WorkerUnavailable."""
@@ -240,7 +388,7 @@ class GrpcWorkerClient:
             async for msg in call:
                 yield convert(msg)
         except grpc.aio.AioRpcError as exc:
-            raise WorkerUnavailable(f"worker {self.name} {what}: {exc.code().name}") from exc
+            raise translate_error(exc, self.name, what) from exc
         finally:
             call.cancel()
 
@@ -255,14 +403,14 @@ class GrpcWorkerClient:
         call = self._stub.ListCheckpoints(worker_pb2.ListCheckpointsRequest(), metadata=self._metadata)
         return self._stream(call, checkpoint_from_proto, "checkpoint listing")
 
-    async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta | Completion]:
         """Streams Delta items and ends with one Completion.
 
         Raises BadRequest (invalid request), WorkerUnavailable (nothing was
         generated: safe to retry elsewhere), WorkerError (failed mid-way).
         Closing the iterator early cancels the generation on the worker.
         """
-        call = self._stub.Generate(request, metadata=self._metadata)
+        call = self._stub.Generate(request_to_proto(request), metadata=self._metadata)
         started = False
         try:
             async for msg in call:
@@ -270,182 +418,11 @@ class GrpcWorkerClient:
                     started = True
                     yield Delta(tuple(msg.delta.token_ids), msg.delta.text)
                 else:
-                    u = msg.final.usage
-                    yield Completion(
-                        finish_reason=msg.final.finish_reason,
-                        prompt_tokens=u.prompt_tokens,
-                        completion_tokens=u.completion_tokens,
-                        cached_tokens=u.cached_tokens,
-                        cache_source=_SOURCE_NAMES.get(u.cache_source, "none"),
-                        prefill_seconds=u.prefill_seconds,
-                        load_seconds=u.load_seconds,
-                        store_events=tuple(
-                            StoreEvent(e.action, e.kind, e.tokens, e.bytes, e.seconds, e.reason)
-                            for e in msg.final.store_events
-                        ),
-                        loaded_bytes=u.loaded_bytes,
-                        rates=rates_from_proto(msg.final.rates) if msg.final.HasField("rates") else None,
-                        live_id=msg.final.live_id,
-                    )
+                    yield completion_from_proto(msg.final)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise BadRequest(exc.details()) from exc
-            if not started and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise WorkerBusy(f"worker {self.name}: {exc.details()}") from exc
-            if not started:  # nothing reached the client: another worker may take it
-                raise WorkerUnavailable(f"worker {self.name}: {exc.details()}") from exc
-            raise WorkerError(f"worker {self.name} failed: {exc.details()}") from exc
+            raise translate_error(exc, self.name, "generate", started) from exc
         finally:
             call.cancel()
 
     async def close(self) -> None:
         await self._channel.close()
-
-
-class FakeWorkerClient:
-    """An in-memory worker behind the same interface, for policy tests (no model).
-
-    It serves one request at a time, like a worker with --decode-concurrency 1: a request waits for the
-    ones before it, "prefills" the tokens its live state does not hold at
-    `prefill_tps` (simulated with asyncio.sleep scaled by `time_scale`), then
-    yields one Delta per generated token. Its live state is the last prompt plus
-    its output. `fail_next`: raise this exception class for the next request
-    (before any token; or after the first token with `fail_mid_stream`).
-    `requests` records every GenerateRequest it received.
-
-    Its store: `store_id` names it ("" none) and `stored` holds its entries by id
-    (pass the same dict to fakes of one host: they share the store).
-    `store_checkpoint` / `remove_checkpoint` change it and send the `checkpoint`
-    event a worker sends; `list_checkpoints` lists it.
-    """
-
-    LIVE_ID = 1  # its one live state (one batch slot)
-
-    def __init__(self, name: str, model_name: str = "fake", *, prefill_tps: float = 1000.0,
-                 time_scale: float = 0.0, max_queue: int = 0, healthy: bool = True, local: bool = True,
-                 store_id: str = "", stored: dict[str, Checkpoint] | None = None):
-        self.name = name
-        self.address = f"fake://{name}"
-        self.local = local
-        self.model_name = model_name
-        self.healthy = healthy
-        self.in_flight = 0
-        self.prefill_tps = prefill_tps
-        self.time_scale = time_scale
-        self.max_queue = max_queue
-        self.live: tuple[int, ...] = ()
-        self.live_namespace = ""
-        self.requests: list[worker_pb2.GenerateRequest] = []
-        self.prefilled_tokens = 0
-        self.fail_next: type[Exception] | None = None
-        self.fail_mid_stream = False
-        self.served = 0
-        self._lock = asyncio.Lock()
-        self._queued = 0
-        self._events: asyncio.Queue | None = None
-        self._seq = 0
-        self.store_id = store_id
-        self.stored: dict[str, Checkpoint] = stored if stored is not None else {}
-
-    async def wait_ready(self, timeout_s: float) -> None:
-        if not self.healthy:
-            raise WorkerUnavailable(f"worker {self.name} not ready")
-
-    async def watch_health(self) -> None:
-        await asyncio.Event().wait()  # health is set directly by tests
-
-    async def model_info(self) -> worker_pb2.ModelInfo:
-        return worker_pb2.ModelInfo(model_name=self.model_name, identity=f"id-{self.model_name}",
-                                    context_length=4096)
-
-    async def status(self) -> worker_pb2.WorkerStatus:
-        return worker_pb2.WorkerStatus(
-            model_name=self.model_name, live_prefix_tokens=len(self.live), queue_depth=self._queued,
-            requests_served=self.served, engine_alive=self.healthy, pid=0,
-            rates=worker_pb2.Rates(prefill_tokens_per_second=self.prefill_tps),
-            live_token_ids=self.live, live_namespace=self.live_namespace, max_queue=self.max_queue,
-            event_seq=self._seq, worker_name=self.name, store_id=self.store_id, decode_concurrency=1,
-            prompt_concurrency=1,
-            live_states=[worker_pb2.LiveState(live_id=self.LIVE_ID, namespace=self.live_namespace,
-                                              token_ids=self.live)] if self.live else [],
-        )
-
-    async def cache_events(self) -> AsyncIterator[CacheUpdate]:
-        self._events = asyncio.Queue()
-        self._emit_live()
-        while True:
-            yield await self._events.get()
-
-    def _emit_live(self) -> None:
-        self._emit(CacheUpdate(0, "live", self.live_namespace, self.live, live_id=self.LIVE_ID,
-                               removed=not self.live))
-
-    def _emit(self, update: CacheUpdate) -> None:
-        """Numbers `update` as the next event (its own seq is replaced) and sends it."""
-        self._seq += 1
-        if self._events is not None:
-            self._events.put_nowait(replace(update, seq=self._seq))
-
-    def store_checkpoint(self, tokens, namespace: str = "", kind: str = "anchor",
-                         payload_bytes: int = 1000) -> Checkpoint:
-        """Stores a checkpoint of `tokens` (as a prefill of this worker would) and sends its event."""
-        cp = Checkpoint(uuid.uuid4().hex, namespace, f"id-{self.model_name}", kind, tuple(tokens), len(tokens),
-                        payload_bytes)
-        self.stored[cp.entry_id] = cp
-        self._emit(CacheUpdate(0, "checkpoint", entry_id=cp.entry_id, added=True, checkpoint=cp))
-        return cp
-
-    def remove_checkpoint(self, entry_id: str, *, event: bool = True) -> None:
-        """Removes an entry (evicted or quarantined by this worker; `event=False`: by
-        someone who sends no event, like `kvrouter cache rm`)."""
-        cp = self.stored.pop(entry_id)
-        if event:
-            gone = replace(cp, token_ids=())
-            self._emit(CacheUpdate(0, "checkpoint", entry_id=entry_id, added=False, checkpoint=gone))
-
-    async def list_checkpoints(self) -> AsyncIterator[Checkpoint]:
-        for cp in list(self.stored.values()):
-            yield cp
-
-    async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[Delta | Completion]:
-        self.requests.append(request)
-        if self.fail_next is not None and not self.fail_mid_stream:
-            exc, self.fail_next = self.fail_next, None
-            raise exc(f"worker {self.name}: injected failure")
-        if self.max_queue and self._queued >= self.max_queue:
-            raise WorkerBusy(f"worker {self.name}: queue full")
-        prompt = tuple(request.prompt_token_ids)
-        self._queued += 1
-        try:
-            async with self._lock:
-                cached = 0
-                if request.namespace == self.live_namespace:
-                    for a, b in zip(self.live, prompt[:-1]):
-                        if a != b:
-                            break
-                        cached += 1
-                prefilled = len(prompt) - cached
-                self.prefilled_tokens += prefilled
-                if self.time_scale:
-                    await asyncio.sleep(prefilled / self.prefill_tps * self.time_scale)
-                out = []
-                for i in range(max(1, request.sampling.max_tokens)):
-                    if i == 1 and self.fail_next is not None and self.fail_mid_stream:
-                        exc, self.fail_next = self.fail_next, None
-                        raise exc(f"worker {self.name}: injected failure mid-stream")
-                    token = 1000 + i
-                    out.append(token)
-                    yield Delta((token,), f"t{i} ")
-                    await asyncio.sleep(0)
-                self.live, self.live_namespace = prompt + tuple(out), request.namespace
-                self.served += 1
-                self._emit_live()
-                yield Completion("length", len(prompt), len(out), cached, "live" if cached else "none",
-                                 prefilled / self.prefill_tps, 0.0,
-                                 rates=Rates(prefill_tps=self.prefill_tps), live_id=self.LIVE_ID)
-        finally:
-            self._queued -= 1
-
-    async def close(self) -> None:
-        return None

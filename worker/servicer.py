@@ -243,26 +243,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def GetStatus(self, request, context):
         engine = self.engine
-        live = engine.live
         ram = engine.checkpoints.ram
+        lives = engine.live_states if request.include_live_states else ()
         return worker_pb2.WorkerStatus(
             model_name=self.model_info.model_name,
-            live_prefix_tokens=engine.live_prefix_tokens,
             queue_depth=engine.queue_depth,
             requests_served=engine.requests_served,
-            engine_alive=engine.alive,
             pid=os.getpid(),
             rates=rates_message(engine.rates),
-            live_token_ids=live.tokens if live is not None else [],
-            live_namespace=live.namespace if live is not None else "",
             ram_entry_ids=ram.ids(),
             ram_bytes=ram.bytes,
             store_id=self.store_id,
             max_queue=engine.config.max_queue,
             event_seq=self.hub.seq if self.hub is not None else 0,
-            worker_name=self.worker_name,
             live_states=[worker_pb2.LiveState(live_id=s.live_id, namespace=s.namespace, token_ids=s.tokens)
-                         for s in engine.live_states],
+                         for s in lives],
             decode_concurrency=engine.config.decode_concurrency,
             prompt_concurrency=engine.config.prompt_concurrency,
         )

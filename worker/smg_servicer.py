@@ -13,7 +13,7 @@ frequency / presence penalties, logit_bias, logprobs, ignore_eos.
 `stop_token_ids` are honoured here, by cancelling the engine job when one is
 generated. Stop strings never arrive: SMG's MLX client rejects them.
 
-The cold anchor (store the stable chat prefix, see ARCHITECTURE.md) is found on
+The cold anchor (the stable chat prefix, see "The checkpoint store" in README.md) is found on
 the token ids for ChatML templates: the position of the last user turn before
 the first assistant turn. Other templates fall back to the store's trim/align rule.
 """

@@ -151,48 +151,40 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., identity: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., context_length: _Optional[int] = ..., kv_layout: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_live_states",)
+    INCLUDE_LIVE_STATES_FIELD_NUMBER: _ClassVar[int]
+    include_live_states: bool
+    def __init__(self, include_live_states: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model_name", "live_prefix_tokens", "queue_depth", "requests_served", "engine_alive", "pid", "rates", "live_token_ids", "live_namespace", "ram_entry_ids", "ram_bytes", "store_id", "max_queue", "event_seq", "worker_name", "live_states", "decode_concurrency", "prompt_concurrency")
+    __slots__ = ("model_name", "queue_depth", "requests_served", "pid", "rates", "ram_entry_ids", "ram_bytes", "store_id", "max_queue", "event_seq", "live_states", "decode_concurrency", "prompt_concurrency")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
-    LIVE_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
-    ENGINE_ALIVE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     RATES_FIELD_NUMBER: _ClassVar[int]
-    LIVE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    LIVE_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     RAM_ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     EVENT_SEQ_FIELD_NUMBER: _ClassVar[int]
-    WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_STATES_FIELD_NUMBER: _ClassVar[int]
     DECODE_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
-    live_prefix_tokens: int
     queue_depth: int
     requests_served: int
-    engine_alive: bool
     pid: int
     rates: Rates
-    live_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    live_namespace: str
     ram_entry_ids: _containers.RepeatedScalarFieldContainer[str]
     ram_bytes: int
     store_id: str
     max_queue: int
     event_seq: int
-    worker_name: str
     live_states: _containers.RepeatedCompositeFieldContainer[LiveState]
     decode_concurrency: int
     prompt_concurrency: int
-    def __init__(self, model_name: _Optional[str] = ..., live_prefix_tokens: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests_served: _Optional[int] = ..., engine_alive: _Optional[bool] = ..., pid: _Optional[int] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ..., live_token_ids: _Optional[_Iterable[int]] = ..., live_namespace: _Optional[str] = ..., ram_entry_ids: _Optional[_Iterable[str]] = ..., ram_bytes: _Optional[int] = ..., store_id: _Optional[str] = ..., max_queue: _Optional[int] = ..., event_seq: _Optional[int] = ..., worker_name: _Optional[str] = ..., live_states: _Optional[_Iterable[_Union[LiveState, _Mapping]]] = ..., decode_concurrency: _Optional[int] = ..., prompt_concurrency: _Optional[int] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., requests_served: _Optional[int] = ..., pid: _Optional[int] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ..., ram_entry_ids: _Optional[_Iterable[str]] = ..., ram_bytes: _Optional[int] = ..., store_id: _Optional[str] = ..., max_queue: _Optional[int] = ..., event_seq: _Optional[int] = ..., live_states: _Optional[_Iterable[_Union[LiveState, _Mapping]]] = ..., decode_concurrency: _Optional[int] = ..., prompt_concurrency: _Optional[int] = ...) -> None: ...
 
 class CacheEventsRequest(_message.Message):
     __slots__ = ()

@@ -79,7 +79,7 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """Live prefix, queue depth and counters, for routing and /v1/router/state.
+        """Live states, queue depth and counters, for routing, /metrics and /v1/router/state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

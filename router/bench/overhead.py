@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 import aiohttp
-import grpc
 from aiohttp import web
 
-from kvrouter_proto import worker_pb2, worker_pb2_grpc
 from kvrouter.router.app import create_app
 from kvrouter.router.config import RouterConfig
-from kvrouter.router.keys import POOL
+from kvrouter.router.keys import CLUSTER
+from kvrouter.router.worker_client import GenerateRequest, GrpcWorkerClient
 from kvrouter.worker.blas import preload_env
 from kvrouter.worker.launch import module_command
 
@@ -54,18 +53,17 @@ def _pct(values: list[float], q: float) -> float:
 
 async def _direct(address: str, tokens: list[int], n: int) -> list[float]:
     out = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = worker_pb2_grpc.WorkerStub(channel)
+    client = GrpcWorkerClient("direct", address)
+    try:
         for _ in range(n):
-            req = worker_pb2.GenerateRequest(
-                request_id="bench", prompt_token_ids=tokens,
-                sampling=worker_pb2.SamplingParams(temperature=0, max_tokens=1),
-            )
             t0 = time.perf_counter()
-            async for msg in stub.Generate(req):
-                if msg.HasField("delta") or msg.HasField("final"):
-                    out.append(time.perf_counter() - t0)
-                    break
+            stream = client.generate(GenerateRequest("bench", tuple(tokens), max_tokens=1))
+            async for _item in stream:  # the first Delta (or the Completion)
+                out.append(time.perf_counter() - t0)
+                break
+            await stream.aclose()
+    finally:
+        await client.close()
     return out
 
 
@@ -91,7 +89,7 @@ async def _measure(address: str, n: int) -> dict:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", config.port).start()
     try:
-        model = next(iter(app[POOL].models.values()))
+        model = next(iter(app[CLUSTER].models.values()))
         tokens = list(model.tokenizer.chat_prompt(MESSAGES).tokens)
         url = f"http://127.0.0.1:{config.port}"
         await _direct(address, tokens, 3)  # warm both paths and the live state

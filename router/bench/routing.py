@@ -31,11 +31,10 @@ WAYPOINT_EVERY = 2048
 
 @dataclass
 class _Worker:
-    """What routing reads of a worker client (health, load, name)."""
+    """What routing reads of a worker client (name, health)."""
 
     name: str
     healthy: bool = True
-    in_flight: int = 0
 
 
 def build_index(store, model_id: str, prompt: list[int], checkpoints: int, rng: random.Random) -> int:
@@ -77,8 +76,9 @@ def run_routing_bench(checkpoints: int = 10_000, prompt_tokens: int = 32_768, ca
     """Returns decision p50/p99/max in ms, tokenization ms, and the setup."""
     from kvrouter.cachestore import CheckpointStore, StoreConfig
     from kvrouter.router.dispatch import Dispatcher, Job
+    from kvrouter.router.cluster import Cluster, ServedModel
+    from kvrouter.router.leases import Leases
     from kvrouter.router.metrics import create_metrics
-    from kvrouter.router.pool import ServedModel, WorkerPool
 
     rng = random.Random(seed)
     prompt = [rng.randrange(49152) for _ in range(prompt_tokens)]
@@ -88,22 +88,26 @@ def run_routing_bench(checkpoints: int = 10_000, prompt_tokens: int = 32_768, ca
             t0 = time.perf_counter()
             stored_tokens = build_index(store, "bench-model", prompt, checkpoints, rng)
             setup_s = time.perf_counter() - t0
-            workers = [_Worker("w0"), _Worker("w1", in_flight=1)]
-            pool = WorkerPool(workers, store)
-            pool.view(workers[0]).lives = {1: ("", tuple(prompt[:-512]))}
-            pool.view(workers[1]).lives = {1: ("", tuple(prompt[:SYSTEM_TOKENS] + [7] * 2000))}
+            workers = [_Worker("w0"), _Worker("w1")]
+            cluster = Cluster(workers, store)
+            cluster.view("w0").lives = {1: ("", tuple(prompt[:-512]))}
+            cluster.view("w1").lives = {1: ("", tuple(prompt[:SYSTEM_TOKENS] + [7] * 2000))}
             served = ServedModel("bench", "bench-model", prompt_tokens * 2, tokenizer=None, workers=workers)
             job = Job(model=served, tokens=tuple(prompt), anchor_tokens=0, max_tokens=1, temperature=0.0,
                       top_p=1.0, seed=None)
-            dispatcher = Dispatcher(pool, create_metrics())
-            route = dispatcher.prepare(job)
-            for _ in range(50):  # warm the page cache and the interpreter
-                dispatcher.prepare(job)
-            times = []
-            for _ in range(iterations):
-                t = time.perf_counter()
-                dispatcher.prepare(job)
-                times.append((time.perf_counter() - t) * 1000)
+            leases = Leases()
+            dispatcher = Dispatcher(cluster, leases, create_metrics())
+            with leases.hold("w1", 1.0, 0.0):  # w1 has a request in flight
+                route = dispatcher.prepare(job)
+                dispatcher.finish(route)
+                for _ in range(50):  # warm the page cache and the interpreter
+                    dispatcher.finish(dispatcher.prepare(job))
+                times = []
+                for _ in range(iterations):
+                    t = time.perf_counter()
+                    decided = dispatcher.prepare(job)
+                    times.append((time.perf_counter() - t) * 1000)
+                    dispatcher.finish(decided)
             lookup_times = []
             for _ in range(iterations // 4):
                 t = time.perf_counter()
@@ -131,21 +135,31 @@ def run_routing_bench(checkpoints: int = 10_000, prompt_tokens: int = 32_768, ca
 
 
 def _tokenize_ms(prompt_tokens: int, cache_dir: Path | None, model: str | None) -> dict:
-    """Time to tokenize a text of about `prompt_tokens` tokens with the model's tokenizer
-    (reported apart from the decision). Skipped (None) without a cache directory."""
+    """Rendering + tokenizing an agent conversation of about `prompt_tokens` tokens with the
+    model's tokenizer and chat template, as the router does (reported apart from the
+    decision): in full (`tokenize_ms`), and again after one more turn was appended, when
+    the router tokenizes only what is new (`tokenize_incremental_ms`, the hit path of an
+    agent client that resends the conversation). Medians of 5 runs. Skipped (None)
+    without a cache directory."""
     if cache_dir is None:
-        return {"tokenize_tokens": None, "tokenize_ms": None}
-    from kvrouter.router.bench.tokenize import chat_tokenizer
+        return {"tokenize_tokens": None, "tokenize_ms": None, "tokenize_incremental_ms": None}
+    from kvrouter.router.bench.tokenize import model_tokenizer
     from kvrouter.router.bench.workload import WORDS
 
-    encode = chat_tokenizer(model, cache_dir)
     rng = random.Random(1)
-    words = " ".join(rng.choice(WORDS) for _ in range(int(prompt_tokens / 1.05)))
-    messages = [{"role": "user", "content": words}]
-    n = len(encode(messages))
-    runs = []
+    say = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    system = say(int(prompt_tokens * 0.6))
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": say(int(prompt_tokens * 0.35 / 20))}
+             for i in range(20)]
+    messages = [{"role": "system", "content": system}, *turns, {"role": "user", "content": say(60)}]
+    full, incremental = [], []
     for _ in range(5):
+        tok = model_tokenizer(model, cache_dir)  # fresh: nothing seen
         t = time.perf_counter()
-        encode(messages)
-        runs.append((time.perf_counter() - t) * 1000)
-    return {"tokenize_tokens": n, "tokenize_ms": round(sorted(runs)[2], 2)}
+        n = len(tok.chat_prompt(messages[:-2]).tokens)
+        full.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        n = len(tok.chat_prompt(messages).tokens)  # the same conversation, one turn longer
+        incremental.append((time.perf_counter() - t) * 1000)
+    return {"tokenize_tokens": n, "tokenize_ms": round(sorted(full)[2], 2),
+            "tokenize_incremental_ms": round(sorted(incremental)[2], 2)}

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from kvrouter.router.client_hints import PromptMarks, anthropic_marks, remove_billing_header
 from kvrouter.router.errors import ApiError, BadRequest, UnexpectedRole, WorkerFailed
-from kvrouter.router.keys import DISPATCHER, METRICS, POOL, ROUTER_CONFIG
+from kvrouter.router.keys import CLUSTER, DISPATCHER, METRICS, ROUTER_CONFIG
 from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, read_json, render_prompt, route_header,
                                           sse_data, sse_response)
 from kvrouter.router.views.streaming import KEEPALIVE, paced
@@ -218,7 +218,7 @@ def _client_view(request: web.Request, body) -> tuple[dict, tuple[str, ...], Pro
 async def count_tokens(request: web.Request) -> web.Response:
     body, _, _ = _client_view(request, await read_json(request))
     req = parse_messages_request(body, None, count_only=True)
-    model = request.app[POOL].model(req.model)
+    model = request.app[CLUSTER].model(req.model)
     prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools, None,
                                      request.app[ROUTER_CONFIG].tools_before_system)
     return web.json_response({"input_tokens": len(prompt.tokens)})
@@ -228,7 +228,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
     body, notes, marks = _client_view(request, await read_json(request))
     req = parse_messages_request(body, config.max_tokens_limit)
-    model = request.app[POOL].model(req.model)
+    model = request.app[CLUSTER].model(req.model)
     if notes:
         request.app[METRICS].client_hints.labels(model.name, "billing_header_removed").inc()
     prompt = await render_prompt(request, model, req.messages, req.tools, marks)
@@ -237,27 +237,28 @@ async def messages(request: web.Request) -> web.StreamResponse:
                    namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY),
                    hint_tokens=prompt.hint_tokens)
     dispatcher = request.app[DISPATCHER]
-    route = dispatcher.prepare(job)
-    msg_id = f"msg_{uuid.uuid4().hex[:24]}"
-    header = route_header(route, notes)
-    if req.stream:
-        return await _stream(request, dispatcher, job, route, req, syntax, msg_id, header)
-    text, outcome = await collect(dispatcher, job, route, req.stop)
-    if outcome is None:
-        raise WorkerFailed("the worker ended the stream without a final report")
-    content, calls = split_text(syntax, req.tools, text)
-    blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [tool_use_block(c) for c in calls]
-    body = {
-        "id": msg_id,
-        "type": "message",
-        "role": "assistant",
-        "model": model.name,
-        "content": blocks,
-        "stop_reason": stop_reason(outcome, bool(calls)),
-        "stop_sequence": outcome.stop_sequence,
-        "usage": usage_body(outcome),
-    }
-    return web.json_response(body, headers={"x-kvrouter-route": header})
+    async with dispatcher.route(job) as route:
+        msg_id = f"msg_{uuid.uuid4().hex[:24]}"
+        header = route_header(route, notes)
+        if req.stream:
+            return await _stream(request, dispatcher, job, route, req, syntax, msg_id, header)
+        text, outcome = await collect(dispatcher, job, route, req.stop)
+        if outcome is None:
+            raise WorkerFailed("the worker ended the stream without a final report")
+        content, calls = split_text(syntax, req.tools, text)
+        blocks = ([{"type": "text", "text": content}] if content or not calls else []) + \
+            [tool_use_block(c) for c in calls]
+        body = {
+            "id": msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": model.name,
+            "content": blocks,
+            "stop_reason": stop_reason(outcome, bool(calls)),
+            "stop_sequence": outcome.stop_sequence,
+            "usage": usage_body(outcome),
+        }
+        return web.json_response(body, headers={"x-kvrouter-route": header})
 
 
 async def _stream(request, dispatcher, job, route, req, syntax, msg_id, header) -> web.StreamResponse:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
-from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
+from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
 from kvrouter.router.views.generation import collect, generate, parse_stop
 from kvrouter.router.views.openai import usage_body
@@ -93,7 +93,7 @@ def parse_completion_request(body, default_max_tokens: int, limit: int | None) -
 async def completions(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
     req = parse_completion_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
-    model = request.app[POOL].model(req.model)
+    model = request.app[CLUSTER].model(req.model)
     if isinstance(req.prompt, str):
         tokens, text = await asyncio.to_thread(model.tokenizer.encode, req.prompt), req.prompt
     else:
@@ -107,40 +107,40 @@ async def completions(request: web.Request) -> web.StreamResponse:
     job = make_job(model, tokens, 0, req.max_tokens, req.temperature, req.top_p, req.seed,
                    namespace_of(request), text, prompt_param="prompt", arrived_s=request.get(ARRIVED_KEY))
     dispatcher = request.app[DISPATCHER]
-    route = dispatcher.prepare(job)
-    base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": model.name}
-    if not req.stream:
-        out, outcome = await collect(dispatcher, job, route, req.stop)
-        if outcome is None:
-            raise WorkerFailed("the worker ended the stream without a final report")
-        body = {**base, "choices": [{"index": 0, "text": out, "logprobs": None,
-                                     "finish_reason": outcome.finish_reason}],
-                "usage": usage_body(outcome)}
-        return web.json_response(body, headers={"x-kvrouter-route": route.header()})
+    async with dispatcher.route(job) as route:
+        base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": model.name}
+        if not req.stream:
+            out, outcome = await collect(dispatcher, job, route, req.stop)
+            if outcome is None:
+                raise WorkerFailed("the worker ended the stream without a final report")
+            body = {**base, "choices": [{"index": 0, "text": out, "logprobs": None,
+                                         "finish_reason": outcome.finish_reason}],
+                    "usage": usage_body(outcome)}
+            return web.json_response(body, headers={"x-kvrouter-route": route.header()})
 
-    resp = sse_response(route.header())
-    started = False
+        resp = sse_response(route.header())
+        started = False
 
-    def choice(text: str, finish=None) -> dict:
-        return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        def choice(text: str, finish=None) -> dict:
+            return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
-    async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:
-        try:
-            async for item in items:
+        async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:
+            try:
+                async for item in items:
+                    if not started:
+                        await resp.prepare(request)
+                        started = True
+                    if isinstance(item, str):
+                        await resp.write(sse_data(choice(item)))
+                    else:
+                        await resp.write(sse_data(choice("", item.finish_reason)))
+                        if req.include_usage:
+                            await resp.write(sse_data({**base, "choices": [], "usage": usage_body(item)}))
+            except ApiError as exc:
                 if not started:
-                    await resp.prepare(request)
-                    started = True
-                if isinstance(item, str):
-                    await resp.write(sse_data(choice(item)))
-                else:
-                    await resp.write(sse_data(choice("", item.finish_reason)))
-                    if req.include_usage:
-                        await resp.write(sse_data({**base, "choices": [], "usage": usage_body(item)}))
-        except ApiError as exc:
-            if not started:
-                raise
-            await resp.write(sse_data(exc.openai_body()))
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
-    return resp
+                    raise
+                await resp.write(sse_data(exc.openai_body()))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp

@@ -80,7 +80,7 @@ class Outcome:
         or "cancelled". stop_sequence: the stop string that ended it, if any.
     cached_tokens: prompt tokens reused from the cache. When a stop string ends
         the generation early the worker's final report is not awaited, so
-        cached_tokens is then the router's prediction (`exact` is False).
+        cached_tokens is then the router's prediction.
     stored_tokens: tokens of the longest checkpoint written for this request.
     """
 
@@ -90,7 +90,6 @@ class Outcome:
     completion_tokens: int
     cached_tokens: int
     stored_tokens: int
-    exact: bool = True
 
     @classmethod
     def from_completion(cls, c: Completion) -> "Outcome":
@@ -116,7 +115,7 @@ async def generate(dispatcher, job, route, stops: tuple[str, ...] = ()) -> Async
                     yield text
                 if hit is not None:
                     yield Outcome("stop", hit, len(job.tokens), completion_tokens,
-                                  route.cached, 0, exact=False)
+                                  route.cached, 0)
                     return
             else:
                 rest = matcher.flush()

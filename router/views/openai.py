@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import contextlib
 import time
 import uuid
@@ -10,8 +9,8 @@ import uuid
 from aiohttp import web
 
 from kvrouter.router.errors import ApiError, WorkerFailed
-from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
 from kvrouter.router.client_hints import prompt_cache_key
+from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, read_json, render_prompt, sse_data,
                                           sse_response)
 from kvrouter.router.views.streaming import KEEPALIVE, OPENAI_KEEPALIVE, paced
@@ -47,13 +46,13 @@ def _model_object(name: str) -> dict:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    pool = request.app[POOL]
-    return web.json_response({"object": "list", "data": [_model_object(n) for n in sorted(pool.models)]})
+    cluster = request.app[CLUSTER]
+    return web.json_response({"object": "list", "data": [_model_object(n) for n in sorted(cluster.models)]})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     """GET /v1/models/{model}: one model object, or 404 (openai's `models.retrieve`)."""
-    model = request.app[POOL].model(request.match_info["model"])
+    model = request.app[CLUSTER].model(request.match_info["model"])
     return web.json_response(_model_object(model.name))
 
 
@@ -67,35 +66,34 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
     body = await read_json(request)
     req = parse_chat_request(body, config.default_max_tokens, config.max_tokens_limit)
-    pool = request.app[POOL]
-    model = pool.model(req.model)
+    model = request.app[CLUSTER].model(req.model)
     prompt = await render_prompt(request, model, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p,
                    req.seed, namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY),
                    affinity_key=prompt_cache_key(body))
     dispatcher = request.app[DISPATCHER]
-    route = dispatcher.prepare(job)
-    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    if req.stream:
-        return await _stream_chat(request, dispatcher, job, route, req, syntax, completion_id, created)
-    text, outcome = await collect(dispatcher, job, route, req.stop)
-    outcome = _require(outcome)
-    content, calls = split_text(syntax, req.tools, text)
-    message = {"role": "assistant", "content": content if (content or not calls) else None}
-    if calls:
-        message["tool_calls"] = tool_calls_body(calls)
-    body = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model.name,
-        "choices": [{"index": 0, "message": message,
-                     "finish_reason": "tool_calls" if calls else outcome.finish_reason}],
-        "usage": usage_body(outcome),
-    }
-    return web.json_response(body, headers={"x-kvrouter-route": route.header()})
+    async with dispatcher.route(job) as route:
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if req.stream:
+            return await _stream_chat(request, dispatcher, job, route, req, syntax, completion_id, created)
+        text, outcome = await collect(dispatcher, job, route, req.stop)
+        outcome = _require(outcome)
+        content, calls = split_text(syntax, req.tools, text)
+        message = {"role": "assistant", "content": content if (content or not calls) else None}
+        if calls:
+            message["tool_calls"] = tool_calls_body(calls)
+        body = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model.name,
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": "tool_calls" if calls else outcome.finish_reason}],
+            "usage": usage_body(outcome),
+        }
+        return web.json_response(body, headers={"x-kvrouter-route": route.header()})
 
 
 async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_id, created) -> web.StreamResponse:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from kvrouter.router import __version__
-from kvrouter.router.keys import POOL
+from kvrouter.router.keys import CLUSTER
 
 
 def _obj(props: dict, required: list[str] | None = None) -> dict:
@@ -124,4 +124,4 @@ def build_spec(models: list[str]) -> dict:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(build_spec(sorted(request.app[POOL].models)))
+    return web.json_response(build_spec(sorted(request.app[CLUSTER].models)))

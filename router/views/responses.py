@@ -5,7 +5,6 @@ not stored: `previous_response_id` gets a clear 400."""
 
 from __future__ import annotations
 
-
 import contextlib
 import time
 import uuid
@@ -14,8 +13,9 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from kvrouter.router.client_hints import prompt_cache_key
+from kvrouter.router.dispatch import check_context
 from kvrouter.router.errors import ApiError, BadRequest, ContextTooLong, WorkerFailed
-from kvrouter.router.keys import DISPATCHER, POOL, ROUTER_CONFIG
+from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, read_json, render_prompt, sse_data,
                                           sse_response)
 from kvrouter.router.views.streaming import KEEPALIVE, OPENAI_KEEPALIVE, paced
@@ -172,7 +172,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
     body = await read_json(request)
     req = parse_responses_request(body, config.default_max_tokens, config.max_tokens_limit)
-    model = request.app[POOL].model(req.model)
+    model = request.app[CLUSTER].model(req.model)
     prompt = await render_prompt(request, model, req.messages, req.tools)
     syntax = syntax_for(model.tokenizer) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
@@ -180,24 +180,24 @@ async def create_response(request: web.Request) -> web.StreamResponse:
                    affinity_key=prompt_cache_key(body))
     dispatcher = request.app[DISPATCHER]
     resp_id, created, msg_id = f"resp_{uuid.uuid4().hex[:24]}", int(time.time()), f"msg_{uuid.uuid4().hex[:24]}"
-    try:
-        route = dispatcher.prepare(job)
-    except ContextTooLong as exc:
-        if not req.stream:
-            raise
-        # Codex CLI recognises a context overflow only as `response.failed` with code
-        # context_length_exceeded inside the stream (an HTTP 400 is a plain error to it).
-        return await _failed_stream(request, job, req, resp_id, created, exc)
     if req.stream:
-        return await _stream(request, dispatcher, job, route, req, syntax, resp_id, created, msg_id)
-    text, outcome = await collect(dispatcher, job, route)
-    if outcome is None:
-        raise WorkerFailed("the worker ended the stream without a final report")
-    content, calls = split_text(syntax, req.tools, text)
-    output = ([message_item(msg_id, content)] if content or not calls else []) + [call_item(c) for c in calls]
-    status = "incomplete" if outcome.finish_reason == "length" and not calls else "completed"
-    body = response_body(resp_id, created, model.name, req, output, outcome, status)
-    return web.json_response(body, headers={"x-kvrouter-route": route.header()})
+        try:
+            check_context(job)
+        except ContextTooLong as exc:
+            # Codex CLI recognises a context overflow only as `response.failed` with code
+            # context_length_exceeded inside the stream (an HTTP 400 is a plain error to it).
+            return await _failed_stream(request, job, req, resp_id, created, exc)
+    async with dispatcher.route(job) as route:
+        if req.stream:
+            return await _stream(request, dispatcher, job, route, req, syntax, resp_id, created, msg_id)
+        text, outcome = await collect(dispatcher, job, route)
+        if outcome is None:
+            raise WorkerFailed("the worker ended the stream without a final report")
+        content, calls = split_text(syntax, req.tools, text)
+        output = ([message_item(msg_id, content)] if content or not calls else []) + [call_item(c) for c in calls]
+        status = "incomplete" if outcome.finish_reason == "length" and not calls else "completed"
+        body = response_body(resp_id, created, model.name, req, output, outcome, status)
+        return web.json_response(body, headers={"x-kvrouter-route": route.header()})
 
 
 def failed_body(resp_id, created, model, req, exc: ApiError) -> dict:

@@ -236,15 +236,13 @@ def test_a_checkpoint_stored_on_the_remote_host_is_predicted_there(two_hosts):
     to it with RAM (or disk) reuse predicted and really reused."""
     import asyncio
 
-    from kvrouter_proto import worker_pb2
     from kvrouter.router.prompting import ModelTokenizer
-    from kvrouter.router.worker_client import GrpcWorkerClient
+    from kvrouter.router.worker_client import GenerateRequest, GrpcWorkerClient
 
     system = f"Project {uuid.uuid4().hex}.\n" + long_system_prompt(n_rules=36, project="Halcyon")
 
     def request(tokens, anchor=0):
-        return worker_pb2.GenerateRequest(request_id=uuid.uuid4().hex, prompt_token_ids=tokens, anchor_tokens=anchor,
-                                          sampling=worker_pb2.SamplingParams(max_tokens=1))
+        return GenerateRequest(uuid.uuid4().hex, tuple(tokens), max_tokens=1, anchor_tokens=anchor)
 
     async def prefill_on_the_remote_host():
         client = GrpcWorkerClient("remote", two_hosts.remote_address, local=False, token="t0ken")

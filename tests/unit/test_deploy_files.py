@@ -87,11 +87,11 @@ async def router_metrics_text(tmp_path):
     from kvrouter.cachestore import CheckpointStore, StoreConfig
     from kvrouter.router.app import create_app
     from kvrouter.router.config import RouterConfig
-    from kvrouter.router.pool import WorkerPool
+    from kvrouter.router.cluster import Cluster
 
     store = CheckpointStore(StoreConfig(directory=tmp_path / "kv"))
     store.save("anchor", "model", "", list(range(600)), lambda p: p.write_bytes(b"x" * 1000))
-    app = create_app(RouterConfig(store=store.config), pool=WorkerPool([], store))
+    app = create_app(RouterConfig(store=store.config), cluster=Cluster([], store))
     async with TestClient(TestServer(app)) as client:
         resp = await client.get("/metrics")
         assert resp.status == 200

@@ -67,7 +67,7 @@ def test_load_or_recompute_follows_measured_speeds():
 
 
 def test_another_hosts_checkpoint_is_not_an_option():
-    # the pool never offers a disk option to a worker reading another store; without options: recompute
+    # the cluster never offers a disk option to a worker reading another store; without options: recompute
     remote = Candidate("r0", True, 0, (), CPU)
     local = Candidate("w0", True, 0, (Reuse("disk", 900, 900 * 46_000),), CPU)
     d = choose_worker([remote, local], 1000)

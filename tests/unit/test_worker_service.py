@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvrouter_proto import worker_pb2
 from kvrouter.router.errors import BadRequest
 from kvrouter.cachestore.costs import Rates
-from kvrouter.router.worker_client import GrpcWorkerClient, WorkerBusy, WorkerUnavailable
+from kvrouter.router.worker_client import GenerateRequest, GrpcWorkerClient, WorkerBusy, WorkerUnavailable
 from kvrouter.worker.engine import EngineBusyError
 from kvrouter.worker.events import FinishEvent, TokenEvent, Usage
 from kvrouter.worker.server import _watch_health, also_call, create_server, is_loopback
@@ -68,8 +68,7 @@ async def serve(engine, token=None, hub=None, store=None):
 
 
 def request(n=3, max_tokens=1):
-    return worker_pb2.GenerateRequest(request_id="r", prompt_token_ids=list(range(1, n + 1)),
-                                      sampling=worker_pb2.SamplingParams(max_tokens=max_tokens))
+    return GenerateRequest("r", tuple(range(1, n + 1)), max_tokens)
 
 
 async def test_dead_engine_ends_streams_with_an_error_and_goes_not_serving_c15():
@@ -108,13 +107,13 @@ async def test_status_busy_and_client_errors():
     server, port, _ = await serve(engine)
     client = GrpcWorkerClient("w9", f"127.0.0.1:{port}")
     try:
-        st = await client.status()
-        assert (st.store_id, st.worker_name, list(st.live_token_ids), list(st.ram_entry_ids)) == \
-            ("h:/kv", "w9", [1, 2, 3], ["e1"])
-        assert st.rates.prefill_tokens_per_second == 250.0 and st.live_namespace == "ns"
-        assert [(s.live_id, s.namespace, list(s.token_ids)) for s in st.live_states] == \
-            [(2, "other", [5]), (4, "ns", [1, 2, 3])]
-        assert (st.decode_concurrency, st.prompt_concurrency) == (6, 3)
+        st = await client.status(live_states=True)
+        assert (st.store_id, st.ram_entry_ids, st.ram_bytes) == ("h:/kv", ("e1",), 10)
+        assert st.rates.prefill_tps == 250.0
+        assert [(s.live_id, s.namespace, s.tokens) for s in st.live_states] == \
+            [(2, "other", (5,)), (4, "ns", (1, 2, 3))]
+        assert (st.slots, st.prompt_slots) == (6, 3)
+        assert (await client.status()).live_states == ()  # a scrape asks for counters only
         out = [item async for item in client.generate(request())]
         assert out[-1].rates == Rates(prefill_tps=250.0, disk_bps=5e8)
         with pytest.raises(WorkerBusy):
@@ -132,7 +131,7 @@ async def test_worker_token_is_required():
     bad = GrpcWorkerClient("r1", f"127.0.0.1:{port}", local=False, token="wrong")
     try:
         await good.wait_ready(5)
-        assert (await good.status()).worker_name == "w9"
+        assert (await good.status()).store_id == "h:/kv"
         with pytest.raises(WorkerUnavailable):
             await bad.status()
         with pytest.raises(WorkerUnavailable):
