@@ -5,9 +5,9 @@ metadata that must not reach the prompt.
   with `cache_control` breakpoints (Claude Code: its system blocks and the last
   user message). `anthropic_marks` lists the text-bearing blocks of a request in
   order with their breakpoints; `mark_ends` finds where each marked block ends in
-  the rendered prompt text (characters), and `char_to_token_positions` turns
-  those into prompt token positions, which the worker treats as candidate
-  checkpoint positions (kind `hint`, bounded by `cachestore.plan_stores`).
+  the rendered prompt text (characters), and `router.token_positions` turns those
+  into prompt token positions, which the worker treats as candidate checkpoint
+  positions (kind `hint`, bounded by `cachestore.plan_stores`).
 * **Affinity hints.** OpenAI's `prompt_cache_key` (Codex CLI sends its session
   id) names a conversation; `router.affinity` routes it back to the worker that
   served it last. It is never a namespace: it cannot reach another tenant's cache.
@@ -23,7 +23,6 @@ Nothing here does I/O or knows the model; prompting.py renders and tokenizes.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
@@ -158,20 +157,6 @@ def mark_ends(text: str, marks: PromptMarks) -> tuple[list[int], int]:
         if marked:
             ends.append(cursor)
     return sorted(set(ends)), missing
-
-
-def char_to_token_positions(char_ends: list[int], token_ends: list[int], n_tokens: int) -> tuple[int, ...]:
-    """Token positions of character offsets: for each offset c, the number of prompt
-    tokens that end at or before c (a token straddling c is left out, so the
-    position is always an exact token prefix of the prompt). `token_ends`: each
-    token's end offset in characters (nondecreasing). Positions outside
-    (0, n_tokens) are dropped: the last prompt token is always fed."""
-    out = set()
-    for c in char_ends:
-        pos = bisect.bisect_right(token_ends, c)
-        if 0 < pos < n_tokens:
-            out.add(pos)
-    return tuple(sorted(out))
 
 
 def prompt_cache_key(body) -> str:

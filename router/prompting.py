@@ -22,9 +22,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from kvrouter.router.client_hints import PromptMarks, char_to_token_positions, mark_ends
+from kvrouter.router.client_hints import PromptMarks, mark_ends
 from kvrouter.router.errors import BadRequest
 from kvrouter.router.incremental import IncrementalEncoder
+from kvrouter.router.token_positions import TokenPositions
 from kvrouter.worker.models.tokenizer import build_hf_tokenizer
 
 SYSTEM_REMINDER = "<system-reminder>\n{}\n</system-reminder>"
@@ -133,6 +134,7 @@ class ModelTokenizer:
         )
         self.has_chat_template = bool(self.chat_template)
         self.incremental = IncrementalEncoder(self._tok.backend_tokenizer)
+        self.positions = TokenPositions(self._tok.backend_tokenizer)
 
     @functools.cached_property
     def traits(self) -> TemplateTraits:
@@ -202,14 +204,12 @@ class ModelTokenizer:
             messages = [{"role": "system", "content": ""}, *messages]
         text = self._render(messages, tools, True)
         hints, unplaced = (), 0
+        tokens = self.encode(text)
         if marks:
-            tokens, token_ends = self.encode_with_ends(text)
             ends, unplaced = mark_ends(text, marks)
             tool_ends = [self._tool_end(messages, tools, text, name) for name in marks.tool_names]
             unplaced += marks.unplaceable + sum(1 for e in tool_ends if e is None)
-            hints = char_to_token_positions(ends + [e for e in tool_ends if e is not None], token_ends, len(tokens))
-        else:
-            tokens = self.encode(text)
+            hints = self.positions.positions(text, tokens, ends + [e for e in tool_ends if e is not None])
         anchor = 0
         k = anchor_message_count(messages)
         if k > 0:
@@ -217,11 +217,6 @@ class ModelTokenizer:
             if 0 < len(prefix) < len(tokens) and tokens[: len(prefix)] == prefix:
                 anchor = len(prefix)
         return Prompt(text, tokens, anchor, hints, unplaced, folded, first)
-
-    def encode_with_ends(self, text: str) -> tuple[tuple[int, ...], list[int]]:
-        """Token ids of `text` (as `encode`) and each token's end offset in characters."""
-        enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        return tuple(enc["input_ids"]), [end for _, end in enc["offset_mapping"]]
 
     def _tool_end(self, messages: list[dict], tools: list | None, text: str, name: str) -> int | None:
         """Where the definition of tool `name` ends in the prompt `text` (characters):

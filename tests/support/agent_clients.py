@@ -117,9 +117,5 @@ def served_tokenizer(base_url: str):
 
 def tokens_before(tokenizer, text: str, marker: str) -> int:
     """Prompt tokens that end before the first `marker` in the rendered prompt `text`."""
-    from kvrouter.router.client_hints import char_to_token_positions
-
-    cut = text.index(marker)
-    tokens, ends = tokenizer.encode_with_ends(text)
-    (pos,) = char_to_token_positions([cut], ends, len(tokens))
+    (pos,) = tokenizer.positions.positions(text, tokenizer.encode(text), [text.index(marker)])
     return pos

@@ -36,3 +36,20 @@ def model_info(chat_template: str = SMOLLM2_TEMPLATE, context_length: int = 6553
     eos = len(tokens) - 1
     return worker_pb2.ModelInfo(model_name="tiny", identity="tiny", tokenizer_json=tokenizer_json_from_gguf(
         tokens, [], types), chat_template=chat_template, eos_token_ids=[eos], context_length=context_length)
+
+
+def trained_model_info(corpus: list[str], chat_template: str = SMOLLM2_TEMPLATE,
+                       vocab_size: int = 2000) -> worker_pb2.ModelInfo:
+    """A ModelInfo whose tokenizer is a byte-level BPE trained on `corpus` (merges make
+    tokens span several characters, as real ones do), with the ChatML control tokens."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return worker_pb2.ModelInfo(model_name="tiny-bpe", identity="tiny-bpe", tokenizer_json=tok.to_str(),
+                                chat_template=chat_template, eos_token_ids=[tok.token_to_id("<|im_end|>")],
+                                context_length=65536)

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kvrouter.router.client_hints import (BILLING_HEADER_PREFIX, PromptMarks, anthropic_marks,
-                                          char_to_token_positions, mark_ends, prompt_cache_key,
-                                          remove_billing_header)
+from kvrouter.router.client_hints import (BILLING_HEADER_PREFIX, PromptMarks, anthropic_marks, mark_ends,
+                                          prompt_cache_key, remove_billing_header)
 from kvrouter.router.prompting import ModelTokenizer, fold_system_messages
 from kvrouter.router.views.anthropic import parse_messages_request
 from kvrouter.router.views.responses import parse_responses_request
@@ -74,13 +73,11 @@ def test_marks_of_tool_results_tools_and_unplaceable_blocks():
     assert not PromptMarks() and marks
 
 
-def test_mark_ends_follow_the_request_order_and_token_positions_never_straddle():
+def test_mark_ends_follow_the_request_order():
     text = "<s>A sys</s><u>hello hello</u><s>hello</s>"
     marks = PromptMarks((("A sys", True), ("hello hello", False), ("hello", True), ("absent", True)))
     ends, missing = mark_ends(text, marks)
     assert ends == [8, 38] and missing == 1  # the second "hello" is found after the user block
-    token_ends = [3, 5, 6, 9, 12]  # a token ends at 9, straddling offset 8
-    assert char_to_token_positions([8, 38], token_ends, 5) == (3,)  # 38 would be the whole prompt: dropped
 
 
 def test_trimmed_block_is_found():
@@ -208,3 +205,28 @@ def test_hints_are_exact_token_prefixes(template):
     for h in p.hint_tokens:
         assert 0 < h < len(p.tokens)
         assert p.text.startswith(tok.decode(p.tokens[:h]))
+
+
+def test_token_positions_from_one_turn_equal_the_whole_texts():
+    from tests.support.tiny_tokenizer import trained_model_info
+
+    body = claude_body()
+    corpus = [b["text"] for b in body["system"]] + [json.dumps(t) for t in body["tools"]]
+    tok = ModelTokenizer(trained_model_info(corpus, CHATML_TOOLS))
+    p = claude_prompt(tok)
+    enc = tok._tok.backend_tokenizer.encode(p.text, add_special_tokens=False)
+    assert tuple(enc.ids) == p.tokens
+    ends = [end for _, end in enc.offsets]
+    offsets = list(range(0, len(p.text), 97)) + [p.text.index("gitStatus:"), len(p.text) - 1]
+    straddled = 0
+    for c in offsets:
+        expect = sum(1 for e in ends if e <= c)
+        got = tok.positions.positions(p.text, p.tokens, [c])
+        assert got == ((expect,) if 0 < expect < len(p.tokens) else ()), c
+        straddled += not any(e == c for e in ends)
+    assert straddled > len(offsets) // 2  # most offsets fall inside a multi-character token
+    # the hints of a Claude Code request: the same through one turn as through the whole text
+    assert p.hint_tokens == tuple(sorted({sum(1 for e in ends if e <= c)
+                                          for c in mark_ends(p.text, anthropic_marks(
+                                              remove_billing_header(body["system"])[0], body["messages"],
+                                              body["tools"]))[0]}))
