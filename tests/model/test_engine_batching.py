@@ -21,13 +21,14 @@ def prompt_of(n: int, seed: int) -> tuple[int, ...]:
 class Call:
     """One request: its events land in a queue read by `next_event` / `wait`."""
 
-    def __init__(self, engine, prompt, max_tokens=4, temperature=0.0, seed=None):
+    def __init__(self, engine, prompt, max_tokens=4, temperature=0.0, seed=None, hint_tokens=()):
         from kvrouter.worker.events import GenerationRequest, SamplingConfig
 
         self.events: queue.Queue = queue.Queue()
         self.tokens: list[int] = []
         self.final = None
-        req = GenerationRequest("t", tuple(prompt), SamplingConfig(temperature, 1.0, max_tokens, seed))
+        req = GenerationRequest("t", tuple(prompt), SamplingConfig(temperature, 1.0, max_tokens, seed),
+                                hint_tokens=tuple(hint_tokens))
         self.job = engine.submit(req, self.events.put)
 
     def next_event(self):
@@ -125,5 +126,21 @@ def test_requests_arriving_together_prefill_their_shared_prefix_once():
         c = Call(engine, prompt_of(40, 14), max_tokens=2)
         d = Call(engine, prompt_of(40, 15), max_tokens=2)
         assert c.wait().usage.cached_tokens == 0 and d.wait().usage.cached_tokens == 0
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_a_client_hint_becomes_a_checkpoint_that_another_prompt_reuses(tmp_path):
+    """A cache_control breakpoint placed at token 300 (kind `hint`) is stored while the
+    prefill passes it, besides the cold store the policy plans anyway; a prompt that
+    shares only those 300 tokens restores them from the store."""
+    engine = make_engine(tmp_path, decode_concurrency=1)
+    try:
+        stable = prompt_of(300, 21)
+        first = Call(engine, stable + prompt_of(400, 22), max_tokens=1, hint_tokens=(300, 5000)).wait()
+        stored = {(e.kind, e.n_tokens) for e in first.store_events if e.action == "stored"}
+        assert stored == {("hint", 300), ("anchor", 512)}  # the cold store: 700 - 32 aligned down to 256s
+        other = Call(engine, stable + prompt_of(100, 23), max_tokens=1).wait()  # drops the live state: one slot
+        assert (other.usage.cached_tokens, other.usage.cache_source) == (300, "disk")
     finally:
         engine.stop(shutdown_checkpoint=False)

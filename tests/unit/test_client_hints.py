@@ -230,3 +230,31 @@ def test_token_positions_from_one_turn_equal_the_whole_texts():
                                           for c in mark_ends(p.text, anthropic_marks(
                                               remove_billing_header(body["system"])[0], body["messages"],
                                               body["tools"]))[0]}))
+
+
+def test_the_flag_keeps_the_billing_line_and_the_route_header_says_when_it_was_removed():
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from kvrouter.router.config import RouterConfig
+    from kvrouter.router.keys import ROUTER_CONFIG
+    from kvrouter.router.views.anthropic import _client_view
+    from kvrouter.router.views.common import route_header
+
+    def view(keep: bool):
+        app = web.Application()
+        app[ROUTER_CONFIG] = RouterConfig(keep_billing_header=keep)
+        return _client_view(make_mocked_request("POST", "/v1/messages", app=app), claude_body())
+
+    body, notes, marks = view(False)
+    assert notes == ("billing-header",) and not body["system"][0]["text"].startswith(BILLING_HEADER_PREFIX)
+    assert marks.count == 3
+    body, notes, _ = view(True)
+    assert notes == () and body["system"][0]["text"].startswith(BILLING_HEADER_PREFIX)
+
+    class Route:
+        def header(self):
+            return "worker=w0; source=none; cached=0; predicted_ttft_ms=5"
+
+    assert route_header(Route(), ("billing-header",)).endswith("; normalised=billing-header")
+    assert route_header(Route()) == Route().header()
