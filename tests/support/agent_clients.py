@@ -73,22 +73,23 @@ def scratch_repo(path: Path) -> Path:
 
 
 def claude(clients: AgentClients, base_url: str, repo: Path, home: Path, prompt: str,
-           timeout_s: float = 600) -> subprocess.CompletedProcess:
-    """`claude -p PROMPT` in `repo` against the Anthropic endpoint `base_url` (no /v1)."""
+           timeout_s: float = 600, model: str = MODEL) -> subprocess.CompletedProcess:
+    """`claude -p PROMPT` in `repo` against the Anthropic endpoint `base_url` (no /v1),
+    asking for the served model `model` (also as the small fast model)."""
     home.mkdir(parents=True, exist_ok=True)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "ANTHROPIC_BASE_URL": base_url,
-           "ANTHROPIC_API_KEY": "unused", "ANTHROPIC_MODEL": MODEL, "ANTHROPIC_SMALL_FAST_MODEL": MODEL,
+           "ANTHROPIC_API_KEY": "unused", "ANTHROPIC_MODEL": model, "ANTHROPIC_SMALL_FAST_MODEL": model,
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
     return subprocess.run([str(clients.claude), "-p", prompt], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 
 def codex(clients: AgentClients, base_url: str, repo: Path, home: Path, prompt: str,
-          timeout_s: float = 600) -> subprocess.CompletedProcess:
+          timeout_s: float = 600, model: str = MODEL) -> subprocess.CompletedProcess:
     """`codex exec PROMPT` in `repo` against the Responses endpoint `base_url` + /v1."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
-        f'model = "{MODEL}"\nmodel_provider = "kvrouter"\ncheck_for_update_on_startup = false\n\n'
+        f'model = "{model}"\nmodel_provider = "kvrouter"\ncheck_for_update_on_startup = false\n\n'
         f'[model_providers.kvrouter]\nname = "kvrouter"\nbase_url = "{base_url}/v1"\nwire_api = "responses"\n'
         'env_key = "KVROUTER_API_KEY"\n')
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "CODEX_HOME": str(home),
@@ -119,3 +120,12 @@ def tokens_before(tokenizer, text: str, marker: str) -> int:
     """Prompt tokens that end before the first `marker` in the rendered prompt `text`."""
     (pos,) = tokenizer.positions.positions(text, tokenizer.encode(text), [text.index(marker)])
     return pos
+
+
+def served_model(base_url: str) -> str:
+    """The first model `base_url` serves (its /v1/models)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/v1/models", timeout=10) as resp:
+        return json.load(resp)["data"][0]["id"]

@@ -46,6 +46,7 @@ def run(client: str, serve_args: list[str], root: Path) -> list[dict]:
     clients = ac.install()
     server = KvrouterServer(["--kv-cache-dir", str(root / "kv"), *serve_args], root / "serve.log").start()
     recorder = Recorder(server.url).start()
+    model = ac.served_model(server.url)
     rows = []
     try:
         repo = ac.scratch_repo(root / "repo")
@@ -58,12 +59,15 @@ def run(client: str, serve_args: list[str], root: Path) -> list[dict]:
             n_ex, n_done = len(recorder.exchanges), len(done_lines(server.log_path))
             t0 = time.perf_counter()
             if client == "claude":
-                done = ac.claude(clients, recorder.url, repo, root / "home", prompt, timeout_s=3600)
+                done = ac.claude(clients, recorder.url, repo, root / "home", prompt, timeout_s=3600, model=model)
             else:
-                done = ac.codex(clients, recorder.url, repo, root / "home", prompt, timeout_s=3600)
+                done = ac.codex(clients, recorder.url, repo, root / "home", prompt, timeout_s=3600, model=model)
             wall = time.perf_counter() - t0
             posts = recorder.since(n_ex)
             finished = done_lines(server.log_path)[n_done:]
+            if not posts or not finished:
+                raise RuntimeError(f"session {label!r} reached no generation:\n{done.stdout[-2000:]}\n"
+                                   f"{done.stderr[-2000:]}\n{server.log_tail()}")
             first = posts[0]
             prompt_tokens, cached, source, prefill_ms = finished[0]
             rows.append({"session": label, "prompt_tokens": prompt_tokens, "cached_tokens": cached,

@@ -177,7 +177,10 @@ class Recorder:
                     ex.events = parse_sse(text)
                 else:
                     ex.body_text = text
-                await resp.write_eof()
+                try:
+                    await resp.write_eof()
+                except ConnectionResetError:
+                    pass  # the client closed first (Codex does once it has response.completed)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / f"{len(self.exchanges):03d}.json").write_text(json.dumps(ex.to_json(), indent=1))
