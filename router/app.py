@@ -8,7 +8,6 @@ ties them together for every protocol view."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -126,7 +125,7 @@ def create_app(config: RouterConfig, cluster: Cluster | None = None) -> web.Appl
         cluster = Cluster.from_addresses(
             config.worker_addresses, store, remote=config.remote_workers, token=config.worker_token,
             tls_ca=config.worker_tls_ca, local_store_id=store_id_of(config.store.directory) if store else "",
-            max_queue=config.max_queue)
+            max_queue=config.max_queue, chat_template=config.chat_template)
     app[CLUSTER] = cluster
     app[LEASES] = Leases(metrics.in_flight)
     app[DISPATCHER] = Dispatcher(cluster, app[LEASES], metrics, coalesce=config.coalesce,
@@ -134,9 +133,6 @@ def create_app(config: RouterConfig, cluster: Cluster | None = None) -> web.Appl
 
     async def cluster_ctx(app: web.Application):
         await cluster.connect(config.worker_ready_timeout_s)
-        if config.chat_template is not None:
-            for m in cluster.models.values():
-                m.tokenizer = await asyncio.to_thread(m.tokenizer.with_chat_template, config.chat_template)
         yield
         await cluster.close()
         if cluster.store is not None:

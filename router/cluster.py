@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvrouter.cachestore.costs import Rates, Reuse
 from kvrouter.cachestore.keys import common_prefix_length
@@ -40,13 +40,15 @@ EVENTS_BACKOFF_S = (0.5, 1.0)  # first and longest wait before re-subscribing to
 @dataclass
 class ServedModel:
     """One model: its name, identity (for store lookups), context length in tokens,
-    tokenizer and the clients of the workers serving it."""
+    tokenizer, the clients of the workers serving it, and the mlx-lm tool parser
+    for its chat template ("" none; `router.views.tools.tool_syntax`)."""
 
     name: str
     identity: str
     context_length: int
     tokenizer: ModelTokenizer
     workers: list = field(default_factory=list)
+    tool_parser: str = ""
 
 
 @dataclass
@@ -86,12 +88,15 @@ class Cluster:
     its "host:directory" (workers reporting another id read another host's store,
     which this router cannot open: `remote_stores` holds what their events and
     listings say it contains). max_queue: requests in flight per worker past which it
-    takes no more (0: no limit; a worker's own --max-queue applies too).
+    takes no more (0: no limit; a worker's own --max-queue applies too). chat_template:
+    a template that replaces every model's own (--chat-template), or None.
     """
 
-    def __init__(self, clients: list, store=None, *, local_store_id: str = "", max_queue: int = 0):
+    def __init__(self, clients: list, store=None, *, local_store_id: str = "", max_queue: int = 0,
+                 chat_template: str | None = None):
         self.clients = clients
         self.store = store
+        self.chat_template = chat_template
         self.local_store_id = local_store_id
         self.max_queue = max_queue
         self.models: dict[str, ServedModel] = {}
@@ -122,11 +127,14 @@ class Cluster:
         not ready in time."""
         await asyncio.gather(*(c.wait_ready(timeout_s) for c in self.clients))
         for client in self.clients:
-            info = await client.model_info()
+            info = await client.model_info(self.chat_template)
+            if self.chat_template is not None:  # prompts are rendered with the router's template
+                info = replace(info, chat_template=self.chat_template)
             model = self.models.get(info.model_name)
             if model is None:
                 tokenizer = await asyncio.to_thread(ModelTokenizer, info)
-                model = ServedModel(info.model_name, info.identity, info.context_length, tokenizer)
+                model = ServedModel(info.model_name, info.identity, info.context_length, tokenizer,
+                                    tool_parser=info.tool_parser)
                 self.models[info.model_name] = model
             model.workers.append(client)
             await self.resync(client)

@@ -91,7 +91,7 @@ class UnexpectedRole(BadRequest):
     matches that text to fall back to folding its system text into user turns."""
 
     def __init__(self, index: int, role):
-        shown = role if isinstance(role, str) else json.dumps(role)
+        shown = (role if isinstance(role, str) else json.dumps(role))[:80]  # as much as other error texts repeat
         super().__init__(
             f'messages.{index}: Unexpected role "{shown}". The Messages API accepts "user" and "assistant" '
             f'(and "system" mid-conversation) as an input message role.',

@@ -118,14 +118,13 @@ class ModelTokenizer:
     """Renders and tokenizes prompts for one model.
 
     Built from the worker's `router.worker_client.ModelInfo`: tokenizer_json (a
-    `tokenizers` JSON), chat_template, eos/bos ids and the context length in tokens.
+    `tokenizers` JSON), chat_template (the router's --chat-template when it replaces
+    the model's own), eos/bos ids and the context length in tokens.
     """
 
-    def __init__(self, info, chat_template: str | None = None):
-        """`chat_template` replaces the model's own template (`--chat-template FILE`)."""
-        self._info = info
+    def __init__(self, info):
         self.context_length = info.context_length
-        self.chat_template = info.chat_template if chat_template is None else chat_template
+        self.chat_template = info.chat_template
         self._tok = build_hf_tokenizer(
             info.tokenizer_json,
             self.chat_template or None,
@@ -156,10 +155,6 @@ class ModelTokenizer:
         tools_first = (system_midway and plain.find(name) > plain.find("kvr-probe-s") >= 0
                        and 0 <= first.find(name) < first.find("kvr-probe-s") < first.find("kvr-probe-u"))
         return TemplateTraits(system_midway, tools_first)
-
-    def with_chat_template(self, chat_template: str) -> "ModelTokenizer":
-        """The same tokenizer rendering prompts with another chat template."""
-        return ModelTokenizer(self._info, chat_template)
 
     def vocab(self) -> dict[str, int]:
         return self._tok.get_vocab()

@@ -59,7 +59,9 @@ class ModelInfo:
 
     identity: weights + tokenizer + KV layout digest (part of every store key).
     tokenizer_json: a `tokenizers` Tokenizer as JSON; chat_template: Jinja text ("" none);
-    eos_token_ids / bos_token_id: special token ids; context_length: tokens.
+    eos_token_ids / bos_token_id: special token ids; context_length: tokens;
+    tool_parser: mlx-lm's tool parser for the chat template the router renders with
+    (`mlx_lm.tool_parsers.<name>`; "" none).
     """
 
     model_name: str
@@ -69,6 +71,7 @@ class ModelInfo:
     chat_template: str = ""
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    tool_parser: str = ""
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,8 @@ def rates_from_proto(r: worker_pb2.Rates) -> Rates:
 
 def model_info_from_proto(m: worker_pb2.ModelInfo) -> ModelInfo:
     return ModelInfo(m.model_name, m.identity, m.context_length, m.tokenizer_json, m.chat_template,
-                     tuple(m.eos_token_ids), m.bos_token_id if m.HasField("bos_token_id") else None)
+                     tuple(m.eos_token_ids), m.bos_token_id if m.HasField("bos_token_id") else None,
+                     m.tool_parser)
 
 
 def status_from_proto(st: worker_pb2.WorkerStatus) -> WorkerStatus:
@@ -295,7 +299,7 @@ class WorkerClient(Protocol):
 
     async def wait_ready(self, timeout_s: float) -> None: ...
     async def watch_health(self) -> None: ...
-    async def model_info(self) -> ModelInfo: ...
+    async def model_info(self, chat_template: str | None = None) -> ModelInfo: ...
     async def status(self, live_states: bool = False) -> WorkerStatus: ...
     def cache_events(self) -> AsyncIterator[CacheUpdate]: ...
     def list_checkpoints(self) -> AsyncIterator[Checkpoint]: ...
@@ -363,11 +367,13 @@ class GrpcWorkerClient:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
-    async def model_info(self) -> ModelInfo:
-        """Raises WorkerUnavailable when the call fails."""
+    async def model_info(self, chat_template: str | None = None) -> ModelInfo:
+        """The worker's model. `chat_template`: the template the router renders with in
+        place of the model's own (the tool parser is chosen for it). Raises
+        WorkerUnavailable when the call fails."""
         try:
-            msg = await self._stub.GetModelInfo(worker_pb2.ModelInfoRequest(), timeout=MODEL_INFO_TIMEOUT_S,
-                                                metadata=self._metadata)
+            msg = await self._stub.GetModelInfo(worker_pb2.ModelInfoRequest(chat_template=chat_template or ""),
+                                                timeout=MODEL_INFO_TIMEOUT_S, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise translate_error(exc, self.name, "model info") from exc
         return model_info_from_proto(msg)

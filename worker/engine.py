@@ -174,6 +174,7 @@ class Engine:
         self.checkpoints = checkpoints
         self.config = config
         self.eos_ids = set(bundle.eos_token_ids)
+        self.tokenizer = hf_tokenizer  # chat template and vocabulary (GetModelInfo's tool parser choice)
         self._detokenizer = BPEStreamingDetokenizer(hf_tokenizer)  # copied per request
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="mlx-engine", daemon=True)

@@ -120,6 +120,7 @@ def build_engine(config: WorkerConfig):
     from kvrouter.worker.checkpoints import CheckpointManager
     from kvrouter.worker.engine import Engine, EngineConfig
     from kvrouter.worker.models import build_hf_tokenizer, load_model
+    from kvrouter.worker.models.tool_parser import tool_parser_for
     import mlx.core as mx
 
     bundle = load_model(config.model, config.cache_dir)
@@ -147,6 +148,7 @@ def build_engine(config: WorkerConfig):
         eos_token_ids=list(bundle.eos_token_ids),
         context_length=bundle.context_length,
         kv_layout=bundle.kv_layout,
+        tool_parser=tool_parser_for(hf_tok, declared=bundle.tool_parser),
     )
     if bundle.bos_token_id is not None:
         info.bos_token_id = bundle.bos_token_id

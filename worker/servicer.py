@@ -25,6 +25,7 @@ from kvrouter.cachestore import StoreEvent
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
 from kvrouter.worker.engine import Engine, EngineBusyError, EngineDeadError
 from kvrouter.worker.events import ErrorEvent, FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
+from kvrouter.worker.models.tool_parser import tool_parser_for
 
 log = logging.getLogger("kvrouter.worker.servicer")
 
@@ -239,7 +240,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             job.cancelled.set()
 
     async def GetModelInfo(self, request, context):
-        return self.model_info
+        """The prebuilt ModelInfo; with `request.chat_template` (the router renders with
+        its own template), `tool_parser` is mlx-lm's choice for that template."""
+        if not request.chat_template:
+            return self.model_info
+        info = worker_pb2.ModelInfo()
+        info.CopyFrom(self.model_info)
+        info.tool_parser = await asyncio.to_thread(tool_parser_for, self.engine.tokenizer, request.chat_template)
+        return info
 
     async def GetStatus(self, request, context):
         engine = self.engine

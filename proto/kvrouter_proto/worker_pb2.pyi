@@ -127,11 +127,13 @@ class GenerateResponse(_message.Message):
     def __init__(self, delta: _Optional[_Union[TokenDelta, _Mapping]] = ..., final: _Optional[_Union[Final, _Mapping]] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("chat_template",)
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    chat_template: str
+    def __init__(self, chat_template: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "identity", "tokenizer_json", "chat_template", "eos_token_ids", "bos_token_id", "context_length", "kv_layout")
+    __slots__ = ("model_name", "identity", "tokenizer_json", "chat_template", "eos_token_ids", "bos_token_id", "context_length", "kv_layout", "tool_parser")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +142,7 @@ class ModelInfo(_message.Message):
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_PARSER_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     identity: str
     tokenizer_json: str
@@ -148,7 +151,8 @@ class ModelInfo(_message.Message):
     bos_token_id: int
     context_length: int
     kv_layout: str
-    def __init__(self, model_name: _Optional[str] = ..., identity: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., context_length: _Optional[int] = ..., kv_layout: _Optional[str] = ...) -> None: ...
+    tool_parser: str
+    def __init__(self, model_name: _Optional[str] = ..., identity: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., context_length: _Optional[int] = ..., kv_layout: _Optional[str] = ..., tool_parser: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("include_live_states",)

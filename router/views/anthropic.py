@@ -17,28 +17,34 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from aiohttp import web
+from pydantic import Field
 
 from kvrouter.router.client_hints import PromptMarks, anthropic_marks, remove_billing_header
 from kvrouter.router.errors import ApiError, BadRequest, UnexpectedRole, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, METRICS, ROUTER_CONFIG
-from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, read_json, render_prompt, route_header,
-                                          sse_data, sse_response)
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, render_prompt,
+                                          route_header, send_event, sse_response)
 from kvrouter.router.views.streaming import KEEPALIVE, paced
-from kvrouter.router.views.generation import Outcome, collect, generate, parse_stop
-from kvrouter.router.views.openai_request import _number, cap_max_tokens
-from kvrouter.router.views.tools import ToolCallSplitter, flat_function_tools, split_text, syntax_for
+from kvrouter.router.views.generation import Outcome, StopStrings, collect, generate
+from kvrouter.router.views.openai_request import MaxTokens, ModelName, UnitNumber, cap_max_tokens
+from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
+from kvrouter.router.views.validation import Body, integer, tagged, validate
 
 log = logging.getLogger("kvrouter.router.views.anthropic")
-
-IGNORED_BLOCKS = ("thinking", "redacted_thinking")
 
 
 @dataclass(frozen=True)
 class MessagesRequest:
+    """A validated Messages (or count_tokens) request: system and messages as
+    chat-template messages (tool_use as tool_calls, tool_result as tool messages), custom
+    tools to render and parse, max_tokens capped (1 for count_tokens), stop sequences."""
+
     model: str
     messages: list[dict]  # chat-template messages
     tools: list | None  # OpenAI chat tool format, for the template and the parser
@@ -50,68 +56,157 @@ class MessagesRequest:
     stream: bool
 
 
-def _text_of(value, param: str) -> str:
-    """A string, or a list of text blocks, as text."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for i, b in enumerate(value):
-            if not isinstance(b, dict):
-                raise BadRequest(f"{param}[{i}] must be a content block", param=param)
-            if b.get("type") in IGNORED_BLOCKS:
-                continue
-            if b.get("type") != "text" or not isinstance(b.get("text"), str):
-                raise BadRequest(f"{param}[{i}]: only text blocks are supported here", param=param)
-            parts.append(b["text"])
-        return "".join(parts)
+# -- the body ----------------------------------------------------------------------------------
+
+class TextBlock(Body):
+    """A text block."""
+
+    type: Literal["text"]
+    text: str
+
+
+class IgnoredBlock(Body):
+    """Thinking blocks of earlier turns: accepted, not rendered."""
+
+    type: Literal["thinking", "redacted_thinking"]
+
+
+TextOnly = tagged("type", {"text": TextBlock, "thinking": IgnoredBlock, "redacted_thinking": IgnoredBlock})
+TEXT_TEXT = "{param} must be a string or an array of text blocks"
+
+
+class ToolUseBlock(Body):
+    """A tool call of an earlier assistant turn."""
+
+    type: Literal["tool_use"]
+    id: str | None = None
+    name: str
+    input: dict = Field(default_factory=dict)
+
+
+class ToolResultBlock(Body):
+    """A tool's result (in a user message) for the tool_use `tool_use_id`."""
+
+    field_texts = {"content": TEXT_TEXT}
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextOnly] | None = None
+
+
+UserBlock = tagged("type", {"text": TextBlock, "tool_result": ToolResultBlock,
+                            "thinking": IgnoredBlock, "redacted_thinking": IgnoredBlock})
+AssistantBlock = tagged("type", {"text": TextBlock, "tool_use": ToolUseBlock,
+                                 "thinking": IgnoredBlock, "redacted_thinking": IgnoredBlock})
+
+
+class UserMessage(Body):
+    """A user turn: text, tool results, or both."""
+
+    field_texts = {"content": "{param} must be a string or an array of content blocks"}
+    role: Literal["user"]
+    content: str | list[UserBlock]
+
+
+class AssistantMessage(Body):
+    """An earlier assistant turn: text, tool calls, or both."""
+
+    field_texts = {"content": "{param} must be a string or an array of content blocks"}
+    role: Literal["assistant"]
+    content: str | list[AssistantBlock]
+
+
+class SystemMessage(Body):
+    """A system message inside `messages` (Claude Code sends one after the user turn): a
+    system turn where the chat template renders one there, else folded into the user
+    turn before it (router.prompting)."""
+
+    field_texts = {"content": TEXT_TEXT}
+    role: Literal["system"]
+    content: str | list[TextOnly]
+
+
+Message = tagged("role", {"user": UserMessage, "assistant": AssistantMessage, "system": SystemMessage})
+ROLE_PARAM = re.compile(r"messages\[(\d+)\]\.role")
+
+
+class CustomTool(Body):
+    """A tool the client runs: name, description and a JSON schema of its input."""
+
+    field_texts = {"name": "{param} must be a non-empty string"}
+    type: Literal["custom"] = "custom"
+    name: Annotated[str, Field(min_length=1)]
+    description: str | None = None
+    input_schema: dict | None = None  # a JSON schema
+
+
+class ServerTool(Body):
+    """An Anthropic-hosted tool (web search, bash, ...): nothing to render."""
+
+    type: Annotated[str, Field(json_schema_extra={"not": {"const": "custom"}})]
+
+
+Tool = tagged("type", {"custom": CustomTool}, default="custom", other=ServerTool)
+
+
+class ToolChoice(Body):
+    """tool_choice: auto, any, tool (with `name`), none (tools rendered, calls not parsed)."""
+
+    field_texts = {"type": "tool_choice must be {'type': 'auto' | 'any' | 'tool' | 'none'}"}
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+
+
+class CountTokensBody(Body):
+    """POST /v1/messages/count_tokens (and the fields /v1/messages shares with it)."""
+
+    field_texts = {"model": "model: field required (a string)", "messages": "messages: must be a non-empty array",
+                   "system": TEXT_TEXT, "tool_choice": "tool_choice must be {'type': 'auto' | 'any' | 'tool' | 'none'}"}
+    model: ModelName
+    messages: Annotated[list[Message], Field(min_length=1)]
+    system: str | list[TextOnly] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+
+
+class MessagesBody(CountTokensBody):
+    """POST /v1/messages."""
+
+    field_texts = {**CountTokensBody.field_texts, "max_tokens": {"missing": "max_tokens: field required"},
+                   "stream": "stream must be a boolean"}
+    max_tokens: MaxTokens
+    temperature: UnitNumber | None = None
+    top_p: UnitNumber | None = None
+    top_k: integer(0, 2**31) | None = None
+    stop_sequences: StopStrings = ()
+    stream: bool | None = None
+
+
+# -- from the body to the request --------------------------------------------------------------
+
+def _text(value) -> str:
     if value is None:
         return ""
-    raise BadRequest(f"{param} must be a string or an array of text blocks", param=param)
+    if isinstance(value, str):
+        return value
+    return "".join(b.text for b in value if isinstance(b, TextBlock))
 
 
-def _convert_message(m, i: int) -> list[dict]:
-    param = f"messages[{i}]"
-    if not isinstance(m, dict):
-        raise BadRequest(f"{param} must be an object", param=param)
-    role = m.get("role")
-    if role not in ("user", "assistant", "system"):
-        raise UnexpectedRole(i, role)
-    content = m.get("content")
-    if role == "system":  # mid-conversation system message (Claude Code sends one after the user turn)
-        return [{"role": "system", "content": _text_of(content, f"{param}.content")}]
-    if isinstance(content, str):
-        return [{"role": role, "content": content}]
-    if not isinstance(content, list):
-        raise BadRequest(f"{param}.content must be a string or an array of content blocks", param=f"{param}.content")
+def _convert_message(m: UserMessage | AssistantMessage | SystemMessage) -> list[dict]:
+    if isinstance(m, SystemMessage):
+        return [{"role": "system", "content": _text(m.content)}]
+    if isinstance(m.content, str):
+        return [{"role": m.role, "content": m.content}]
     out: list[dict] = []
     text: list[str] = []
     calls: list[dict] = []
-    for j, b in enumerate(content):
-        bp = f"{param}.content[{j}]"
-        if not isinstance(b, dict) or not isinstance(b.get("type"), str):
-            raise BadRequest(f"{bp} must be a content block with a type", param=bp)
-        kind = b["type"]
-        if kind == "text":
-            if not isinstance(b.get("text"), str):
-                raise BadRequest(f"{bp}.text must be a string", param=bp)
-            text.append(b["text"])
-        elif kind == "tool_use" and role == "assistant":
-            if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
-                raise BadRequest(f"{bp}: tool_use needs a name and an object input", param=bp)
-            tid = b.get("id")
-            calls.append({"id": tid if isinstance(tid, str) else "", "type": "function",
-                          "function": {"name": b["name"], "arguments": b.get("input") or {}}})
-        elif kind == "tool_result" and role == "user":
-            tid = b.get("tool_use_id")
-            if not isinstance(tid, str):
-                raise BadRequest(f"{bp}.tool_use_id must be a string", param=bp)
-            out.append({"role": "tool", "tool_call_id": tid, "content": _text_of(b.get("content"), f"{bp}.content")})
-        elif kind in IGNORED_BLOCKS:
-            continue
-        else:
-            raise BadRequest(f"{bp}: content blocks of type '{kind}' are not supported in {role} messages", param=bp)
-    if role == "assistant":
+    for b in m.content:
+        if isinstance(b, TextBlock):
+            text.append(b.text)
+        elif isinstance(b, ToolUseBlock):
+            calls.append({"id": b.id or "", "type": "function", "function": {"name": b.name, "arguments": b.input}})
+        elif isinstance(b, ToolResultBlock):
+            out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": _text(b.content)})
+    if m.role == "assistant":
         msg = {"role": "assistant", "content": "".join(text)}
         if calls:
             msg["tool_calls"] = calls
@@ -121,53 +216,47 @@ def _convert_message(m, i: int) -> list[dict]:
     return out
 
 
-def _tools(raw) -> list | None:
-    # Server tools (web search, bash, ...) are Anthropic-hosted: nothing to render.
-    return flat_function_tools(raw, "input_schema", {}, lambda t: t.get("type") in (None, "custom"))
+def _tools(tools) -> list | None:
+    out = []
+    for t in tools or ():
+        if isinstance(t, CustomTool):
+            fn = {"name": t.name, "parameters": t.input_schema if t.input_schema is not None else {}}
+            if t.description:
+                fn["description"] = t.description
+            out.append({"type": "function", "function": fn})
+    return out or None
 
 
 def parse_messages_request(body, limit: int | None, count_only: bool = False) -> MessagesRequest:
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("model: field required (a string)", param="model")
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise BadRequest("messages: must be a non-empty array", param="messages")
+    """A validated MessagesRequest from a decoded JSON body (`count_only`: a
+    count_tokens body, without max_tokens); raises BadRequest."""
+    try:
+        b = validate(CountTokensBody if count_only else MessagesBody, body)
+    except BadRequest as exc:
+        role = ROLE_PARAM.fullmatch(exc.param or "")
+        if role is None:
+            raise
+        # worded as the Anthropic API words it: Claude Code matches that text to fall back
+        raise UnexpectedRole(int(role.group(1)), body["messages"][int(role.group(1))].get("role")) from exc
     messages: list[dict] = []
-    system = body.get("system")
-    if system is not None:
-        s = _text_of(system, "system")
-        if s:
-            messages.append({"role": "system", "content": s})
-    for i, m in enumerate(raw):
-        messages.extend(_convert_message(m, i))
-    if count_only:
-        max_tokens = 1
-    else:
-        if body.get("max_tokens") is None:
-            raise BadRequest("max_tokens: field required", param="max_tokens")
-        max_tokens = _number(body, "max_tokens", None, 1, 2**31, integer=True)
-    choice = body.get("tool_choice")
-    if choice is not None and not (isinstance(choice, dict) and choice.get("type") in ("auto", "any", "tool", "none")):
-        raise BadRequest("tool_choice must be {'type': 'auto' | 'any' | 'tool' | 'none'}", param="tool_choice")
-    parse = not (isinstance(choice, dict) and choice.get("type") == "none")
-    tools = _tools(body.get("tools"))
-    stream = body.get("stream") or False  # null means the default
-    if not isinstance(stream, bool):
-        raise BadRequest("stream must be a boolean", param="stream")
-    _number(body, "top_k", None, 0, 2**31, integer=True)
+    system = _text(b.system)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for m in b.messages:
+        messages.extend(_convert_message(m))
+    parse = not (b.tool_choice is not None and b.tool_choice.type == "none")
+    tools = _tools(b.tools)
+    full = b if isinstance(b, MessagesBody) else None
     return MessagesRequest(
-        model=model,
+        model=b.model,
         messages=messages,
         tools=tools if parse else None,
         parse_tools=parse and tools is not None,
-        max_tokens=cap_max_tokens(max_tokens, limit),
-        temperature=float(_number(body, "temperature", 1.0, 0, 1)),
-        top_p=float(_number(body, "top_p", 1.0, 0, 1)),
-        stop=parse_stop(body.get("stop_sequences"), "stop_sequences"),
-        stream=stream,
+        max_tokens=cap_max_tokens(full.max_tokens, limit) if full else 1,
+        temperature=1.0 if full is None or full.temperature is None else float(full.temperature),
+        top_p=1.0 if full is None or full.top_p is None else float(full.top_p),
+        stop=full.stop_sequences if full else (),
+        stream=bool(full and full.stream),
     )
 
 
@@ -232,7 +321,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if notes:
         request.app[METRICS].client_hints.labels(model.name, "billing_header_removed").inc()
     prompt = await render_prompt(request, model, req.messages, req.tools, marks)
-    syntax = syntax_for(model.tokenizer) if req.parse_tools else None
+    syntax = tool_syntax(model.tool_parser) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
                    namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY),
                    hint_tokens=prompt.hint_tokens)
@@ -264,11 +353,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def _stream(request, dispatcher, job, route, req, syntax, msg_id, header) -> web.StreamResponse:
     """The SSE event sequence. Headers, `message_start` (usage: the predicted reuse)
     and the text block's start go out at once; `ping` events while nothing else is
-    sent; an error after that is an `error` event."""
-    resp = sse_response(header)
+    sent (and aiohttp-sse's keep-alive comments); an error after that is an `error` event."""
+    interval = request.app[ROUTER_CONFIG].stream_keepalive_s
+    resp = sse_response(header, interval)
 
     async def send(event: str, obj: dict) -> None:
-        await resp.write(sse_data({"type": event, **obj}, event))
+        await send_event(resp, {"type": event, **obj}, event)
 
     await resp.prepare(request)
     cached = min(route.cached, len(job.tokens))
@@ -280,7 +370,6 @@ async def _stream(request, dispatcher, job, route, req, syntax, msg_id, header) 
     await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
     await send("ping", {})
     splitter = ToolCallSplitter(syntax, req.tools)
-    interval = request.app[ROUTER_CONFIG].stream_keepalive_s
     async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:
         try:
             async for item in paced(items, request, interval):
@@ -308,6 +397,6 @@ async def _stream(request, dispatcher, job, route, req, syntax, msg_id, header) 
                 await send("message_stop", {})
         except ApiError as exc:
             log.info("stream %s ends with an error event: %s", msg_id, exc.message)
-            await resp.write(sse_data(exc.anthropic_body(), "error"))
-    await resp.write_eof()
+            await send_event(resp, exc.anthropic_body(), "error")
+    await end_stream(resp)
     return resp

@@ -1,5 +1,5 @@
 """Helpers every protocol view shares: the JSON body, the request's namespace,
-building a Job, and SSE writing that stops cleanly when the client is gone."""
+building a Job, and server-sent events (aiohttp-sse)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
 from kvrouter.router.dispatch import Job
 from kvrouter.router.errors import BadRequest
@@ -16,6 +17,7 @@ from kvrouter.router.keys import METRICS, ROUTER_CONFIG
 log = logging.getLogger("kvrouter.router.views")
 
 PREVIEW_CHARS = 80
+KEEPALIVE_S = 10.0  # seconds between SSE keep-alives on an open stream (--stream-keepalive-s's default)
 # perf_counter() at arrival, set by router.app.error_middleware (a typed key where aiohttp has them)
 ARRIVED_KEY = web.RequestKey("kvrouter_arrived", float) if hasattr(web, "RequestKey") else "kvrouter_arrived"
 NAMESPACE_KEY = "kvrouter_namespace"  # set on the request by router.app.auth_middleware
@@ -93,16 +95,31 @@ def route_header(route, notes: tuple[str, ...] = ()) -> str:
     return header
 
 
-def sse_response(route_header: str) -> web.StreamResponse:
-    return web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "x-kvrouter-route": route_header,
-        }
-    )
+def sse_response(route_header: str, keepalive_s: float | None = None) -> EventSourceResponse:
+    """An event stream (aiohttp-sse), not yet prepared: a view prepares it as soon as
+    the request is accepted (validated, within the context, routed), so an error
+    before that still gets a status code.
+
+    Once prepared it sends an SSE comment (": ping") every `keepalive_s` seconds
+    (`--stream-keepalive-s`; None: KEEPALIVE_S) so that proxies and clients do not take a slow stream for
+    a dead one, and aborts a client that leaves data unread for
+    EventSourceResponse.DEFAULT_SEND_TIMEOUT (120 s); writes to a client that is gone
+    raise ConnectionResetError (an OSError), which ends the generation. Lines end with "\n".
+    """
+    return EventSourceResponse(headers={"x-kvrouter-route": route_header}, sep="\n", allow_all_methods=True,
+                               ping_interval=keepalive_s or KEEPALIVE_S)
 
 
-def sse_data(obj, event: str | None = None) -> bytes:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(obj)}\n\n".encode()
+async def send_event(resp: EventSourceResponse, obj, event: str | None = None) -> None:
+    """`obj` as one event: `event: NAME` (Anthropic, Responses) when given, `data: JSON`."""
+    await resp.send(json.dumps(obj), event=event)
+
+
+async def end_stream(resp: EventSourceResponse, done_marker: bool = False) -> None:
+    """Ends a prepared stream: `data: [DONE]` first with `done_marker` (OpenAI's
+    chat and completions streams), then no more keep-alives, then the end of the body."""
+    if done_marker:
+        await resp.send("[DONE]")
+    resp.stop_streaming()
+    await resp.wait()
+    await resp.write_eof()

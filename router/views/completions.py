@@ -9,15 +9,21 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from aiohttp import web
+from pydantic import BeforeValidator, Field
 
 from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import ARRIVED_KEY, make_job, namespace_of, read_json, sse_data, sse_response
-from kvrouter.router.views.generation import collect, generate, parse_stop
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, send_event,
+                                          sse_response)
+from kvrouter.router.views.generation import StopStrings, collect, generate
 from kvrouter.router.views.openai import usage_body
-from kvrouter.router.views.openai_request import _number, cap_max_tokens
+from kvrouter.router.views.openai_request import (MODEL_TEXT, MaxTokens, ModelName, Seed, StreamOptions, Temperature,
+                                                   UnitNumber,
+                                                   cap_max_tokens)
+from kvrouter.router.views.validation import Between, Body, Only, text_error, validate
 
 _vocab_sizes: dict[int, int] = {}
 
@@ -31,6 +37,9 @@ def vocab_size(tokenizer) -> int:
 
 @dataclass(frozen=True)
 class CompletionRequest:
+    """A validated completion request: one prompt (text, or token ids checked against
+    the vocabulary by the view), max_tokens capped, sampling defaults applied."""
+
     model: str
     prompt: str | list[int]
     max_tokens: int
@@ -42,51 +51,57 @@ class CompletionRequest:
     stop: tuple[str, ...]
 
 
-def _prompt(raw):
-    """A string or a list of token ids; a one-element list of either is unwrapped."""
-    if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
-        raw = raw[0]
-    if isinstance(raw, str):
-        if not raw:
-            raise BadRequest("'prompt' must not be empty", param="prompt")
-        return raw
-    if isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
-        return raw
-    if isinstance(raw, list) and len(raw) > 1 and all(isinstance(p, (str, list)) for p in raw):
-        raise BadRequest("only one prompt per request is supported", param="prompt")
-    raise BadRequest("'prompt' must be a non-empty string or a non-empty array of token ids", param="prompt")
+def _one_prompt(value):
+    """One prompt: a one-element list of a string or of token ids is unwrapped; a
+    list of several prompts is refused."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        return value[0]
+    if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
+        raise text_error("only one prompt per request is supported")
+    return value
+
+
+TOKEN_ID_MARK = "x-kvrouter-token-id"
+TokenId = Annotated[int, Field(json_schema_extra={"minimum": 0, TOKEN_ID_MARK: True})]
+"""A token id; the view checks it against the model's vocabulary (/openapi.json: 0..vocabulary size - 1)."""
+
+
+class CompletionBody(Body):
+    """POST /v1/completions."""
+
+    field_texts = {"model": MODEL_TEXT,
+                   "prompt": "'{param}' must be a non-empty string or a non-empty array of token ids",
+                   "echo": "'{param}' is not supported", "logprobs": "'{param}' is not supported"}
+    model: ModelName
+    prompt: Annotated[Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)],
+                      BeforeValidator(_one_prompt)]
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: UnitNumber | None = None
+    seed: Seed | None = None
+    n: Annotated[int, Between(1, 128), Only(1, "only n=1 is supported")] | None = None
+    best_of: Annotated[int, Between(1, 128), Only(1, "only best_of=1 is supported")] | None = None
+    echo: Literal[False] | None = None
+    logprobs: Literal[0] | None = None
+    stop: StopStrings = ()
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
 
 
 def parse_completion_request(body, default_max_tokens: int, limit: int | None) -> CompletionRequest:
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a string", param="model")
-    prompt = _prompt(body.get("prompt"))
-    for name, ok in (("n", 1), ("best_of", 1)):
-        if _number(body, name, 1, 1, 128, integer=True) != ok:
-            raise BadRequest(f"only {name}=1 is supported", param=name)
-    if body.get("echo") not in (None, False):
-        raise BadRequest("'echo' is not supported", param="echo")
-    if body.get("logprobs") not in (None, 0):
-        raise BadRequest("'logprobs' is not supported", param="logprobs")
-    stream = body.get("stream") or False  # null means the default
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be a boolean", param="stream")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
-        raise BadRequest("'stream_options' must be an object with a boolean include_usage", param="stream_options")
+    """A validated CompletionRequest from a decoded JSON body; raises BadRequest.
+    max_tokens defaults to 16 (OpenAI's default for this endpoint)."""
+    b = validate(CompletionBody, body)
     return CompletionRequest(
-        model=model,
-        prompt=prompt,
-        max_tokens=cap_max_tokens(_number(body, "max_tokens", 16, 1, 2**31, integer=True), limit),
-        temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-        top_p=float(_number(body, "top_p", 1.0, 0, 1)),
-        seed=_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
-        stream=stream,
-        include_usage=opts.get("include_usage", False),
-        stop=parse_stop(body.get("stop"), "stop"),
+        model=b.model,
+        prompt=b.prompt,
+        max_tokens=cap_max_tokens(b.max_tokens or 16, limit),
+        temperature=1.0 if b.temperature is None else float(b.temperature),
+        top_p=1.0 if b.top_p is None else float(b.top_p),
+        seed=b.seed,
+        stream=bool(b.stream),
+        include_usage=bool(b.stream_options and b.stream_options.include_usage),
+        stop=b.stop,
     )
 
 
@@ -132,15 +147,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
                         await resp.prepare(request)
                         started = True
                     if isinstance(item, str):
-                        await resp.write(sse_data(choice(item)))
+                        await send_event(resp, choice(item))
                     else:
-                        await resp.write(sse_data(choice("", item.finish_reason)))
+                        await send_event(resp, choice("", item.finish_reason))
                         if req.include_usage:
-                            await resp.write(sse_data({**base, "choices": [], "usage": usage_body(item)}))
+                            await send_event(resp, {**base, "choices": [], "usage": usage_body(item)})
             except ApiError as exc:
                 if not started:
                     raise
-                await resp.write(sse_data(exc.openai_body()))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+                await send_event(resp, exc.openai_body())
+        await end_stream(resp, done_marker=True)
         return resp

@@ -10,28 +10,56 @@ path a client disconnect takes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Annotated, AsyncIterator
+
+from pydantic import Field, PlainValidator
 
 from kvrouter.router.errors import BadRequest
+from kvrouter.router.views.validation import text_error
 from kvrouter.router.worker_client import Completion, Delta
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 
 
-def parse_stop(value, param: str) -> tuple[str, ...]:
-    """Stop strings from a request field: null, a string, or a list of strings."""
+def stop_strings(value) -> tuple[str, ...]:
+    """Stop strings from a request field: null, a string, or a list of at most
+    MAX_STOP_SEQUENCES strings of at most MAX_STOP_CHARS characters each; empty
+    strings are dropped. Raises ValueError whose text names the field "{param}"."""
     if value is None:
         return ()
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise BadRequest(f"'{param}' must be a string or an array of strings", param=param)
+        raise ValueError("'{param}' must be a string or an array of strings")
     if len(value) > MAX_STOP_SEQUENCES:
-        raise BadRequest(f"'{param}' takes at most {MAX_STOP_SEQUENCES} strings", param=param)
+        raise ValueError(f"'{{param}}' takes at most {MAX_STOP_SEQUENCES} strings")
     if any(len(s) > MAX_STOP_CHARS for s in value):
-        raise BadRequest(f"each '{param}' string must be at most {MAX_STOP_CHARS} characters", param=param)
+        raise ValueError(f"each '{{param}}' string must be at most {MAX_STOP_CHARS} characters")
     return tuple(s for s in value if s)
+
+
+def parse_stop(value, param: str) -> tuple[str, ...]:
+    """`stop_strings(value)`; raises BadRequest naming `param`."""
+    try:
+        return stop_strings(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc).replace("{param}", param), param=param) from exc
+
+
+def _validate_stop(value) -> tuple[str, ...]:
+    try:
+        return stop_strings(value)
+    except ValueError as exc:
+        raise text_error(str(exc)) from exc
+
+
+StopStrings = Annotated[tuple[str, ...], PlainValidator(
+    _validate_stop,
+    json_schema_input_type=Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+    | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_SEQUENCES)]
+    | None)]
+"""A body field of stop strings (`stop`, `stop_sequences`): validated by `stop_strings`."""
 
 
 class StopMatcher:

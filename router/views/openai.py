@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import contextlib
 import time
 import uuid
@@ -9,14 +10,14 @@ import uuid
 from aiohttp import web
 
 from kvrouter.router.errors import ApiError, WorkerFailed
-from kvrouter.router.client_hints import prompt_cache_key
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, read_json, render_prompt, sse_data,
-                                          sse_response)
-from kvrouter.router.views.streaming import KEEPALIVE, OPENAI_KEEPALIVE, paced
+from kvrouter.router.client_hints import prompt_cache_key
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, render_prompt,
+                                          send_event, sse_response)
+from kvrouter.router.views.streaming import paced
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import parse_chat_request
-from kvrouter.router.views.tools import ToolCallSplitter, split_text, syntax_for
+from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
 
 __all__ = ["chat_completions", "list_models", "read_json", "usage_body"]
 
@@ -68,7 +69,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = parse_chat_request(body, config.default_max_tokens, config.max_tokens_limit)
     model = request.app[CLUSTER].model(req.model)
     prompt = await render_prompt(request, model, req.messages, req.tools)
-    syntax = syntax_for(model.tokenizer) if req.parse_tools else None
+    syntax = tool_syntax(model.tool_parser) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p,
                    req.seed, namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY),
                    affinity_key=prompt_cache_key(body))
@@ -97,13 +98,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_id, created) -> web.StreamResponse:
-    """The chunk sequence. Headers and the role chunk go out at once; SSE comments
-    while nothing else is sent; an error after that is an error chunk, then [DONE]."""
-    resp = sse_response(route.header())
+    """The chunk sequence. Headers and the role chunk go out at once (keep-alive comments
+    follow); an error after that is an error chunk, then [DONE]."""
+    resp = sse_response(route.header(), request.app[ROUTER_CONFIG].stream_keepalive_s)
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": job.model.name}
 
     async def send(obj) -> None:
-        await resp.write(sse_data(obj))
+        await send_event(resp, obj)
 
     def chunk(delta: dict, finish=None) -> dict:
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -111,13 +112,9 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
     await resp.prepare(request)
     await send(chunk({"role": "assistant", "content": ""}))
     splitter = ToolCallSplitter(syntax, req.tools)
-    interval = request.app[ROUTER_CONFIG].stream_keepalive_s
     async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:
         try:
-            async for item in paced(items, request, interval):
-                if item is KEEPALIVE:
-                    await resp.write(OPENAI_KEEPALIVE)
-                    continue
+            async for item in paced(items, request):
                 if isinstance(item, str):
                     text = splitter.feed(item)
                     if text:
@@ -133,6 +130,5 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
                     await send({**base, "choices": [], "usage": usage_body(item)})
         except ApiError as exc:
             await send(exc.openai_body())  # after the start: an error event, never a normal stop
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+    await end_stream(resp, done_marker=True)
     return resp

@@ -1,41 +1,53 @@
-"""GET /openapi.json: an OpenAPI 3.0 description of the HTTP API (the fields the
-product uses; other fields real clients send are accepted and ignored)."""
+"""GET /openapi.json: an OpenAPI 3.1 description of the HTTP API, its request
+bodies generated from the pydantic models that validate them (so the document
+and the validation cannot drift apart). Fields other than the ones described
+are accepted and ignored (`additionalProperties: true`).
+
+Two facts of the running router complete the generated schemas: `model` lists
+the served models, and token ids (`/v1/completions` prompts) run up to the
+smallest vocabulary among them.
+"""
 
 from __future__ import annotations
 
+import copy
+from functools import lru_cache
+from typing import Any
+
 from aiohttp import web
+from pydantic.json_schema import models_json_schema
 
 from kvrouter.router import __version__
 from kvrouter.router.keys import CLUSTER
+from kvrouter.router.views.anthropic import CountTokensBody, MessagesBody
+from kvrouter.router.views.completions import TOKEN_ID_MARK, CompletionBody, vocab_size
+from kvrouter.router.views.openai_request import ChatCompletionBody
+from kvrouter.router.views.responses import ResponsesBody
 
-
-def _obj(props: dict, required: list[str] | None = None) -> dict:
-    out = {"type": "object", "properties": props, "additionalProperties": True}
-    if required:
-        out["required"] = required
-    return out
-
+# (path, summary, body model, Anthropic error format)
+ENDPOINTS = (
+    ("/v1/chat/completions", "OpenAI chat completion", ChatCompletionBody, False),
+    ("/v1/completions", "OpenAI text completion", CompletionBody, False),
+    ("/v1/responses", "OpenAI Responses API", ResponsesBody, False),
+    ("/v1/messages", "Anthropic Messages", MessagesBody, True),
+    ("/v1/messages/count_tokens", "Anthropic token count", CountTokensBody, True),
+)
+REF = "#/components/schemas/{model}"
 
 STR = {"type": "string"}
-INT1 = {"type": "integer", "minimum": 1}
-BOOL = {"type": "boolean"}
-STOP = {"oneOf": [STR, {"type": "array", "items": STR, "maxItems": 16}], "nullable": True}
-TEMP2 = {"type": "number", "minimum": 0, "maximum": 2}
-UNIT = {"type": "number", "minimum": 0, "maximum": 1}
-TEXT_PARTS = {"type": "array", "items": _obj({"type": {"type": "string", "enum": ["text"]}, "text": STR},
-                                              ["type", "text"])}
-ERROR = {"description": "error", "content": {"application/json": {"schema": _obj({"error": _obj({
-    "message": STR, "type": STR, "param": {"type": "string", "nullable": True},
-    "code": {"type": "string", "nullable": True}})}, ["error"])}}}
-ANTHROPIC_ERROR = {"description": "error", "content": {"application/json": {"schema": _obj({
-    "type": {"type": "string", "enum": ["error"]}, "error": _obj({"type": STR, "message": STR})})}}}
+OPENAI_ERROR = {"description": "error", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "object", "properties": {
+        "message": STR, "type": STR, "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}}}
+ANTHROPIC_ERROR = {"description": "error", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"type": {"const": "error"}, "error": {"type": "object", "properties": {
+        "type": STR, "message": STR}}}}}}}
 
 
-def _op(summary: str, body: dict, anthropic: bool = False) -> dict:
-    err = ANTHROPIC_ERROR if anthropic else ERROR
+def _operation(summary: str, ref: dict, anthropic: bool) -> dict:
+    err = ANTHROPIC_ERROR if anthropic else OPENAI_ERROR
     return {
         "summary": summary,
-        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref}}},
         "responses": {
             "200": {"description": "the result (JSON, or text/event-stream with stream: true)",
                     "content": {"application/json": {"schema": {"type": "object"}},
@@ -46,82 +58,56 @@ def _op(summary: str, body: dict, anthropic: bool = False) -> dict:
     }
 
 
-def build_spec(models: list[str]) -> dict:
-    model = {"type": "string", "enum": models} if models else STR
-    tools = {"type": "array", "items": _obj({
-        "type": {"type": "string", "enum": ["function"]},
-        "function": _obj({"name": {"type": "string", "minLength": 1}, "description": STR,
-                          "parameters": {"type": "object"}}, ["name"])}, ["type", "function"])}
-    chat_message = _obj({
-        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"oneOf": [STR, TEXT_PARTS], "nullable": True},
-        "tool_call_id": STR,
-        "tool_calls": {"type": "array", "items": _obj({"id": STR, "type": STR, "function": _obj(
-            {"name": STR, "arguments": STR}, ["name"])}, ["function"])},
-    }, ["role", "content"])
-    chat = _obj({
-        "model": model, "messages": {"type": "array", "items": chat_message, "minItems": 1},
-        "max_tokens": INT1, "max_completion_tokens": INT1, "temperature": TEMP2, "top_p": UNIT,
-        "seed": {"type": "integer"}, "n": {"type": "integer", "enum": [1]}, "stop": STOP, "stream": BOOL,
-        "stream_options": _obj({"include_usage": BOOL}), "tools": tools,
-        "tool_choice": {"oneOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {"type": "object"}]},
-    }, ["model", "messages"])
-    completion = _obj({
-        "model": model,
-        "prompt": {"oneOf": [{"type": "string", "minLength": 1},
-                             {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 1000},
-                              "minItems": 1}]},
-        "max_tokens": INT1, "temperature": TEMP2, "top_p": UNIT, "seed": {"type": "integer"}, "stop": STOP,
-        "stream": BOOL, "stream_options": _obj({"include_usage": BOOL}),
-    }, ["model", "prompt"])
-    responses = _obj({
-        "model": model,
-        "input": {"oneOf": [STR, {"type": "array", "minItems": 1, "items": _obj({
-            "type": {"type": "string", "enum": ["message"]},
-            "role": {"type": "string", "enum": ["user", "system", "developer", "assistant"]},
-            "content": STR}, ["role", "content"])}]},
-        "instructions": STR, "max_output_tokens": INT1, "temperature": TEMP2, "top_p": UNIT, "stream": BOOL,
-        "tools": {"type": "array", "items": _obj({"type": {"type": "string", "enum": ["function"]},
-                                                  "name": {"type": "string", "minLength": 1},
-                                                  "parameters": {"type": "object"}}, ["type", "name"])},
-    }, ["model", "input"])
-    block = {"oneOf": [
-        _obj({"type": {"type": "string", "enum": ["text"]}, "text": STR}, ["type", "text"]),
-        _obj({"type": {"type": "string", "enum": ["tool_use"]}, "id": STR, "name": STR, "input": {"type": "object"}},
-             ["type", "id", "name", "input"]),
-        _obj({"type": {"type": "string", "enum": ["tool_result"]}, "tool_use_id": STR, "content": STR},
-             ["type", "tool_use_id"]),
-    ]}
-    a_message = _obj({"role": {"type": "string", "enum": ["user", "assistant", "system"]},
-                      "content": {"oneOf": [STR, {"type": "array", "items": block}]}}, ["role", "content"])
-    a_tools = {"type": "array", "items": _obj({"name": {"type": "string", "minLength": 1}, "description": STR,
-                                               "input_schema": {"type": "object"}}, ["name", "input_schema"])}
-    a_base = {"model": model, "messages": {"type": "array", "items": a_message, "minItems": 1},
-              "system": {"oneOf": [STR, TEXT_PARTS]}, "tools": a_tools}
-    messages = _obj({**a_base, "max_tokens": INT1, "temperature": UNIT, "top_p": UNIT, "top_k": {"type": "integer",
-                     "minimum": 0}, "stop_sequences": {"type": "array", "items": STR, "maxItems": 16},
-                     "stream": BOOL}, ["model", "messages", "max_tokens"])
-    count = _obj(a_base, ["model", "messages"])
+def _mark_token_ids(node: Any, vocab: int | None) -> None:
+    """Token id schemas (marked TOKEN_ID_MARK) get `maximum` vocab - 1; the mark goes."""
+    if isinstance(node, dict):
+        if node.pop(TOKEN_ID_MARK, False) and vocab:
+            node["maximum"] = vocab - 1
+        for value in node.values():
+            _mark_token_ids(value, vocab)
+    elif isinstance(node, list):
+        for value in node:
+            _mark_token_ids(value, vocab)
+
+
+@lru_cache(maxsize=1)
+def _generated() -> tuple[dict, dict]:
+    """(JSON schema reference of each body model, every schema by name), generated once."""
+    refs, defs = models_json_schema([(m, "validation") for _, _, m, _ in ENDPOINTS], ref_template=REF)
+    return {model: refs[(model, "validation")] for _, _, model, _ in ENDPOINTS}, defs["$defs"]
+
+
+def build_spec(models: list[str], vocab: int | None = None) -> dict:
+    """The OpenAPI document. `models`: the served model ids (the `model` enum; any
+    string when empty); `vocab`: the smallest vocabulary size among them (token
+    ids run below it), None when unknown."""
+    refs, schemas = _generated()
+    schemas = copy.deepcopy(schemas)
+    _mark_token_ids(schemas, vocab)
+    for _, _, model, _ in ENDPOINTS:
+        field = schemas[model.__name__]["properties"]["model"]
+        if models:
+            field["enum"] = list(models)
+    paths: dict = {path: {"post": _operation(summary, refs[model], anthropic)}
+                   for path, summary, model, anthropic in ENDPOINTS}
+    paths["/v1/models"] = {"get": {"summary": "served models", "responses": {
+        "200": {"description": "model list", "content": {"application/json": {"schema": {"type": "object"}}}},
+        "401": OPENAI_ERROR}}}
+    paths["/health"] = {"get": {"summary": "worker health", "responses": {
+        "200": {"description": "a worker is serving"}, "503": {"description": "no worker is serving"}}}}
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "kvrouter", "version": __version__,
                  "description": "OpenAI- and Anthropic-compatible gateway with KV checkpoint reuse. With "
                                 "--api-keys-file, send 'Authorization: Bearer KEY' or 'x-api-key: KEY'; "
                                 "'x-kvrouter-namespace' selects a cache namespace within the key's."},
-        "paths": {
-            "/v1/chat/completions": {"post": _op("OpenAI chat completion", chat)},
-            "/v1/completions": {"post": _op("OpenAI text completion", completion)},
-            "/v1/responses": {"post": _op("OpenAI Responses API", responses)},
-            "/v1/messages": {"post": _op("Anthropic Messages", messages, anthropic=True)},
-            "/v1/messages/count_tokens": {"post": _op("Anthropic token count", count, anthropic=True)},
-            "/v1/models": {"get": {"summary": "served models", "responses": {"200": {
-                "description": "model list", "content": {"application/json": {"schema": {"type": "object"}}}},
-                "401": ERROR}}},
-            "/health": {"get": {"summary": "worker health", "responses": {
-                "200": {"description": "a worker is serving"}, "503": {"description": "no worker is serving"}}}},
-        },
+        "paths": paths,
+        "components": {"schemas": schemas},
     }
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(build_spec(sorted(request.app[CLUSTER].models)))
+    """GET /openapi.json: `build_spec` for the served models and their smallest vocabulary."""
+    cluster = request.app[CLUSTER]
+    vocabs = [vocab_size(m.tokenizer) for m in cluster.models.values() if m.tokenizer is not None]
+    return web.json_response(build_spec(sorted(cluster.models), min(vocabs) if vocabs else None))

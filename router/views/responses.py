@@ -9,25 +9,35 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from aiohttp import web
+from pydantic import Field
 
 from kvrouter.router.client_hints import prompt_cache_key
 from kvrouter.router.dispatch import check_context
-from kvrouter.router.errors import ApiError, BadRequest, ContextTooLong, WorkerFailed
+from kvrouter.router.errors import ApiError, ContextTooLong, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import (ARRIVED_KEY, make_job, namespace_of, read_json, render_prompt, sse_data,
-                                          sse_response)
-from kvrouter.router.views.streaming import KEEPALIVE, OPENAI_KEEPALIVE, paced
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, render_prompt,
+                                          send_event, sse_response)
+from kvrouter.router.views.streaming import paced
 from kvrouter.router.views.generation import Outcome, collect, generate
-from kvrouter.router.views.openai_request import _number, cap_max_tokens, parse_arguments, tool_choice_parses
-from kvrouter.router.views.tools import ToolCallSplitter, flat_function_tools, split_text, syntax_for
+from kvrouter.router.views.openai_request import (ARGUMENTS_TEXT, MODEL_TEXT, TOOL_CHOICE_TEXT, MaxTokens, ModelName,
+                                                   Temperature, UnitNumber,
+                                                   cap_max_tokens, parse_arguments)
+from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
+from kvrouter.router.views.validation import Body, tagged, validate
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+PREVIOUS_RESPONSE_TEXT = ("previous_response_id is not supported: responses are not stored; send the whole "
+                          "conversation in 'input'")
 
 
 @dataclass(frozen=True)
 class ResponsesRequest:
+    """A validated Responses request: `input` and `instructions` as chat-template
+    messages, function tools to render and parse, max_output_tokens capped."""
+
     model: str
     messages: list[dict]
     tools: list | None
@@ -39,99 +49,150 @@ class ResponsesRequest:
     instructions: str | None
 
 
-def _content(value, param: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for i, p in enumerate(value):
-            if not isinstance(p, dict) or p.get("type") not in ("input_text", "output_text", "text") \
-                    or not isinstance(p.get("text"), str):
-                raise BadRequest(f"{param}[{i}]: only text parts (input_text, output_text) are supported",
-                                 param=param)
-            parts.append(p["text"])
-        return "".join(parts)
-    raise BadRequest(f"{param} must be a string or an array of text parts", param=param)
+# -- the body ----------------------------------------------------------------------------------
+
+class InputText(Body):
+    """A text part of a message item (input_text, output_text)."""
+
+    field_texts = {"type": "{param}: only text parts (input_text, output_text) are supported"}
+    type: Literal["input_text", "output_text", "text"]
+    text: str
 
 
-def _messages(raw) -> list[dict]:
-    if isinstance(raw, str):
-        return [{"role": "user", "content": raw}]
-    if not isinstance(raw, list) or not raw:
-        raise BadRequest("'input' must be a string or a non-empty array of items", param="input")
+Content = str | list[InputText]
+
+
+class MessageItem(Body):
+    """A message (the `type` may be left out); developer is rendered as system."""
+
+    field_texts = {"role": "{param} must be one of user, system, developer, assistant",
+                   "content": "{param} must be a string or an array of text parts"}
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: Content
+
+
+class FunctionCallItem(Body):
+    """A tool call the model made earlier (`call_id` links its output)."""
+
+    field_texts = {"arguments": ARGUMENTS_TEXT}
+    type: Literal["function_call"]
+    name: str
+    call_id: str
+    arguments: str | dict | None = None
+
+
+class FunctionCallOutputItem(Body):
+    """A tool's output for the call `call_id`."""
+
+    field_texts = {"output": "{param} must be a string or an array of text parts"}
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Content
+
+
+class ReasoningItem(Body):
+    """Reasoning the client keeps between turns; not rendered."""
+
+    type: Literal["reasoning"]
+
+
+InputItem = tagged("type", {"message": MessageItem, "function_call": FunctionCallItem,
+                            "function_call_output": FunctionCallOutputItem, "reasoning": ReasoningItem},
+                   default="message")
+
+
+class FunctionTool(Body):
+    """A function tool: name, description and a JSON schema of its parameters."""
+
+    field_texts = {"name": "{param} must be a non-empty string"}
+    type: Literal["function"]
+    name: Annotated[str, Field(min_length=1)]
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema
+
+
+class HostedTool(Body):
+    """A tool the provider runs (web_search, file_search, ...): nothing to render."""
+
+    type: Annotated[str, Field(json_schema_extra={"not": {"const": "function"}})]
+
+
+Tool = tagged("type", {"function": FunctionTool}, other=HostedTool)
+
+
+class ResponsesBody(Body):
+    """POST /v1/responses. Responses are not stored: `previous_response_id` is refused."""
+
+    field_texts = {"model": MODEL_TEXT, "input": "'{param}' must be a string or a non-empty array of items",
+                   "tool_choice": TOOL_CHOICE_TEXT, "previous_response_id": PREVIOUS_RESPONSE_TEXT}
+    model: ModelName
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    previous_response_id: None = None
+    max_output_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: UnitNumber | None = None
+    stream: bool | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+
+
+# -- from the body to the request --------------------------------------------------------------
+
+def _text(content: Content) -> str:
+    return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
+def _messages(items) -> list[dict]:
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
     out: list[dict] = []
-    for i, item in enumerate(raw):
-        p = f"input[{i}]"
-        if not isinstance(item, dict):
-            raise BadRequest(f"{p} must be an object", param=p)
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            if not isinstance(role, str) or role not in ROLES:
-                raise BadRequest(f"{p}.role must be one of user, system, developer, assistant", param=f"{p}.role")
-            out.append({"role": ROLES[role], "content": _content(item.get("content"), f"{p}.content")})
-        elif kind == "function_call":
-            name, call_id = item.get("name"), item.get("call_id")
-            if not isinstance(name, str) or not isinstance(call_id, str):
-                raise BadRequest(f"{p}: function_call needs name and call_id strings", param=p)
-            call = {"id": call_id, "type": "function",
-                    "function": {"name": name, "arguments": parse_arguments(item.get("arguments"), f"{p}.arguments")}}
+    for item in items:
+        if isinstance(item, MessageItem):
+            out.append({"role": ROLES[item.role], "content": _text(item.content)})
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": parse_arguments(item.arguments)}}
             if out and out[-1]["role"] == "assistant" and "tool_calls" in out[-1]:
                 out[-1]["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        elif kind == "function_call_output":
-            call_id = item.get("call_id")
-            if not isinstance(call_id, str):
-                raise BadRequest(f"{p}.call_id must be a string", param=p)
-            output = item.get("output")
-            out.append({"role": "tool", "tool_call_id": call_id,
-                        "content": output if isinstance(output, str) else _content(output, f"{p}.output")})
-        elif kind == "reasoning":
-            continue
-        else:
-            raise BadRequest(f"{p}: input items of type '{kind}' are not supported", param=p)
+        elif isinstance(item, FunctionCallOutputItem):
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
     return out
 
 
-def _tools(raw) -> list | None:
-    # Hosted tools (web_search, file_search, ...) run at the provider: nothing to render.
-    return flat_function_tools(raw, "parameters", {"type": "object", "properties": {}},
-                               lambda t: t.get("type") == "function")
+def _tools(tools) -> list | None:
+    out = []
+    for t in tools or ():
+        if isinstance(t, FunctionTool):
+            fn = {"name": t.name, "parameters": t.parameters if t.parameters is not None
+                  else {"type": "object", "properties": {}}}
+            if t.description:
+                fn["description"] = t.description
+            out.append({"type": "function", "function": fn})
+    return out or None
 
 
 def parse_responses_request(body, default_max_tokens: int, limit: int | None) -> ResponsesRequest:
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    if body.get("previous_response_id") is not None:
-        raise BadRequest("previous_response_id is not supported: responses are not stored; send the whole "
-                         "conversation in 'input'", param="previous_response_id")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a string", param="model")
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise BadRequest("'instructions' must be a string", param="instructions")
-    messages = _messages(body.get("input"))
-    if instructions:
-        messages.insert(0, {"role": "system", "content": instructions})
-    stream = body.get("stream") or False  # null means the default
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be a boolean", param="stream")
-    tools = _tools(body.get("tools"))
-    choice = body.get("tool_choice")
-    parse = tool_choice_parses(choice if not isinstance(choice, dict) else {"type": str(choice.get("type"))})
+    """A validated ResponsesRequest from a decoded JSON body; raises BadRequest."""
+    b = validate(ResponsesBody, body)
+    messages = _messages(b.input)
+    if b.instructions:
+        messages.insert(0, {"role": "system", "content": b.instructions})
+    tools = _tools(b.tools)
+    parse = b.tool_choice != "none"
     return ResponsesRequest(
-        model=model,
+        model=b.model,
         messages=messages,
         tools=tools if parse else None,
         parse_tools=parse and tools is not None,
-        max_tokens=cap_max_tokens(_number(body, "max_output_tokens", default_max_tokens, 1, 2**31, integer=True),
-                                  limit),
-        temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-        top_p=float(_number(body, "top_p", 1.0, 0, 1)),
-        stream=stream,
-        instructions=instructions,
+        max_tokens=cap_max_tokens(b.max_output_tokens or default_max_tokens, limit),
+        temperature=1.0 if b.temperature is None else float(b.temperature),
+        top_p=1.0 if b.top_p is None else float(b.top_p),
+        stream=bool(b.stream),
+        instructions=b.instructions,
     )
 
 
@@ -174,7 +235,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     req = parse_responses_request(body, config.default_max_tokens, config.max_tokens_limit)
     model = request.app[CLUSTER].model(req.model)
     prompt = await render_prompt(request, model, req.messages, req.tools)
-    syntax = syntax_for(model.tokenizer) if req.parse_tools else None
+    syntax = tool_syntax(model.tool_parser) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
                    namespace_of(request), prompt.text, prompt_param="input", arrived_s=request.get(ARRIVED_KEY),
                    affinity_key=prompt_cache_key(body))
@@ -208,28 +269,26 @@ def failed_body(resp_id, created, model, req, exc: ApiError) -> dict:
 
 async def _failed_stream(request, job, req, resp_id, created, exc: ApiError) -> web.StreamResponse:
     """A stream that fails at once: response.created, then response.failed."""
-    resp = sse_response("")
+    resp = sse_response("", request.app[ROUTER_CONFIG].stream_keepalive_s)
     await resp.prepare(request)
     shell = response_body(resp_id, created, job.model.name, req, [], None, "in_progress")
-    await resp.write(sse_data({"type": "response.created", "sequence_number": 0, "response": shell},
-                              "response.created"))
-    await resp.write(sse_data({"type": "response.failed", "sequence_number": 1,
-                               "response": failed_body(resp_id, created, job.model.name, req, exc)},
-                              "response.failed"))
-    await resp.write_eof()
+    await send_event(resp, {"type": "response.created", "sequence_number": 0, "response": shell}, "response.created")
+    await send_event(resp, {"type": "response.failed", "sequence_number": 1,
+                            "response": failed_body(resp_id, created, job.model.name, req, exc)}, "response.failed")
+    await end_stream(resp)
     return resp
 
 
 async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created, msg_id) -> web.StreamResponse:
     """The response.* event sequence. Headers, response.created and response.in_progress
-    (and the message item's start) go out at once; SSE comments while nothing else is
-    sent; an error after that is `response.failed` with the error's code."""
-    resp = sse_response(route.header())
+    (and the message item's start) go out at once, keep-alive comments follow; an error
+    after that is `response.failed` with the error's code."""
+    resp = sse_response(route.header(), request.app[ROUTER_CONFIG].stream_keepalive_s)
     seq = 0
 
     async def send(event: str, obj: dict) -> None:
         nonlocal seq
-        await resp.write(sse_data({"type": event, "sequence_number": seq, **obj}, event))
+        await send_event(resp, {"type": event, "sequence_number": seq, **obj}, event)
         seq += 1
 
     splitter = ToolCallSplitter(syntax, req.tools)
@@ -241,13 +300,9 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
     await send("response.in_progress", {"response": shell})
     await send("response.output_item.added", {"output_index": 0, "item": message_item(msg_id, "", "in_progress")})
     await send("response.content_part.added", {**part, "part": {"type": "output_text", "text": "", "annotations": []}})
-    interval = request.app[ROUTER_CONFIG].stream_keepalive_s
     async with contextlib.aclosing(generate(dispatcher, job, route)) as items:
         try:
-            async for item in paced(items, request, interval):
-                if item is KEEPALIVE:
-                    await resp.write(OPENAI_KEEPALIVE)
-                    continue
+            async for item in paced(items, request):
                 if isinstance(item, str):
                     text = splitter.feed(item)
                     if text:
@@ -266,7 +321,8 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
                 await send("response.output_item.done", {"output_index": 0, "item": output[0]})
                 for i, call in enumerate(calls, 1):
                     done = call_item(call)
-                    await send("response.output_item.added", {"output_index": i, "item": call_item(call, "in_progress")})
+                    await send("response.output_item.added",
+                               {"output_index": i, "item": call_item(call, "in_progress")})
                     await send("response.function_call_arguments.delta",
                                {"item_id": done["id"], "output_index": i, "delta": call.arguments})
                     await send("response.function_call_arguments.done",
@@ -279,5 +335,5 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
                            {"response": final})
         except ApiError as exc:
             await send("response.failed", {"response": failed_body(resp_id, created, job.model.name, req, exc)})
-    await resp.write_eof()
+    await end_stream(resp)
     return resp

@@ -4,9 +4,10 @@ generation has nothing to send, and noticing a client that went away.
 A stream starts as soon as its request is accepted (validated, within the
 context, routed): headers and the protocol's first event go out at once, so an
 agent client's idle watchdog (Claude Code aborts a stream after 300 s without
-bytes) never fires during a long prefill. While nothing else is sent, `paced`
-yields KEEPALIVE every `interval_s` (the views send an Anthropic `ping` event
-or an SSE comment), and checks every POLL_S that the client is still
+bytes) never fires during a long prefill. aiohttp-sse then sends an SSE comment
+every `--stream-keepalive-s` (`views.common.sse_response`); Anthropic clients
+also get `ping` events: while nothing else is sent, `paced` yields KEEPALIVE
+every `interval_s`. `paced` checks every POLL_S that the client is still
 connected: when it is gone, `ClientGone` ends the view, and closing the
 generation cancels the work on the worker (before the first token included).
 """
@@ -24,9 +25,6 @@ POLL_S = 0.5
 KEEPALIVE = object()
 """Yielded by `paced` when nothing came for the keep-alive interval."""
 
-OPENAI_KEEPALIVE = b": keep-alive\n\n"
-"""An SSE comment: OpenAI clients skip it, and it keeps the connection busy."""
-
 
 class ClientGone(ConnectionResetError):
     """The client closed its connection while its stream was waiting."""
@@ -38,11 +36,11 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-async def paced(items: AsyncIterator, request: web.Request, interval_s: float) -> AsyncIterator:
+async def paced(items: AsyncIterator, request: web.Request, interval_s: float | None = None) -> AsyncIterator:
     """The items of `items`, with KEEPALIVE whenever nothing came for `interval_s`
-    seconds. Raises ClientGone when the client disconnected while waiting (checked
-    every POLL_S). Stopping early (either way) cancels the pending read of `items`;
-    the caller closes `items`."""
+    seconds (None: never). Raises ClientGone when the client disconnected while
+    waiting (checked every POLL_S). Stopping early (either way) cancels the pending
+    read of `items`; the caller closes `items`."""
     loop = asyncio.get_running_loop()
     pending: asyncio.Future | None = None
     last_sent = loop.time()
@@ -50,7 +48,7 @@ async def paced(items: AsyncIterator, request: web.Request, interval_s: float) -
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(items))
-            done, _ = await asyncio.wait({pending}, timeout=min(POLL_S, interval_s))
+            done, _ = await asyncio.wait({pending}, timeout=min(POLL_S, interval_s or POLL_S))
             if done:
                 finished, pending = pending, None
                 try:
@@ -62,7 +60,7 @@ async def paced(items: AsyncIterator, request: web.Request, interval_s: float) -
                 continue
             if client_gone(request):
                 raise ClientGone("the client closed the connection")
-            if loop.time() - last_sent >= interval_s:
+            if interval_s is not None and loop.time() - last_sent >= interval_s:
                 last_sent = loop.time()
                 yield KEEPALIVE
     finally:

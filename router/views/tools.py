@@ -1,69 +1,51 @@
-"""Tool calls: which syntax a chat template uses, and parsing them out of
-generated text with mlx-lm's own tool parsers (`mlx_lm.tool_parsers`).
+"""Tool calls: parsing them out of generated text with mlx-lm's own tool parsers
+(`mlx_lm.tool_parsers.<name>`).
 
-The parsers are plain-Python modules; they are loaded from mlx-lm's package
-directory under a private package name so that the router never imports
-`mlx_lm` itself (whose `__init__` imports MLX).
+Which parser fits a model's chat template is mlx-lm's choice, made by the worker
+(`worker.models.tool_parser`) and reported in `ModelInfo.tool_parser`. The router
+loads that parser module from mlx-lm's files but must not import MLX:
+`import mlx_lm.tool_parsers.<name>` would run `mlx_lm/__init__.py`, which imports
+mlx (2 s and the MLX runtime in the router process). The parser modules themselves
+are plain Python (json, regex, ast), so `_parsers_package()` registers mlx-lm's
+`tool_parsers` directory as a package of its own name, through importlib's
+`spec_from_file_location` (relative imports between parsers keep working), and
+imports the parser from it.
 """
 
 from __future__ import annotations
-
-from kvrouter.router.errors import BadRequest
 
 import importlib
 import importlib.util
 import json
 import logging
 import sys
-import types
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
 
 log = logging.getLogger("kvrouter.router.tools")
 
-_PKG = "_kvrouter_mlx_tool_parsers"
-
-# The chat-template markers mlx-lm uses to pick a parser (mlx_lm.tokenizer_utils._infer_tool_parser), in its order.
-_TEMPLATE_MARKERS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("<minimax:tool_call>",), "minimax_m2"),
-    (("<|tool_call>", "<tool_call|>"), "gemma4"),
-    (("<start_function_call>",), "function_gemma"),
-    (("<longcat_tool_call>",), "longcat"),
-    (("<arg_key>",), "glm47"),
-    (("<|tool_list_start|>",), "pythonic"),
-    (("<|tool_call_start|>",), "pythonic"),
-    (("<tool_call>\\n<function=",), "qwen3_coder"),
-    (("<tool_call>\n<function=",), "qwen3_coder"),
-    (("<|tool_calls_section_begin|>",), "kimi_k2"),
-    (('<function name="', '<param name="'), "minicpm5"),
-    (("[TOOL_CALLS]",), "mistral"),
-    (("<atem:function_calls>",), "muse_spark"),
-    (("<tool_call>", "tool_call.name"), "json_tools"),
-)
+PARSERS_PACKAGE = "_kvrouter_mlx_lm_tool_parsers"
+"""The name mlx-lm's `tool_parsers` directory is imported under in the router."""
 
 
-def infer_parser_name(chat_template: str | None, vocab: dict | None = None) -> str | None:
-    """The mlx-lm tool parser for a chat template (or its vocabulary), else None."""
-    if isinstance(chat_template, str):
-        for markers, name in _TEMPLATE_MARKERS:
-            if all(m in chat_template for m in markers):
-                return name
-    if vocab and "<|tool_call_start|>" in vocab and "<|tool_call_end|>" in vocab:
-        return "pythonic"
-    return None
-
-
-def _load_parser_module(name: str):
-    if _PKG not in sys.modules:
-        spec = importlib.util.find_spec("mlx_lm")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("mlx_lm is not installed")
-        pkg = types.ModuleType(_PKG)
-        pkg.__path__ = [str(Path(list(spec.submodule_search_locations)[0]) / "tool_parsers")]
-        sys.modules[_PKG] = pkg
-    return importlib.import_module(f"{_PKG}.{name}")
+def _parsers_package() -> ModuleType:
+    """mlx-lm's `tool_parsers` package, imported from its directory without `mlx_lm`'s
+    own `__init__` (which imports MLX). Raises ImportError without mlx-lm."""
+    if PARSERS_PACKAGE in sys.modules:
+        return sys.modules[PARSERS_PACKAGE]
+    mlx_lm = importlib.util.find_spec("mlx_lm")  # finds the package without importing it
+    if mlx_lm is None or not mlx_lm.submodule_search_locations:
+        raise ImportError("mlx-lm is not installed")
+    directory = Path(next(iter(mlx_lm.submodule_search_locations))) / "tool_parsers"
+    spec = importlib.util.spec_from_file_location(PARSERS_PACKAGE, directory / "__init__.py",
+                                                  submodule_search_locations=[str(directory)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[PARSERS_PACKAGE] = package
+    spec.loader.exec_module(package)
+    return package
 
 
 @dataclass(frozen=True)
@@ -77,23 +59,18 @@ class ToolSyntax:
 
 
 @lru_cache(maxsize=16)
-def tool_syntax(chat_template: str | None, vocab_has_pythonic: bool = False) -> ToolSyntax | None:
-    name = infer_parser_name(chat_template, {"<|tool_call_start|>": 0, "<|tool_call_end|>": 0}
-                             if vocab_has_pythonic else None)
-    if name is None:
+def tool_syntax(parser: str) -> ToolSyntax | None:
+    """The markers and parse function of mlx-lm's tool parser `parser` (a name from
+    `ModelInfo.tool_parser`), or None for "" or a parser this mlx-lm lacks."""
+    if not parser:
         return None
     try:
-        mod = _load_parser_module(name)
-    except Exception as exc:  # an mlx-lm without this parser
-        log.warning("tool parser %s unavailable: %s", name, exc)
+        _parsers_package()
+        mod = importlib.import_module(f"{PARSERS_PACKAGE}.{parser}")
+    except Exception as exc:  # noqa: BLE001 - a worker's mlx-lm newer than ours: no parsing, with a warning
+        log.warning("tool parser %s unavailable: %s", parser, exc)
         return None
-    return ToolSyntax(name, mod.tool_call_start, mod.tool_call_end, mod.parse_tool_call)
-
-
-def syntax_for(tokenizer) -> ToolSyntax | None:
-    """The tool syntax of a router.prompting.ModelTokenizer's template."""
-    vocab = tokenizer.vocab()
-    return tool_syntax(tokenizer.chat_template, "<|tool_call_start|>" in vocab and "<|tool_call_end|>" in vocab)
+    return ToolSyntax(parser, mod.tool_call_start, mod.tool_call_end, mod.parse_tool_call)
 
 
 @dataclass(frozen=True)
@@ -181,35 +158,3 @@ def split_text(syntax: ToolSyntax | None, tools: list | None, text: str) -> tupl
     head = splitter.feed(text)
     rest, calls = splitter.finish()
     return head + rest, calls
-
-
-def flat_function_tools(raw, schema_key: str, default_schema: dict, keep) -> list | None:
-    """Tools given as flat objects `{"name", "description", <schema_key>}` (Anthropic's
-    `input_schema`, the Responses API's `parameters`) as chat-template function tools
-    `[{"type": "function", "function": {...}}]`, or None when there are none.
-
-    `keep(tool)` says which tool types to render (hosted tools such as web search run
-    at the provider and have nothing to render). Raises BadRequest naming the field.
-    """
-    if raw is None:
-        return None
-    if not isinstance(raw, list):
-        raise BadRequest("'tools' must be an array", param="tools")
-    out = []
-    for j, t in enumerate(raw):
-        if not isinstance(t, dict):
-            raise BadRequest(f"tools[{j}] must be an object", param=f"tools[{j}]")
-        if not keep(t):
-            continue
-        name, schema, desc = t.get("name"), t.get(schema_key), t.get("description")
-        if not isinstance(name, str) or not name:
-            raise BadRequest(f"tools[{j}].name must be a non-empty string", param=f"tools[{j}].name")
-        if schema is not None and not isinstance(schema, dict):
-            raise BadRequest(f"tools[{j}].{schema_key} must be an object", param=f"tools[{j}].{schema_key}")
-        if desc is not None and not isinstance(desc, str):
-            raise BadRequest(f"tools[{j}].description must be a string", param=f"tools[{j}].description")
-        fn = {"name": name, "parameters": schema if schema is not None else default_schema}
-        if desc:
-            fn["description"] = desc
-        out.append({"type": "function", "function": fn})
-    return out or None

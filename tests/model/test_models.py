@@ -23,6 +23,7 @@ from kvrouter.worker.models import (
     load_model,
     model_identity,
 )
+from kvrouter.worker.models.tool_parser import tool_parser_for
 
 CACHE_DIR = Path(os.environ.get("KVROUTER_TEST_CACHE", Path.home() / ".cache" / "kvrouter"))
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
@@ -102,6 +103,28 @@ def test_hf_tokenizer_chat_template(bundle: ModelBundle) -> None:
 def test_tokenizer_module_does_not_import_mlx() -> None:
     code = "import sys, kvrouter.worker.models.tokenizer, kvrouter.worker.models; assert 'mlx' not in sys.modules, 'mlx imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_router_loads_mlx_lm_tool_parsers_without_mlx() -> None:
+    """The router uses mlx-lm's own parser modules (laguna imports glm47 relatively)
+    and never imports mlx or mlx_lm's package (whose __init__ imports mlx)."""
+    code = ("import sys, kvrouter.router.app; from kvrouter.router.views.tools import tool_syntax; "
+            "assert [tool_syntax(n).start for n in ('json_tools', 'qwen3_coder', 'laguna')] == "
+            "['<tool_call>', '<tool_call>', '<tool_call>']; "
+            "assert 'mlx' not in sys.modules and 'mlx_lm' not in sys.modules, 'mlx imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_worker_chooses_tool_parsers_by_mlx_lm_rules(bundle: ModelBundle) -> None:
+    """mlx-lm's own choice: the default model's template has no tool syntax; a
+    Hermes-style template gets json_tools; a model directory's declared parser wins
+    unless the router replaces the template."""
+    tok = build_hf_tokenizer(bundle.tokenizer_json, bundle.chat_template, bundle.eos_token_ids, bundle.bos_token_id)
+    template = (Path(__file__).resolve().parents[1] / "support" / "chatml_tools.jinja").read_text()
+    assert tool_parser_for(tok) == ""
+    assert tool_parser_for(tok, template) == "json_tools"
+    assert tool_parser_for(tok, declared="qwen3_coder") == "qwen3_coder"
+    assert tool_parser_for(tok, template, declared="qwen3_coder") == "json_tools"
 
 
 def test_identity_stable_across_loads(bundle: ModelBundle) -> None:

@@ -65,7 +65,7 @@ class FakeWorkerClient:
     async def watch_health(self) -> None:
         await asyncio.Event().wait()  # health is set directly by tests
 
-    async def model_info(self) -> ModelInfo:
+    async def model_info(self, chat_template: str | None = None) -> ModelInfo:
         return ModelInfo(self.model_name, f"id-{self.model_name}", 4096)
 
     async def status(self, live_states: bool = False) -> WorkerStatus:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,7 @@ from kvrouter.router.keys import METRICS, ROUTER_CONFIG
 from kvrouter.router.config import RouterConfig
 from kvrouter.router.metrics import create_metrics
 from kvrouter.router.views.generation import StopMatcher, parse_stop
-from kvrouter.router.views.tools import ToolCallSplitter, infer_parser_name, split_text, tool_syntax
-
-TEMPLATE = (Path(__file__).resolve().parents[1] / "support" / "chatml_tools.jinja").read_text()
-
+from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
 
 def feed_all(m: StopMatcher, pieces):
     out, hit = [], None
@@ -61,13 +59,8 @@ def test_parse_stop_validates_types():
             parse_stop(bad, "stop")
 
 
-def test_template_with_tool_call_name_uses_mlx_lm_json_parser():
-    assert infer_parser_name(TEMPLATE) == "json_tools"
-    assert infer_parser_name("{{ messages }}") is None
-
-
 def test_tool_calls_are_split_from_content():
-    syntax = tool_syntax(TEMPLATE)
+    syntax = tool_syntax("json_tools")
     text = 'Let me check.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
     content, calls = split_text(syntax, None, text)
     assert content == "Let me check."
@@ -75,15 +68,25 @@ def test_tool_calls_are_split_from_content():
 
 
 def test_streamed_tool_call_marker_split_across_pieces_is_held_back():
-    splitter = ToolCallSplitter(tool_syntax(TEMPLATE), None)
+    splitter = ToolCallSplitter(tool_syntax("json_tools"), None)
     emitted = [splitter.feed(p) for p in ["Hi <tool", '_call>{"name": "f", ', '"arguments": {}}</tool_call>']]
     rest, calls = splitter.finish()
     assert "".join(emitted) + rest == "Hi "
     assert [c.name for c in calls] == ["f"]
 
 
+def test_tool_parsers_are_mlx_lm_s_own_modules():
+    syntax = tool_syntax("json_tools")
+    assert (syntax.start, syntax.end) == ("<tool_call>", "</tool_call>")
+    module = syntax.parse.__module__
+    assert Path(sys.modules[module].__file__).parent.name == "tool_parsers"  # mlx-lm's file, not a copy
+    assert Path(sys.modules[module].__file__).parent.parent.name == "mlx_lm"
+    assert tool_syntax("") is None  # the worker found no tool-call syntax in the template
+    assert tool_syntax("no_such_parser") is None  # a worker's mlx-lm knows a parser ours lacks
+
+
 def test_unparsable_tool_call_text_stays_content():
-    content, calls = split_text(tool_syntax(TEMPLATE), None, "<tool_call>not json</tool_call>")
+    content, calls = split_text(tool_syntax("json_tools"), None, "<tool_call>not json</tool_call>")
     assert calls == []
     assert "not json" in content
 
@@ -185,3 +188,36 @@ def test_odd_json_bodies_are_400_not_500():
     for raw in (b"[" * 100_000, b'{"a": 1', b'{"a": "\\ud800"}', b"1" * 5000, b"\xff"):
         with pytest.raises(BadRequest):
             decode_json(raw)
+
+
+async def test_event_streams_frame_data_named_events_keepalives_and_done(monkeypatch):
+    """The SSE helpers every stream uses (aiohttp-sse underneath): `data:` lines,
+    `event:` names, ": ping" comments while a stream waits, `[DONE]` last."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from kvrouter.router.views import common
+
+    monkeypatch.setattr(common, "KEEPALIVE_S", 0.05)
+
+    async def handler(request):
+        resp = common.sse_response("w0:hit")
+        await resp.prepare(request)
+        await common.send_event(resp, {"a": "x\ny"})
+        await asyncio.sleep(0.2)  # a slow token: keep-alive comments go out meanwhile
+        await common.send_event(resp, {"type": "message_stop"}, "message_stop")
+        await common.end_stream(resp, done_marker=True)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/s", handler)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.post("/s")
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        assert resp.headers["x-kvrouter-route"] == "w0:hit"
+        body = (await resp.read()).decode()
+    events = body.split("\n\n")
+    assert ": ping" in events
+    assert [e for e in events if e != ": ping"] == [
+        'data: {"a": "x\\ny"}', 'event: message_stop\ndata: {"type": "message_stop"}', "data: [DONE]", ""]

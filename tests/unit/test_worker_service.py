@@ -25,6 +25,7 @@ from kvrouter.worker.servicer import CacheEventHub
 
 TLS_DIR = Path(__file__).resolve().parents[1] / "support" / "tls"
 INFO = worker_pb2.ModelInfo(model_name="fake", identity="id", context_length=100)
+TOOLS_TEMPLATE = (Path(__file__).resolve().parents[1] / "support" / "chatml_tools.jinja").read_text()
 
 
 class FakeEngine:
@@ -32,6 +33,7 @@ class FakeEngine:
 
     def __init__(self, answer="ok", max_queue=0):
         self.answer = answer
+        self.tokenizer = SimpleNamespace(chat_template="{{ messages }}", get_vocab=lambda: {"a": 0})
         self._alive = True
         self.live = SimpleNamespace(namespace="ns", tokens=[1, 2, 3], live_id=4)
         self.live_states = (SimpleNamespace(namespace="other", tokens=[5], live_id=2), self.live)
@@ -69,6 +71,20 @@ async def serve(engine, token=None, hub=None, store=None):
 
 def request(n=3, max_tokens=1):
     return GenerateRequest("r", tuple(range(1, n + 1)), max_tokens)
+
+
+async def test_model_info_names_mlx_lm_s_tool_parser_for_the_routers_template():
+    """The router renders with --chat-template: the worker chooses the tool parser for
+    that template with mlx-lm's own rules (its own template has no tool syntax here)."""
+    server, port, _ = await serve(FakeEngine())
+    client = GrpcWorkerClient("w9", f"127.0.0.1:{port}")
+    try:
+        assert (await client.model_info()).tool_parser == ""
+        assert (await client.model_info(TOOLS_TEMPLATE)).tool_parser == "json_tools"
+        assert (await client.model_info("{{ messages }}")).tool_parser == ""
+    finally:
+        await client.close()
+        await server.stop(None)
 
 
 async def test_dead_engine_ends_streams_with_an_error_and_goes_not_serving_c15():

@@ -18,6 +18,7 @@ import mlx.core as mx
 from .identity import model_identity, weights_digest
 from .resolve import DEFAULT_MODEL_NAME, ModelNotFoundError, default_model_path, hf_snapshot_path
 from .tokenizer import gguf_tokenizer_fields
+from .tool_parser import declared_tool_parser
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -45,6 +46,9 @@ class ModelBundle:
         context_length: maximum context in tokens.
         identity: hex digest of weights + tokenizer + KV layout + format + versions.
         kv_layout: e.g. ``"layers=30;kv_heads=3;head_dim=64;dtype=float32"``.
+        tool_parser: the mlx-lm tool parser ``mlx_lm.load`` chose for a model directory
+            (named in its files or found in its template), or None (GGUF: chosen later
+            from the template, ``worker.models.tool_parser``).
     """
 
     name: str
@@ -56,6 +60,7 @@ class ModelBundle:
     context_length: int
     identity: str
     kv_layout: str
+    tool_parser: str | None = None
 
 
 def default_dequantize() -> bool:
@@ -155,6 +160,7 @@ def _load_mlx_dir(path: Path, cache_dir: Path, dequantize: bool, name: str) -> M
         eos_token_ids=tuple(dict.fromkeys(int(i) for i in ordered)),
         bos_token_id=hf_tokenizer.bos_token_id,
         context_length=int(context),
+        tool_parser=declared_tool_parser(wrapper),
     )
 
 
