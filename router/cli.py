@@ -193,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a Jinja chat template FILE that replaces the model's own (e.g. one with tool-call syntax)")
     api.add_argument("--stream-keepalive-s", type=positive_float, default=10.0,
                      help="while a stream has nothing to send (a long prefill before the first token), send a "
-                          "keep-alive this often: an Anthropic `ping` event, an SSE comment for OpenAI (default 10)")
+                          "keep-alive this often: an SSE comment, and an Anthropic `ping` event (default 10)")
+    api.add_argument("--stream-idle-delta-s", type=positive_float, default=60.0,
+                     help="an Anthropic stream that has sent nothing but pings for this many seconds also gets an "
+                          "empty text delta: Claude Code's stream watchdog ignores pings and aborts after 300 s "
+                          "(default 60)")
     agents = serve.add_argument_group("agent clients (Claude Code, Codex CLI)")
     agents.add_argument("--keep-billing-header", action="store_true",
                         help="keep Claude Code's `x-anthropic-billing-header:` line in the prompt (default: removed; "
@@ -265,6 +269,7 @@ def api_config(ns: argparse.Namespace) -> dict:
         "keep_billing_header": ns.keep_billing_header,
         "tools_before_system": ns.tools_before_system,
         "stream_keepalive_s": ns.stream_keepalive_s,
+        "stream_idle_delta_s": ns.stream_idle_delta_s,
     }
 
 

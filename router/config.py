@@ -40,6 +40,7 @@ class RouterConfig:
     keep_billing_header: bool = False  # keep Claude Code's x-anthropic-billing-header line in the prompt
     tools_before_system: bool = False  # render tools before the system text where the template can
     stream_keepalive_s: float = 10.0  # SSE keep-alive interval while a stream has nothing to send, seconds
+    stream_idle_delta_s: float = 60.0  # an Anthropic stream idle this long gets an empty text delta, seconds
     # Routing (router.cluster, router.routing, router.dispatch):
     remote_workers: tuple[str, ...] = ()  # gRPC "HOST:PORT" of workers on other hosts (--remote-worker)
     worker_token: str | None = None  # sent to remote workers (their --worker-token)

@@ -353,12 +353,19 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def _stream(request, dispatcher, job, route, req, syntax, msg_id, header) -> web.StreamResponse:
     """The SSE event sequence. Headers, `message_start` (usage: the predicted reuse)
     and the text block's start go out at once; `ping` events while nothing else is
-    sent (and aiohttp-sse's keep-alive comments); an error after that is an `error` event."""
-    interval = request.app[ROUTER_CONFIG].stream_keepalive_s
-    resp = sse_response(header, interval)
+    sent (and aiohttp-sse's keep-alive comments), and an empty text delta when only
+    pings went out for --stream-idle-delta-s (Claude Code's stream watchdog counts every
+    event but `ping`, and aborts after 300 s); an error after that is an `error` event."""
+    config = request.app[ROUTER_CONFIG]
+    resp = sse_response(header, config.stream_keepalive_s)
+    loop = asyncio.get_running_loop()
+    last_event = loop.time()
 
     async def send(event: str, obj: dict) -> None:
+        nonlocal last_event
         await send_event(resp, {"type": event, **obj}, event)
+        if event != "ping":
+            last_event = loop.time()
 
     await resp.prepare(request)
     cached = min(route.cached, len(job.tokens))
@@ -372,9 +379,11 @@ async def _stream(request, dispatcher, job, route, req, syntax, msg_id, header) 
     splitter = ToolCallSplitter(syntax, req.tools)
     async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:
         try:
-            async for item in paced(items, request, interval):
+            async for item in paced(items, request, config.stream_keepalive_s):
                 if item is KEEPALIVE:
                     await send("ping", {})
+                    if loop.time() - last_event >= config.stream_idle_delta_s:
+                        await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": ""}})
                     continue
                 if isinstance(item, str):
                     text = splitter.feed(item)

@@ -6,11 +6,12 @@
 - error texts worded as the Anthropic API's: an unexpected role, a prompt that is
   too long, overload;
 - a stream starts at once: `message_start` and keep-alive `ping`s arrive while
-  the worker is still prefilling, before the first token;
+  the worker is still prefilling, before the first token, and an empty text delta
+  when only pings went out for a while (Claude Code's watchdog ignores pings);
 - a client that disconnects before the first token frees the worker's slot.
 
 The server takes one request at a time (`--max-queue 1`) so overload is easy to
-cause, and sends a keep-alive every second.
+cause, sends a keep-alive every second and an empty text delta after 2 s of pings.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SLOT_FREED_WITHIN_S = 10
 
 @pytest.fixture(scope="module")
 def server(start_server, tmp_path_factory) -> KvrouterServer:
-    return start_server("--max-queue", "1", "--stream-keepalive-s", "1",
+    return start_server("--max-queue", "1", "--stream-keepalive-s", "1", "--stream-idle-delta-s", "2",
                         "--kv-cache-dir", str(tmp_path_factory.mktemp("kv")), name="anthropic-protocol")
 
 
@@ -107,14 +108,23 @@ def stream_events(client, messages, max_tokens: int = 4, stop_after=None):
     return events
 
 
+def is_token(event) -> bool:
+    _, name, data = event
+    return name == "content_block_delta" and data["delta"].get("text") != ""
+
+
 def test_message_start_and_pings_arrive_before_the_first_token(client):
     events = stream_events(client, [{"role": "user", "content": long_text("slow", 80)}])
     names = [e[1] for e in events]
-    first_delta = names.index("content_block_delta")
+    first = next(i for i, e in enumerate(events) if is_token(e))
     assert names[0] == "message_start"
-    pings = [t for t, n, _ in events[:first_delta] if n == "ping"]
-    assert len(pings) >= 2, names[:first_delta]  # a ping at the start, then keep-alives during the prefill
-    assert events[0][0] < events[first_delta][0] - 1.0
+    waiting = events[:first]
+    assert sum(1 for _, n, _ in waiting if n == "ping") >= 2, names[:first]  # at the start, then every second
+    # only pings for 2 s: an empty text delta too (an event Claude Code's watchdog counts), which adds no text
+    empty = [t for t, n, d in waiting if n == "content_block_delta"]
+    assert empty and all(d["delta"] == {"type": "text_delta", "text": ""} for _, n, d in waiting
+                         if n == "content_block_delta")
+    assert events[0][0] < events[first][0] - 1.0
     assert events[-1][1] == "message_stop"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import threading
 import time
@@ -23,8 +24,9 @@ import aiohttp
 from aiohttp import web
 
 HOP_HEADERS = {"host", "content-length", "accept-encoding", "connection", "transfer-encoding"}
-TOKEN_EVENTS = (b"event: content_block_delta", b"event: response.output_text.delta",
-                b"event: response.function_call_arguments.delta")  # SSE events that carry generated text
+# SSE data that carries generated text (an empty text delta, a keep-alive, does not)
+TOKEN_DATA = re.compile(rb'"text_delta", "text": "[^"]|"input_json_delta"|"type": "response\.output_text\.delta"'
+                        rb'|"type": "response\.function_call_arguments\.delta"')
 
 
 @dataclass
@@ -168,7 +170,7 @@ class Recorder:
                 async for chunk in up.content.iter_any():
                     if ex.first_event_s is None and b"data:" in chunk:
                         ex.first_event_s = time.perf_counter()
-                    if ex.first_token_s is None and any(m in chunk for m in TOKEN_EVENTS):
+                    if ex.first_token_s is None and TOKEN_DATA.search(chunk):
                         ex.first_token_s = time.perf_counter()
                     chunks.append(chunk)
                     await resp.write(chunk)
