@@ -107,13 +107,14 @@ def served_tokenizer(base_url: str):
     import grpc
 
     from kvrouter.router.prompting import ModelTokenizer
+    from kvrouter.router.worker_client import model_info_from_proto
     from kvrouter_proto import worker_pb2, worker_pb2_grpc
 
     with urllib.request.urlopen(base_url + "/v1/router/state", timeout=10) as resp:
         address = json.load(resp)["workers"][0]["address"]
     with grpc.insecure_channel(address) as channel:
         info = worker_pb2_grpc.WorkerStub(channel).GetModelInfo(worker_pb2.ModelInfoRequest(), timeout=30)
-    return ModelTokenizer(info)
+    return ModelTokenizer(model_info_from_proto(info))
 
 
 def tokens_before(tokenizer, text: str, marker: str) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import pre_tokenizers
 
-from kvrouter_proto import worker_pb2
+from kvrouter.router.worker_client import ModelInfo
 from kvrouter.worker.models.tokenizer import tokenizer_json_from_gguf
 
 CHATML_TOOLS = (Path(__file__).parent / "chatml_tools.jinja").read_text()
@@ -28,18 +28,18 @@ STRICT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def model_info(chat_template: str = SMOLLM2_TEMPLATE, context_length: int = 65536) -> worker_pb2.ModelInfo:
-    """A ModelInfo whose tokenizer maps every byte to one token."""
+def model_info(chat_template: str = SMOLLM2_TEMPLATE, context_length: int = 65536) -> ModelInfo:
+    """A ModelInfo (the router's) whose tokenizer maps every byte to one token."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = alphabet + ["<|im_start|>", "<|im_end|>"]
     types = [1] * len(alphabet) + [3, 3]
     eos = len(tokens) - 1
-    return worker_pb2.ModelInfo(model_name="tiny", identity="tiny", tokenizer_json=tokenizer_json_from_gguf(
-        tokens, [], types), chat_template=chat_template, eos_token_ids=[eos], context_length=context_length)
+    return ModelInfo("tiny", "tiny", context_length, tokenizer_json_from_gguf(tokens, [], types), chat_template,
+                     (eos,))
 
 
 def trained_model_info(corpus: list[str], chat_template: str = SMOLLM2_TEMPLATE,
-                       vocab_size: int = 2000) -> worker_pb2.ModelInfo:
+                       vocab_size: int = 2000) -> ModelInfo:
     """A ModelInfo whose tokenizer is a byte-level BPE trained on `corpus` (merges make
     tokens span several characters, as real ones do), with the ChatML control tokens."""
     from tokenizers import Tokenizer, decoders, models, trainers
@@ -50,6 +50,4 @@ def trained_model_info(corpus: list[str], chat_template: str = SMOLLM2_TEMPLATE,
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    return worker_pb2.ModelInfo(model_name="tiny-bpe", identity="tiny-bpe", tokenizer_json=tok.to_str(),
-                                chat_template=chat_template, eos_token_ids=[tok.token_to_id("<|im_end|>")],
-                                context_length=65536)
+    return ModelInfo("tiny-bpe", "tiny-bpe", 65536, tok.to_str(), chat_template, (tok.token_to_id("<|im_end|>"),))
