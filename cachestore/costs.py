@@ -84,3 +84,64 @@ def first_token_work_s(prompt_tokens: int, reuse: Reuse, rates: Rates) -> float:
     """Seconds of work before a `prompt_tokens` prompt's first token when it starts
     from `reuse`: loading it + prefilling the rest."""
     return load_seconds(reuse, rates) + prefill_seconds(prompt_tokens - reuse.tokens, rates)
+
+
+@dataclass(frozen=True)
+class ReuseRules:
+    """How far back a model's state can be cut, decided by its layers' cache classes
+    (the worker derives them from mlx-lm's caches and reports them in `ModelInfo.reuse`).
+
+    cut_any: every layer keeps every token's keys and values (mlx-lm `KVCache`,
+        `QuantizedKVCache`): a state of n tokens gives any shorter prefix.
+    window_tokens: with cut_any False, a state can be cut back only while it holds
+        fewer than this many tokens (sliding-window layers drop the oldest tokens once
+        the window is full: mlx-lm `RotatingKVCache.is_trimmable`); 0: never
+        (recurrent layers hold one state for all tokens so far, `ArraysCache`), so a
+        state is reused only whole: by extension, or from a checkpoint taken exactly
+        where it ends.
+    """
+
+    cut_any: bool = True
+    window_tokens: int = 0
+
+    def can_cut(self, held_tokens: int) -> bool:
+        """True when a state holding `held_tokens` tokens can be cut back to a shorter prefix."""
+        return self.cut_any or held_tokens < self.window_tokens
+
+    @property
+    def label(self) -> str:
+        """"any", "window<N>" or "exact": for logs and the router's state JSON."""
+        if self.cut_any:
+            return "any"
+        return f"window{self.window_tokens}" if self.window_tokens else "exact"
+
+
+CUT_ANY = ReuseRules()
+
+
+def reusable_tokens(held_tokens: int, shared_tokens: int, prompt_tokens: int, rules: ReuseRules) -> int:
+    """Prompt tokens a state can give a prompt, under `rules`.
+
+    held_tokens: tokens the state holds (a live state's tokens, or a checkpoint's length);
+    shared_tokens: leading tokens it shares with the prompt; prompt_tokens: the prompt's
+    length. At most `prompt_tokens - 1` are reused (the last prompt token is always
+    fed, so the first token's logits come from a real forward pass: store case C6).
+    The state gives all it holds when the prompt extends it; fewer (cut back to the
+    first differing token, or to keep the last token out) only where
+    `rules.can_cut(held_tokens)`; otherwise nothing. Returns tokens, >= 0.
+    """
+    n = min(held_tokens, shared_tokens, prompt_tokens - 1)
+    if n <= 0:
+        return 0
+    if n == held_tokens or rules.can_cut(held_tokens):
+        return n
+    return 0
+
+
+def lookup_span(prompt_tokens: int, rules: ReuseRules) -> int:
+    """How many leading prompt tokens a store lookup should match, so that the
+    longest checkpoint it finds is one the worker can use: the whole prompt when
+    states can be cut (a checkpoint of the whole prompt is cut back by one token),
+    else all but the last token (a checkpoint is used whole, and the last prompt
+    token is always fed)."""
+    return prompt_tokens if rules.cut_any else max(0, prompt_tokens - 1)

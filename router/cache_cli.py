@@ -4,8 +4,9 @@
     kvrouter cache show ID             one entry in full
     kvrouter cache rm ID               forget one entry
     kvrouter cache rm --namespace N    forget every entry of one tenant
-    kvrouter cache verify              checksums, orphans, rows without payloads (exit 1 on damage)
-    kvrouter cache gc                  remove orphans and stale temp files now
+    kvrouter cache verify              checksums, orphans, rows without payloads, payloads of an
+                                       older format (exit 1 on any)
+    kvrouter cache gc                  remove orphans, stale temp files and older-format payloads now
 
 The store is shared with running workers (LMDB is multi-process safe), so
 these commands are safe while `kvrouter serve` runs.
@@ -18,7 +19,8 @@ import json
 import time
 from dataclasses import asdict
 
-from kvrouter.cachestore import CheckpointStore, StoreConfig
+from kvrouter.cachestore import CheckpointStore, Entry, StoreConfig
+from kvrouter.worker.payload_format import FORMAT_TAG, read_format_tag
 
 
 def add_parser(sub) -> None:
@@ -41,8 +43,8 @@ def add_parser(sub) -> None:
     target = rm.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?")
     target.add_argument("--namespace", help="remove every entry of this namespace")
-    with_dir(cache_sub.add_parser("verify", help="check every payload; exit status 1 on damage"))
-    with_dir(cache_sub.add_parser("gc", help="remove orphan payloads and stale temp files"))
+    with_dir(cache_sub.add_parser("verify", help="check every payload; exit status 1 on damage or an older format"))
+    with_dir(cache_sub.add_parser("gc", help="remove orphan payloads, stale temp files and older-format payloads"))
 
 
 def _ago(ts: float) -> str:
@@ -113,8 +115,26 @@ def _rm(store: CheckpointStore, ns) -> int:
     return 0
 
 
+def outdated(store: CheckpointStore) -> list[tuple[Entry, str | None]]:
+    """(entry, its payload's format tag) of every usable entry whose payload is not of
+    this kvrouter's format (`worker.payload_format`): workers never look them up (the
+    format is part of the model identity), so they only take disk space. Entries whose
+    payload is missing are left to `verify`'s other checks."""
+    out = []
+    for e in store.entries():
+        try:
+            tag = read_format_tag(store.payload_dir / e.payload_name)
+        except OSError:
+            continue
+        if tag != FORMAT_TAG:
+            out.append((e, tag))
+    return out
+
+
 def _verify(store: CheckpointStore, ns) -> int:
     problems = store.verify()
+    problems += [f"{e.id}: payload format {tag or 'unknown'}, not {FORMAT_TAG}: never loaded "
+                 f"(`kvrouter cache gc` removes it)" for e, tag in outdated(store)]
     for p in problems:
         print(p)
     print(f"{len(problems)} problem(s) in {store.directory}")
@@ -123,7 +143,9 @@ def _verify(store: CheckpointStore, ns) -> int:
 
 def _gc(store: CheckpointStore, ns) -> int:
     removed = store.collect_garbage()
-    print(f"removed {removed} orphan or temp file(s)")
+    old = sum(store.remove(e.id) for e, _ in outdated(store))
+    print(f"removed {removed} orphan or temp file(s) and {old} entr{'y' if old == 1 else 'ies'} of an older "
+          f"payload format")
     return 0
 
 

@@ -12,7 +12,14 @@ import sys
 from pathlib import Path
 
 from kvrouter.router import __version__
-from kvrouter.worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY, default_cache_dir
+from kvrouter.worker.config import (
+    DEFAULT_DECODE_CONCURRENCY,
+    DEFAULT_PROMPT_CONCURRENCY,
+    KV_BITS,
+    KV_GROUP_SIZES,
+    KvQuantization,
+    default_cache_dir,
+)
 from kvrouter.router.extras import MissingExtra, require_extra
 from kvrouter.worker.launch import module_command
 
@@ -89,8 +96,19 @@ def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-kv-cache", action="store_true", help="turn the disk checkpoint store off")
 
 
+def kv_quant(ns: argparse.Namespace) -> KvQuantization | None:
+    """The quantized KV cache the flags ask for, or None."""
+    return KvQuantization(ns.kv_bits, ns.kv_group_size) if ns.kv_bits is not None else None
+
+
 def kv_flags_as_args(ns: argparse.Namespace) -> list[str]:
-    """The KV flags of `ns` as command-line arguments, to pass on to worker processes."""
+    """The KV flags of `ns` (store and quantization) as command-line arguments, to pass
+    on to worker processes."""
+    quant = kv_quant(ns)
+    return (quant.as_args() if quant is not None else []) + _store_flags_as_args(ns)
+
+
+def _store_flags_as_args(ns: argparse.Namespace) -> list[str]:
     if ns.no_kv_cache:
         return ["--no-kv-cache"]
     return [
@@ -154,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory a worker may keep in idle live states (the KV state of finished requests, "
                             "reused by their next turn) in MiB; past it the oldest is dropped after its evict "
                             "checkpoint (default 2048; 0 = no bound besides the slots)")
+        q = p.add_argument_group("quantized KV cache (mlx_lm.server's flag names)")
+        q.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
+                       help="keep keys and values quantized to this many bits from the first token (mlx-lm's "
+                            "QuantizedKVCache): smaller live states, RAM tier and checkpoints; only for models "
+                            "whose every layer is a plain KV cache (others are refused at start); requests then "
+                            "run one at a time, as in mlx_lm.server (default: not quantized)")
+        q.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64,
+                       help="quantization group size of --kv-bits (default 64)")
         add_kv_cache_flags(p)
 
     serve = sub.add_parser("serve", help="run the gateway and its local worker processes",
@@ -330,6 +356,7 @@ def _worker(ns: argparse.Namespace) -> int:
         worker_token=ns.worker_token,
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
+        kv_quant=kv_quant(ns),
     )
     return asyncio.run(serve(cfg))
 

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field, replace
 
-from kvrouter.cachestore.costs import Rates, Reuse
+from kvrouter.cachestore.costs import CUT_ANY, Rates, Reuse, ReuseRules, lookup_span, reusable_tokens
 from kvrouter.cachestore.keys import common_prefix_length
 from kvrouter.router.errors import NotFound
 from kvrouter.router.leases import Leases
@@ -40,14 +40,16 @@ EVENTS_BACKOFF_S = (0.5, 1.0)  # first and longest wait before re-subscribing to
 @dataclass
 class ServedModel:
     """One model: its name, identity (for store lookups), context length in tokens,
-    tokenizer, the clients of the workers serving it, and the mlx-lm tool parser
-    for its chat template ("" none; `router.views.tools.tool_syntax`)."""
+    tokenizer, the clients of the workers serving it, the mlx-lm tool parser for its
+    chat template ("" none; `router.views.tools.tool_syntax`), and its reuse rules (how
+    far back its workers can cut a state: `ModelInfo.reuse`)."""
 
     name: str
     identity: str
     context_length: int
     tokenizer: ModelTokenizer
     workers: list = field(default_factory=list)
+    rules: ReuseRules = CUT_ANY
     tool_parser: str = ""
 
 
@@ -134,7 +136,7 @@ class Cluster:
             if model is None:
                 tokenizer = await asyncio.to_thread(ModelTokenizer, info)
                 model = ServedModel(info.model_name, info.identity, info.context_length, tokenizer,
-                                    tool_parser=info.tool_parser)
+                                    tool_parser=info.tool_parser, rules=info.reuse)
                 self.models[info.model_name] = model
             model.workers.append(client)
             await self.resync(client)
@@ -258,11 +260,12 @@ class Cluster:
         return next(w for w in model.workers if w.name == name)
 
     def stored_hit(self, model: ServedModel, namespace: str, tokens):
-        """The longest stored checkpoint of this prompt in the local store, or None."""
+        """The longest stored checkpoint of this prompt in the local store that the
+        model's workers can use (`costs.lookup_span`), or None."""
         if self.store is None:
             return None
         try:
-            return self.store.lookup(model.identity, namespace, tokens)
+            return self.store.lookup(model.identity, namespace, tokens[: lookup_span(len(tokens), model.rules)])
         except Exception as exc:  # a broken index must not fail routing
             log.warning("store lookup failed: %s", exc)
             return None
@@ -278,13 +281,16 @@ class Cluster:
         --max-queue (0: no limit)."""
         return min([q for q in (self.max_queue, v.max_queue) if q], default=0)
 
-    def live_match(self, name: str, tokens, namespace: str) -> int:
-        """Tokens of `tokens` the best live state of worker `name` holds (0: none)."""
+    def live_reusable(self, name: str, tokens, namespace: str, rules: ReuseRules) -> int:
+        """Prompt tokens the best live state of worker `name` can give `tokens` under the
+        model's reuse rules (`costs.reusable_tokens`: all it holds when the prompt
+        extends it; cut back to the first differing token only where the rules allow;
+        never the last prompt token). 0: none."""
         v = self.views.get(name)
         if v is None:
             return 0
-        return max((common_prefix_length(t, tokens) for ns, t in list(v.lives.values()) if ns == namespace and t),
-                   default=0)
+        return max((reusable_tokens(len(t), common_prefix_length(t, tokens), len(tokens), rules)
+                    for ns, t in list(v.lives.values()) if ns == namespace and t), default=0)
 
     def snapshot(self, model: ServedModel, tokens, namespace: str, leases: Leases,
                  hit=None) -> tuple[Candidate, ...]:
@@ -294,26 +300,29 @@ class Cluster:
         `hit`: the longest checkpoint in the router's own store (offered to workers on
         this host); a worker reading another host's store is offered that store's
         longest entry from `remote_stores` (RAM when its RAM tier holds it)."""
-        limit = len(tokens) - 1
+        total, rules = len(tokens), model.rules
         out = []
         remote_hits: dict[str, object] = {}  # store id -> its longest entry, looked up once per call
         for w in model.workers:
             v = self.view(w.name)
             reuse = []
-            n = min(self.live_match(w.name, tokens, namespace), limit)
+            n = self.live_reusable(w.name, tokens, namespace, rules)
             if n > 0:
                 reuse.append(Reuse("live", n))
             if is_remote(v.store_id, self.local_store_id):
                 if v.store_id not in remote_hits:
-                    remote_hits[v.store_id] = self.remote_stores.longest(v.store_id, model.identity, namespace,
-                                                                         tokens)
+                    remote_hits[v.store_id] = self.remote_stores.longest(
+                        v.store_id, model.identity, namespace, tokens[: lookup_span(total, rules)])
                 cp = remote_hits[v.store_id]
-                if cp is not None and min(cp.n_tokens, limit) > 0:
+                n = reusable_tokens(cp.n_tokens, cp.n_tokens, total, rules) if cp is not None else 0
+                if n > 0:
                     source = "ram" if cp.entry_id in v.ram_ids else "disk"
-                    reuse.append(Reuse(source, min(cp.n_tokens, limit), cp.payload_bytes))
-            elif hit is not None and self.reads_local_store(w) and min(hit.n_tokens, limit) > 0:
-                source = "ram" if hit.entry.id in v.ram_ids else "disk"
-                reuse.append(Reuse(source, min(hit.n_tokens, limit), hit.entry.payload_bytes))
+                    reuse.append(Reuse(source, n, cp.payload_bytes))
+            elif hit is not None and self.reads_local_store(w):
+                n = reusable_tokens(hit.n_tokens, hit.n_tokens, total, rules)
+                if n > 0:
+                    source = "ram" if hit.entry.id in v.ram_ids else "disk"
+                    reuse.append(Reuse(source, n, hit.entry.payload_bytes))
             load = leases.load(w.name)
             out.append(Candidate(w.name, w.healthy, load.in_flight, tuple(reuse), v.rates, load.queued_s,
                                  self.queue_limit(v), v.slots, load.prefill_backlog_s))

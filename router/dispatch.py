@@ -82,7 +82,8 @@ class Route:
     """Where a request went and why (for `x-kvrouter-route`).
 
     worker: its name; source: where the reused prefix comes from ("live", "ram",
-    "disk", "none"); cached: prompt tokens predicted reused; predicted_ttft_s:
+    "disk", "none"); cached: prompt tokens reused: the prediction until the worker
+    reports the real figure (its first token, or its final report); predicted_ttft_s:
     the cost model's time to first token; reason: the routing reason
     ("live_prefix", "least_loaded", "retry", ...); predicted_cached: the longest
     stored checkpoint of the prompt (the store's view, whatever worker wins);
@@ -281,11 +282,14 @@ class Dispatcher:
             try:
                 async for item in worker.generate(request):
                     if isinstance(item, Delta):
+                        if item.reuse is not None:  # the reuse that really happened replaces the prediction
+                            route.cached, route.source = item.reuse
                         if route._lease is not None:
                             route._lease.first_token()
                         generated.extend(item.token_ids)
                         timer.tokens(len(item.token_ids))
                     else:
+                        route.cached, route.source = item.cached_tokens, item.cache_source
                         timer.done()
                         self._completed(job, item, worker.name, tuple(generated))
                         self._end_lead(route)  # the prefix is stored and live: followers may go

@@ -30,7 +30,7 @@ def export_mlx_model(spec: str | None, cache_dir: Path, out_dir: Path) -> Path:
     """
     import mlx.core as mx
 
-    from kvrouter.worker.models import build_hf_tokenizer, default_model_path
+    from kvrouter.worker.models import default_model_path
     from kvrouter.worker.models.gguf import dequantize_weights, model_args_from_metadata, read_gguf, rename_tensors
     from kvrouter.worker.models.tokenizer import gguf_tokenizer_fields
 
@@ -57,10 +57,33 @@ def export_mlx_model(spec: str | None, cache_dir: Path, out_dir: Path) -> Path:
     )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    _save_tokenizer(fields, out_dir)
+    size = (out_dir / "model.safetensors").stat().st_size
+    log.info("exported %s to %s (%d tensors, %.0f MB float32)", path.name, out_dir, len(weights), size / 1e6)
+    return out_dir
+
+
+def export_tokenizer(spec: str | None, cache_dir: Path, out_dir: Path) -> Path:
+    """Writes only the tokenizer files of the GGUF model `spec` (None: the default
+    model) to `out_dir` (tokenizer.json, tokenizer_config.json with the chat template,
+    special_tokens_map.json): what `export_mlx_model` writes beside the weights, for a
+    model directory whose weights come from elsewhere (tests build small random-weight
+    models of other families this way). Returns `out_dir`."""
+    from kvrouter.worker.models import default_model_path
+    from kvrouter.worker.models.gguf import read_gguf
+    from kvrouter.worker.models.tokenizer import gguf_tokenizer_fields
+
+    path = default_model_path(cache_dir) if spec is None else Path(spec).expanduser()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(gguf_tokenizer_fields(read_gguf(path)[1]), out_dir)
+    return out_dir
+
+
+def _save_tokenizer(fields: dict, out_dir: Path) -> None:
+    from kvrouter.worker.models import build_hf_tokenizer
+
     tokenizer = build_hf_tokenizer(
         fields["tokenizer_json"], fields["chat_template"], fields["eos_token_ids"], fields["bos_token_id"]
     )
     tokenizer.save_pretrained(str(out_dir))
-    size = (out_dir / "model.safetensors").stat().st_size
-    log.info("exported %s to %s (%d tensors, %.0f MB float32)", path.name, out_dir, len(weights), size / 1e6)
-    return out_dir

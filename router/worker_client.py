@@ -28,7 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
-from kvrouter.cachestore.costs import Rates
+from kvrouter.cachestore.costs import CUT_ANY, Rates, ReuseRules
 from kvrouter.router.errors import BadRequest
 from kvrouter.router.remote_stores import Checkpoint
 
@@ -61,7 +61,8 @@ class ModelInfo:
     tokenizer_json: a `tokenizers` Tokenizer as JSON; chat_template: Jinja text ("" none);
     eos_token_ids / bos_token_id: special token ids; context_length: tokens;
     tool_parser: mlx-lm's tool parser for the chat template the router renders with
-    (`mlx_lm.tool_parsers.<name>`; "" none).
+    (`mlx_lm.tool_parsers.<name>`; "" none); reuse: how far back its states can be cut
+    (`ModelInfo.reuse`), so routing counts only on the reuse the worker can deliver.
     """
 
     model_name: str
@@ -72,6 +73,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     tool_parser: str = ""
+    reuse: ReuseRules = CUT_ANY
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,12 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class Delta:
-    """Generated tokens and their text."""
+    """Generated tokens and their text. reuse: on the first delta of a generation, the
+    (prompt tokens reused, source) that really happened; None on the others."""
 
     token_ids: tuple[int, ...]
     text: str
+    reuse: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -210,10 +214,20 @@ def rates_from_proto(r: worker_pb2.Rates) -> Rates:
                  r.decode_tokens_per_second)
 
 
+def reuse_rules_from_proto(info: worker_pb2.ModelInfo) -> ReuseRules:
+    """A worker's reuse rules (`ModelInfo.reuse`; unset: states cut back anywhere)."""
+    r = info.reuse
+    if r.whole_only:
+        return ReuseRules(cut_any=False, window_tokens=0)
+    if r.cut_below_tokens:
+        return ReuseRules(cut_any=False, window_tokens=r.cut_below_tokens)
+    return ReuseRules()
+
+
 def model_info_from_proto(m: worker_pb2.ModelInfo) -> ModelInfo:
     return ModelInfo(m.model_name, m.identity, m.context_length, m.tokenizer_json, m.chat_template,
                      tuple(m.eos_token_ids), m.bos_token_id if m.HasField("bos_token_id") else None,
-                     m.tool_parser)
+                     m.tool_parser, reuse_rules_from_proto(m))
 
 
 def status_from_proto(st: worker_pb2.WorkerStatus) -> WorkerStatus:
@@ -422,7 +436,10 @@ class GrpcWorkerClient:
             async for msg in call:
                 if msg.HasField("delta"):
                     started = True
-                    yield Delta(tuple(msg.delta.token_ids), msg.delta.text)
+                    d = msg.delta
+                    reuse = ((d.cached_tokens, _SOURCE_NAMES.get(d.cache_source, "none"))
+                             if d.HasField("cached_tokens") else None)
+                    yield Delta(tuple(d.token_ids), d.text, reuse)
                 else:
                     yield completion_from_proto(msg.final)
         except grpc.aio.AioRpcError as exc:

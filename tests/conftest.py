@@ -30,3 +30,20 @@ def agent_clients():
         return ac.install()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: tiny_model(family) -> the directory of a small random-weight mlx-lm
+    model of that family (tests/support/tiny_models.py), built once per session."""
+    from tests.support.tiny_models import build_model_dir, tokenizer_dir
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = build_model_dir(family, root / family, tokenizer_dir(root / "tokenizer"))
+        return built[family]
+
+    return get

@@ -30,7 +30,7 @@ def run(bundle, hf_tok, concurrency: int, requests: int, prompt_tokens: int, max
     from kvrouter.worker.engine import Engine, EngineConfig
     from kvrouter.worker.events import FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
 
-    engine = Engine(bundle, hf_tok, CheckpointManager(bundle.model, bundle.identity, None),
+    engine = Engine(bundle, hf_tok, CheckpointManager(bundle.identity, bundle.state, None),
                     EngineConfig(decode_concurrency=concurrency, prompt_concurrency=min(8, concurrency)))
     engine.start()
     done = threading.Semaphore(0)

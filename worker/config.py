@@ -43,6 +43,31 @@ class BatchingConfig:
                 "--live-state-mb", str(self.live_state_bytes // 2**20)]
 
 
+KV_BITS = (4, 8)  # mlx_lm.server's --kv-bits choices
+KV_GROUP_SIZES = (32, 64, 128)  # group sizes mx.quantize supports
+
+
+@dataclass(frozen=True)
+class KvQuantization:
+    """Quantized KV cache (`--kv-bits`, `--kv-group-size`, mlx_lm.server's names):
+    every layer an mlx-lm `QuantizedKVCache(group_size, bits)` from token 0. Only for
+    models whose layers are all plain `KVCache` (checked when the model loads).
+    Raises ValueError for bits outside KV_BITS or a group size outside KV_GROUP_SIZES."""
+
+    bits: int
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits not in KV_BITS:
+            raise ValueError(f"--kv-bits must be one of {KV_BITS}, got {self.bits}")
+        if self.group_size not in KV_GROUP_SIZES:
+            raise ValueError(f"--kv-group-size must be one of {KV_GROUP_SIZES}, got {self.group_size}")
+
+    def as_args(self) -> list[str]:
+        """The worker command-line flags that rebuild this config."""
+        return ["--kv-bits", str(self.bits), "--kv-group-size", str(self.group_size)]
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """Everything a worker process needs.
@@ -57,6 +82,7 @@ class WorkerConfig:
     parent_pid: when set, the worker exits if that process goes away (no orphans).
     smg_listen: when set, "HOST:PORT" of SMG's mlx.grpc.engine.MlxEngine service
         (worker/smg_servicer.py), served beside the kvrouter one.
+    kv_quant: quantized KV cache (`--kv-bits`), or None for the model's own caches.
     """
 
     model: str | None
@@ -74,3 +100,4 @@ class WorkerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     smg_listen: str | None = None
+    kv_quant: KvQuantization | None = None

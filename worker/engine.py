@@ -1,29 +1,37 @@
 """The one thread that owns MLX: serves generation requests together, by
 continuous batching through mlx-lm's `BatchGenerator`.
 
-Each request, on admission: restore the longest reusable prefix
-(`CheckpointManager`: one of this worker's live states, the RAM tier or the
-disk store), then enter the batch with that KV state. The batch prefills up
-to `prompt_concurrency` prompts together, in segments that end at absolute
+Each request, on admission: one store lookup, then `worker.reuse.plan_restore`
+decides where its reused prefix comes from (one of this worker's live states, a
+request in the batch, the RAM tier or the disk store) and `_restore` carries
+the plan out; the request enters the batch with that state. The batch prefills
+up to `prompt_concurrency` prompts together, in segments that end at absolute
 multiples of `prefill_chunk_tokens` and at every position where the store's
 policy plans a checkpoint (`worker.segments`), and decodes up to
-`decode_concurrency` sequences together. At each planned position the
-engine reads the sequence's KV state out of the batch and writes the
-checkpoint. A request that finishes (or is cancelled) leaves the batch with
-its KV state, which stays as a live state (`worker.live_states`) until its
-slot is needed: then its `evict` checkpoint is written and it is dropped.
-A request that continues a live state's conversation takes that state into
-the batch; one that shares only part of what its client sent (a common
-system block) starts from a view of it and leaves the state in place.
-Events go back through the request's `emit` callback, which must be
-thread-safe.
+`decode_concurrency` sequences together. At each planned position the engine
+reads the sequence's state out of the batch and writes the checkpoint: exactly
+there, so states that cannot be cut back (recurrent layers, wrapped sliding
+windows) are stored too. A request that finishes (or is cancelled) leaves the
+batch with its state, which stays as a live state (`worker.live_states`) until
+its slot is needed: then its `evict` checkpoint is written and it is dropped.
+
+A model whose caches mlx-lm cannot batch (a layer without `merge`, e.g.
+`QuantizedKVCache` with `--kv-bits`) runs its requests one at a time through
+`worker.sequential.SequentialGenerator`, which has the same interface.
+
+Each loop turn is one engine step: take new requests, answer cancellations,
+admit what fits, run one batch step, then `_end_step`: the store's events of
+the step (collected by `on_store_event`, each with the request it was done
+for) go to their requests, the requests that ended get their Final, and RAM
+tier changes are published. Events go back through the request's `emit`
+callback, which must be thread-safe.
 
 The engine measures itself (prefill rate of the batch, checkpoint load
 bandwidth from the RAM tier and from disk, decode rate per sequence) as
 exponential moving averages in `rates`; the same figures decide
 load-or-recompute on restore and travel to the router (GetStatus, each
 request's Final) for its cost model. Cache changes (live states, RAM tier) go
-to `on_cache_event` as they happen.
+to `on_cache_event` as typed events (`worker.cache_events`) as they happen.
 
 Outputs are not bit-exact across batch compositions (padding and batched
 matmuls change the sums slightly); a request alone in the batch computes what
@@ -32,6 +40,7 @@ a single-sequence run computes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -47,17 +56,19 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
+from kvrouter.cachestore import StoreEvent
 from kvrouter.cachestore.costs import Rates
-from kvrouter.cachestore.keys import common_prefix_length
-from kvrouter.worker.checkpoints import CheckpointManager, LiveState, Restored
+from kvrouter.worker import cache_state
+from kvrouter.worker.cache_events import CacheEvent, LiveChanged, RamChanged
+from kvrouter.worker.checkpoints import CheckpointManager, Restored
 from kvrouter.worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
 from kvrouter.worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
-from kvrouter.worker.live_states import LiveStates
+from kvrouter.worker.live_states import LiveState, LiveStates
+from kvrouter.worker.reuse import InBatch, RestorePlan, plan_restore
 from kvrouter.worker.segments import prefill_segments
-from kvrouter.worker import kv_state
+from kvrouter.worker.sequential import SequentialGenerator
 
 log = logging.getLogger("kvrouter.worker.engine")
-
 
 
 @dataclass(frozen=True)
@@ -86,30 +97,15 @@ class EngineBusyError(RuntimeError):
 
 
 # Fault injection for end-to-end tests of case C15 (a dead generation loop): when
-# this environment variable names a file and that file appears, the engine thread
-# removes it and dies at the next generated token, as an unexpected crash would.
+# this environment variable (read once, when the engine is made) names a file and
+# that file appears, the engine thread removes it and dies at the end of the next
+# step that generated a token, as an unexpected crash would.
 FAILPOINT_ENV = "KVROUTER_TEST_ENGINE_FAILPOINT"
 
 
 class EngineFailpoint(BaseException):
     """Raised on the engine thread by the test failpoint; nothing catches it."""
 
-
-def _failpoint_hit() -> bool:
-    path = os.environ.get(FAILPOINT_ENV)
-    if not path:
-        return False
-    try:
-        os.unlink(path)
-    except OSError:
-        return False
-    return True
-
-
-# A request sharing at least this many more prompt tokens with a request in the batch
-# than any live state or checkpoint offers waits for that request's prefill to pass them
-# and starts from a copy of its KV state (prefill sharing inside one worker).
-MIN_SHARED_GAIN = 32  # tokens
 
 EWMA_WEIGHT = 0.3  # weight of the newest measurement
 MIN_RATE_TOKENS = 64  # shorter prefills measure per-step overhead more than the rate
@@ -122,10 +118,14 @@ def ewma(old: float, new: float) -> float:
 
 @dataclass
 class Job:
+    """A submitted request: `emit` gets its events; `cancelled` is set when its
+    client goes away. store_events: what the store did for it (its Final's)."""
+
     request: GenerationRequest
     emit: Callable[[Event], None]
     cancelled: threading.Event
     attempts: int = 0  # batch failures survived (the retry runs cold)
+    store_events: list = field(default_factory=list)
 
 
 @dataclass
@@ -133,8 +133,7 @@ class Running:
     """A request inside the batch (engine thread only).
 
     restored: the state it started from. plan: checkpoints still to write
-    (`cachestore.PlannedStore`). events: store events for its Final. pos:
-    prompt tokens whose KV state the batch holds for it so far.
+    (`cachestore.PlannedStore`). pos: prompt tokens its state holds so far.
     """
 
     job: Job
@@ -143,37 +142,32 @@ class Running:
     plan: list
     detok: BPEStreamingDetokenizer
     t_admit: float
-    events: list = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     pos: int = 0
+    prompt_state: list | None = None  # the state holding exactly the prompt (LiveState.prompt_state)
 
 
 _STOP = object()
 
 
-def replaces(live: LiveState, prompt: list[int], namespace: str) -> bool:
-    """True when `prompt` does not continue the live state's client-sent tokens
-    (another namespace, or it diverges inside them): it belongs to another
-    conversation, which may only copy the prefix they share."""
-    if live.namespace != namespace:
-        return True
-    return common_prefix_length(live.tokens[: live.prompt_tokens], prompt) < live.prompt_tokens
-
-
 class Engine:
     """Owns the model, the batch and the live states; runs on its own thread.
 
-    bundle: a `worker.models.ModelBundle`; hf_tokenizer: its Hugging Face
-    tokenizer (for streaming detokenization); checkpoints: the reuse manager.
+    bundle: a `worker.models.ModelBundle` (its `state` says how the model's
+    caches behave); hf_tokenizer: its Hugging Face tokenizer (for streaming
+    detokenization); checkpoints: the store side.
     """
 
     def __init__(self, bundle, hf_tokenizer, checkpoints: CheckpointManager, config: EngineConfig):
         self.bundle = bundle
         self.model = bundle.model
+        self.spec = bundle.state
         self.checkpoints = checkpoints
         self.config = config
         self.eos_ids = set(bundle.eos_token_ids)
+        # Sequences run together: every slot where mlx-lm can batch the caches, else one.
+        self.batch_width = config.decode_concurrency if self.spec.batchable else 1
         self.tokenizer = hf_tokenizer  # chat template and vocabulary (GetModelInfo's tool parser choice)
         self._detokenizer = BPEStreamingDetokenizer(hf_tokenizer)  # copied per request
         self._queue: queue.Queue = queue.Queue()
@@ -184,15 +178,20 @@ class Engine:
         self.requests_served = 0
         self._stopped = threading.Event()
         self.rates = Rates()
-        # Called on the engine thread with ("live", (live_id, namespace, tokens, removed))
-        # or ("ram", (entry_id, added)); must be thread-safe and must not raise.
-        self.on_cache_event: Callable[[str, tuple], None] | None = None
+        # Called on the engine thread with a LiveChanged or RamChanged; must be
+        # thread-safe and must not raise.
+        self.on_cache_event: Callable[[CacheEvent], None] | None = None
         self._waiting: deque[Job] = deque()
-        self._running: dict[int, Running] = {}  # by BatchGenerator uid
-        self._gen: BatchGenerator | None = None
+        self._running: dict[int, Running] = {}  # by generator uid
+        self._gen = None
         self._stopping: tuple | None = None  # (shutdown_checkpoint,) once stop() was called
         self._prompt_acc = [0, 0.0]  # prompt tokens, seconds since the last prefill-rate update
         self._decode_acc = [0, 0.0]  # decode steps, seconds since the last decode-rate update
+        self._owner: Job | None = None  # the request the engine thread is working for
+        self._store_events: list[tuple[Job | None, StoreEvent]] = []  # this step's, with their request
+        self._finals: list[tuple[Job, FinishEvent]] = []  # requests that ended this step
+        self._tokens_this_step = 0
+        self._failpoint = os.environ.get(FAILPOINT_ENV) or None
 
     # -- control (any thread) -------------------------------------------------
     def start(self) -> None:
@@ -211,17 +210,6 @@ class Engine:
     def live_states(self) -> tuple[LiveState, ...]:
         """The idle live states, least recently used first (a snapshot)."""
         return self.lives.snapshot
-
-    @property
-    def live(self) -> LiveState | None:
-        """The newest live state, or None."""
-        snap = self.lives.snapshot
-        return snap[-1] if snap else None
-
-    @property
-    def live_prefix_tokens(self) -> int:
-        live = self.live
-        return len(live.tokens) if live else 0
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Job:
         """Queues a request. Raises EngineDeadError when the engine thread is gone,
@@ -243,11 +231,20 @@ class Engine:
         self._queue.put((_STOP, shutdown_checkpoint))
         self._thread.join(timeout)
 
+    def on_store_event(self, event: StoreEvent) -> None:
+        """A `CheckpointStore.on_event` listener: keeps the event, with the request the
+        engine thread is working for, until the end of the step (`_end_step`)."""
+        self._store_events.append((self._owner, event))
+
     # -- the engine thread ----------------------------------------------------
-    def _new_generator(self) -> BatchGenerator:
+    def _new_generator(self):
+        stop_tokens = [[t] for t in sorted(self.eos_ids)]
+        if not self.spec.batchable:
+            return SequentialGenerator(self.model, stop_tokens=stop_tokens,
+                                       prefill_step_size=self.config.prefill_chunk_tokens, stream=self._stream)
         return BatchGenerator(
             self.model,
-            stop_tokens=[[t] for t in sorted(self.eos_ids)],
+            stop_tokens=stop_tokens,
             completion_batch_size=self.config.decode_concurrency,
             prefill_batch_size=self.config.prompt_concurrency,
             prefill_step_size=self.config.prefill_chunk_tokens,
@@ -270,7 +267,7 @@ class Engine:
                     self._step()
                 except Exception as exc:  # one failure must not kill the thread
                     self._batch_failed(exc)
-            self._publish_ram(ram_before)
+            self._end_step(ram_before)
 
     def _take_jobs(self, block: bool) -> None:
         try:
@@ -284,12 +281,49 @@ class Engine:
         except queue.Empty:
             pass
 
+    @contextlib.contextmanager
+    def _working_for(self, job: Job | None):
+        """Store events while the block runs belong to `job` (its Final reports them)."""
+        before, self._owner = self._owner, job
+        try:
+            yield
+        finally:
+            self._owner = before
+
+    def _end_step(self, ram_before: set) -> None:
+        """Once per step: store events to their requests, Finals of the requests that
+        ended, RAM tier changes to `on_cache_event`; then the test failpoint."""
+        events, self._store_events = self._store_events, []
+        for job, event in events:
+            if job is not None:
+                job.store_events.append(event)
+        finals, self._finals = self._finals, []
+        for job, final in finals:
+            self._done(job, FinishEvent(final.finish_reason, final.usage, tuple(job.store_events), final.live_id))
+        if self.on_cache_event is not None:
+            now = set(self.checkpoints.ram.ids())
+            for entry_id in sorted(now - ram_before):
+                self.on_cache_event(RamChanged(entry_id, True))
+            for entry_id in sorted(ram_before - now):
+                self.on_cache_event(RamChanged(entry_id, False))
+        if self._failpoint is not None and self._tokens_this_step and self._failpoint_hit():
+            log.error("test failpoint: the generation thread dies now")
+            raise EngineFailpoint("test failpoint")
+        self._tokens_this_step = 0
+
+    def _failpoint_hit(self) -> bool:
+        try:
+            os.unlink(self._failpoint)
+        except OSError:
+            return False
+        return True
+
     def _shutdown(self, shutdown_checkpoint: bool) -> None:
         stored = 0
         for live in self.lives.clear():
             if shutdown_checkpoint and self.checkpoints.save_live("shutdown", live) is not None:
                 stored += 1
-        self.checkpoints.take_events()
+        self._store_events.clear()
         if stored:
             log.info("stored %d shutdown checkpoint(s) of the live states", stored)
 
@@ -302,78 +336,77 @@ class Engine:
                 self._pending -= 1
             self.requests_served += 1
 
-    def _notify(self, kind: str, payload: tuple) -> None:
-        if self.on_cache_event is not None:
-            self.on_cache_event(kind, payload)
-
-    def _publish_ram(self, before: set) -> None:
-        if self.on_cache_event is None:
-            return
-        now = set(self.checkpoints.ram.ids())
-        for entry_id in sorted(now - before):
-            self._notify("ram", (entry_id, True))
-        for entry_id in sorted(before - now):
-            self._notify("ram", (entry_id, False))
-
     def _keep_live(self, live: LiveState) -> None:
         self.lives.add(live)
-        self._notify("live", (live.live_id, live.namespace, tuple(live.tokens), False))
+        if self.on_cache_event is not None:
+            self.on_cache_event(LiveChanged(live.live_id, live.namespace, tuple(live.tokens)))
 
     def _forget_live(self, live: LiveState) -> None:
-        self._notify("live", (live.live_id, live.namespace, (), True))
+        if self.on_cache_event is not None:
+            self.on_cache_event(LiveChanged(live.live_id, live.namespace, (), True))
 
-    def _drop_lives(self, running: int, events: list) -> None:
+    def _drop_lives(self, running: int) -> None:
         """Frees slots: the least recently used live states beyond what `running`
         requests leave are dropped, each after its `evict` checkpoint (ds4's evict)."""
         for live in self.lives.to_drop(running):
             self.checkpoints.save_live("evict", live)
             self._forget_live(live)
-        events += self.checkpoints.take_events()
 
     # -- admission --------------------------------------------------------------
     def _admit_waiting(self) -> None:
         """Admits waiting requests while slots are free (`_cancel_requested`, run just
         before, has answered the cancelled ones)."""
         deferred = []
-        while self._waiting and len(self._running) < self.config.decode_concurrency:
+        while self._waiting and len(self._running) < self.batch_width:
             job = self._waiting.popleft()
             try:
-                if not self._admit(job):
+                with self._working_for(job):
+                    admitted = self._admit(job)
+                if not admitted:
                     deferred.append(job)
             except Exception as exc:
                 log.exception("request %s failed on admission", job.request.request_id)
                 self._done(job, ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
         self._waiting.extendleft(reversed(deferred))
 
-    def _sharer(self, prompt: list[int], namespace: str) -> tuple[int, Running | None, int]:
-        """(uid, request, tokens) of the request in the batch whose prompt shares the
-        longest prefix with `prompt` (at most len(prompt) - 1 tokens), or (0, None, 0)."""
-        best: tuple[int, Running | None, int] = (0, None, 0)
-        for uid, run in self._running.items():
-            if run.job.request.namespace == namespace:
-                n = min(common_prefix_length(run.prompt, prompt), len(prompt) - 1)
-                if n > best[2]:
-                    best = (uid, run, n)
-        return best
+    def _plan(self, job: Job, prompt: list[int]) -> RestorePlan:
+        """The restore plan of a request (one store lookup)."""
+        req = job.request
+        hit = None if job.attempts else self.checkpoints.lookup(prompt, req.namespace)
+        batch = [InBatch(uid, r.job.request.namespace, r.prompt, r.pos) for uid, r in self._running.items()]
+        return plan_restore(prompt, req.namespace, self.lives, batch, hit, self.checkpoints.ram, self.rates,
+                            self.spec.rules, cold=bool(job.attempts))
 
-    def _share_from_batch(self, prompt: list[int], namespace: str, live) -> Restored | bool | None:
-        """Prefill sharing inside the worker: when a request in the batch shares at
-        least MIN_SHARED_GAIN more prompt tokens than the best live state or stored
-        checkpoint, returns a copy of its KV state for them (a Restored, source
-        "live"), or False while its prefill has not reached them yet (the new
-        request waits). None: nothing worth sharing."""
-        uid, run, n = self._sharer(prompt, namespace)
-        live_n = common_prefix_length(live.tokens, prompt) if live is not None else 0
-        if run is None or n < live_n + MIN_SHARED_GAIN:
-            return None
-        stored_n = self.checkpoints.stored_prefix_tokens(prompt, namespace)  # the store is read only now
-        if n < stored_n + MIN_SHARED_GAIN:
-            return None
-        if run.pos < n:
-            return False
-        caches, _ = self._gen.extract_cache([uid])[uid]
-        log.info("sharing %d prompt tokens with a request in the batch", n)
-        return Restored(kv_state.prefix_copy(caches, n), n, "live", stored_n)
+    def _restore(self, plan: RestorePlan) -> Restored:
+        """Carries a restore plan out: the state the request starts from."""
+        if plan.declined is not None:
+            e = plan.declined
+            log.info("recomputing instead of loading id=%s tokens=%d mib=%.1f (load slower than prefill)",
+                     e.id, e.n_tokens, e.payload_bytes / 2**20)
+        if plan.source in ("ram", "disk"):
+            restored = self.checkpoints.load(plan.entry, plan.n_tokens)
+            if restored is not None:
+                self._measure_load(restored)
+                return restored
+            plan = plan.fallback
+        if plan.source == "batch":
+            caches, tokens = self._gen.extract_cache([plan.uid])[plan.uid]
+            log.info("sharing %d prompt tokens with a request in the batch", plan.n_tokens)
+            return Restored(cache_state.cut(caches, len(tokens), plan.n_tokens), plan.n_tokens, "live",
+                            plan.stored_tokens)
+        if plan.source == "live":
+            live = plan.live
+            caches, held = (live.prompt_state, live.prompt_tokens) if plan.from_prompt_state else \
+                (live.caches, live.held)
+            if plan.take:  # the request continues this conversation: its state moves into the batch
+                self.lives.take(live)
+                self._forget_live(live)
+                cache_state.trim(caches, held, plan.n_tokens)
+                return Restored(caches, plan.n_tokens, "live", plan.stored_tokens)
+            # Another session sharing a prefix: a copy; the live state stays in its slot for
+            # its own next turn (an `evict` checkpoint when its slot is needed).
+            return Restored(cache_state.cut(caches, held, plan.n_tokens), plan.n_tokens, "live", plan.stored_tokens)
+        return Restored(self.spec.new(), 0, "none", plan.stored_tokens)
 
     def _admit(self, job: Job) -> bool:
         """Restores the request's prefix and puts it in the batch. Returns False
@@ -381,33 +414,17 @@ class Engine:
         the prefix they share."""
         req = job.request
         prompt = list(req.prompt)
-        self.checkpoints.take_events()  # drop events of earlier failed work
-        live = self.lives.best(prompt, req.namespace)
-        from_batch = None if job.attempts else self._share_from_batch(prompt, req.namespace, live)
-        if from_batch is False:
+        plan = self._plan(job, prompt)
+        if plan.source == "batch" and plan.wait:
             return False
-        if job.attempts:
-            restored = Restored(kv_state.new_state(self.model), 0, "none", 0)  # a retry after a failure runs cold
-        elif from_batch is not None:
-            restored = from_batch
-        else:
-            # A prompt that diverges inside what the live state's client sent is another
-            # session: it starts from a copy of the shared prefix, and the live state stays
-            # in its slot for its own next turn (an `evict` checkpoint when its slot is needed).
-            other_session = live is not None and replaces(live, prompt, req.namespace)
-            restored = self.checkpoints.restore(prompt, req.namespace, live, self.rates, recycle=not other_session)
-            if restored.source == "live" and not other_session:
-                self.lives.take(live)
-                self._forget_live(live)
-            self._measure_load(restored)
-        events = list(self.checkpoints.take_events())
-        self._drop_lives(len(self._running) + 1, events)
-        plan = list(self.checkpoints.plan(len(prompt), restored.stored_prefix_tokens, req.anchor_tokens,
-                                           req.hint_tokens))
-        events += self.checkpoints.take_events()
+        restored = self._restore(plan)
+        self._drop_lives(len(self._running) + 1)
+        stores, skips = self.checkpoints.plan(len(prompt), restored.stored_prefix_tokens, req.anchor_tokens,
+                                              req.hint_tokens)
+        self._store_events += [(job, s) for s in skips]
         detok = copy.copy(self._detokenizer)
         detok.reset()
-        run = Running(job, prompt, restored, plan, detok, time.perf_counter(), events, pos=restored.n_tokens)
+        run = Running(job, prompt, restored, list(stores), detok, time.perf_counter(), pos=restored.n_tokens)
         run.plan = self._store_reached(run, restored.caches, restored.n_tokens)  # e.g. an anchor inside a live state
         segments = prefill_segments(prompt, restored.n_tokens, self.config.prefill_chunk_tokens,
                                     [p.n_tokens for p in run.plan])
@@ -443,9 +460,13 @@ class Engine:
             pos = run.pos = run.restored.n_tokens + r.progress[0]
             if r.end_of_prompt:
                 run.prefill_s = time.perf_counter() - run.t_admit
-            if any(p.n_tokens <= pos for p in run.plan):
+            keep_prompt_state = r.end_of_prompt and not self.spec.rules.cut_any
+            if keep_prompt_state or any(p.n_tokens <= pos for p in run.plan):
                 caches, _ = self._gen.extract_cache([r.uid])[r.uid]
-                run.plan = self._store_reached(run, caches, pos)
+                if keep_prompt_state:  # where the client-sent part ends: see LiveState.prompt_state
+                    run.prompt_state = cache_state.cut(caches, pos, pos)
+                with self._working_for(run.job):
+                    run.plan = self._store_reached(run, caches, pos)
         for r in gen_out:
             run = self._running.get(r.uid)
             if run is not None:
@@ -453,28 +474,33 @@ class Engine:
 
     def _generated(self, r, run: Running) -> None:
         if not (r.finish_reason == "stop" and r.token in self.eos_ids):
+            first = not run.generated
             run.generated.append(r.token)
             run.detok.add_token(r.token)
-            run.job.emit(TokenEvent((r.token,), run.detok.last_segment))
-            if _failpoint_hit():
-                log.error("test failpoint: the generation thread dies now")
-                raise EngineFailpoint("test failpoint")
+            rs = run.restored
+            reuse = (rs.n_tokens, rs.source if rs.n_tokens else "none") if first else None
+            run.job.emit(TokenEvent((r.token,), run.detok.last_segment, reuse))
+            self._tokens_this_step += 1
         if r.finish_reason is not None:
             self._finish(r.uid, run, r.finish_reason, r.prompt_cache, r.all_tokens)
 
     def _finish(self, uid: int, run: Running, reason: str, caches, tokens) -> None:
-        """Ends a request that left the batch with `caches` holding `tokens`."""
+        """Ends a request that left the batch with `caches` holding `tokens`; its Final
+        goes out at the end of the step."""
         del self._running[uid]
         run.detok.finalize()
         if run.detok.last_segment and reason != "cancelled":
             run.job.emit(TokenEvent((), run.detok.last_segment))
         live_id = 0
         if tokens:
-            live = LiveState(run.job.request.namespace, list(tokens), caches,
-                             min(len(run.prompt), len(tokens)), run.job.request.text_preview)
+            sent = min(len(run.prompt), len(tokens))
+            prompt_state = run.prompt_state if len(tokens) > sent else None
+            live = LiveState(run.job.request.namespace, list(tokens), caches, sent, run.job.request.text_preview,
+                             prompt_state=prompt_state)
             self._keep_live(live)
             live_id = live.live_id
-        self._drop_lives(len(self._running), run.events)
+        with self._working_for(run.job):
+            self._drop_lives(len(self._running))
         r = run.restored
         usage = Usage(
             prompt_tokens=len(run.prompt),
@@ -485,32 +511,40 @@ class Engine:
             load_seconds=r.load_seconds,
             loaded_bytes=r.loaded_bytes,
         )
-        self._done(run.job, FinishEvent(reason, usage, tuple(run.events), live_id))
+        self._finals.append((run.job, FinishEvent(reason, usage, (), live_id)))
 
     def _store_reached(self, run: Running, caches, pos: int) -> list:
-        """Writes the planned checkpoints at or before `pos` from `caches` (which
-        hold at least `pos` tokens of the prompt); returns the rest of the plan."""
+        """Writes the planned checkpoints at or before `pos` from `caches` (which hold
+        the first `pos` prompt tokens); returns the rest of the plan. A planned position
+        before `pos` that the state cannot be cut back to is skipped (reason
+        "exact_position")."""
         remaining = []
         req = run.job.request
         for p in run.plan:
             if p.n_tokens > pos:
                 remaining.append(p)
                 continue
+            if not self.checkpoints.can_store(pos, p.n_tokens):
+                log.info("store skipped kind=%s tokens=%d reason=exact_position (state holds %d)",
+                         p.kind, p.n_tokens, pos)
+                self._store_events.append((run.job, StoreEvent("skipped", p.kind, p.n_tokens,
+                                                               reason="exact_position")))
+                continue
             t0 = time.perf_counter()
-            entry = self.checkpoints.save(p.kind, caches, run.prompt[: p.n_tokens], req.namespace, req.text_preview)
+            entry = self.checkpoints.save(p.kind, caches, pos, run.prompt[: p.n_tokens], req.namespace,
+                                          req.text_preview)
             if entry is not None:
                 log.info("store kind=%s tokens=%d ms=%.0f MiB=%.1f",
                          p.kind, p.n_tokens, (time.perf_counter() - t0) * 1000, entry.payload_bytes / 2**20)
-        run.events += self.checkpoints.take_events()
         return remaining
 
     def _cancel_requested(self) -> None:
         """Ends cancelled requests: waiting ones at once, running ones with their
-        KV state kept as a live state (what they prefilled stays reusable)."""
+        state kept as a live state (what they prefilled stays reusable)."""
         if any(job.cancelled.is_set() for job in self._waiting):
             for job in [j for j in self._waiting if j.cancelled.is_set()]:
                 self._waiting.remove(job)
-                self._done(job, FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none")))
+                self._finals.append((job, FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none"))))
         for uid, run in list(self._running.items()):
             if run.job.cancelled.is_set():
                 caches, tokens = self._gen.remove([uid], return_prompt_caches=True)[uid]
@@ -548,11 +582,11 @@ class Engine:
         for run in failed:
             if not run.generated and run.job.attempts == 0:
                 if run.restored.entry_id is not None:
-                    self.checkpoints.quarantine(run.restored, f"prefill failed: {exc}")
+                    with self._working_for(run.job):
+                        self.checkpoints.quarantine(run.restored.entry_id, f"prefill failed: {exc}")
                     log.warning("prefill from checkpoint %s failed (%s); retrying cold", run.restored.entry_id, exc)
                 run.job.attempts += 1
                 retry.append(run.job)
             else:
                 self._done(run.job, ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
         self._waiting.extendleft(reversed(retry))
-        self.checkpoints.take_events()

@@ -58,16 +58,22 @@ class Usage:
 
     @property
     def prefilled_tokens(self) -> int:
-        """Prompt tokens this request computed."""
+        """Prompt tokens this request computed (not sent: the router subtracts)."""
         return self.prompt_tokens - self.cached_tokens
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """Newly generated tokens and the text they complete (may be empty mid-character)."""
+    """Newly generated tokens and the text they complete (may be empty mid-character).
+
+    reuse: on a request's first token only, (prompt tokens reused, their source:
+    "none", "live", "ram" or "disk"): the reuse that really happened, known before
+    the Final (a client that stops early still learns it); None on later events.
+    """
 
     token_ids: tuple[int, ...]
     text: str
+    reuse: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,44 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from dataclasses import dataclass
 
-from kvrouter.cachestore.keys import common_prefix_length
-from kvrouter.worker.checkpoints import LiveState
+
+@dataclass
+class LiveState:
+    """The model state kept in memory after a request.
+
+    tokens: the token ids fed into `caches` (every layer's mlx-lm cache), so the
+    state holds exactly len(tokens) tokens (`held`); a recurrent layer has no count
+    of its own, this is it.
+    prompt_tokens: how many of them the client sent (the rest were generated);
+    the client-sent part is what comes back verbatim in the next turn, so
+    `evict` and `shutdown` checkpoints stop there (generated text may
+    re-tokenize differently when sent back, case C7).
+    prompt_state: for a model whose states cannot be cut back (recurrent layers,
+    sliding windows), a copy of the state where the client-sent part ended (holding
+    exactly `prompt_tokens` tokens, taken when the prefill got there): the next turn
+    resumes from it when it diverges inside the generated part, and the `evict` and
+    `shutdown` checkpoints are written from it. None where states can be cut back.
+    """
+
+    namespace: str
+    tokens: list[int]
+    caches: list
+    prompt_tokens: int
+    preview: str = ""
+    live_id: int = 0  # set by `LiveStates.add`
+    prompt_state: list | None = None
+
+    @property
+    def held(self) -> int:
+        """Tokens the state holds."""
+        return len(self.tokens)
 
 
 def state_bytes(live: LiveState) -> int:
-    """Memory held by a live state's keys and values, bytes."""
-    return sum(c.nbytes for c in live.caches)
+    """Memory held by a live state's caches (and its prompt state), bytes."""
+    return sum(c.nbytes for c in live.caches) + sum(c.nbytes for c in live.prompt_state or ())
 
 
 class LiveStates:
@@ -54,18 +84,6 @@ class LiveStates:
     @property
     def bytes(self) -> int:
         return sum(state_bytes(s) for s in self._states.values())
-
-    def best(self, prompt: list[int], namespace: str) -> LiveState | None:
-        """The live state in `namespace` sharing the longest prefix with `prompt`
-        (at least one token), or None."""
-        best, best_n = None, 0
-        for s in self._states.values():
-            if s.namespace != namespace:
-                continue
-            n = common_prefix_length(s.tokens, prompt)
-            if n > best_n:
-                best, best_n = s, n
-        return best
 
     def add(self, live: LiveState) -> LiveState:
         """Keeps `live` as the most recently used state; gives it a new id."""

@@ -66,21 +66,6 @@ def die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def also_call(first, then):
-    """A listener that calls `first` (may be None), then `then`, with the same event:
-    chains a second `CheckpointStore.on_event` listener after the one that is set."""
-    if first is None:
-        return then
-
-    def both(event) -> None:
-        try:
-            first(event)
-        finally:
-            then(event)
-
-    return both
-
-
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without `authorization: Bearer TOKEN` metadata (UNAUTHENTICATED)."""
 
@@ -113,33 +98,49 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 def build_engine(config: WorkerConfig):
     """Loads the model and store and returns (engine, ModelInfo message).
 
-    Raises the model loader's errors (ModelNotFoundError, ...) unchanged.
+    The store's one `on_event` listener (`cache_events.StoreListeners`) is set
+    here: it passes store events to the engine (per-request reports); `serve`
+    adds the cache event hub to it. A model whose caches cannot be checkpointed
+    (a cache class `load_prompt_cache` does not know) runs without the store.
+
+    Raises the model loader's errors (ModelNotFoundError, ...) unchanged, and
+    ValueError for `--kv-bits` on a model that is not all plain KVCache layers.
     """
     from kvrouter.cachestore import CheckpointStore
     from kvrouter.worker.blas import describe_blas
+    from kvrouter.worker.cache_events import StoreListeners
     from kvrouter.worker.checkpoints import CheckpointManager
     from kvrouter.worker.engine import Engine, EngineConfig
     from kvrouter.worker.models import build_hf_tokenizer, load_model
     from kvrouter.worker.models.tool_parser import tool_parser_for
+    from kvrouter.worker.ram_tier import RamTier
+    from kvrouter.worker.servicer import reuse_rules_message
     import mlx.core as mx
 
-    bundle = load_model(config.model, config.cache_dir)
+    bundle = load_model(config.model, config.cache_dir, kv_quant=config.kv_quant)
+    spec = bundle.state
     log.info(
         "model %s loaded (%s; device %s; BLAS %s)",
         bundle.name, bundle.kv_layout, mx.default_device(), describe_blas(),
     )
+    batching = (f"continuous batching, up to {config.batching.decode_concurrency} sequences" if spec.batchable
+                else "one request at a time (a cache layer mlx-lm cannot batch: no merge)")
+    log.info("model %s: caches %s; states cut back: %s; %s", bundle.name, spec.layout, spec.rules.label, batching)
     hf_tok = build_hf_tokenizer(bundle.tokenizer_json, bundle.chat_template, bundle.eos_token_ids, bundle.bos_token_id)
-    store = CheckpointStore(config.store) if config.store is not None else None
-    if store is None:
+    listeners = StoreListeners()
+    store = None
+    if config.store is None:
         log.info("KV checkpoint store off (--no-kv-cache)")
+    elif not spec.serializable:
+        log.warning("KV checkpoint store off: mlx-lm cannot save and load this model's caches (%s)", spec.layout)
     else:
+        store = CheckpointStore(config.store, on_event=listeners)
         log.info("KV checkpoint store at %s", config.store.directory)
-    from kvrouter.worker.ram_tier import RamTier
-
-    checkpoints = CheckpointManager(bundle.model, bundle.identity, store, RamTier(config.ram_bytes))
+    checkpoints = CheckpointManager(bundle.identity, spec, store, RamTier(config.ram_bytes), listeners)
     engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(
         config.prefill_chunk_tokens, config.max_queue, config.batching.decode_concurrency,
         config.batching.prompt_concurrency, config.batching.live_state_bytes))
+    listeners.add(engine.on_store_event)
     info = worker_pb2.ModelInfo(
         model_name=bundle.name,
         identity=bundle.identity,
@@ -147,7 +148,7 @@ def build_engine(config: WorkerConfig):
         chat_template=bundle.chat_template or "",
         eos_token_ids=list(bundle.eos_token_ids),
         context_length=bundle.context_length,
-        kv_layout=bundle.kv_layout,
+        reuse=reuse_rules_message(spec.rules),
         tool_parser=tool_parser_for(hf_tok, declared=bundle.tool_parser),
     )
     if bundle.bos_token_id is not None:
@@ -239,9 +240,8 @@ async def serve(config: WorkerConfig) -> int:
     engine, info = await asyncio.to_thread(build_engine, config)
     hub = CacheEventHub(asyncio.get_running_loop())
     engine.on_cache_event = hub.publish_threadsafe
+    engine.checkpoints.store_listeners.add(hub.publish_store_event)  # checkpoints stored and removed
     store = engine.checkpoints.store
-    if store is not None:  # checkpoints stored and removed go to subscribers too
-        store.on_event = also_call(store.on_event, hub.publish_store_event)
     engine.start()
     store_id = store_id_of(config.store.directory) if config.store is not None else ""
     server, port, health_servicer = create_server(config.listen, engine, info, token=config.worker_token, tls=tls,

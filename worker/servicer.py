@@ -9,8 +9,9 @@ gRPC status codes:
     request failed             INTERNAL
 
 `CacheEventHub` numbers the engine's cache events (live state, RAM tier) and
-the store's (checkpoints stored and removed) and fans them out to
-`SubscribeCacheEvents` streams; `ListCheckpoints` lists the store.
+the store's (checkpoints stored and removed), typed as in
+`worker.cache_events`, and fans them out to `SubscribeCacheEvents` streams;
+`ListCheckpoints` lists the store.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import os
 import grpc
 
 from kvrouter.cachestore import StoreEvent
+from kvrouter.cachestore.costs import ReuseRules
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
+from kvrouter.worker.cache_events import CacheEvent, LiveChanged, RamChanged
 from kvrouter.worker.engine import Engine, EngineBusyError, EngineDeadError
 from kvrouter.worker.events import ErrorEvent, FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
 from kvrouter.worker.models.tool_parser import tool_parser_for
@@ -88,20 +91,20 @@ class CacheEventHub:
         self.subscribers: set[asyncio.Queue] = set()
         self.closed = False
 
-    def publish_threadsafe(self, kind: str, payload) -> None:
-        self.loop.call_soon_threadsafe(self.publish, kind, payload)
+    def publish_threadsafe(self, event: CacheEvent) -> None:
+        self.loop.call_soon_threadsafe(self.publish, event)
 
     def publish_store_event(self, event: StoreEvent) -> None:
         """A `CheckpointStore.on_event` listener (any thread): stores and removals of an
         entry become `checkpoint` events; skips and the rest are not sent."""
         if event.action in CHECKPOINT_ACTIONS and event.entry_id and not self.loop.is_closed():
-            self.publish_threadsafe("checkpoint", event)
+            self.publish_threadsafe(event)
 
-    def publish(self, kind: str, payload) -> None:
-        """kind "live": payload (namespace, tokens); "ram": (entry id, added);
-        "checkpoint": a cachestore StoreEvent (see `checkpoint_message`)."""
+    def publish(self, event: CacheEvent) -> None:
+        """Numbers `event` (a LiveChanged, RamChanged or store event) and queues its
+        message for every subscriber."""
         self.seq += 1
-        ev = event_message(self.seq, kind, payload)
+        ev = event_message(self.seq, event)
         for q in list(self.subscribers):
             if q.qsize() >= SUBSCRIBER_QUEUE:
                 self.subscribers.discard(q)
@@ -146,15 +149,22 @@ def listing_messages(store, entries: list) -> list[worker_pb2.CheckpointChanged]
     return out
 
 
-def event_message(seq: int, kind: str, payload) -> worker_pb2.CacheEvent:
-    if kind == "checkpoint":
-        return worker_pb2.CacheEvent(seq=seq, checkpoint=checkpoint_message(payload))
-    if kind == "live":
-        live_id, namespace, tokens, removed = payload
+def event_message(seq: int, event: CacheEvent) -> worker_pb2.CacheEvent:
+    """The CacheEvent message numbered `seq` for a typed cache event."""
+    if isinstance(event, LiveChanged):
         return worker_pb2.CacheEvent(seq=seq, live=worker_pb2.LiveStateChanged(
-            namespace=namespace, token_ids=tokens, live_id=live_id, removed=removed))
-    entry_id, added = payload
-    return worker_pb2.CacheEvent(seq=seq, ram=worker_pb2.RamTierChanged(entry_id=entry_id, added=added))
+            namespace=event.namespace, token_ids=event.tokens, live_id=event.live_id, removed=event.removed))
+    if isinstance(event, RamChanged):
+        return worker_pb2.CacheEvent(seq=seq, ram=worker_pb2.RamTierChanged(entry_id=event.entry_id,
+                                                                            added=event.added))
+    return worker_pb2.CacheEvent(seq=seq, checkpoint=checkpoint_message(event))
+
+
+def reuse_rules_message(rules: ReuseRules) -> worker_pb2.ReuseRules:
+    """`ModelInfo.reuse` for a model's reuse rules."""
+    if rules.cut_any:
+        return worker_pb2.ReuseRules()
+    return worker_pb2.ReuseRules(whole_only=rules.window_tokens == 0, cut_below_tokens=rules.window_tokens)
 
 
 async def submit_or_abort(engine, gen: GenerationRequest, context) -> tuple:
@@ -205,9 +215,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         await context.abort(grpc.StatusCode.UNAVAILABLE, "the generation thread died")
                     continue
                 if isinstance(ev, TokenEvent):
-                    yield worker_pb2.GenerateResponse(
-                        delta=worker_pb2.TokenDelta(token_ids=ev.token_ids, text=ev.text)
-                    )
+                    delta = worker_pb2.TokenDelta(token_ids=ev.token_ids, text=ev.text)
+                    if ev.reuse is not None:
+                        delta.cached_tokens, delta.cache_source = ev.reuse[0], _SOURCES[ev.reuse[1]]
+                    yield worker_pb2.GenerateResponse(delta=delta)
                 elif isinstance(ev, FinishEvent):
                     u = ev.usage
                     yield worker_pb2.GenerateResponse(
@@ -218,7 +229,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                 completion_tokens=u.completion_tokens,
                                 cached_tokens=u.cached_tokens,
                                 cache_source=_SOURCES[u.cache_source],
-                                prefilled_tokens=u.prefilled_tokens,
                                 prefill_seconds=u.prefill_seconds,
                                 load_seconds=u.load_seconds,
                                 loaded_bytes=u.loaded_bytes,
@@ -266,8 +276,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             event_seq=self.hub.seq if self.hub is not None else 0,
             live_states=[worker_pb2.LiveState(live_id=s.live_id, namespace=s.namespace, token_ids=s.tokens)
                          for s in lives],
-            decode_concurrency=engine.config.decode_concurrency,
-            prompt_concurrency=engine.config.prompt_concurrency,
+            decode_concurrency=engine.batch_width,
+            prompt_concurrency=min(engine.config.prompt_concurrency, engine.batch_width),
         )
 
     async def SubscribeCacheEvents(self, request, context):
@@ -280,9 +290,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             lives = self.engine.live_states
             for live in lives:
-                self.hub.publish("live", (live.live_id, live.namespace, tuple(live.tokens), False))
+                self.hub.publish(LiveChanged(live.live_id, live.namespace, tuple(live.tokens)))
             if not lives:  # still one event, so the subscriber knows where the numbering stands
-                self.hub.publish("live", (0, "", (), True))
+                self.hub.publish(LiveChanged(0, "", (), True))
             while True:
                 ev = await q.get()
                 if ev is None:

@@ -49,20 +49,23 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., namespace: _Optional[str] = ..., anchor_tokens: _Optional[int] = ..., text_preview: _Optional[str] = ..., hint_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
-    __slots__ = ("token_ids", "text")
+    __slots__ = ("token_ids", "text", "cached_tokens", "cache_source")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+    cached_tokens: int
+    cache_source: CacheSource
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., cache_source: _Optional[_Union[CacheSource, str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_source", "prefilled_tokens", "prefill_seconds", "load_seconds", "loaded_bytes")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_source", "prefill_seconds", "load_seconds", "loaded_bytes")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SOURCE_FIELD_NUMBER: _ClassVar[int]
-    PREFILLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -70,11 +73,10 @@ class Usage(_message.Message):
     completion_tokens: int
     cached_tokens: int
     cache_source: CacheSource
-    prefilled_tokens: int
     prefill_seconds: float
     load_seconds: float
     loaded_bytes: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cache_source: _Optional[_Union[CacheSource, str]] = ..., prefilled_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ..., load_seconds: _Optional[float] = ..., loaded_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cache_source: _Optional[_Union[CacheSource, str]] = ..., prefill_seconds: _Optional[float] = ..., load_seconds: _Optional[float] = ..., loaded_bytes: _Optional[int] = ...) -> None: ...
 
 class Rates(_message.Message):
     __slots__ = ("prefill_tokens_per_second", "disk_load_bytes_per_second", "ram_load_bytes_per_second", "decode_tokens_per_second")
@@ -133,7 +135,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, chat_template: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "identity", "tokenizer_json", "chat_template", "eos_token_ids", "bos_token_id", "context_length", "kv_layout", "tool_parser")
+    __slots__ = ("model_name", "identity", "tokenizer_json", "chat_template", "eos_token_ids", "bos_token_id", "context_length", "reuse", "tool_parser")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -141,7 +143,7 @@ class ModelInfo(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    REUSE_FIELD_NUMBER: _ClassVar[int]
     TOOL_PARSER_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     identity: str
@@ -150,9 +152,17 @@ class ModelInfo(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     bos_token_id: int
     context_length: int
-    kv_layout: str
+    reuse: ReuseRules
     tool_parser: str
-    def __init__(self, model_name: _Optional[str] = ..., identity: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., context_length: _Optional[int] = ..., kv_layout: _Optional[str] = ..., tool_parser: _Optional[str] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., identity: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., context_length: _Optional[int] = ..., reuse: _Optional[_Union[ReuseRules, _Mapping]] = ..., tool_parser: _Optional[str] = ...) -> None: ...
+
+class ReuseRules(_message.Message):
+    __slots__ = ("whole_only", "cut_below_tokens")
+    WHOLE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CUT_BELOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    whole_only: bool
+    cut_below_tokens: int
+    def __init__(self, whole_only: _Optional[bool] = ..., cut_below_tokens: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("include_live_states",)

@@ -58,7 +58,8 @@ def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
                    help=f"with --compare: which programs, in order ({', '.join(TARGETS)}); SMG programs named "
                         "here are installed into venvs of their own under --cache-dir when missing")
     p.add_argument("--no-restart", action="store_true", help="do not restart started servers mid-run")
-    p.add_argument("--model", default=None, help="model for the servers the bench starts (a .gguf; default model)")
+    p.add_argument("--model", default=None, help="model for the servers the bench starts: a .gguf or an mlx-lm "
+                                              "model directory (default: the default model)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir)
     p.add_argument("--routing", action="store_true", help="run the routing micro-benchmark (32K-token prompt, "
                                                           "10,000 stored checkpoints) instead")
@@ -151,7 +152,10 @@ async def _run(ns: argparse.Namespace) -> int:
         model_dir = None
 
         def exported() -> Path:
+            """The model as an mlx-lm directory: `--model` itself when it is one, else exported."""
             nonlocal model_dir
+            if model_dir is None and ns.model and Path(ns.model).expanduser().is_dir():
+                model_dir = Path(ns.model).expanduser()
             if model_dir is None:
                 from kvrouter.router.export_mlx import export_mlx_model
 

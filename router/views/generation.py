@@ -106,9 +106,9 @@ class Outcome:
 
     finish_reason: "stop" (end of turn or stop string), "length" (max_tokens),
         or "cancelled". stop_sequence: the stop string that ended it, if any.
-    cached_tokens: prompt tokens reused from the cache. When a stop string ends
-        the generation early the worker's final report is not awaited, so
-        cached_tokens is then the router's prediction.
+    cached_tokens: prompt tokens reused from the cache, as the worker reported
+        them (with its first token, so also when a stop string ends the generation
+        before the worker's final report).
     stored_tokens: tokens of the longest checkpoint written for this request.
     """
 

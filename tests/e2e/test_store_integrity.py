@@ -153,7 +153,7 @@ def test_poison_checkpoint_is_quarantined_and_never_loaded_again(server, kv_dir)
         path = store.payload_dir / entry.payload_name
         arrays, meta = mx.load(str(path), return_metadata=True)
         # Same layer count, token count and metadata; a wrong head size breaks attention.
-        bad = {k: mx.zeros((v.shape[0], v.shape[1], v.shape[2], v.shape[3] // 2), v.dtype) for k, v in arrays.items()}
+        bad = {k: mx.zeros((*v.shape[:3], v.shape[3] // 2), v.dtype) if v.ndim == 4 else v for k, v in arrays.items()}
         mx.save_safetensors(str(path), bad, metadata=meta)
         fixed = replace(entry, payload_bytes=path.stat().st_size, checksum=checksum_file(path))
         store.index.write(lambda txn: txn.update_row(fixed))

@@ -3,64 +3,16 @@ admission edge cases (short prompts, few tokens; no server)."""
 
 from __future__ import annotations
 
-import queue
 import random
 
 import pytest
 
-from tests.support.server import model_cache_dir
-
-MODEL_TIMEOUT_S = 300
+from tests.support.engine import Call, make_engine
 
 
 def prompt_of(n: int, seed: int) -> tuple[int, ...]:
     r = random.Random(seed)
     return tuple(r.randrange(100, 40000) for _ in range(n))
-
-
-class Call:
-    """One request: its events land in a queue read by `next_event` / `wait`."""
-
-    def __init__(self, engine, prompt, max_tokens=4, temperature=0.0, seed=None, hint_tokens=()):
-        from kvrouter.worker.events import GenerationRequest, SamplingConfig
-
-        self.events: queue.Queue = queue.Queue()
-        self.tokens: list[int] = []
-        self.final = None
-        req = GenerationRequest("t", tuple(prompt), SamplingConfig(temperature, 1.0, max_tokens, seed),
-                                hint_tokens=tuple(hint_tokens))
-        self.job = engine.submit(req, self.events.put)
-
-    def next_event(self):
-        from kvrouter.worker.events import TokenEvent
-
-        ev = self.events.get(timeout=MODEL_TIMEOUT_S)
-        if isinstance(ev, TokenEvent):
-            self.tokens += ev.token_ids
-        else:
-            self.final = ev
-        return ev
-
-    def wait(self):
-        while self.final is None:
-            self.next_event()
-        return self.final
-
-
-def make_engine(tmp_path=None, decode_concurrency=1, prompt_concurrency=1, **kw):
-    from kvrouter.worker.config import BatchingConfig, WorkerConfig
-    from kvrouter.worker.server import build_engine
-
-    store = None
-    if tmp_path is not None:
-        from kvrouter.cachestore import StoreConfig
-
-        store = StoreConfig(tmp_path, min_tokens=256, boundary_align_tokens=256, boundary_trim_tokens=32)
-    config = WorkerConfig(model=None, listen="127.0.0.1:0", store=store, cache_dir=model_cache_dir(),
-                          batching=BatchingConfig(decode_concurrency, prompt_concurrency), **kw)
-    engine, _ = build_engine(config)
-    engine.start()
-    return engine
 
 
 @pytest.fixture(scope="module")

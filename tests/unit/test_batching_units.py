@@ -6,8 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kvrouter.worker.checkpoints import LiveState
-from kvrouter.worker.live_states import LiveStates
+from kvrouter.worker.live_states import LiveState, LiveStates
 from kvrouter.worker.segments import prefill_segments
 
 
@@ -34,18 +33,14 @@ def live(ns, tokens, nbytes=0):
     return LiveState(ns, list(tokens), [cache], len(tokens))
 
 
-def test_live_states_best_match_is_per_namespace_and_longest():
+def test_live_states_get_ids_and_a_snapshot():
     lives = LiveStates(slots=4)
     a = lives.add(live("", [1, 2, 3, 4]))
     b = lives.add(live("", [1, 2, 9]))
-    lives.add(live("other", [1, 2, 3, 4, 5]))
-    assert lives.best([1, 2, 3, 4, 5], "") is a
-    assert lives.best([1, 2, 9, 9], "") is b
-    assert lives.best([7], "") is None
     assert len({a.live_id, b.live_id}) == 2 and a.live_id and b.live_id
+    assert (a.held, b.held) == (4, 3)
     lives.take(a)
-    assert lives.best([1, 2, 3, 4, 5], "") is b
-    assert lives.snapshot == tuple(lives)
+    assert list(lives) == [b] and lives.snapshot == (b,)
 
 
 def test_slots_drop_the_least_recently_used_first():

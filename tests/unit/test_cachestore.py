@@ -345,3 +345,37 @@ def test_failed_store_leaves_the_schedule_for_a_later_try(store: CheckpointStore
     hit = store.lookup("m", "ns", prompt)
     assert hit.n_tokens == 700
     assert plan_stores(len(prompt), hit.n_tokens, 700, cfg).stores == ()
+
+
+def _safetensors_writer(metadata: dict):
+    """Writes a one-tensor safetensors file with `metadata` (no mlx needed)."""
+    import json
+    import struct
+
+    header = json.dumps({"__metadata__": metadata,
+                         "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+
+    def write(path: Path) -> None:
+        path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+
+    return write
+
+
+def test_payloads_of_an_older_format_are_reported_by_verify_and_removed_by_gc(store: CheckpointStore, capsys):
+    """Version-1 payloads (hand-sliced KV tensors, format tag at the top level) are
+    never looked up (the format is part of the model identity); `kvrouter cache verify`
+    reports them and `kvrouter cache gc` removes them. Current ones stay."""
+    from types import SimpleNamespace
+
+    from kvrouter.router import cache_cli
+    from kvrouter.worker.payload_format import FORMAT_TAG, read_format_tag
+
+    old = store.save("anchor", "m1", "", toks(64), _safetensors_writer({"format": "kvrouter-kv-1"}))
+    new = store.save("anchor", "m2", "", toks(64), _safetensors_writer({"0.format": FORMAT_TAG}))
+    assert read_format_tag(store.payload_dir / new.payload_name) == FORMAT_TAG
+    assert [(e.id, tag) for e, tag in cache_cli.outdated(store)] == [(old.id, "kvrouter-kv-1")]
+    assert cache_cli._verify(store, SimpleNamespace()) == 1
+    assert f"{old.id}: payload format kvrouter-kv-1" in capsys.readouterr().out
+    assert cache_cli._gc(store, SimpleNamespace()) == 0
+    assert [e.id for e in store.entries()] == [new.id]
+    assert cache_cli._verify(store, SimpleNamespace()) == 0

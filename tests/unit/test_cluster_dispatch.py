@@ -406,3 +406,30 @@ def test_a_completion_does_not_revive_a_live_state_its_worker_already_dropped():
     # a completion that arrives before its live state's event still counts at once
     cluster.observe("w0", Completion("length", 3, 1, 0, "none", 0.0, 0.0, live_id=6), (7, 8, 9), "")
     assert cluster.views["w0"].lives == {6: ("", (7, 8, 9))}
+
+
+def test_the_router_predicts_only_the_reuse_the_workers_rules_allow():
+    """A worker reports how far back its model's state can be cut (ModelInfo.reuse);
+    routing counts on a live state only as far as that allows: cut back anywhere for
+    full KV caches, only while a sliding window has not wrapped, never for recurrent
+    state (reused by extension only)."""
+    from kvrouter_proto import worker_pb2
+    from kvrouter.cachestore.costs import CUT_ANY, ReuseRules
+    from kvrouter.router.worker_client import model_info_from_proto
+
+    def rules(**kw):
+        return model_info_from_proto(worker_pb2.ModelInfo(reuse=worker_pb2.ReuseRules(**kw))).reuse
+
+    exact, window = rules(whole_only=True), rules(cut_below_tokens=64)
+    assert exact == ReuseRules(False, 0) and window == ReuseRules(False, 64) and rules() == CUT_ANY
+    cluster, model, workers, d = make(1)
+    cluster.view("w0").lives = {1: ("", tuple(range(100)))}
+    extends, diverges = tuple(range(120)), tuple(range(60)) + (9999,) * 40
+    expected = {CUT_ANY: (100, 60), window: (100, 0), exact: (100, 0)}
+    for r, (ext, div) in expected.items():
+        model.rules = r
+        assert d.decide(job(model, extends)).cached_tokens == ext
+        assert d.decide(job(model, diverges)).cached_tokens == div
+    cluster.view("w0").lives = {1: ("", tuple(range(40)))}  # within the window: it can be cut
+    model.rules = window
+    assert d.decide(job(model, tuple(range(20)) + (9999,) * 40)).cached_tokens == 20

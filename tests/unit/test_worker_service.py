@@ -20,7 +20,8 @@ from kvrouter.cachestore.costs import Rates
 from kvrouter.router.worker_client import GenerateRequest, GrpcWorkerClient, WorkerBusy, WorkerUnavailable
 from kvrouter.worker.engine import EngineBusyError
 from kvrouter.worker.events import FinishEvent, TokenEvent, Usage
-from kvrouter.worker.server import _watch_health, also_call, create_server, is_loopback
+from kvrouter.worker.cache_events import LiveChanged, RamChanged, StoreListeners
+from kvrouter.worker.server import _watch_health, create_server, is_loopback
 from kvrouter.worker.servicer import CacheEventHub
 
 TLS_DIR = Path(__file__).resolve().parents[1] / "support" / "tls"
@@ -39,6 +40,7 @@ class FakeEngine:
         self.live_states = (SimpleNamespace(namespace="other", tokens=[5], live_id=2), self.live)
         self.checkpoints = SimpleNamespace(ram=SimpleNamespace(ids=lambda: ["e1"], bytes=10))
         self.config = SimpleNamespace(max_queue=max_queue, decode_concurrency=6, prompt_concurrency=3)
+        self.batch_width = 6
         self.rates = Rates(prefill_tps=250.0, disk_bps=5e8)
         self.queue_depth = 0
         self.requests_served = 0
@@ -177,8 +179,8 @@ async def test_cache_events_are_numbered_and_start_with_the_live_states():
         first = [await asyncio.wait_for(events.__anext__(), 5) for _ in range(2)]
         assert [(e.seq, e.kind, e.live_id, e.namespace, e.tokens) for e in first] == \
             [(1, "live", 2, "other", (5,)), (2, "live", 4, "ns", (1, 2, 3))]
-        hub.publish_threadsafe("ram", ("e2", True))
-        hub.publish_threadsafe("live", (2, "other", (), True))
+        hub.publish_threadsafe(RamChanged("e2", True))
+        hub.publish_threadsafe(LiveChanged(2, "other", (), True))
         third, fourth = [await asyncio.wait_for(events.__anext__(), 5) for _ in range(2)]
         assert (third.seq, third.kind, third.entry_id, third.added) == (3, "ram", "e2", True)
         assert (fourth.seq, fourth.live_id, fourth.removed) == (4, 2, True)
@@ -199,9 +201,10 @@ async def test_store_changes_are_cache_events_and_the_store_can_be_listed(tmp_pa
     engine = FakeEngine()
     hub = CacheEventHub(asyncio.get_running_loop())
     per_request = []
+    listeners = StoreListeners(per_request.append)  # as worker.server.build_engine and serve wire it
     store = CheckpointStore(StoreConfig(directory=tmp_path / "kv", disk_budget_bytes=2500, min_tokens=1),
-                            on_event=per_request.append)
-    store.on_event = also_call(store.on_event, hub.publish_store_event)  # as worker.server.serve wires it
+                            on_event=listeners)
+    listeners.add(hub.publish_store_event)
     server, port, _ = await serve(engine, hub=hub, store=store)
     client = GrpcWorkerClient("w9", f"127.0.0.1:{port}")
 

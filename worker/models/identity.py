@@ -17,10 +17,9 @@ from pathlib import Path
 
 import xxhash
 
-logger = logging.getLogger("kvrouter.models")
+from kvrouter.worker.payload_format import CHECKPOINT_FORMAT
 
-CHECKPOINT_FORMAT = 1
-"""Version of the KV checkpoint format; bump when saved checkpoints become incompatible."""
+logger = logging.getLogger("kvrouter.models")
 
 CHUNK_BYTES = 8 << 20
 DIGESTS_FILE = "digests.json"
@@ -47,7 +46,8 @@ def model_identity(
     Args:
         weights_digest: hex digest of the weights files (``weights_digest``).
         tokenizer_json: the tokenizer's JSON text (hashed here).
-        kv_layout: e.g. ``"layers=30;kv_heads=3;head_dim=64;dtype=float32"``.
+        kv_layout: the state layout: shapes, and the cache class of every layer with
+            its window, kv bits and group size (``loader.kv_layout_of``).
         mlx_version, mlx_lm_version: versions; only ``major.minor`` counts.
         checkpoint_format: KV checkpoint format version.
 
