@@ -1,7 +1,7 @@
 """kvrouter cachestore: the shared on-disk store of KV checkpoints (payload files + LMDB index).
 
 Public API (pinned by tests/unit/test_cachestore.py::test_public_api):
-  KINDS, StoreConfig, Entry, Hit, CheckpointStore, PayloadError,
+  KINDS, StoreConfig, Entry, Hit, CheckpointStore, PayloadError, StoreUnavailableError, IndexStats,
   PlannedStore, SkippedStore, StorePlan, plan_stores, eviction_victims, eviction_score.
 This package never imports mlx: payload bytes come from a caller-supplied function.
 """
@@ -17,7 +17,8 @@ from .policy import (
     eviction_victims,
     plan_stores,
 )
-from .store import CheckpointStore, PayloadError
+from .index import IndexStats
+from .store import CheckpointStore, PayloadError, StoreUnavailableError
 
 __all__ = [
     "KINDS",
@@ -27,6 +28,8 @@ __all__ = [
     "StoreEvent",
     "CheckpointStore",
     "PayloadError",
+    "StoreUnavailableError",
+    "IndexStats",
     "PlannedStore",
     "SkippedStore",
     "StorePlan",

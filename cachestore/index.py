@@ -7,12 +7,29 @@ Layout (named sub-databases of one environment at ``<store>/index/``):
   meta    b"live_bytes"               -> int64 sum of payload bytes of usable rows
           b"qsum:" + checksum         -> reason: payload bytes that were quarantined and are never re-added
 
+          b"n:" / b"b:" / b"t:" + kind -> int64 usable rows / payload bytes / tokens of that kind
+          b"quarantined"               -> int64 quarantined rows
+          b"counters"                  -> present once the counters above are exact (set at creation
+                                          and by ``Txn.recount``; stores written before them lack it)
+
 Process rules (py-lmdb docs): one environment per path per process, shared by every
 ``Index`` on that path in the process and opened lazily in the process that uses it; a
 handle inherited through fork is closed in the child and reopened. Every transaction runs
 in a ``with``; a write that fills the map doubles ``map_size`` and is retried; another
 process having grown the map (MapResizedError) is adopted with ``set_mapsize(0)``.
-Transactions of one process are serialised by a lock, so the map can be resized safely.
+
+Concurrency inside a process: read transactions run at once (LMDB readers never block);
+write transactions take a mutex (one writer, as LMDB allows) and, like readers, the shared
+side of a readers-writer lock whose exclusive side only resizing the map takes (LMDB
+forbids ``set_mapsize`` while any transaction of the process is open). So a routing
+lookup never waits for a scan or a commit.
+
+Full filesystems: LMDB maps its lock file (``lock.mdb``) shared and writes it through the
+mapping; on a filesystem that cannot allocate a page of it (a full tmpfs, where files are
+sparse) the process dies of SIGBUS. Before opening, the lock file is therefore allocated
+in full (``posix_fallocate``), and a store opened for the first time must find
+``INDEX_SPACE_PROBE_BYTES`` of free space; either failing raises OSError (ENOSPC), which
+the store turns into "serve without a store" instead of a crash.
 """
 
 from __future__ import annotations
@@ -30,7 +47,9 @@ from typing import TypeVar
 import lmdb
 
 from . import keys
+from .config import KINDS
 from .entry import Entry
+from .rwlock import RWLock
 
 log = logging.getLogger("kvrouter.cachestore")
 
@@ -41,6 +60,10 @@ INITIAL_MAP_SIZE = 1 << 30
 
 MAX_MAP_SIZE = 1 << 40
 _MAX_RETRIES = 16
+
+INDEX_SPACE_PROBE_BYTES = 1 << 20
+"""Free space, bytes, that a store's first open must be able to allocate: LMDB's lock
+file (16 KiB with 254 readers) and first data pages, with a wide margin."""
 
 DB_NAMES = (b"rows", b"tokens", b"nodes", b"meta")
 
@@ -67,6 +90,35 @@ _REG = struct.Struct("<I16s32s")
 _I64 = struct.Struct("<q")
 _LIVE_BYTES = b"live_bytes"
 _QSUM = b"qsum:"
+_QUARANTINED = b"quarantined"
+_COUNTERS = b"counters"
+_COUNT, _BYTES, _TOKENS = b"n:", b"b:", b"t:"
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    """What the index holds, from its counters (O(1)).
+
+    entries / payload_bytes / tokens: usable rows, their payload bytes and their tokens,
+    by kind (every kind of ``KINDS`` present, 0 when none); quarantined: quarantined rows.
+    """
+
+    entries: dict[str, int]
+    payload_bytes: dict[str, int]
+    tokens: dict[str, int]
+    quarantined: int
+
+    @property
+    def total_entries(self) -> int:
+        return sum(self.entries.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.payload_bytes.values())
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens.values())
 
 
 @dataclass
@@ -74,8 +126,19 @@ class _EnvHandle:
     env: lmdb.Environment
     dbs: dict[bytes, object]
     pid: int
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    readonly: bool = False
+    lock_fd: int | None = None  # keeps lock.mdb's allocation check's fd open (closing it would drop LMDB's locks)
+    rw: RWLock = field(default_factory=RWLock)  # shared: any transaction; exclusive: map resize
+    write_lock: threading.Lock = field(default_factory=threading.Lock)  # one write transaction at a time
     refs: int = 0
+
+    def close(self) -> None:
+        try:
+            self.env.close()
+        finally:
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)
+                self.lock_fd = None
 
 
 _REGISTRY: dict[str, _EnvHandle] = {}
@@ -91,17 +154,97 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _open_env(path: Path) -> _EnvHandle:
+def _allocate(fd: int) -> None:
+    """Allocates every block of the file behind `fd` up to its size (no size change)."""
+    size = os.fstat(fd).st_size
+    if size and hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+
+
+def _check_space_before_open(path: Path) -> None:
+    """Raises OSError(ENOSPC) when opening the environment at `path` could crash the
+    process with SIGBUS (see the module docstring): an existing lock file whose blocks
+    cannot all be allocated, or a first open without INDEX_SPACE_PROBE_BYTES free."""
+    lock = path / "lock.mdb"
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        fd = None
+    if fd is not None:  # this process does not have the environment open: closing fd drops no lock of ours
+        try:
+            _allocate(fd)
+        finally:
+            os.close(fd)
+        return
+    if not hasattr(os, "posix_fallocate"):
+        return
+    probe = path / f"space-probe.{os.getpid()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, INDEX_SPACE_PROBE_BYTES)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _open_env(path: Path, readonly: bool = False) -> _EnvHandle:
+    """Opens the environment at `path` (read-only: never creates or writes anything).
+
+    Raises OSError when the files cannot be created or allocated (ENOSPC, EACCES, EROFS)
+    and lmdb.Error when LMDB cannot open them (a read-only open of a store that has no
+    index yet raises lmdb.Error too)."""
+    if readonly:
+        env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE,
+                        **{**ENV_FLAGS, "readonly": True, "create": False})
+        try:
+            # without txn=: py-lmdb commits the read transaction that opens each handle, so
+            # the handles outlive it (a `with env.begin()` read transaction aborts, closing them)
+            dbs: dict[bytes, object] = {name: env.open_db(name, create=False) for name in DB_NAMES}
+        except BaseException:
+            env.close()
+            raise
+        return _EnvHandle(env=env, dbs=dbs, pid=os.getpid(), readonly=True)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_space_before_open(path)
     env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, **ENV_FLAGS)
-    cleared = env.reader_check()  # free reader slots of processes that died (kill -9) holding a read txn
-    if cleared:
-        log.info("index reader_check cleared %d stale readers path=%s", cleared, path)
-    dbs: dict[bytes, object] = {}
-    with env.begin(write=True) as txn:
-        for name in DB_NAMES:
-            dbs[name] = env.open_db(name, txn=txn)
-    return _EnvHandle(env=env, dbs=dbs, pid=os.getpid())
+    lock_fd = None
+    try:
+        # LMDB may have just created or extended lock.mdb (sparse): allocate it now, and keep
+        # the fd open until the environment closes (closing it would release LMDB's fcntl locks).
+        lock_fd = os.open(path / "lock.mdb", os.O_RDWR)
+        _allocate(lock_fd)
+        cleared = env.reader_check()  # free reader slots of processes that died (kill -9) holding a read txn
+        if cleared:
+            log.info("index reader_check cleared %d stale readers path=%s", cleared, path)
+        dbs = {}
+        with env.begin(write=True) as txn:
+            for name in DB_NAMES:
+                dbs[name] = env.open_db(name, txn=txn)
+            rows = txn.stat(dbs[b"rows"])["entries"]
+            if rows == 0 and txn.get(_COUNTERS, db=dbs[b"meta"]) is None:
+                txn.put(_COUNTERS, b"1", db=dbs[b"meta"])  # a new index: every counter starts exact at 0
+    except BaseException:
+        env.close()
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise
+    return _EnvHandle(env=env, dbs=dbs, pid=os.getpid(), lock_fd=lock_fd)
+
+
+def stats_of(rows: list[Entry]) -> IndexStats:
+    """The counters' values computed from rows (a scan's result)."""
+    entries = {k: 0 for k in KINDS}
+    size = {k: 0 for k in KINDS}
+    tokens = {k: 0 for k in KINDS}
+    quarantined = 0
+    for e in rows:
+        if e.quarantined:
+            quarantined += 1
+        elif e.kind in entries:
+            entries[e.kind] += 1
+            size[e.kind] += e.payload_bytes
+            tokens[e.kind] += e.n_tokens
+    return IndexStats(entries, size, tokens, quarantined)
 
 
 class Txn:
@@ -151,6 +294,46 @@ class Txn:
     def set_live_bytes(self, value: int) -> None:
         self.put(b"meta", _LIVE_BYTES, _I64.pack(value))
 
+    def _meta_int(self, key: bytes) -> int:
+        raw = self.get(b"meta", key)
+        return _I64.unpack(raw)[0] if raw is not None else 0
+
+    def _add_meta_int(self, key: bytes, delta: int) -> None:
+        self.put(b"meta", key, _I64.pack(max(0, self._meta_int(key) + delta)))
+
+    def _count(self, entry: Entry, sign: int) -> None:
+        """Adds (sign 1) or takes away (sign -1) a usable row from the per-kind counters."""
+        kind = entry.kind.encode()
+        self._add_meta_int(_COUNT + kind, sign)
+        self._add_meta_int(_BYTES + kind, sign * entry.payload_bytes)
+        self._add_meta_int(_TOKENS + kind, sign * entry.n_tokens)
+
+    def stats(self) -> IndexStats | None:
+        """The counters (a few point reads), or None for an index written before they
+        existed and not recounted since (``recount`` fixes that)."""
+        if self.get(b"meta", _COUNTERS) is None:
+            return None
+        get = self._meta_int
+        return IndexStats(
+            entries={k: get(_COUNT + k.encode()) for k in KINDS},
+            payload_bytes={k: get(_BYTES + k.encode()) for k in KINDS},
+            tokens={k: get(_TOKENS + k.encode()) for k in KINDS},
+            quarantined=get(_QUARANTINED),
+        )
+
+    def recount(self) -> IndexStats:
+        """Sets every counter (and ``live_bytes``) from a scan of the rows; returns them."""
+        rows = self.rows()
+        stats = stats_of(rows)
+        for k in KINDS:
+            self.put(b"meta", _COUNT + k.encode(), _I64.pack(stats.entries[k]))
+            self.put(b"meta", _BYTES + k.encode(), _I64.pack(stats.payload_bytes[k]))
+            self.put(b"meta", _TOKENS + k.encode(), _I64.pack(stats.tokens[k]))
+        self.put(b"meta", _QUARANTINED, _I64.pack(stats.quarantined))
+        self.set_live_bytes(stats.total_bytes)
+        self.put(b"meta", _COUNTERS, b"1")
+        return stats
+
     def quarantined_checksum(self, checksum: str) -> str | None:
         raw = self.get(b"meta", _QSUM + checksum.encode())
         return raw.decode() if raw is not None else None
@@ -186,6 +369,7 @@ class Txn:
         self.put(b"rows", entry.id.encode(), entry.to_json())
         self.put(b"tokens", entry.id.encode(), packed)
         self._add_live_bytes(entry.payload_bytes)
+        self._count(entry, 1)
 
     def _unregister(self, entry: Entry) -> None:
         packed = self.tokens(entry.id)
@@ -204,6 +388,7 @@ class Txn:
             self._put_node(node, refs - 1, regs)
         self.delete(b"tokens", entry.id.encode())
         self._add_live_bytes(-entry.payload_bytes)
+        self._count(entry, -1)
 
     def remove_entry(self, entry_id: str) -> Entry | None:
         """Delete a row (usable or quarantined) and its keys; returns the removed row."""
@@ -212,6 +397,8 @@ class Txn:
             return None
         if not entry.quarantined:
             self._unregister(entry)
+        else:
+            self._add_meta_int(_QUARANTINED, -1)
         self.delete(b"tokens", entry_id.encode())
         self.delete(b"rows", entry_id.encode())
         return entry
@@ -224,6 +411,7 @@ class Txn:
         if entry is None or entry.quarantined:
             return entry
         self._unregister(entry)
+        self._add_meta_int(_QUARANTINED, 1)
         marked = Entry(**{**entry.__dict__, "quarantined": reason or "unspecified"})
         self.put(b"rows", entry_id.encode(), marked.to_json())
         return marked
@@ -299,17 +487,29 @@ class Txn:
 class Index:
     """LMDB index of one store directory (``path`` is the environment directory).
 
+    readonly: open the environment read-only (``kvrouter cache ls/show/verify``): nothing
+    is created or written, ``write`` raises lmdb.ReadonlyError, and a missing index raises
+    lmdb.Error on first use. Within one process every ``Index`` of a path shares one
+    environment (py-lmdb's rule); a read-only one reuses a read-write environment already
+    open, and a read-write one cannot join a read-only environment (lmdb.ReadonlyError).
+
     ``point_reads`` / ``scans`` count ``Txn.get`` calls and full sub-database scans made
     through this object (a cheap way for tests to assert that lookup never scans).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
         self.point_reads = 0
         self.scans = 0
         self._handle: _EnvHandle | None = None
 
     # ---- lifecycle --------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Opens (or joins) the environment now rather than at the first transaction, so
+        that errors show where the caller expects them. Raises OSError or lmdb.Error."""
+        self._acquire()
 
     def _acquire(self) -> _EnvHandle:
         pid = os.getpid()
@@ -323,13 +523,15 @@ class Index:
                 # Inherited through fork: LMDB handles must not be used in the child. Closing
                 # it here is safe (fcntl locks are not inherited) and lets us reopen.
                 try:
-                    shared.env.close()
-                except lmdb.Error:
+                    shared.close()
+                except (lmdb.Error, OSError):
                     pass
                 del _REGISTRY[key]
                 shared = None
+            if shared is not None and shared.readonly and not self.readonly:
+                raise lmdb.ReadonlyError(f"{self.path} is open read-only in this process")
             if shared is None:
-                shared = _open_env(self.path)
+                shared = _open_env(self.path, readonly=self.readonly)
                 _REGISTRY[key] = shared
             shared.refs += 1
             self._handle = shared
@@ -344,47 +546,65 @@ class Index:
         with _REGISTRY_LOCK:
             handle.refs -= 1
             if handle.refs <= 0:
-                with handle.lock:
-                    handle.env.close()
+                with handle.rw.exclusive():
+                    handle.close()
                 if _REGISTRY.get(key) is handle:
                     del _REGISTRY[key]
 
     # ---- transactions -----------------------------------------------------------------
 
+    @staticmethod
+    def _adopt_map_size(handle: _EnvHandle) -> None:
+        """Another process grew the map (MapResizedError): adopt its size, alone in the process."""
+        with handle.rw.exclusive():
+            handle.env.set_mapsize(0)
+
     @contextmanager
     def read(self) -> Iterator[Txn]:
-        """A read transaction (consistent snapshot)."""
+        """A read transaction (consistent snapshot); runs concurrently with other reads and
+        with a write of this or any process."""
         handle = self._acquire()
-        with handle.lock:
-            for attempt in range(_MAX_RETRIES):
+        for attempt in range(_MAX_RETRIES):
+            with handle.rw.shared():
                 try:
                     txn = handle.env.begin(write=False)
                 except lmdb.MapResizedError:
-                    handle.env.set_mapsize(0)  # another process grew the map: adopt its size
-                    continue
-                with txn:
-                    yield Txn(txn, handle.dbs, self)
-                return
-            raise lmdb.MapResizedError("map resized repeatedly while beginning a read transaction")
+                    txn = None
+                if txn is not None:
+                    with txn:
+                        yield Txn(txn, handle.dbs, self)
+                    return
+            self._adopt_map_size(handle)
+        raise lmdb.MapResizedError("map resized repeatedly while beginning a read transaction")
 
     def write(self, fn: Callable[[Txn], T]) -> T:
         """Run ``fn`` in one write transaction and commit; retried after growing the map when full.
 
         ``fn`` may run more than once, so it must only touch the transaction. Raises the
-        lmdb.Error of any other failure (the transaction is aborted).
+        lmdb.Error of any other failure (the transaction is aborted): lmdb.DiskError or
+        lmdb.Error with ENOSPC on a full disk, lmdb.ReadonlyError on a read-only index.
         """
         handle = self._acquire()
-        with handle.lock:
+        if handle.readonly:
+            raise lmdb.ReadonlyError(f"index {self.path} is open read-only")
+        with handle.write_lock:
             for attempt in range(_MAX_RETRIES):
-                try:
-                    with handle.env.begin(write=True) as txn:
-                        return fn(Txn(txn, handle.dbs, self))
-                except lmdb.MapResizedError:
-                    handle.env.set_mapsize(0)
-                except lmdb.MapFullError:
-                    size = handle.env.info()["map_size"]
-                    if size >= MAX_MAP_SIZE:
-                        raise
-                    handle.env.set_mapsize(size * 2)
-                    log.info("index map grown to %d MiB path=%s", size * 2 >> 20, self.path)
+                grow_to = 0
+                with handle.rw.shared():
+                    try:
+                        with handle.env.begin(write=True) as txn:
+                            return fn(Txn(txn, handle.dbs, self))
+                    except lmdb.MapResizedError:
+                        pass
+                    except lmdb.MapFullError:
+                        size = handle.env.info()["map_size"]
+                        if size >= MAX_MAP_SIZE:
+                            raise
+                        grow_to = size * 2
+                if grow_to:
+                    with handle.rw.exclusive():
+                        handle.env.set_mapsize(grow_to)
+                    log.info("index map grown to %d MiB path=%s", grow_to >> 20, self.path)
+                else:
+                    self._adopt_map_size(handle)
             raise lmdb.MapFullError("index write retried too many times")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -123,3 +124,13 @@ def age_s(path: Path, now: float | None = None) -> float:
         return (time.time() if now is None else now) - path.stat().st_mtime
     except FileNotFoundError:
         return 0.0
+
+
+def disk_space(directory: Path) -> tuple[int, int] | None:
+    """(free bytes for an unprivileged writer, total bytes) of the filesystem holding
+    `directory`; None when it cannot be read (e.g. the directory vanished)."""
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return None
+    return usage.free, usage.total

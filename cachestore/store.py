@@ -7,14 +7,27 @@ the same directory at once.
 Crash safety (cases C10, C12): a payload is written to a temp name, fsynced, checksummed,
 renamed to a fresh name and the directory fsynced before its row is committed in one write
 transaction; so a kill at any point leaves at most an orphan file, never a row pointing at a
-missing or partial payload. Orphans and stale temp files older than ``ORPHAN_AGE_S`` are
-removed at open (younger ones may belong to a writer in another process).
+missing or partial payload. ``repair`` (run by a worker at start and by ``kvrouter cache gc``)
+removes orphans and stale temp files older than ``ORPHAN_AGE_S`` (younger ones may belong to
+a writer in another process) and rows without payload; opening a store changes nothing.
+
+Failures never reach the caller of a store, hit or quarantine (the request goes on from live
+state or by recomputing): every exception of writing a payload or committing a row (OSError,
+MLX's RuntimeError, lmdb.Error) becomes a ``skipped`` event with its reason and one log line,
+and writes then pause for a backoff (doubling from ``WRITE_BACKOFF_INITIAL_S`` to
+``WRITE_BACKOFF_MAX_S``), after which free space is checked again before the next write. A
+hit counter or quarantine that cannot be written is logged and dropped. A store directory
+that is full or unwritable when it is opened is served read-only (or, when even its index
+cannot be opened safely, the constructor raises ``StoreUnavailableError`` and the caller
+runs without a store).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -25,13 +38,32 @@ import lmdb
 from . import keys, payload
 from .config import KINDS, StoreConfig
 from .entry import Entry, Hit, StoreEvent
-from .index import Index, Txn
+from .index import Index, IndexStats, Txn, stats_of
 from .policy import eviction_victims
 
 log = logging.getLogger("kvrouter.cachestore")
 
 ORPHAN_AGE_S = 60.0
-"""Temp and orphan payload files younger than this (seconds) are left alone at open."""
+"""Temp and orphan payload files younger than this (seconds) are left alone by repair and verify."""
+
+FREE_SPACE_RESERVE_BYTES = 16 * 2**20
+"""Free disk space, bytes, a payload write leaves untouched (index pages, other writers),
+or 1/20 of the filesystem when that is less; a store whose payload (its size hint) would
+eat into it is skipped as ``disk_full``."""
+
+
+def _reserve_shortfall(directory: Path, size_hint: int) -> tuple[int, int] | None:
+    """(free bytes, bytes needed) when writing `size_hint` bytes would eat into the reserve."""
+    space = payload.disk_space(directory)
+    if space is None:
+        return None
+    free, total = space
+    needed = size_hint + min(FREE_SPACE_RESERVE_BYTES, total // 20)
+    return (free, needed) if free < needed else None
+
+WRITE_BACKOFF_INITIAL_S = 1.0
+WRITE_BACKOFF_MAX_S = 60.0
+"""After a failed write, writes pause this long (seconds), doubling per consecutive failure."""
 
 _MIB = float(1 << 20)
 
@@ -43,6 +75,16 @@ def _size(path: Path) -> int | None:
         return None
 
 
+def _failure_reason(exc: BaseException) -> str:
+    """The skip reason of a failed store: ``disk_full`` (ENOSPC, EDQUOT), ``io_error`` (other
+    OSError), ``index_error`` (lmdb.Error) or ``write_failed`` (RuntimeError: MLX's writer)."""
+    if isinstance(exc, lmdb.Error):
+        return "index_error"
+    if isinstance(exc, OSError):
+        return "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io_error"
+    return "write_failed"
+
+
 class PayloadError(RuntimeError):
     """A payload file is missing or does not match its row (size or xxh3_64 checksum).
 
@@ -51,14 +93,26 @@ class PayloadError(RuntimeError):
     """
 
 
+class StoreUnavailableError(OSError):
+    """The store directory can be neither written nor read safely (e.g. a full filesystem
+    on which its index was never created): run without a disk store."""
+
+
 class CheckpointStore:
     """The on-disk store of KV checkpoints for one directory (see module docstring).
 
-    Raises OSError from the constructor when the directory cannot be created or opened,
-    and lmdb.Error when the index cannot be opened.
+    read_only: open for reading only (``kvrouter cache ls/show/verify``): nothing is
+    created, repaired or written; every write method raises lmdb.ReadonlyError, and a
+    directory without an index raises lmdb.Error.
+
+    Otherwise a directory that cannot be written (full, read-only, no permission) is
+    opened read-only when its index exists (``writes_off`` says why; stores are skipped
+    with that reason), and the constructor raises StoreUnavailableError when it does not.
+    Opening never repairs: call ``repair``.
     """
 
-    def __init__(self, config: StoreConfig, on_event: Callable[[StoreEvent], None] | None = None) -> None:
+    def __init__(self, config: StoreConfig, on_event: Callable[[StoreEvent], None] | None = None,
+                 *, read_only: bool = False) -> None:
         """on_event: called (in the calling thread) for every store, skip, eviction,
         quarantine and removal, so a worker can count them, report them per request and
         tell a router which entries exist (events name the entry; stores carry its tokens)."""
@@ -66,13 +120,42 @@ class CheckpointStore:
         self.on_event = on_event
         self.directory = config.directory
         self.payload_dir = self.directory / "payloads"
-        for d in (self.directory, self.payload_dir):
-            d.mkdir(mode=payload.DIR_MODE, parents=True, exist_ok=True)
-            if (d.stat().st_mode & 0o777) != payload.DIR_MODE:
-                os.chmod(d, payload.DIR_MODE)
-        self._index = Index(self.directory / "index")
         self._verified: dict[str, tuple[int, int, int]] = {}
-        self._repair()
+        self._bad_ids: set[str] = set()  # quarantined by this process, even when the index could not record it
+        self._write_lock = threading.Lock()  # guards the backoff state below
+        self._backoff_until = 0.0  # time.monotonic() before which writes are skipped
+        self._backoff_s = 0.0
+        self.writes_off = ""  # why this store never writes ("" : it does)
+        index_dir = self.directory / "index"
+        if read_only:
+            self._index = Index(index_dir, readonly=True)
+            self._index.open()
+            self.writes_off = "read_only"
+            return
+        try:
+            for d in (self.directory, self.payload_dir):
+                d.mkdir(mode=payload.DIR_MODE, parents=True, exist_ok=True)
+                if (d.stat().st_mode & 0o777) != payload.DIR_MODE:
+                    os.chmod(d, payload.DIR_MODE)
+            self._index = Index(index_dir)
+            self._index.open()
+        except (OSError, lmdb.Error) as exc:
+            self._index = Index(index_dir, readonly=True)
+            try:
+                self._index.open()
+            except (OSError, lmdb.Error):
+                raise StoreUnavailableError(
+                    getattr(exc, "errno", None) or errno.EIO,
+                    f"store {self.directory} is unusable: {exc}") from exc
+            self.writes_off = "disk_full" if getattr(exc, "errno", None) == errno.ENOSPC else "unwritable"
+            log.warning("store %s cannot be written (%s: %s); serving its checkpoints read-only, storing nothing "
+                        "until a restart", self.directory, self.writes_off, exc)
+            return
+        short = _reserve_shortfall(self.payload_dir, 0)
+        if short is not None:
+            self._back_off("disk_full")
+            log.warning("store %s has %.1f MiB free (its reserve is %.1f MiB): storing nothing until space is freed",
+                        self.directory, short[0] / _MIB, short[1] / _MIB)
 
     # ---- context manager -------------------------------------------------------------
 
@@ -109,8 +192,14 @@ class CheckpointStore:
         Returns None on a miss. Raises ValueError for token ids outside uint32.
         """
         packed = keys.pack_tokens(tokens)
-        with self._index.read() as txn:
-            entry = txn.find_longest(model_id, namespace, packed)
+        try:
+            with self._index.read() as txn:
+                entry = txn.find_longest(model_id, namespace, packed)
+        except lmdb.Error as exc:  # a broken index: serve from live state and recompute
+            log.warning("store lookup failed, treating it as a miss: %s", exc)
+            return None
+        if entry is not None and entry.id in self._bad_ids:
+            return None
         return Hit(entry, entry.n_tokens) if entry is not None else None
 
     def get(self, entry_id: str) -> Entry | None:
@@ -139,6 +228,16 @@ class CheckpointStore:
         with self._index.read() as txn:
             return txn.live_bytes()
 
+    def stats(self) -> IndexStats:
+        """Usable entries, payload bytes and tokens by kind, and quarantined rows: from the
+        index's counters, O(1); one scan instead for an index written before the counters
+        existed and not repaired since. Raises lmdb.Error when the index cannot be read."""
+        with self._index.read() as txn:
+            stats = txn.stats()
+            if stats is None:
+                stats = stats_of(txn.rows())
+        return stats
+
     def payload_path(self, entry: Entry) -> Path:
         """Path of the entry's payload after checking it exists and matches size and xxh3_64 checksum.
 
@@ -147,6 +246,8 @@ class CheckpointStore:
         is computed once per file per process (payload names are never reused).
         """
         path = self.payload_dir / entry.payload_name
+        if entry.id in self._bad_ids:
+            raise PayloadError(f"entry {entry.id} was quarantined by this process")
         current = self.get(entry.id)
         if current is None or current.quarantined:
             raise PayloadError(f"entry {entry.id} is not in the index ({current.quarantined if current else 'removed'})")
@@ -176,16 +277,28 @@ class CheckpointStore:
         """Problems found, one line each: rows without payload, size or checksum mismatches,
         orphan payload files and temp files left by dead writers. A temp file whose writer
         still runs, or an orphan younger than ORPHAN_AGE_S, may be a store in progress in
-        another process and is not a problem. Reads every payload; changes nothing."""
+        another process and is not a problem; so is a row removed while verify runs.
+        Also reports index counters that disagree with the rows. Reads every payload;
+        changes nothing (works on a store opened read-only)."""
         problems: list[str] = []
-        rows = self.entries()
+        with self._index.read() as txn:
+            all_rows = txn.rows()
+            counters = txn.stats()
+            counted = txn.live_bytes()
+        rows = sorted((e for e in all_rows if not e.quarantined), key=lambda e: (e.created, e.id))
         live = {e.id for e in rows}
+        exact = stats_of(all_rows)
+        if counted != exact.total_bytes:
+            problems.append(f"index: byte counter {counted} != {exact.total_bytes}, the sum of its rows")
+        if counters is not None and counters != exact:
+            problems.append("index: entry counters disagree with its rows")
         for e in rows:
             path = self.payload_dir / e.payload_name
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
-                problems.append(f"{e.id}: row without payload file {e.payload_name}")
+                if self.get(e.id) is not None:  # not removed meanwhile by a running worker
+                    problems.append(f"{e.id}: row without payload file {e.payload_name}")
                 continue
             if size != e.payload_bytes:
                 problems.append(f"{e.id}: size {size} != {e.payload_bytes}")
@@ -198,7 +311,8 @@ class CheckpointStore:
             if actual != e.checksum:
                 problems.append(f"{e.id}: checksum {actual} != {e.checksum}")
         now = time.time()
-        for name in sorted(os.listdir(self.payload_dir)):
+        names = sorted(os.listdir(self.payload_dir)) if self.payload_dir.is_dir() else []
+        for name in names:
             if payload.is_temp(name):
                 if not payload.writer_alive(name):
                     problems.append(f"{name}: temp file of a dead writer")
@@ -217,20 +331,25 @@ class CheckpointStore:
         tokens: Sequence[int],
         write_payload: Callable[[Path], None],
         text_preview: str = "",
+        size_hint: int = 0,
     ) -> Entry | None:
         """Store a checkpoint of ``tokens`` whose payload ``write_payload(tmp_path)`` writes.
 
-        Steps: skip when an identical entry (model, namespace, tokens) exists (nothing
-        written); write to a temp file ending in ".safetensors"; fsync (F_FULLFSYNC on
-        macOS); xxh3_64; rename to ``<id>.safetensors``; fsync the directory; then one LMDB
-        write transaction evicts under ``disk_budget_bytes`` (anchors last, C4; never the new
-        entry) and commits the row. A payload larger than the whole budget, or whose bytes
-        were quarantined before (C11), is skipped.
+        Steps: skip while writes are off or backing off after a failure, or when the disk
+        has less than ``size_hint`` (the expected payload size, bytes; 0: unknown) plus
+        FREE_SPACE_RESERVE_BYTES free; skip when an identical entry (model, namespace,
+        tokens) exists (nothing written); write to a temp file ending in ".safetensors";
+        fsync (F_FULLFSYNC on macOS); xxh3_64; rename to ``<id>.safetensors``; fsync the
+        directory; then one LMDB write transaction evicts under ``disk_budget_bytes``
+        (anchors last, C4; never the new entry) and commits the row. A payload larger than
+        the whole budget, or whose bytes were quarantined before (C11), is skipped.
 
-        Returns the committed Entry, or None when skipped or on any OSError / lmdb.Error
-        (ENOSPC, EIO...; C12): temp files are removed, no row is written, a warning is logged.
-        Raises ValueError for an unknown kind or empty/invalid tokens; other exceptions from
-        ``write_payload`` propagate after cleanup.
+        Returns the committed Entry, or None when skipped, including on any OSError,
+        RuntimeError (what MLX raises when a write fails) or lmdb.Error (ENOSPC, EIO...;
+        C12): temp files are removed, no row is written, one warning is logged, a
+        ``skipped`` event carries the reason and writes back off. Raises ValueError for an
+        unknown kind or empty/invalid tokens; other exceptions from ``write_payload``
+        (programming errors) propagate after cleanup.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -249,16 +368,20 @@ class CheckpointStore:
             )
             self._emit(StoreEvent("skipped", kind, n, size, time.monotonic() - t0, reason.split()[0]))
 
-        with self._index.read() as txn:
-            if txn.find_exact(model_id, namespace, packed) is not None:
-                skip("duplicate")
-                return None
+        blocked = self._write_blocked(size_hint)
+        if blocked:
+            skip(blocked, size_hint)
+            return None
 
         entry_id = uuid.uuid4().hex
         tmp = self.payload_dir / payload.temp_name(entry_id)
         final = self.payload_dir / payload.final_name(entry_id)
         size = 0
         try:
+            with self._index.read() as txn:
+                if txn.find_exact(model_id, namespace, packed) is not None:
+                    skip("duplicate")
+                    return None
             payload.create_private(tmp)
             write_payload(tmp)
             os.chmod(tmp, payload.FILE_MODE)
@@ -298,16 +421,19 @@ class CheckpointStore:
                 return True, victims
 
             committed, victims = self._index.write(commit)
-        except (OSError, lmdb.Error) as exc:
+        except (OSError, RuntimeError, lmdb.Error) as exc:
             payload.unlink_quiet(tmp)
             payload.unlink_quiet(final)
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
-            skip(f"io_error {reason}: {exc}", size, logging.WARNING)
+            reason = _failure_reason(exc)
+            self._back_off(reason)
+            detail = getattr(exc, "strerror", None) or type(exc).__name__
+            skip(f"{reason} {detail}: {exc} (writes pause {self._backoff_s:.0f} s)", size, logging.WARNING)
             return None
         except BaseException:
             payload.unlink_quiet(tmp)
             payload.unlink_quiet(final)
             raise
+        self._writes_succeeded()
 
         if not committed:
             payload.unlink_quiet(final)
@@ -331,18 +457,73 @@ class CheckpointStore:
                               packed))
         return entry
 
+    # ---- write backoff ---------------------------------------------------------------
+
+    def _write_blocked(self, size_hint: int) -> str:
+        """Why a write should not be tried now ("" : try it): writes off, a backoff running,
+        or too little free space (which starts a backoff)."""
+        if self.writes_off:
+            return self.writes_off
+        with self._write_lock:
+            left = self._backoff_until - time.monotonic()
+        if left > 0:
+            return f"write_backoff {left:.1f} s left"
+        short = _reserve_shortfall(self.payload_dir, size_hint)
+        if short is not None:
+            self._back_off("disk_full")
+            return (f"disk_full free_mib={short[0] / _MIB:.1f} needed_mib={short[1] / _MIB:.1f} "
+                    f"(writes pause {self._backoff_s:.0f} s)")
+        return ""
+
+    def _back_off(self, reason: str) -> None:
+        with self._write_lock:
+            self._backoff_s = min(WRITE_BACKOFF_MAX_S, max(WRITE_BACKOFF_INITIAL_S, self._backoff_s * 2))
+            self._backoff_until = time.monotonic() + self._backoff_s
+
+    def _writes_succeeded(self) -> None:
+        with self._write_lock:
+            self._backoff_s = 0.0
+            self._backoff_until = 0.0
+
+    @property
+    def writable(self) -> bool:
+        """False while writes are off for good or backing off after a failure."""
+        if self.writes_off:
+            return False
+        with self._write_lock:
+            return time.monotonic() >= self._backoff_until
+
+    # ---- hits and quarantine (never raise) -------------------------------------------
+
     def quarantine(self, entry_id: str, reason: str) -> None:
         """Mark a row so lookup never returns it again, delete its payload and log (C11).
 
         Use when restoring the payload failed: its checksum is remembered so the same
-        bytes are never re-added. A missing id is a no-op (logged).
+        bytes are never re-added. A missing id is a no-op (logged). Never raises: when the
+        index cannot record it, this process still never loads the entry again and its
+        payload is deleted (other processes then find it missing; `repair` drops the row).
         """
-        row = self.get(entry_id)
+        try:
+            row = self.get(entry_id)
+        except lmdb.Error:
+            row = None
         self._quarantine(entry_id, reason, row.checksum if row is not None else None)
 
     def _quarantine(self, entry_id: str, reason: str, bad_checksum: str | None) -> None:
-        marked = self._index.write(lambda txn: txn.quarantine_entry(entry_id, reason, bad_checksum))
         self._verified.pop(entry_id, None)
+        self._bad_ids.add(entry_id)
+        try:
+            marked = self._index.write(lambda txn: txn.quarantine_entry(entry_id, reason, bad_checksum))
+        except (OSError, lmdb.Error) as exc:
+            try:
+                row = self.get(entry_id)
+            except lmdb.Error:
+                row = None
+            if row is not None:
+                payload.unlink_quiet(self.payload_dir / row.payload_name)
+            log.warning("quarantine id=%s reason=%s not recorded in the index (%s); payload deleted, "
+                        "never loaded again by this process", entry_id, reason, exc)
+            return
         if marked is None:
             log.warning("quarantine id=%s reason=%s: no such row", entry_id, reason)
             return
@@ -355,7 +536,11 @@ class CheckpointStore:
                               reason.split(":")[0], marked.id, marked.namespace, marked.model_id))
 
     def touch(self, entry_id: str) -> None:
-        """Record a hit: hits += 1, last_used = now (unix seconds). No-op for a missing or quarantined row."""
+        """Record a hit: hits += 1, last_used = now (unix seconds). No-op for a missing or
+        quarantined row, and while writes are off or backing off. Never raises: a failed
+        write is logged and the hit is not counted."""
+        if not self.writable:
+            return
         now = time.time()
 
         def bump(txn: Txn) -> None:
@@ -363,7 +548,11 @@ class CheckpointStore:
             if row is not None and not row.quarantined:
                 txn.update_row(Entry(**{**row.__dict__, "hits": row.hits + 1, "last_used": now}))
 
-        self._index.write(bump)
+        try:
+            self._index.write(bump)
+        except (OSError, lmdb.Error) as exc:
+            self._back_off("index_error")
+            log.warning("hit counter of id=%s not recorded (writes pause %.0f s): %s", entry_id, self._backoff_s, exc)
 
     def remove(self, entry_id: str) -> bool:
         """Delete a row (usable or quarantined) and its payload. Returns whether a row existed."""
@@ -396,18 +585,26 @@ class CheckpointStore:
                                       e.id, e.namespace, e.model_id))
 
     def collect_garbage(self) -> int:
-        """Runs the open-time cleanup now (see `_repair`). Returns the number of files removed."""
-        return self._repair()
+        """What `kvrouter cache gc` runs: `repair` with every checksum checked. Returns the
+        number of files removed."""
+        return self.repair(verify_checksums=True)
 
-    def _repair(self) -> int:
-        """Open-time cleanup (C10): stale temp files, orphan payloads, rows without payload, byte counter.
-        Returns the number of files removed."""
+    def repair(self, verify_checksums: bool = False) -> int:
+        """The cleanup a worker runs at start and `kvrouter cache gc` runs on demand (C10):
+        removes temp files of dead writers and orphan payloads older than ORPHAN_AGE_S,
+        drops rows without payload, quarantines rows whose payload has the wrong size (and,
+        with `verify_checksums`, the wrong xxh3_64: reads every payload), and recounts the
+        index's counters when they are missing or wrong. Returns the number of files
+        removed. Raises OSError / lmdb.Error (e.g. on a full disk); the store stays usable."""
+        if self.writes_off:
+            raise lmdb.ReadonlyError(f"store {self.directory} is not writable ({self.writes_off})")
         now = time.time()
         removed_files = 0
         names = os.listdir(self.payload_dir)
         with self._index.read() as txn:
             rows = txn.rows()
             counted = txn.live_bytes()
+            counters = txn.stats()
         live = {e.id: e for e in rows if not e.quarantined}
         for name in names:
             path = self.payload_dir / name
@@ -434,7 +631,15 @@ class CheckpointStore:
             e for e in live.values()
             if e.payload_name in present and _size(self.payload_dir / e.payload_name) not in (None, e.payload_bytes)
         ]
-        if not missing and not wrong_size and counted == sum(e.payload_bytes for e in live.values()):
+        if verify_checksums:
+            for e in live.values():
+                if e.payload_name in present and e not in wrong_size:
+                    try:
+                        self.payload_path(e)  # quarantines a mismatch
+                    except PayloadError:
+                        pass
+        exact = stats_of(rows)
+        if not missing and not wrong_size and counted == exact.total_bytes and counters == exact:
             return removed_files
 
         def fix(txn: Txn) -> list[Entry]:
@@ -443,7 +648,7 @@ class CheckpointStore:
                 if not (self.payload_dir / e.payload_name).exists():
                     if txn.remove_entry(e.id) is not None:
                         dropped.append(e)
-            txn.set_live_bytes(sum(r.payload_bytes for r in txn.rows() if not r.quarantined))
+            txn.recount()
             return dropped
 
         for e in self._index.write(fix):

@@ -8,22 +8,24 @@ ties them together for every protocol view."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvrouter.router.auth import authorize
+from kvrouter.router.auth import identify
 from kvrouter.router.cluster import Cluster
 from kvrouter.router.config import RouterConfig
 from kvrouter.router.dispatch import Dispatcher
-from kvrouter.router.errors import ApiError, NotFound, PayloadTooLarge
+from kvrouter.router.errors import ApiError, NotFound, PayloadTooLarge, RequestTimeout
 from kvrouter.router.keys import CLUSTER, DISPATCHER, LEASES, METRICS, ROUTER_CONFIG
 from kvrouter.router.leases import Leases
 from kvrouter.router.metrics import count_errors_middleware, create_metrics, refresh_scrape_gauges
 from kvrouter.router.views import anthropic, completions, openai, openapi, responses
-from kvrouter.router.views.common import ARRIVED_KEY, NAMESPACE_KEY
+from kvrouter.router.stalls import StallWatch
+from kvrouter.router.views.common import ARRIVED_KEY, KEY_NAME_KEY, NAMESPACE_KEY
 from kvrouter.router.views.state import router_state_view
 
 log = logging.getLogger("kvrouter.router")
@@ -89,12 +91,29 @@ async def auth_middleware(request: web.Request, handler):
     """Checks the API key of /v1 requests (when keys are configured) and sets the
     request's cache namespace (router.auth)."""
     if request.path.startswith("/v1/"):
-        request[NAMESPACE_KEY] = authorize(request.app[ROUTER_CONFIG].api_keys, request.headers)
+        request[NAMESPACE_KEY], request[KEY_NAME_KEY] = identify(request.app[ROUTER_CONFIG].api_keys,
+                                                                 request.headers)
+    return await handler(request)
+
+
+@web.middleware
+async def body_timeout_middleware(request: web.Request, handler):
+    """Reads a request's whole body within --body-read-timeout (aiohttp keeps it for the
+    handler), so a client that trickles its body cannot hold a connection: past the
+    timeout it gets 408 and the connection closes."""
+    if request.body_exists:
+        timeout = request.app[ROUTER_CONFIG].body_read_timeout_s
+        try:
+            await asyncio.wait_for(request.read(), timeout)
+        except asyncio.TimeoutError:
+            log.info("request body of %s %s not received in %.0f s; 408", request.method, request.path, timeout)
+            raise RequestTimeout(f"the request body did not arrive within {timeout:g} seconds") from None
     return await handler(request)
 
 
 async def health(request: web.Request) -> web.Response:
-    workers = {c.name: c.healthy for c in request.app[CLUSTER].clients}
+    cluster = request.app[CLUSTER]
+    workers = {c.name: cluster.serving(c) for c in cluster.clients}
     ok = any(workers.values())
     return web.json_response({"status": "ok" if ok else "unavailable", "workers": workers}, status=200 if ok else 503)
 
@@ -110,16 +129,20 @@ def create_app(config: RouterConfig, cluster: Cluster | None = None) -> web.Appl
     `config.worker_addresses`; it is connected on startup and closed on cleanup."""
     metrics = create_metrics()
     # count_errors_middleware is inner: it sees each exception before error_middleware maps it.
-    app = web.Application(middlewares=[error_middleware, count_errors_middleware(metrics), auth_middleware],
+    app = web.Application(middlewares=[error_middleware, count_errors_middleware(metrics), auth_middleware,
+                                       body_timeout_middleware],
                           client_max_size=config.max_body_bytes)
     app[ROUTER_CONFIG] = config
     app[METRICS] = metrics
     store = None
     if cluster is None:
         if config.store is not None:
-            from kvrouter.cachestore import CheckpointStore
+            from kvrouter.cachestore import CheckpointStore, StoreUnavailableError
 
-            store = CheckpointStore(config.store)
+            try:
+                store = CheckpointStore(config.store)
+            except StoreUnavailableError as exc:
+                log.warning("routing without the store's index: %s", exc)
         from kvrouter.cachestore.config import store_id_of
 
         cluster = Cluster.from_addresses(
@@ -139,6 +162,15 @@ def create_app(config: RouterConfig, cluster: Cluster | None = None) -> web.Appl
             cluster.store.close()
 
     app.cleanup_ctx.append(cluster_ctx)
+
+    async def stall_ctx(app: web.Application):
+        """Takes workers that hold requests without progress out of routing (router.stalls)."""
+        task = asyncio.create_task(StallWatch(cluster, app[LEASES], config.stall_timeout_s).run())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    app.cleanup_ctx.append(stall_ctx)
     if config.grpc_port is not None:
         from kvrouter.router.grpc_api import grpc_ctx
 

@@ -103,15 +103,47 @@ def check_client_namespace(value: str | None) -> str | None:
     return value
 
 
-def authorize(keys: ApiKeys | None, headers: Mapping[str, str]) -> str:
-    """The namespace of a request with these headers (HTTP headers or gRPC
-    metadata, lower-case names). Raises Unauthorized when keys are configured
-    and no valid key was sent, BadRequest for a bad namespace header."""
+def identify(keys: ApiKeys | None, headers: Mapping[str, str]) -> tuple[str, str | None]:
+    """(namespace, key name) of a request with these headers (HTTP headers or gRPC
+    metadata, lower-case names); the key name is None without keys. Raises
+    Unauthorized when keys are configured and no valid key was sent, BadRequest for a
+    bad namespace header."""
     client_ns = check_client_namespace(headers.get(NAMESPACE_HEADER))
     if keys is None:
-        return make_namespace(None, client_ns)
+        return make_namespace(None, client_ns), None
     name = keys.name_of(key_from_headers(headers))
     if name is None:
         raise Unauthorized("invalid or missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                            code="invalid_api_key")
-    return make_namespace(name, client_ns)
+    return make_namespace(name, client_ns), name
+
+
+def authorize(keys: ApiKeys | None, headers: Mapping[str, str]) -> str:
+    """The namespace of a request with these headers (see `identify`)."""
+    return identify(keys, headers)[0]
+
+
+def namespace_owner(namespace: str) -> str | None:
+    """The key name a namespace belongs to (see `make_namespace`), or None for the
+    default namespace and namespaces made without a key."""
+    if not namespace.startswith("kvr1:"):
+        return None
+    try:
+        owner, _ = json.loads(namespace[len("kvr1:"):])
+    except (ValueError, TypeError):
+        return None
+    return owner if isinstance(owner, str) else None
+
+
+def check_admin_keys(keys: ApiKeys | None, names: tuple[str, ...]) -> frozenset[str]:
+    """The `--admin-keys` names, checked against the keys file. Raises ValueError when
+    given without keys or naming a key the file does not have."""
+    if not names:
+        return frozenset()
+    if keys is None:
+        raise ValueError("--admin-keys needs --api-keys-file (admin keys are named there)")
+    known = {name for _, name in keys.entries}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"--admin-keys: no key named {', '.join(unknown)} in the keys file")
+    return frozenset(names)

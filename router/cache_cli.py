@@ -6,10 +6,14 @@
     kvrouter cache rm --namespace N    forget every entry of one tenant
     kvrouter cache verify              checksums, orphans, rows without payloads, payloads of an
                                        older format (exit 1 on any)
-    kvrouter cache gc                  remove orphans, stale temp files and older-format payloads now
+    kvrouter cache gc                  repair what verify reports (rows without payloads, failed
+                                       checksums, orphans, stale temp files, older-format payloads)
 
 The store is shared with running workers (LMDB is multi-process safe), so
-these commands are safe while `kvrouter serve` runs.
+these commands are safe while `kvrouter serve` runs. `ls`, `show` and `verify`
+open it read-only and change nothing (so `verify` reports damage exactly as it
+finds it); `rm` and `gc` write, and `gc` repairs what `verify` reports
+(a worker does the same at start).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def add_parser(sub) -> None:
     target.add_argument("id", nargs="?")
     target.add_argument("--namespace", help="remove every entry of this namespace")
     with_dir(cache_sub.add_parser("verify", help="check every payload; exit status 1 on damage or an older format"))
-    with_dir(cache_sub.add_parser("gc", help="remove orphan payloads, stale temp files and older-format payloads"))
+    with_dir(cache_sub.add_parser("gc", help="repair: drop rows without payload, quarantine failed checksums, "
+                                            "remove orphan payloads, stale temp files and older-format payloads"))
 
 
 def _ago(ts: float) -> str:
@@ -60,7 +65,11 @@ def run(ns, store_dir) -> int:
     if not store_dir.exists():
         print(f"no store at {store_dir}")
         return 0 if ns.cache_command in ("ls", "gc", "verify") else 1
-    store = CheckpointStore(StoreConfig(directory=store_dir))
+    read_only = ns.cache_command in READ_ONLY_ACTIONS
+    if read_only and not (store_dir / "index").is_dir():
+        print(f"store {store_dir} has no index yet")
+        return 0
+    store = CheckpointStore(StoreConfig(directory=store_dir), read_only=read_only)
     try:
         return _ACTIONS[ns.cache_command](store, ns)
     finally:
@@ -138,6 +147,9 @@ def _verify(store: CheckpointStore, ns) -> int:
     for p in problems:
         print(p)
     print(f"{len(problems)} problem(s) in {store.directory}")
+    if problems:
+        print("`kvrouter cache gc` repairs them: drops rows without payload, quarantines failed checksums, "
+              "removes orphan and temp files")
     return 1 if problems else 0
 
 
@@ -149,4 +161,5 @@ def _gc(store: CheckpointStore, ns) -> int:
     return 0
 
 
+READ_ONLY_ACTIONS = ("ls", "show", "verify")
 _ACTIONS = {"ls": _ls, "show": _show, "rm": _rm, "verify": _verify, "gc": _gc}

@@ -15,12 +15,16 @@ from kvrouter.router import __version__
 from kvrouter.worker.config import (
     DEFAULT_DECODE_CONCURRENCY,
     DEFAULT_PROMPT_CONCURRENCY,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    DEFAULT_WRITER_ITEMS,
     KV_BITS,
     KV_GROUP_SIZES,
     KvQuantization,
     default_cache_dir,
 )
+from kvrouter.router.config import DEFAULT_STALL_TIMEOUT_S
 from kvrouter.router.extras import MissingExtra, require_extra
+from kvrouter.router.usage import UsageError, flag_errors
 from kvrouter.worker.launch import module_command
 
 DESCRIPTION = """\
@@ -90,10 +94,43 @@ def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens dropped from the end of a cold store without an anchor (default 32)")
     g.add_argument("--kv-cache-boundary-align-tokens", type=positive_int, default=2048,
                    help="cold stores without an anchor are aligned down to a multiple of this (default 2048)")
-    g.add_argument("--kv-cache-ram-mb", type=nonneg_int, default=1024,
-                   help="RAM tier: recently used checkpoints kept in memory per worker, MiB (default 1024; "
-                        "on Apple silicon this is GPU memory)")
+    g.add_argument("--kv-cache-ram-mb", type=nonneg_int, default=None,
+                   help="RAM tier: recently used checkpoints kept in memory per worker, MiB (default: sized from "
+                        "the model and the machine's memory, printed at start; on Apple silicon this is GPU memory)")
     g.add_argument("--no-kv-cache", action="store_true", help="turn the disk checkpoint store off")
+
+
+def add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """A worker's memory bounds. Unset ones are sized from the model's KV bytes per token,
+    its weights and the machine's memory (`kvrouter.worker.sizing`) and printed at start."""
+    m = p.add_argument_group("worker memory (defaults sized from the model and the machine, printed at start)")
+    m.add_argument("--running-kv-mb", type=positive_int, default=None,
+                   help="KV memory the requests in a worker's batch may hold together, MiB; past it new requests "
+                        "wait for admission instead of over-committing (default: sized)")
+    m.add_argument("--mlx-cache-limit-mb", type=nonneg_int, default=None,
+                   help="MLX's buffer cache limit per worker, MiB: freed memory past it goes back to the system "
+                        "(default: sized, 128-2048)")
+    m.add_argument("--checkpoint-writer-mb", type=positive_int, default=None,
+                   help="KV snapshots waiting for the checkpoint writer, MiB; past it lower-value stores are "
+                        "skipped (default: sized)")
+    m.add_argument("--checkpoint-writer-items", type=positive_int, default=DEFAULT_WRITER_ITEMS,
+                   help=f"checkpoints waiting for the writer (default {DEFAULT_WRITER_ITEMS})")
+    m.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
+                   help="time a stopping worker gives its shutdown checkpoints (written in parallel); the rest are "
+                        f"skipped and reported (default {DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
+
+
+def memory_config(ns: argparse.Namespace, workers_on_host: int = 1):
+    """A worker.config.MemoryConfig from the flags. Raises ValueError naming a bad value."""
+    from kvrouter.worker.config import MemoryConfig
+
+    if ns.shutdown_timeout < 0:
+        raise ValueError("--shutdown-timeout must be >= 0")
+    mib = lambda v: None if v is None else v * 2**20  # noqa: E731
+    return MemoryConfig(running_kv_bytes=mib(ns.running_kv_mb), mlx_cache_limit_bytes=mib(ns.mlx_cache_limit_mb),
+                        writer_queue_bytes=mib(ns.checkpoint_writer_mb), writer_max_items=ns.checkpoint_writer_items,
+                        shutdown_timeout_s=ns.shutdown_timeout,
+                        workers_on_host=getattr(ns, "workers_on_host", None) or workers_on_host)
 
 
 def kv_quant(ns: argparse.Namespace) -> KvQuantization | None:
@@ -119,7 +156,7 @@ def _store_flags_as_args(ns: argparse.Namespace) -> list[str]:
         "--kv-cache-continued-interval-tokens", str(ns.kv_cache_continued_interval_tokens),
         "--kv-cache-boundary-trim-tokens", str(ns.kv_cache_boundary_trim_tokens),
         "--kv-cache-boundary-align-tokens", str(ns.kv_cache_boundary_align_tokens),
-        "--kv-cache-ram-mb", str(ns.kv_cache_ram_mb),
+        *(["--kv-cache-ram-mb", str(ns.kv_cache_ram_mb)] if ns.kv_cache_ram_mb is not None else []),
     ]
 
 
@@ -160,18 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
                             + ("; repeat it to serve several models (--workers each)" if many_models else ""))
         p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                        help=f"where models and the default store live (default: {default_cache_dir()})")
-        p.add_argument("--prefill-chunk-tokens", type=positive_int, default=256,
-                       help="prefill chunk size in tokens; chunks end at its multiples (default 256)")
+        p.add_argument("--prefill-chunk-tokens", type=positive_int, default=None,
+                       help="prefill chunk size in tokens; chunks end at its multiples (default 256 on the CPU, "
+                            "2048 on a GPU)")
         b = p.add_argument_group("continuous batching (mlx_lm.server's flag names)")
         b.add_argument("--decode-concurrency", type=positive_int, default=DEFAULT_DECODE_CONCURRENCY,
                        help="sequences each worker decodes together; also its batch slots, shared by running "
                             f"requests and kept live states (default {DEFAULT_DECODE_CONCURRENCY})")
         b.add_argument("--prompt-concurrency", type=positive_int, default=DEFAULT_PROMPT_CONCURRENCY,
                        help=f"prompts each worker prefills together (default {DEFAULT_PROMPT_CONCURRENCY})")
-        b.add_argument("--live-state-mb", type=nonneg_int, default=2048,
+        b.add_argument("--live-state-mb", type=nonneg_int, default=None,
                        help="memory a worker may keep in idle live states (the KV state of finished requests, "
                             "reused by their next turn) in MiB; past it the oldest is dropped after its evict "
-                            "checkpoint (default 2048; 0 = no bound besides the slots)")
+                            "checkpoint (default: sized from the model and the machine; 0 = no bound besides "
+                            "the slots)")
+        add_memory_flags(p)
         q = p.add_argument_group("quantized KV cache (mlx_lm.server's flag names)")
         q.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
                        help="keep keys and values quantized to this many bits from the first token (mlx-lm's "
@@ -204,12 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PEM root certificate(s) to verify remote workers that use TLS (default: plaintext)")
     rt.add_argument("--no-coalesce", action="store_true",
                     help="do not make requests that share a new prefix wait for the one prefilling it")
+    rt.add_argument("--worker-stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S, metavar="SECONDS",
+                    help="a worker that holds requests and makes no progress (no prefill chunk, no token) this long "
+                         "leaves routing until it moves again; its requests without a token go to another worker "
+                         f"(default {DEFAULT_STALL_TIMEOUT_S:g})")
     api = serve.add_argument_group("client API")
     api.add_argument("--api-keys-file", type=Path, default=None,
                      help="require API keys: one key per line, an optional name after whitespace, '#' comments; "
                           "each key's requests get their own cache namespace (default: no auth)")
+    api.add_argument("--admin-keys", default="", metavar="NAME[,NAME...]",
+                     help="names (from --api-keys-file) of keys that see every tenant in /v1/router/state; other "
+                          "keys see their own namespaces only (default: none)")
     api.add_argument("--max-body-mb", type=float, default=8,
                      help="largest request body in MiB; larger ones get 413 (default 8)")
+    api.add_argument("--body-read-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="a request body must arrive within this; slower clients get 408 (default 30)")
     api.add_argument("--max-tokens-limit", type=positive_int, default=None,
                      help="cap every request's max_tokens at this many tokens (default: no cap)")
     api.add_argument("--grpc-port", type=port_number, default=None,
@@ -252,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "`smg launch --worker-urls grpc://HOST:PORT` (default off)")
     worker.add_argument("--port-file", type=Path, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--workers-on-host", type=positive_int, default=None, help=argparse.SUPPRESS)
     from kvrouter.router import cache_cli
 
     cache_cli.add_parser(sub)
@@ -280,13 +330,19 @@ def read_flag_file(path: Path, flag: str) -> bytes:
 
 def api_config(ns: argparse.Namespace) -> dict:
     """RouterConfig fields of the client API flags. Raises ValueError naming a bad flag value."""
-    from kvrouter.router.auth import ApiKeys
+    from kvrouter.router.auth import ApiKeys, check_admin_keys
 
     if ns.max_body_mb <= 0:
         raise ValueError("--max-body-mb must be positive")
     template = read_flag_file(ns.chat_template, "--chat-template").decode() if ns.chat_template else None
+    if not ns.body_read_timeout > 0:
+        raise ValueError("--body-read-timeout must be positive")
+    keys = ApiKeys.load(ns.api_keys_file) if ns.api_keys_file else None
+    admins = tuple(n.strip() for n in ns.admin_keys.split(",") if n.strip())
     return {
-        "api_keys": ApiKeys.load(ns.api_keys_file) if ns.api_keys_file else None,
+        "api_keys": keys,
+        "admin_keys": check_admin_keys(keys, admins),
+        "body_read_timeout_s": ns.body_read_timeout,
         "max_body_bytes": int(ns.max_body_mb * 2**20),
         "max_tokens_limit": ns.max_tokens_limit,
         "grpc_port": ns.grpc_port,
@@ -299,35 +355,52 @@ def api_config(ns: argparse.Namespace) -> dict:
     }
 
 
+def stall_timeout(ns: argparse.Namespace) -> float:
+    """--worker-stall-timeout, checked. Raises ValueError."""
+    if not ns.worker_stall_timeout > 0:
+        raise ValueError("--worker-stall-timeout must be positive")
+    return ns.worker_stall_timeout
+
+
 def batching_config(ns: argparse.Namespace):
     from kvrouter.worker.config import BatchingConfig
 
-    return BatchingConfig(ns.decode_concurrency, ns.prompt_concurrency, ns.live_state_mb * 2**20)
+    return BatchingConfig(ns.decode_concurrency, ns.prompt_concurrency,
+                          None if ns.live_state_mb is None else ns.live_state_mb * 2**20)
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from kvrouter.router.config import RouterConfig, ServeConfig
     from kvrouter.router.supervisor import run_serve
 
     setup_logging(ns.log_level)
+    with flag_errors():
+        cfg = serve_config(ns)
+    return asyncio.run(run_serve(cfg, kv_flags_as_args(ns)))
+
+
+def serve_config(ns: argparse.Namespace):
+    """The ServeConfig of `kvrouter serve`'s flags. Raises ValueError naming a bad flag."""
+    from kvrouter.router.config import RouterConfig, ServeConfig
+
     if ns.workers == 0 and not ns.remote_worker:
         raise ValueError("--workers must be at least 1 (or 0 with --remote-worker)")
     api = api_config(ns)
     tls_ca = read_flag_file(ns.worker_tls_ca, "--worker-tls-ca") if ns.worker_tls_ca else None
     models = tuple(ns.model) if ns.model else (None,)
-    cfg = ServeConfig(
+    return ServeConfig(
         router=RouterConfig(host=ns.host, port=ns.port, store=store_config(ns),
                             default_max_tokens=ns.max_tokens_default,
                             remote_workers=tuple(ns.remote_worker), worker_token=ns.worker_token,
-                            worker_tls_ca=tls_ca, max_queue=ns.max_queue, coalesce=not ns.no_coalesce, **api),
+                            worker_tls_ca=tls_ca, max_queue=ns.max_queue, coalesce=not ns.no_coalesce,
+                            stall_timeout_s=stall_timeout(ns), **api),
         model=models[0],
         models=models,
         workers=ns.workers,
         cache_dir=ns.cache_dir,
         prefill_chunk_tokens=ns.prefill_chunk_tokens,
         batching=batching_config(ns),
+        memory=memory_config(ns),
     )
-    return asyncio.run(run_serve(cfg, kv_flags_as_args(ns)))
 
 
 def _worker(ns: argparse.Namespace) -> int:
@@ -336,18 +409,33 @@ def _worker(ns: argparse.Namespace) -> int:
     if ns.smg_listen is not None:
         require_extra("smg", "kvrouter worker --smg-listen")
     reexec_with_preload([*module_command("kvrouter.router.cli"), *sys.argv[1:]])
-    from kvrouter.worker.config import WorkerConfig
     from kvrouter.worker.server import serve
 
     setup_logging(ns.log_level, ns.name)
-    cfg = WorkerConfig(
+    with flag_errors():
+        cfg = worker_config(ns)
+    return asyncio.run(serve(cfg))
+
+
+def worker_config(ns: argparse.Namespace):
+    """The WorkerConfig of `kvrouter worker`'s flags. Raises ValueError naming a bad flag."""
+    from kvrouter.worker.config import WorkerConfig
+    from kvrouter.worker.grpc_security import check_exposure
+
+    check_exposure(ns.listen, ns.worker_token)
+    if ns.smg_listen is not None:
+        check_exposure(ns.smg_listen, ns.worker_token, "--smg-listen")
+    if (ns.tls_cert is None) != (ns.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    return WorkerConfig(
         model=ns.model,
         listen=ns.listen,
         store=store_config(ns),
         cache_dir=ns.cache_dir,
         prefill_chunk_tokens=ns.prefill_chunk_tokens,
         batching=batching_config(ns),
-        ram_bytes=0 if ns.no_kv_cache else ns.kv_cache_ram_mb * 2**20,
+        ram_bytes=0 if ns.no_kv_cache else None if ns.kv_cache_ram_mb is None else ns.kv_cache_ram_mb * 2**20,
+        memory=memory_config(ns),
         port_file=ns.port_file,
         parent_pid=ns.parent_pid,
         worker_name=ns.name,
@@ -358,7 +446,6 @@ def _worker(ns: argparse.Namespace) -> int:
         tls_key=ns.tls_key,
         kv_quant=kv_quant(ns),
     )
-    return asyncio.run(serve(cfg))
 
 
 def _cache(ns: argparse.Namespace) -> int:
@@ -386,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return {"serve": _serve, "worker": _worker, "cache": _cache, **_ops_commands()}[ns.command](ns)
-    except ValueError as exc:
+    except UsageError as exc:
         parser.error(str(exc))
     except MissingExtra as exc:
         print(f"kvrouter: {exc}", file=sys.stderr)

@@ -35,6 +35,7 @@ from kvrouter.router.worker_client import CacheUpdate, Completion, GrpcWorkerCli
 log = logging.getLogger("kvrouter.router.cluster")
 
 EVENTS_BACKOFF_S = (0.5, 1.0)  # first and longest wait before re-subscribing to a broken event stream
+EVENTS_BUG_BACKOFF_S = 30.0  # the wait after an unexpected error (a bug): logged with its traceback each time
 
 
 @dataclass
@@ -62,7 +63,9 @@ class WorkerView:
     live_id -> (namespace, tokens). event_seq: last cache event applied. pid: its
     process id. max_queue: requests it accepts (0: no limit). slots / prompt_slots:
     sequences it decodes / prefills together. resyncs: times the view was rebuilt
-    from GetStatus.
+    from GetStatus. stalled: it holds requests and makes no progress (`router.stalls`);
+    stall_event: set while it is stalled (requests waiting on it for a first token
+    move elsewhere).
     """
 
     rates: Rates = field(default_factory=Rates)
@@ -80,6 +83,8 @@ class WorkerView:
     # at or below this one is known to the event stream already (and may be gone).
     live_id_seen: int = 0
     resyncs: int = 0
+    stalled: bool = False
+    stall_event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Cluster:
@@ -104,6 +109,8 @@ class Cluster:
         self.models: dict[str, ServedModel] = {}
         self.views: dict[str, WorkerView] = {}
         self.remote_stores = RemoteStores()
+        # Called with each checkpoint a worker announces as stored (a remote_stores.Checkpoint).
+        self.checkpoint_listeners: list = []
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -121,6 +128,22 @@ class Cluster:
         if v is None:
             v = self.views[name] = WorkerView()
         return v
+
+    def serving(self, worker) -> bool:
+        """Whether requests may go to `worker`: its health check says SERVING and it is
+        not stalled."""
+        return worker.healthy and not self.view(worker.name).stalled
+
+    def set_stalled(self, name: str, stalled: bool) -> None:
+        """Marks worker `name` stalled (out of routing; its stall_event set) or moving."""
+        v = self.view(name)
+        if stalled == v.stalled:
+            return
+        v.stalled = stalled
+        if stalled:
+            v.stall_event.set()
+        else:
+            v.stall_event = asyncio.Event()
 
     # -- keeping it current ------------------------------------------------------------
     async def connect(self, timeout_s: float) -> None:
@@ -169,8 +192,13 @@ class Cluster:
     async def follow_events(self, client) -> None:
         """Applies `client`'s cache events forever; resyncs on a gap or a new stream,
         and then rebuilds the view of its store when that is another host's. Events
-        numbered at or below the resync's `event_seq` are in its picture already."""
+        numbered at or below the resync's `event_seq` are in its picture already.
+
+        A stream that breaks (the worker restarts, or is gone) is logged once per
+        outage, as a warning, and its end as info; an unexpected error is logged with
+        its traceback and retried after EVENTS_BUG_BACKOFF_S."""
         backoff = EVENTS_BACKOFF_S[0]
+        broken = False  # an outage was logged and no event has arrived since
         while True:
             try:
                 resynced = False
@@ -188,6 +216,9 @@ class Cluster:
                             except WorkerUnavailable as exc:  # keep the old view; events still apply
                                 log.warning("worker %s: no checkpoint listing of store %s: %s", client.name,
                                             v.store_id, exc)
+                    if broken:
+                        log.info("worker %s: cache events flow again", client.name)
+                        broken = False
                     if ev.seq <= v.event_seq:
                         continue
                     v.event_seq = ev.seq
@@ -195,14 +226,20 @@ class Cluster:
                     backoff = EVENTS_BACKOFF_S[0]
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a broken stream: reconnect; the health watch decides routing
-                log.debug("worker %s cache events: %s", client.name, exc)
-                # The worker may have died: what it held in memory is unknown until the resync.
-                v = self.view(client.name)
-                v.lives.clear()
-                v.ram_ids.clear()
+            except WorkerUnavailable as exc:  # a broken stream: resubscribe; the health watch decides routing
+                (log.debug if broken else log.warning)("worker %s: cache event stream broke (%s); resubscribing",
+                                                        client.name, exc)
+                broken = True
+            except Exception:  # a bug: never hidden, never a busy loop
+                log.exception("worker %s: cache events failed unexpectedly; resubscribing in %.0f s", client.name,
+                              EVENTS_BUG_BACKOFF_S)
+                backoff = EVENTS_BUG_BACKOFF_S
+            # The worker may have died: what it held in memory is unknown until the resync.
+            v = self.view(client.name)
+            v.lives.clear()
+            v.ram_ids.clear()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, EVENTS_BACKOFF_S[1])
+            backoff = min(backoff * 2, max(EVENTS_BACKOFF_S[1], backoff))
 
     def apply(self, name: str, ev: CacheUpdate) -> None:
         """Applies one cache event to the view of worker `name` (a checkpoint change to
@@ -211,6 +248,9 @@ class Cluster:
         if ev.kind == "checkpoint":
             if ev.checkpoint is not None and is_remote(v.store_id, self.local_store_id):
                 self.remote_stores.apply(v.store_id, ev.checkpoint, ev.added)
+            if ev.added and ev.checkpoint is not None:
+                for listener in self.checkpoint_listeners:
+                    listener(ev.checkpoint)
             if not ev.added:
                 log.debug("worker %s: checkpoint %s removed from store %s (%s)", name, ev.entry_id, v.store_id,
                           ev.reason or "no reason given")
@@ -324,6 +364,6 @@ class Cluster:
                     source = "ram" if hit.entry.id in v.ram_ids else "disk"
                     reuse.append(Reuse(source, n, hit.entry.payload_bytes))
             load = leases.load(w.name)
-            out.append(Candidate(w.name, w.healthy, load.in_flight, tuple(reuse), v.rates, load.queued_s,
+            out.append(Candidate(w.name, self.serving(w), load.in_flight, tuple(reuse), v.rates, load.queued_s,
                                  self.queue_limit(v), v.slots, load.prefill_backlog_s))
         return tuple(out)

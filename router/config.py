@@ -8,7 +8,13 @@ from pathlib import Path
 
 from kvrouter.cachestore import StoreConfig
 from kvrouter.router.auth import ApiKeys
-from kvrouter.worker.config import BatchingConfig
+from kvrouter.worker.config import BatchingConfig, MemoryConfig
+
+
+DEFAULT_STALL_TIMEOUT_S = 60.0
+"""--worker-stall-timeout: a worker holding requests without progress this long leaves
+routing (`router.stalls`). Longer than one prefill chunk takes on a slow machine (256
+tokens of a quantized model on a CPU without BLAS: about 25 s)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class RouterConfig:
     max_queue: int = 32  # requests in flight per worker; past it 429/529 with Retry-After (0: no limit)
     affinity_max_in_flight: int = 4  # a worker this busy gets no cache-motivated traffic
     coalesce: bool = True  # requests sharing a new prefix wait for the one prefilling it
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # no progress this long with requests: out of routing
+    admin_keys: frozenset[str] = frozenset()  # key names that see every tenant in /v1/router/state
+    body_read_timeout_s: float = 30.0  # a request body not received within this gets 408
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class ServeConfig:
     model: str | None
     workers: int
     cache_dir: Path
-    prefill_chunk_tokens: int = 256
+    prefill_chunk_tokens: int | None = None
     batching: BatchingConfig = BatchingConfig()
+    memory: MemoryConfig = MemoryConfig()
     models: tuple[str | None, ...] = ()  # every --model (workers each); empty: (model,)

@@ -102,7 +102,7 @@ class Route:
     _held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)  # the current lease
     _lease: object = field(default=None, repr=False)
     _follow: object = field(default=None, repr=False)  # the leader's asyncio.Event to wait for
-    _lead: object = field(default=None, repr=False)  # the key this request leads
+    _lead: object = field(default=None, repr=False)  # (key, event) of the prefix this request leads
 
     def header(self) -> str:
         return (f"worker={self.worker}; source={self.source}; cached={self.cached}; "
@@ -113,15 +113,37 @@ class Route:
         self.predicted_ttft_s = decision.predicted_ttft_s
 
 
+async def first_item(stream: AsyncIterator, stall: asyncio.Event, worker: str):
+    """The next item of `stream`, unless worker `worker` is marked stalled first
+    (`stall` set): then the stream is abandoned (the worker cancels the request) and
+    WorkerUnavailable raised, so the request is retried elsewhere."""
+    if stall.is_set():
+        raise WorkerUnavailable(f"worker {worker} is stalled")
+    nxt = asyncio.ensure_future(anext(stream))
+    stalled = asyncio.ensure_future(stall.wait())
+    try:
+        done, _ = await asyncio.wait({nxt, stalled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stalled.cancel()
+        if not nxt.done():
+            nxt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await nxt
+    if nxt in done:
+        return nxt.result()
+    raise WorkerUnavailable(f"worker {worker} is stalled (no progress); moving the request")
+
+
 def check_context(job: Job) -> None:
     """Raises ContextTooLong when the prompt does not leave room for one token."""
     if len(job.tokens) >= job.model.context_length:
         raise ContextTooLong(len(job.tokens), job.model.context_length, job.prompt_param)
 
 
-def prefix_key(job: Job) -> tuple:
-    digest = hashlib.blake2b(repr(job.tokens[: job.anchor_tokens]).encode(), digest_size=16).hexdigest()
-    return (job.model.name, job.namespace, job.anchor_tokens, digest)
+def prefix_key(identity: str, namespace: str, tokens: tuple[int, ...]) -> tuple:
+    """The coalescing key of a prefix: model identity, namespace, length and a digest of its tokens."""
+    digest = hashlib.blake2b(repr(tuple(tokens)).encode(), digest_size=16).hexdigest()
+    return (identity, namespace, len(tokens), digest)
 
 
 class Dispatcher:
@@ -142,6 +164,15 @@ class Dispatcher:
         self.affinity_max_in_flight = affinity_max_in_flight
         self._leaders: dict[tuple, asyncio.Event] = {}
         self.affinity = AffinityMap()
+        cluster.checkpoint_listeners.append(self.checkpoint_stored)
+
+    def checkpoint_stored(self, checkpoint) -> None:
+        """A worker stored `checkpoint` (a `remote_stores.Checkpoint` with its token ids):
+        requests waiting for a leader's prefill of exactly that prefix may go now."""
+        event = self._leaders.pop(prefix_key(checkpoint.model_identity, checkpoint.namespace,
+                                             checkpoint.token_ids), None)
+        if event is not None:
+            event.set()
 
     def decide(self, job: Job, exclude=frozenset(), hit=None) -> Decision:
         """The routing decision for `job`; raises Unavailable or Overloaded."""
@@ -214,11 +245,11 @@ class Dispatcher:
         for c in self.cluster.snapshot(job.model, job.tokens, job.namespace, self.leases):
             if c.healthy and any(r.source == "live" and r.tokens >= job.anchor_tokens for r in c.reuse):
                 return None  # a worker holds it live
-        key = prefix_key(job)
+        key = prefix_key(job.model.identity, job.namespace, job.tokens[: job.anchor_tokens])
         leader = self._leaders.get(key)
         if leader is None:
-            self._leaders[key] = asyncio.Event()
-            route._lead = key
+            event = self._leaders[key] = asyncio.Event()
+            route._lead = (key, event)
             return None
         route._follow = leader
         route.reason = "coalesced"
@@ -239,25 +270,35 @@ class Dispatcher:
         route._held.close()
 
     def _end_lead(self, route: Route) -> None:
+        """Frees the requests waiting on the prefix this route leads (once; its checkpoint
+        may have freed them already, and another request may lead that key since)."""
         if route._lead is not None:
-            key, route._lead = route._lead, None
-            event = self._leaders.pop(key, None)
-            if event is not None:
-                event.set()
+            (key, event), route._lead = route._lead, None
+            if self._leaders.get(key) is event:
+                del self._leaders[key]
+            event.set()
 
     async def _wait_for_leader(self, job: Job, route: Route) -> None:
-        """Waits (bounded) for the leader's prefill, then routes afresh (maybe as a new leader)."""
+        """Waits (bounded) for the leader's prefill (its first token: the prefix is then
+        in its worker's batch and its checkpoint on the way), then routes afresh; a
+        leader that went away without one hands the lead on. Past the bound the request
+        goes ahead at once, with one log line, and follows no one again."""
+        t0 = time.perf_counter()
+        bound = min(COALESCE_MAX_WAIT_S, 5.0 + 3 * route.predicted_ttft_s)
         while route._follow is not None:
             event, route._follow = route._follow, None
-            bound = min(COALESCE_MAX_WAIT_S, 5.0 + 3 * route.predicted_ttft_s)
+            left = bound - (time.perf_counter() - t0)
+            timed_out = False
             try:
-                await asyncio.wait_for(event.wait(), bound)
+                await asyncio.wait_for(event.wait(), max(0.0, left))
             except asyncio.TimeoutError:
-                log.info("waited %.0f s for another request's prefill of a shared prefix; going ahead", bound)
+                timed_out = True
+                log.info("waited %.1f s for another request's prefill of a shared prefix; going ahead",
+                         time.perf_counter() - t0)
             hit = self.cluster.stored_hit(job.model, job.namespace, job.tokens)
             decision = self.decide(job, hit=hit)
             route._decided(decision)
-            follow = self._coalesce(job, route, hit)
+            follow = None if timed_out else self._coalesce(job, route, hit)
             route.reason = "coalesced"
             if follow is None:
                 self._take(route, job, decision)
@@ -279,8 +320,14 @@ class Dispatcher:
             tried.add(worker.name)
             route.attempts += 1
             generated: list[int] = []
+            stream = worker.generate(request)
+            stall = self.cluster.view(worker.name).stall_event
             try:
-                async for item in worker.generate(request):
+                while True:
+                    try:
+                        item = await (anext(stream) if generated else first_item(stream, stall, worker.name))
+                    except StopAsyncIteration:
+                        return
                     if isinstance(item, Delta):
                         if item.reuse is not None:  # the reuse that really happened replaces the prediction
                             route.cached, route.source = item.reuse
@@ -292,9 +339,8 @@ class Dispatcher:
                         route.cached, route.source = item.cached_tokens, item.cache_source
                         timer.done()
                         self._completed(job, item, worker.name, tuple(generated))
-                        self._end_lead(route)  # the prefix is stored and live: followers may go
+                        self._end_lead(route)  # its live state is known now, even if its store was skipped
                     yield item
-                return
             except WorkerUnavailable as exc:
                 if generated:  # tokens reached the client: never start over elsewhere
                     self.metrics.worker_failures.labels(worker.name, "failed").inc()
@@ -310,7 +356,10 @@ class Dispatcher:
                 await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (route.attempts - 1))
                 try:
                     decision = self._retry_decision(job, tried, full)
-                except (Unavailable, Overloaded) as no_other:
+                except Overloaded as no_other:  # the others are full: 429 / 529, not 503
+                    raise Overloaded(f"{exc}; every other worker is full", retry_after_s=no_other.retry_after_s
+                                     ) from no_other
+                except Unavailable as no_other:
                     raise self._no_worker(busy, exc) from no_other
                 route._decided(decision)
                 route.reason = "retry"
@@ -320,6 +369,8 @@ class Dispatcher:
             except WorkerError as exc:
                 self.metrics.worker_failures.labels(worker.name, "failed").inc()
                 raise WorkerFailed(str(exc)) from exc
+            finally:
+                await stream.aclose()
 
     def _completed(self, job: Job, c: Completion, worker_name: str, generated: tuple[int, ...]) -> None:
         loaded = c.loaded_bytes

@@ -74,15 +74,14 @@ def check_model(cache_dir: Path) -> list[Check]:
 
 
 def check_store(store_dir: Path, budget_bytes: int | None = None) -> list[Check]:
-    """Reads the store's index without opening a CheckpointStore (whose open-time
-    repair would change things) and compares rows with payload files."""
+    """Reads the store's index read-only and compares rows with payload files; changes nothing."""
     from kvrouter.cachestore import payload
     from kvrouter.cachestore.index import Index
 
     name = "store"
     if not (store_dir / "index").is_dir():
         return [Check(name, "ok", f"{store_dir}: not created yet (the first `kvrouter serve` creates it)")]
-    index = Index(store_dir / "index")
+    index = Index(store_dir / "index", readonly=True)
     try:
         with index.read() as txn:
             rows = txn.rows()

@@ -8,6 +8,7 @@ in one middleware (`router.app.error_middleware`).
     │   └── UnexpectedRole    400 an Anthropic message role, worded as the Anthropic API
     ├── Unauthorized          401 authentication_error
     ├── NotFound              404 not_found_error (unknown model, unknown path)
+    ├── RequestTimeout        408 invalid_request_error (the body did not arrive in time)
     ├── PayloadTooLarge       413 request_too_large
     ├── Overloaded            429 rate_limit_error (Retry-After); Anthropic: 529 overloaded_error
     ├── WorkerFailed          502 api_error (a worker failed the request)
@@ -128,6 +129,13 @@ class Unauthorized(ApiError):
 class NotFound(ApiError):
     status = 404
     type = "not_found_error"
+
+
+class RequestTimeout(ApiError):
+    """The client did not send its request body within --body-read-timeout."""
+
+    status = 408
+    type = "invalid_request_error"
 
 
 class PayloadTooLarge(ApiError):

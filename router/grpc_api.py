@@ -1,9 +1,14 @@
 """The public gRPC API (`kvrouter.router.v1.Router`, proto/kvrouter_proto/router.proto),
 served from the router process next to the HTTP API with the same cluster,
-dispatcher, keys and namespaces. Started by `kvrouter serve --grpc-port`."""
+dispatcher, keys and namespaces. Started by `kvrouter serve --grpc-port`.
+
+Rendering and tokenizing a prompt runs in a thread, as on the HTTP paths: a prompt
+of megabytes must not hold the event loop (every other request and /health wait on
+it). Bytes that are not a valid request get INVALID_ARGUMENT (`worker.grpc_strict`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -18,6 +23,7 @@ from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.views.common import make_job
 from kvrouter.router.views.generation import Outcome, generate, parse_stop
 from kvrouter.router.views.openai_request import cap_max_tokens, parse_messages
+from kvrouter.worker.grpc_strict import add_servicer
 
 log = logging.getLogger("kvrouter.router.grpc")
 
@@ -62,6 +68,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         ])
 
     def _job(self, request, namespace: str):
+        """The Job of a GenerateRequest: renders and tokenizes (slow for long prompts:
+        call it in a thread). Raises ApiError."""
         config = self.app[ROUTER_CONFIG]
         model = self.app[CLUSTER].model(request.model)
         which = request.WhichOneof("input")
@@ -89,7 +97,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Generate(self, request, context):
         try:
-            job = self._job(request, self._namespace(context))
+            job = await asyncio.to_thread(self._job, request, self._namespace(context))
             stops = parse_stop(list(request.stop), "stop")
             dispatcher = self.app[DISPATCHER]
             async with dispatcher.route(job) as route:
@@ -114,7 +122,7 @@ async def grpc_ctx(app: web.Application):
     """Cleanup context: serves the gRPC API while the app runs (after the cluster connected)."""
     config = app[ROUTER_CONFIG]
     server = grpc.aio.server()
-    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(app), server)
+    add_servicer(router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(app), server)
     port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
     if port == 0:
         raise RuntimeError(f"cannot listen for gRPC on {config.grpc_host}:{config.grpc_port}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter as Tally
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -242,15 +241,11 @@ def count_errors_middleware(m: RouterMetrics):
 
 
 def store_gauges(store) -> tuple[dict[str, int], dict[str, int], int]:
-    """(entries by kind, payload bytes by kind, quarantined rows) from the store index (a scan)."""
-    rows = store.entries(include_quarantined=True)
-    usable = [e for e in rows if not e.quarantined]
-    entries = Tally({k: 0 for k in STORE_KINDS})
-    size = Tally({k: 0 for k in STORE_KINDS})
-    for e in usable:
-        entries[e.kind] += 1
-        size[e.kind] += e.payload_bytes
-    return dict(entries), dict(size), len(rows) - len(usable)
+    """(entries by kind, payload bytes by kind, quarantined rows) from the store index's
+    counters (`CheckpointStore.stats`: a few point reads, no scan)."""
+    stats = store.stats()
+    return ({k: stats.entries.get(k, 0) for k in STORE_KINDS}, {k: stats.payload_bytes.get(k, 0) for k in STORE_KINDS},
+            stats.quarantined)
 
 
 async def refresh_scrape_gauges(m: RouterMetrics, cluster) -> None:
@@ -259,7 +254,7 @@ async def refresh_scrape_gauges(m: RouterMetrics, cluster) -> None:
     parallel) and the store's entries and bytes per kind."""
     clients = list(cluster.clients)
     for c in clients:
-        m.worker_healthy.labels(c.name).set(1 if c.healthy else 0)
+        m.worker_healthy.labels(c.name).set(1 if cluster.serving(c) else 0)
 
     async def depth(c):
         try:
@@ -275,7 +270,11 @@ async def refresh_scrape_gauges(m: RouterMetrics, cluster) -> None:
     await asyncio.gather(*(depth(c) for c in clients if c.healthy))
     store = cluster.store
     if store is not None:
-        entries, size, quarantined = await asyncio.to_thread(store_gauges, store)
+        try:
+            entries, size, quarantined = await asyncio.to_thread(store_gauges, store)
+        except Exception as exc:  # a broken index must not break the scrape
+            log.warning("store gauges unavailable: %s", exc)
+            return
         for kind in entries:
             m.store_entries.labels(kind).set(entries[kind])
             m.store_bytes.labels(kind).set(size[kind])

@@ -46,11 +46,14 @@ def _doctor(ns: argparse.Namespace) -> int:
 def _export(ns: argparse.Namespace) -> int:
     from kvrouter.router.export_mlx import export_mlx_model
 
+    from kvrouter.router.usage import UsageError, flag_errors
+
     logging.basicConfig(level="INFO", format="%(message)s")
     try:
-        out = export_mlx_model(ns.model, ns.cache_dir, ns.dir)
+        with flag_errors():  # its ValueErrors are about --model
+            out = export_mlx_model(ns.model, ns.cache_dir, ns.dir)
     except FileExistsError as exc:
-        raise ValueError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     print(out)
     return 0
 

@@ -134,6 +134,7 @@ class ModelTokenizer:
         self.has_chat_template = bool(self.chat_template)
         self.incremental = IncrementalEncoder(self._tok.backend_tokenizer)
         self.positions = TokenPositions(self._tok.backend_tokenizer)
+        self._vocab: dict[str, int] | None = None
 
     @functools.cached_property
     def traits(self) -> TemplateTraits:
@@ -157,7 +158,10 @@ class ModelTokenizer:
         return TemplateTraits(system_midway, tools_first)
 
     def vocab(self) -> dict[str, int]:
-        return self._tok.get_vocab()
+        """Token string -> id (built once: tens of thousands of entries, read per request)."""
+        if self._vocab is None:
+            self._vocab = self._tok.get_vocab()
+        return self._vocab
 
     def _render(self, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
         if not self.has_chat_template:

@@ -105,9 +105,10 @@ def worker_argv(cfg: ServeConfig, model: str | None, name: str, port_file: Path,
         "--cache-dir", str(cfg.cache_dir),
         "--port-file", str(port_file),
         "--parent-pid", str(os.getpid()),
-        "--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens),
+        *(["--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens)] if cfg.prefill_chunk_tokens else []),
         "--max-queue", str(cfg.router.max_queue),
         *cfg.batching.as_args(),
+        *cfg.memory.as_args(),
         *kv_args,
         *(["--model", model] if model else []),
     ]
@@ -122,6 +123,9 @@ async def run_serve(cfg: ServeConfig, kv_args: list[str]) -> int:
     if None in models and cfg.workers:
         await asyncio.to_thread(default_model_path, cfg.cache_dir)
     n_local = cfg.workers * len(models)
+    from dataclasses import replace
+
+    cfg = replace(cfg, memory=replace(cfg.memory, workers_on_host=max(1, n_local)))  # they share this machine
     threads = max(1, (os.cpu_count() or 1) // max(1, n_local))
     env = preload_env(dict(os.environ), threads=threads)
     tmp = Path(tempfile.mkdtemp(prefix="kvrouter-"))
@@ -145,8 +149,6 @@ async def run_serve(cfg: ServeConfig, kv_args: list[str]) -> int:
         if stop.is_set():
             return 130
         ports = wait.result()
-        from dataclasses import replace
-
         router_cfg = replace(cfg.router, worker_addresses=tuple(f"127.0.0.1:{p}" for p in ports))
         app = create_app(router_cfg)
         # handler_cancellation: a client that goes away cancels its handler, and so its generation.
@@ -177,8 +179,8 @@ async def run_serve(cfg: ServeConfig, kv_args: list[str]) -> int:
             await runner.cleanup()
         for w in workers:
             w.terminate()
-        for w in workers:
-            await asyncio.to_thread(w.wait, STOP_GRACE_S)
+        for w in workers:  # a worker finishes its requests, then writes its shutdown checkpoints
+            await asyncio.to_thread(w.wait, STOP_GRACE_S + cfg.memory.shutdown_timeout_s)
         for f in tmp.iterdir():
             f.unlink()
         tmp.rmdir()

@@ -38,6 +38,22 @@ STATUS_TIMEOUT_S = 5.0
 MODEL_INFO_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 64 * 2**20  # a ModelInfo carries the tokenizer JSON; a status, every live state's tokens
 
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+"""HTTP/2 keepalive on every router-worker channel: a PING every KEEPALIVE_TIME_MS, even
+without calls; a worker that does not answer one in KEEPALIVE_TIMEOUT_MS (a frozen or
+vanished process: the kernel still holds its socket open) has its connection closed, so
+its streams fail instead of hanging. The worker side allows pings this often
+(`worker.grpc_security.KEEPALIVE_SERVER_OPTIONS`)."""
+
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging a worker that sends nothing (a long prefill)
+)
+
 
 class WorkerUnavailable(RuntimeError):
     """The worker could not be reached or is not serving."""
@@ -93,7 +109,9 @@ class WorkerStatus:
     of the store it reads ("" none). ram_entry_ids / ram_bytes: its RAM tier. event_seq:
     number of its last cache event. live_states: every live state, only when asked for.
     max_queue: requests it accepts (0: no limit). slots / prompt_slots: its
-    --decode-concurrency / --prompt-concurrency.
+    --decode-concurrency / --prompt-concurrency. progress: steps of work it has done
+    (admissions, batch steps, checkpoints written): a worker holding requests whose
+    progress stands still is stalled.
     """
 
     model_name: str
@@ -109,6 +127,7 @@ class WorkerStatus:
     live_states: tuple[LiveStateInfo, ...] = ()
     slots: int = 1
     prompt_slots: int = 1
+    progress: int = 0
 
 
 @dataclass(frozen=True)
@@ -236,7 +255,7 @@ def status_from_proto(st: worker_pb2.WorkerStatus) -> WorkerStatus:
         rates=rates_from_proto(st.rates), ram_entry_ids=tuple(st.ram_entry_ids), ram_bytes=st.ram_bytes,
         store_id=st.store_id, max_queue=st.max_queue, event_seq=st.event_seq,
         live_states=tuple(LiveStateInfo(s.live_id, s.namespace, tuple(s.token_ids)) for s in st.live_states),
-        slots=max(1, st.decode_concurrency), prompt_slots=max(1, st.prompt_concurrency),
+        slots=max(1, st.decode_concurrency), prompt_slots=max(1, st.prompt_concurrency), progress=st.progress,
     )
 
 
@@ -314,7 +333,7 @@ class WorkerClient(Protocol):
     async def wait_ready(self, timeout_s: float) -> None: ...
     async def watch_health(self) -> None: ...
     async def model_info(self, chat_template: str | None = None) -> ModelInfo: ...
-    async def status(self, live_states: bool = False) -> WorkerStatus: ...
+    async def status(self, live_states: bool = False, timeout_s: float = STATUS_TIMEOUT_S) -> WorkerStatus: ...
     def cache_events(self) -> AsyncIterator[CacheUpdate]: ...
     def list_checkpoints(self) -> AsyncIterator[Checkpoint]: ...
     def generate(self, request: GenerateRequest) -> AsyncIterator[Delta | Completion]: ...
@@ -335,7 +354,7 @@ class GrpcWorkerClient:
         self.address = address
         self.local = local
         self.healthy = False
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        options = list(CHANNEL_OPTIONS)
         if tls_ca is not None:
             self._channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options=options)
         else:
@@ -392,12 +411,12 @@ class GrpcWorkerClient:
             raise translate_error(exc, self.name, "model info") from exc
         return model_info_from_proto(msg)
 
-    async def status(self, live_states: bool = False) -> WorkerStatus:
+    async def status(self, live_states: bool = False, timeout_s: float = STATUS_TIMEOUT_S) -> WorkerStatus:
         """The worker's status; `live_states`: with every live state's token ids.
-        Raises WorkerUnavailable when the call fails."""
+        Raises WorkerUnavailable when the call fails or takes over `timeout_s` seconds."""
         try:
             msg = await self._stub.GetStatus(worker_pb2.StatusRequest(include_live_states=live_states),
-                                             timeout=STATUS_TIMEOUT_S, metadata=self._metadata)
+                                             timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise translate_error(exc, self.name, "status") from exc
         return status_from_proto(msg)

@@ -20,11 +20,14 @@ import logging
 import time
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from kvrouter.cachestore import CheckpointStore, Entry, Hit, PayloadError, StoreEvent, plan_stores
 from kvrouter.cachestore.costs import lookup_span
 from kvrouter.worker import cache_state
 from kvrouter.worker.cache_events import StoreListeners
 from kvrouter.worker.cache_state import CheckpointFormatError, CutError, StateSpec
+from kvrouter.worker.checkpoint_writer import WriteJob
 from kvrouter.worker.live_states import LiveState
 from kvrouter.worker.ram_tier import RamTier
 
@@ -67,6 +70,11 @@ class CheckpointManager:
         self.store = store
         self.ram = ram if ram is not None else RamTier(0)
         self.store_listeners = store_listeners if store_listeners is not None else StoreListeners()
+        self._round: dict[str, list] = {}  # checkpoints loaded during this admission round, by entry id
+
+    def end_admission_round(self) -> None:
+        """Forgets the checkpoints loaded for the requests admitted together (see `load`)."""
+        self._round.clear()
 
     def lookup(self, prompt, namespace: str) -> Hit | None:
         """The request's one store lookup: the longest checkpoint the worker could use
@@ -77,10 +85,15 @@ class CheckpointManager:
 
     def load(self, entry: Entry, n_tokens: int) -> Restored | None:
         """The checkpoint `entry` as a fresh state cut to `n_tokens` tokens (from the
-        RAM tier, else from disk, then kept in the RAM tier). A checkpoint that cannot
-        be read is quarantined and None is returned (the caller falls back)."""
+        RAM tier, else from a load made for another request admitted in the same round,
+        else from disk, then kept in the RAM tier): requests restored from one
+        checkpoint together share one loaded state until the batch copies it. A
+        checkpoint that cannot be read is quarantined and None is returned (the caller
+        falls back)."""
         t0 = time.perf_counter()
         caches = self.ram.get(entry.id)
+        if caches is None:
+            caches = self._round.get(entry.id)
         source = "ram"
         try:
             if caches is None:
@@ -88,6 +101,7 @@ class CheckpointManager:
                 path = self.store.payload_path(entry)
                 caches = cache_state.load_payload(path, self.model_id, entry.n_tokens, self.spec.layout)
                 self.ram.put(entry.id, caches)
+                self._round[entry.id] = caches
             state = cache_state.cut(caches, entry.n_tokens, n_tokens)
         except (PayloadError, CheckpointFormatError, CutError, OSError) as exc:
             self.ram.discard(entry.id)
@@ -129,25 +143,37 @@ class CheckpointManager:
         tokens (where it ends, or where the state can be cut back)."""
         return n_tokens == held or (n_tokens < held and self.spec.rules.can_cut(held))
 
-    def save(self, kind: str, caches: list, held: int, tokens, namespace: str, preview: str) -> Entry | None:
-        """Writes a checkpoint of `tokens` (the first len(tokens) of the `held` tokens
-        `caches` holds) and keeps it in the RAM tier. Returns None when the store skipped
-        it; never raises for I/O errors (they are logged and reported as store events).
+    def prepare(self, kind: str, caches: list, held: int, tokens, namespace: str, preview: str) -> WriteJob | None:
+        """A WriteJob for a checkpoint of `tokens` (the first len(tokens) of the `held`
+        tokens `caches` holds): the state is cut and evaluated now, on the engine thread;
+        `job.write()` stores it from any thread (the worker's `CheckpointWriter`) and
+        returns (the Entry or None, ()); then `stored` keeps it in the RAM tier. None
+        without a store. Store failures are skips (store events), never exceptions.
         Raises CutError when the state cannot be cut to len(tokens) (see `can_store`)."""
         if self.store is None or not tokens:
             return None
         state = cache_state.cut(caches, held, len(tokens))
-        writer = cache_state.payload_writer(state, len(tokens), self.model_id)
-        entry = self.store.save(kind, self.model_id, namespace, tokens, writer, text_preview=preview)
-        if entry is not None:
-            self.ram.put(entry.id, state)
-        return entry
+        mx.eval([c.state for c in state])  # the writer thread only reads finished arrays
+        size = cache_state.nbytes(state)
+        payload_writer = cache_state.payload_writer(state, len(tokens), self.model_id)
+        store, model_id, tokens = self.store, self.model_id, list(tokens)
 
-    def save_live(self, kind: str, live: LiveState | None) -> Entry | None:
-        """Stores a live state as an `evict` or `shutdown` checkpoint: its client-sent
-        part (cut back there, or its `prompt_state` where states cannot be cut back);
-        without either (a request cancelled in its prefill), the whole state. Skipped
-        when shorter than min_tokens or stored already."""
+        def write():
+            return store.save(kind, model_id, namespace, tokens, payload_writer, text_preview=preview,
+                              size_hint=size), ()
+
+        return WriteJob(kind, len(tokens), size, write, payload=state)
+
+    def stored(self, job: WriteJob, entry: Entry | None) -> None:
+        """After a job's write (engine thread): keeps a stored checkpoint in the RAM tier."""
+        if entry is not None:
+            self.ram.put(entry.id, job.payload)
+
+    def prepare_live(self, kind: str, live: LiveState | None) -> WriteJob | None:
+        """A WriteJob storing a live state as an `evict` or `shutdown` checkpoint: its
+        client-sent part (cut back there, or its `prompt_state` where states cannot be
+        cut back); without either (a request cancelled in its prefill), the whole state.
+        None when shorter than min_tokens or stored already."""
         if live is None or self.store is None:
             return None
         caches, held = live.caches, live.held
@@ -160,4 +186,4 @@ class CheckpointManager:
         hit = self.store.lookup(self.model_id, live.namespace, tokens)
         if hit is not None and hit.n_tokens == n:
             return None
-        return self.save(kind, caches, held, tokens, live.namespace, live.preview)
+        return self.prepare(kind, caches, held, tokens, live.namespace, live.preview)

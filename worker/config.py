@@ -29,18 +29,62 @@ DEFAULT_PROMPT_CONCURRENCY = 8
 class BatchingConfig:
     """Continuous batching: sequences decoded together (also the batch slots that
     running requests and idle live states share), prompts prefilled together,
-    and the memory idle live states may hold, bytes (0: bounded by slots only).
-    Defaults are mlx_lm.server's."""
+    and the memory idle live states may hold, bytes (0: bounded by slots only;
+    None: sized from the model and machine, `worker.sizing`). Defaults are
+    mlx_lm.server's."""
 
     decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY
     prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY
-    live_state_bytes: int = 2048 * 2**20
+    live_state_bytes: int | None = None
 
     def as_args(self) -> list[str]:
         """The worker command-line flags that rebuild this config."""
-        return ["--decode-concurrency", str(self.decode_concurrency),
-                "--prompt-concurrency", str(self.prompt_concurrency),
-                "--live-state-mb", str(self.live_state_bytes // 2**20)]
+        args = ["--decode-concurrency", str(self.decode_concurrency),
+                "--prompt-concurrency", str(self.prompt_concurrency)]
+        if self.live_state_bytes is not None:
+            args += ["--live-state-mb", str(self.live_state_bytes // 2**20)]
+        return args
+
+
+DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
+DEFAULT_WRITER_ITEMS = 8
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """A worker's memory bounds beyond batching (`worker.sizing` explains each; None:
+    sized from the model's KV bytes per token, its weights and the machine's memory).
+
+    running_kv_bytes: KV the sequences in the batch may hold together; admission
+        waits past it (a burst queues instead of over-committing), bytes.
+    mlx_cache_limit_bytes: MLX's buffer cache limit (`mx.set_cache_limit`), bytes.
+    writer_queue_bytes / writer_max_items: the checkpoint writer's queue bounds.
+    shutdown_timeout_s: time a stop gives the shutdown checkpoints, seconds.
+    workers_on_host: local workers sharing the machine's memory (set by `serve`).
+    """
+
+    running_kv_bytes: int | None = None
+    mlx_cache_limit_bytes: int | None = None
+    writer_queue_bytes: int | None = None
+    writer_max_items: int = DEFAULT_WRITER_ITEMS
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    workers_on_host: int = 1
+
+    def __post_init__(self) -> None:
+        if self.writer_max_items < 1 or self.workers_on_host < 1 or not self.shutdown_timeout_s >= 0:
+            raise ValueError("writer items and workers on host must be >= 1, the shutdown timeout >= 0")
+
+    def as_args(self) -> list[str]:
+        """The worker command-line flags that rebuild this config."""
+        args = ["--checkpoint-writer-items", str(self.writer_max_items),
+                "--shutdown-timeout", f"{self.shutdown_timeout_s:g}",
+                "--workers-on-host", str(self.workers_on_host)]
+        for flag, value in (("--running-kv-mb", self.running_kv_bytes),
+                            ("--mlx-cache-limit-mb", self.mlx_cache_limit_bytes),
+                            ("--checkpoint-writer-mb", self.writer_queue_bytes)):
+            if value is not None:
+                args += [flag, str(value // 2**20)]
+        return args
 
 
 KV_BITS = (4, 8)  # mlx_lm.server's --kv-bits choices
@@ -77,7 +121,9 @@ class WorkerConfig:
     listen: "HOST:PORT" of the gRPC service (port 0 picks a free port).
     store: the disk checkpoint store, or None with --no-kv-cache.
     cache_dir: where models and digests are cached.
-    ram_bytes: RAM tier budget (recent checkpoints kept in memory), bytes.
+    ram_bytes: RAM tier budget (recent checkpoints kept in memory), bytes (None: sized).
+    prefill_chunk_tokens: prefill chunk, tokens (None: by backend, `worker.sizing`).
+    memory: the other memory bounds (`MemoryConfig`).
     port_file: when set, the bound port is written there once the worker is ready.
     parent_pid: when set, the worker exits if that process goes away (no orphans).
     smg_listen: when set, "HOST:PORT" of SMG's mlx.grpc.engine.MlxEngine service
@@ -89,9 +135,9 @@ class WorkerConfig:
     listen: str
     store: StoreConfig | None
     cache_dir: Path
-    prefill_chunk_tokens: int = 256
+    prefill_chunk_tokens: int | None = None
     batching: BatchingConfig = BatchingConfig()
-    ram_bytes: int = 1024 * 2**20
+    ram_bytes: int | None = None
     port_file: Path | None = None
     parent_pid: int | None = None
     worker_name: str = "w0"
@@ -100,4 +146,5 @@ class WorkerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     smg_listen: str | None = None
+    memory: MemoryConfig = MemoryConfig()
     kv_quant: KvQuantization | None = None

@@ -8,12 +8,18 @@ the plan out; the request enters the batch with that state. The batch prefills
 up to `prompt_concurrency` prompts together, in segments that end at absolute
 multiples of `prefill_chunk_tokens` and at every position where the store's
 policy plans a checkpoint (`worker.segments`), and decodes up to
-`decode_concurrency` sequences together. At each planned position the engine
-reads the sequence's state out of the batch and writes the checkpoint: exactly
-there, so states that cannot be cut back (recurrent layers, wrapped sliding
-windows) are stored too. A request that finishes (or is cancelled) leaves the
+`decode_concurrency` sequences together, as many as their KV fits
+`running_kv_bytes` (a burst queues instead of over-committing memory). At each
+planned position the engine reads the sequence's state out of the batch and
+hands the checkpoint to the checkpoint writer (`worker.checkpoint_writer`: one
+thread, a bounded queue), exactly there, so states that cannot be cut back
+(recurrent layers, wrapped sliding windows) are stored too; no write delays a
+first token or the next chunk, and a request's Final waits for its own stores
+so it still reports them. A request that finishes (or is cancelled) leaves the
 batch with its state, which stays as a live state (`worker.live_states`) until
-its slot is needed: then its `evict` checkpoint is written and it is dropped.
+its slot is needed: then its `evict` checkpoint goes to the writer and it is
+dropped. A seeded sampling request runs alone (MLX's random state is global).
+When the engine goes idle, memory nothing holds goes back to the system.
 
 A model whose caches mlx-lm cannot batch (a layer without `merge`, e.g.
 `QuantizedKVCache` with `--kv-bits`) runs its requests one at a time through
@@ -60,6 +66,7 @@ from kvrouter.cachestore import StoreEvent
 from kvrouter.cachestore.costs import Rates
 from kvrouter.worker import cache_state
 from kvrouter.worker.cache_events import CacheEvent, LiveChanged, RamChanged
+from kvrouter.worker.checkpoint_writer import DEFAULT_MAX_ITEMS, CheckpointWriter, Completion, WriteJob
 from kvrouter.worker.checkpoints import CheckpointManager, Restored
 from kvrouter.worker.config import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
 from kvrouter.worker.events import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, Usage
@@ -67,6 +74,7 @@ from kvrouter.worker.live_states import LiveState, LiveStates
 from kvrouter.worker.reuse import InBatch, RestorePlan, plan_restore
 from kvrouter.worker.segments import prefill_segments
 from kvrouter.worker.sequential import SequentialGenerator
+from kvrouter.worker.sizing import batch_bytes, return_free_memory
 
 log = logging.getLogger("kvrouter.worker.engine")
 
@@ -79,6 +87,14 @@ class EngineConfig:
         slots that running requests and idle live states share.
     prompt_concurrency: sequences prefilled together.
     live_state_bytes: bound on idle live states' memory, bytes (0: none).
+    writer_max_items / writer_max_bytes: the checkpoint writer's queue bounds
+        (`worker.checkpoint_writer`; snapshots waiting to be written hold memory).
+    shutdown_timeout_s: time a stop gives the shutdown checkpoints, seconds.
+    running_kv_bytes: KV the sequences in the batch may hold together (0: no
+        bound); a request waits for admission while adding it would pass this
+        (`worker.sizing.batch_bytes` with kv_bytes_per_token: mlx-lm pads the
+        batch to its longest sequence). A request alone is always admitted.
+    kv_bytes_per_token: the model's KV state per token, bytes (0: unknown, no bound).
     """
 
     prefill_chunk_tokens: int = 256
@@ -86,6 +102,11 @@ class EngineConfig:
     decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY
     prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY
     live_state_bytes: int = 2048 * 2**20
+    writer_max_items: int = DEFAULT_MAX_ITEMS
+    writer_max_bytes: int = 1024 * 2**20
+    shutdown_timeout_s: float = 20.0
+    running_kv_bytes: int = 0
+    kv_bytes_per_token: int = 0
 
 
 class EngineDeadError(RuntimeError):
@@ -117,7 +138,7 @@ def ewma(old: float, new: float) -> float:
 
 
 @dataclass
-class Job:
+class EngineJob:
     """A submitted request: `emit` gets its events; `cancelled` is set when its
     client goes away. store_events: what the store did for it (its Final's)."""
 
@@ -126,6 +147,7 @@ class Job:
     cancelled: threading.Event
     attempts: int = 0  # batch failures survived (the retry runs cold)
     store_events: list = field(default_factory=list)
+    pending_stores: int = 0  # its checkpoints the writer has not finished (its Final waits for them)
 
 
 @dataclass
@@ -136,7 +158,7 @@ class Running:
     (`cachestore.PlannedStore`). pos: prompt tokens its state holds so far.
     """
 
-    job: Job
+    job: EngineJob
     prompt: list[int]
     restored: Restored
     plan: list
@@ -146,9 +168,17 @@ class Running:
     prefill_s: float = 0.0
     pos: int = 0
     prompt_state: list | None = None  # the state holding exactly the prompt (LiveState.prompt_state)
+    kv_tokens: int = 0  # tokens its KV state reaches (prompt + max_tokens), for admission
 
 
 _STOP = object()
+_WAKE = object()  # put on the queue by the checkpoint writer: a write finished
+_NO_OWNER = object()
+
+
+def seeded(req: GenerationRequest) -> bool:
+    """A sampling request with a seed: it must run alone to be reproducible."""
+    return req.sampling.seed is not None and req.sampling.temperature > 0
 
 
 class Engine:
@@ -181,17 +211,27 @@ class Engine:
         # Called on the engine thread with a LiveChanged or RamChanged; must be
         # thread-safe and must not raise.
         self.on_cache_event: Callable[[CacheEvent], None] | None = None
-        self._waiting: deque[Job] = deque()
+        self._waiting: deque[EngineJob] = deque()
         self._running: dict[int, Running] = {}  # by generator uid
         self._gen = None
         self._stopping: tuple | None = None  # (shutdown_checkpoint,) once stop() was called
         self._prompt_acc = [0, 0.0]  # prompt tokens, seconds since the last prefill-rate update
         self._decode_acc = [0, 0.0]  # decode steps, seconds since the last decode-rate update
-        self._owner: Job | None = None  # the request the engine thread is working for
-        self._store_events: list[tuple[Job | None, StoreEvent]] = []  # this step's, with their request
-        self._finals: list[tuple[Job, FinishEvent]] = []  # requests that ended this step
+        self._owner: EngineJob | None = None  # the request the engine thread is working for
+        self._store_events: list[tuple[EngineJob | None, StoreEvent]] = []  # this step's, with their request
+        self._finals: list[tuple[EngineJob, FinishEvent]] = []  # requests that ended this step
         self._tokens_this_step = 0
         self._failpoint = os.environ.get(FAILPOINT_ENV) or None
+        self._events_lock = threading.Lock()  # _store_events: appended by the writer thread too
+        self._writer_owner = threading.local()  # on a writer thread: the request of the store it runs
+        self.writer = CheckpointWriter(config.writer_max_items, config.writer_max_bytes,
+                                       on_complete=lambda: self._queue.put(_WAKE))
+        self.shutdown_report: tuple[int, int] | None = None  # (stored, skipped) shutdown checkpoints
+        # Steps of work done: admissions, batch steps (a prefill chunk or a decoded token),
+        # checkpoints written. Read from other threads (GetStatus) to tell a stall.
+        self.progress = 0
+        self.admitted_kv_bytes = 0  # the batch's KV bound now (`_batch_bytes`), bytes
+        self.peak_admitted_kv_bytes = 0  # the most it has been, bytes
 
     # -- control (any thread) -------------------------------------------------
     def start(self) -> None:
@@ -211,12 +251,12 @@ class Engine:
         """The idle live states, least recently used first (a snapshot)."""
         return self.lives.snapshot
 
-    def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Job:
+    def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> EngineJob:
         """Queues a request. Raises EngineDeadError when the engine thread is gone,
         EngineBusyError when `max_queue` requests are already waiting or running."""
         if not self.alive or self._stopped.is_set():
             raise EngineDeadError("the generation thread is not running")
-        job = Job(request, emit, threading.Event())
+        job = EngineJob(request, emit, threading.Event())
         with self._lock:
             if self.config.max_queue and self._pending >= self.config.max_queue:
                 raise EngineBusyError(f"{self._pending} requests queued (--max-queue {self.config.max_queue})")
@@ -224,17 +264,22 @@ class Engine:
         self._queue.put(job)
         return job
 
-    def stop(self, timeout: float = 30.0, shutdown_checkpoint: bool = True) -> None:
-        """Finishes queued and running work, writes a `shutdown` checkpoint of
-        every live state, ends the thread."""
+    def stop(self, timeout: float | None = None, shutdown_checkpoint: bool = True) -> None:
+        """Finishes queued and running work, writes a `shutdown` checkpoint of every
+        live state (in parallel, within `config.shutdown_timeout_s`; `shutdown_report`
+        says how many were stored and skipped), ends the thread. `timeout`: how long
+        to wait for all that (default: the shutdown timeout + 30 s)."""
         self._stopped.set()
         self._queue.put((_STOP, shutdown_checkpoint))
-        self._thread.join(timeout)
+        self._thread.join(self.config.shutdown_timeout_s + 30 if timeout is None else timeout)
 
     def on_store_event(self, event: StoreEvent) -> None:
-        """A `CheckpointStore.on_event` listener: keeps the event, with the request the
-        engine thread is working for, until the end of the step (`_end_step`)."""
-        self._store_events.append((self._owner, event))
+        """A `CheckpointStore.on_event` listener (any thread): keeps the event, with the
+        request it was done for (the one the engine thread works for, or on a writer
+        thread the one whose checkpoint it writes), until the end of the step."""
+        owner = getattr(self._writer_owner, "job", _NO_OWNER)
+        with self._events_lock:
+            self._store_events.append((self._owner if owner is _NO_OWNER else owner, event))
 
     # -- the engine thread ----------------------------------------------------
     def _new_generator(self):
@@ -254,8 +299,14 @@ class Engine:
     def _loop(self) -> None:
         self._stream = mx.new_stream(mx.default_device())
         self._gen = self._new_generator()
+        busy = False
         while True:
-            self._take_jobs(block=not self._running and not self._waiting)
+            idle = not self._running and not self._waiting
+            if idle and busy:  # the burst is over: memory nothing holds goes back to the system
+                return_free_memory()
+            busy = not idle
+            self._take_jobs(block=idle)
+            self._collect_writes()
             if self._stopping is not None and not self._running and not self._waiting:
                 self._shutdown(self._stopping[0])
                 return
@@ -267,6 +318,7 @@ class Engine:
                     self._step()
                 except Exception as exc:  # one failure must not kill the thread
                     self._batch_failed(exc)
+                self._account()
             self._end_step(ram_before)
 
     def _take_jobs(self, block: bool) -> None:
@@ -275,14 +327,14 @@ class Engine:
             while True:
                 if isinstance(item, tuple) and item[0] is _STOP:
                     self._stopping = (item[1],)
-                else:
+                elif item is not _WAKE:
                     self._waiting.append(item)
                 item = self._queue.get_nowait()
         except queue.Empty:
             pass
 
     @contextlib.contextmanager
-    def _working_for(self, job: Job | None):
+    def _working_for(self, job: EngineJob | None):
         """Store events while the block runs belong to `job` (its Final reports them)."""
         before, self._owner = self._owner, job
         try:
@@ -293,12 +345,16 @@ class Engine:
     def _end_step(self, ram_before: set) -> None:
         """Once per step: store events to their requests, Finals of the requests that
         ended, RAM tier changes to `on_cache_event`; then the test failpoint."""
-        events, self._store_events = self._store_events, []
+        with self._events_lock:
+            events, self._store_events = self._store_events, []
         for job, event in events:
             if job is not None:
                 job.store_events.append(event)
         finals, self._finals = self._finals, []
         for job, final in finals:
+            if job.pending_stores > 0:  # its checkpoints are still being written: it waits
+                self._finals.append((job, final))
+                continue
             self._done(job, FinishEvent(final.finish_reason, final.usage, tuple(job.store_events), final.live_id))
         if self.on_cache_event is not None:
             now = set(self.checkpoints.ram.ids())
@@ -319,15 +375,73 @@ class Engine:
         return True
 
     def _shutdown(self, shutdown_checkpoint: bool) -> None:
-        stored = 0
+        """Writes a `shutdown` checkpoint of every live state, in parallel with what the
+        writer still holds, within the shutdown timeout; logs what was stored and
+        skipped; sends the Finals that waited for their stores."""
+        t0 = time.monotonic()
+        jobs = []
         for live in self.lives.clear():
-            if shutdown_checkpoint and self.checkpoints.save_live("shutdown", live) is not None:
-                stored += 1
-        self._store_events.clear()
-        if stored:
-            log.info("stored %d shutdown checkpoint(s) of the live states", stored)
+            job = self.checkpoints.prepare_live("shutdown", live) if shutdown_checkpoint else None
+            if job is not None:
+                jobs.append(job)
+                self._submit_store(job, None)
+        not_written = self.writer.drain(self.config.shutdown_timeout_s)
+        for job in not_written:
+            self._writer_skipped(job, "shutdown_timeout")
+        done = self._collect_writes()
+        self._end_step(set(self.checkpoints.ram.ids()))
+        stored = sum(1 for c in done if c.job.kind == "shutdown" and c.entry is not None)
+        self.shutdown_report = (stored, len(jobs) - stored)
+        if jobs:
+            late = sum(1 for j in not_written if j.kind == "shutdown")
+            log.info("shutdown checkpoints: %d stored, %d skipped (%s) in %.1f s", stored, len(jobs) - stored,
+                     f"{late} past --shutdown-timeout {self.config.shutdown_timeout_s:g} s" if late
+                     else "duplicates or store skips", time.monotonic() - t0)
 
-    def _done(self, job: Job, event: Event) -> None:
+    # -- the checkpoint writer -----------------------------------------------------
+    def _submit_store(self, job: WriteJob | None, owner: EngineJob | None) -> None:
+        """Hands a checkpoint to the writer (engine thread). `owner`: the request whose
+        Final reports the store (it waits for it); None for none."""
+        if job is None:
+            return
+        job.owner = owner
+        write = job.write
+
+        def write_for_owner():
+            self._writer_owner.job = owner
+            try:
+                return write()
+            finally:
+                self._writer_owner.job = _NO_OWNER
+
+        job.write = write_for_owner
+        if owner is not None:
+            owner.pending_stores += 1
+        for skipped in self.writer.submit(job):
+            self._writer_skipped(skipped, "writer_behind")
+
+    def _writer_skipped(self, job: WriteJob, reason: str) -> None:
+        """A store the writer did not take (it was behind) or could not start in time."""
+        log.info("store skipped kind=%s tokens=%d mib=%.1f reason=%s queued_mib=%.1f",
+                 job.kind, job.n_tokens, job.n_bytes / 2**20, reason, self.writer.queued_bytes / 2**20)
+        with self._events_lock:
+            self._store_events.append((job.owner, StoreEvent("skipped", job.kind, job.n_tokens, job.n_bytes, 0.0,
+                                                             reason)))
+        if job.owner is not None:
+            job.owner.pending_stores -= 1
+
+    def _collect_writes(self) -> list[Completion]:
+        """Takes the writer's finished stores (their events came through `on_store_event`):
+        the RAM tier keeps them, and their requests stop waiting for them (engine thread)."""
+        done = self.writer.take_completed()
+        self.progress += len(done)
+        for c in done:
+            self.checkpoints.stored(c.job, c.entry)
+            if c.job.owner is not None:
+                c.job.owner.pending_stores -= 1
+        return done
+
+    def _done(self, job: EngineJob, event: Event) -> None:
         """The request's last event; it stops counting against the queue."""
         try:
             job.emit(event)
@@ -347,29 +461,58 @@ class Engine:
 
     def _drop_lives(self, running: int) -> None:
         """Frees slots: the least recently used live states beyond what `running`
-        requests leave are dropped, each after its `evict` checkpoint (ds4's evict)."""
+        requests leave are dropped, each after handing its `evict` checkpoint (ds4's
+        evict) to the writer, reported by the request the engine works for."""
         for live in self.lives.to_drop(running):
-            self.checkpoints.save_live("evict", live)
+            self._submit_store(self.checkpoints.prepare_live("evict", live), self._owner)
             self._forget_live(live)
 
     # -- admission --------------------------------------------------------------
     def _admit_waiting(self) -> None:
-        """Admits waiting requests while slots are free (`_cancel_requested`, run just
-        before, has answered the cancelled ones)."""
+        """Admits waiting requests, first come first served, while slots are free and
+        their KV fits `running_kv_bytes` (`_cancel_requested`, run just before, has
+        answered the cancelled ones). A seeded sampling request runs alone, as
+        mlx_lm.server runs it: MLX's random state is global, so a shared batch would
+        change its draws and theirs."""
         deferred = []
         while self._waiting and len(self._running) < self.batch_width:
-            job = self._waiting.popleft()
+            job = self._waiting[0]
+            if self._running and (seeded(job.request) or any(seeded(r.job.request) for r in self._running.values())):
+                break
+            kv_tokens = self._kv_tokens(job.request)
+            if self._running and self._batch_bytes(kv_tokens) > self.config.running_kv_bytes > 0:
+                break  # the burst queues here instead of over-committing memory
+            self._waiting.popleft()
             try:
                 with self._working_for(job):
-                    admitted = self._admit(job)
+                    admitted = self._admit(job, kv_tokens)
                 if not admitted:
                     deferred.append(job)
             except Exception as exc:
                 log.exception("request %s failed on admission", job.request.request_id)
                 self._done(job, ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
         self._waiting.extendleft(reversed(deferred))
+        self.checkpoints.end_admission_round()
+        self._account()
 
-    def _plan(self, job: Job, prompt: list[int]) -> RestorePlan:
+    def _kv_tokens(self, req: GenerationRequest) -> int:
+        """Tokens a request's KV state reaches: its prompt plus what it may generate."""
+        return min(self.bundle.context_length, len(req.prompt) + max(1, req.sampling.max_tokens))
+
+    def _batch_bytes(self, extra_tokens: int | None = None) -> int:
+        """KV bytes the batch holds at most with its running requests (and one more of
+        `extra_tokens`), padded to the longest as mlx-lm's batch cache pads."""
+        lengths = [r.kv_tokens for r in self._running.values()]
+        if extra_tokens is not None:
+            lengths.append(extra_tokens)
+        return batch_bytes(lengths, self.config.kv_bytes_per_token)
+
+    def _account(self) -> None:
+        """Publishes the batch's KV bound (after admissions and after each step)."""
+        self.admitted_kv_bytes = self._batch_bytes()
+        self.peak_admitted_kv_bytes = max(self.peak_admitted_kv_bytes, self.admitted_kv_bytes)
+
+    def _plan(self, job: EngineJob, prompt: list[int]) -> RestorePlan:
         """The restore plan of a request (one store lookup)."""
         req = job.request
         hit = None if job.attempts else self.checkpoints.lookup(prompt, req.namespace)
@@ -408,7 +551,7 @@ class Engine:
             return Restored(cache_state.cut(caches, held, plan.n_tokens), plan.n_tokens, "live", plan.stored_tokens)
         return Restored(self.spec.new(), 0, "none", plan.stored_tokens)
 
-    def _admit(self, job: Job) -> bool:
+    def _admit(self, job: EngineJob, kv_tokens: int = 0) -> bool:
         """Restores the request's prefix and puts it in the batch. Returns False
         (nothing done) when it should wait for a request in the batch to prefill
         the prefix they share."""
@@ -424,7 +567,8 @@ class Engine:
         self._store_events += [(job, s) for s in skips]
         detok = copy.copy(self._detokenizer)
         detok.reset()
-        run = Running(job, prompt, restored, list(stores), detok, time.perf_counter(), pos=restored.n_tokens)
+        run = Running(job, prompt, restored, list(stores), detok, time.perf_counter(), pos=restored.n_tokens,
+                      kv_tokens=kv_tokens)
         run.plan = self._store_reached(run, restored.caches, restored.n_tokens)  # e.g. an anchor inside a live state
         segments = prefill_segments(prompt, restored.n_tokens, self.config.prefill_chunk_tokens,
                                     [p.n_tokens for p in run.plan])
@@ -437,6 +581,7 @@ class Engine:
         (uid,) = self._gen.insert_segments([segments], max_tokens=[max_tokens], caches=[restored.caches],
                                            all_tokens=[prompt[: restored.n_tokens]], samplers=[sampler])
         self._running[uid] = run
+        self.progress += 1
         return True
 
     def _measure_load(self, restored: Restored) -> None:
@@ -452,6 +597,7 @@ class Engine:
     def _step(self) -> None:
         with self._gen.stats() as stats:
             prompt_out, gen_out = self._gen.next()
+        self.progress += 1
         self._measure_step(stats)
         for r in prompt_out:
             run = self._running.get(r.uid)
@@ -493,8 +639,12 @@ class Engine:
             run.job.emit(TokenEvent((), run.detok.last_segment))
         live_id = 0
         if tokens:
+            # mlx-lm extracts a sequence's cache lazily (mx.contiguous of a slice of the batch
+            # cache): evaluated now, the live state owns just its own KV instead of holding the
+            # whole batch buffer of the moment it left (hundreds of MiB after a burst).
             sent = min(len(run.prompt), len(tokens))
             prompt_state = run.prompt_state if len(tokens) > sent else None
+            mx.eval([c.state for c in caches] + [c.state for c in prompt_state or ()])
             live = LiveState(run.job.request.namespace, list(tokens), caches, sent, run.job.request.text_preview,
                              prompt_state=prompt_state)
             self._keep_live(live)
@@ -514,8 +664,8 @@ class Engine:
         self._finals.append((run.job, FinishEvent(reason, usage, (), live_id)))
 
     def _store_reached(self, run: Running, caches, pos: int) -> list:
-        """Writes the planned checkpoints at or before `pos` from `caches` (which hold
-        the first `pos` prompt tokens); returns the rest of the plan. A planned position
+        """Hands the planned checkpoints at or before `pos`, cut from `caches` (which hold
+        the first `pos` prompt tokens), to the writer; returns the rest of the plan. A planned position
         before `pos` that the state cannot be cut back to is skipped (reason
         "exact_position")."""
         remaining = []
@@ -530,12 +680,8 @@ class Engine:
                 self._store_events.append((run.job, StoreEvent("skipped", p.kind, p.n_tokens,
                                                                reason="exact_position")))
                 continue
-            t0 = time.perf_counter()
-            entry = self.checkpoints.save(p.kind, caches, pos, run.prompt[: p.n_tokens], req.namespace,
-                                          req.text_preview)
-            if entry is not None:
-                log.info("store kind=%s tokens=%d ms=%.0f MiB=%.1f",
-                         p.kind, p.n_tokens, (time.perf_counter() - t0) * 1000, entry.payload_bytes / 2**20)
+            self._submit_store(self.checkpoints.prepare(p.kind, caches, pos, run.prompt[: p.n_tokens],
+                                                        req.namespace, req.text_preview), run.job)
         return remaining
 
     def _cancel_requested(self) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ipaddress
 import logging
 import os
 import signal
@@ -27,25 +26,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvrouter_proto import worker_pb2, worker_pb2_grpc
 from kvrouter.cachestore.config import store_id_of
+from kvrouter.worker.grpc_security import KEEPALIVE_SERVER_OPTIONS, TokenInterceptor, bind, check_exposure, is_loopback
+from kvrouter.worker.grpc_strict import add_servicer
 from kvrouter.worker.config import WorkerConfig
 
 log = logging.getLogger("kvrouter.worker")
 
 SERVICE_NAME = "kvrouter.worker.v1.Worker"
+
 HEALTH_POLL_SECONDS = 0.5
 ENGINE_DEATH_EXIT_STATUS = 3
 ENGINE_DEATH_GRACE_S = 2.0  # streams in progress get their error before the process exits
-
-
-def is_loopback(address: str) -> bool:
-    """True when "HOST:PORT" binds only the loopback interface."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -66,33 +57,63 @@ def die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer TOKEN` metadata (UNAUTHENTICATED)."""
+def open_store(config, on_event=None):
+    """The worker's CheckpointStore for a `cachestore.StoreConfig` (None: --no-kv-cache),
+    with its `on_event` listener, repaired (orphans, dead writers' temp files, rows
+    without payload, counters).
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}"
+    Never refuses to start over the store: a directory that is full or unwritable is
+    served read-only (the store logs why), one that cannot even be read safely gives
+    None (live-state reuse only) with a warning, and a repair that fails is logged."""
+    import lmdb
 
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong worker token")
+    from kvrouter.cachestore import CheckpointStore, StoreUnavailableError
 
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+    if config is None:
+        log.info("KV checkpoint store off (--no-kv-cache)")
+        return None
+    try:
+        store = CheckpointStore(config, on_event=on_event)
+    except StoreUnavailableError as exc:
+        log.warning("KV checkpoint store off: %s (serving from live state, recomputing the rest)", exc)
+        return None
+    if not store.writes_off:
+        try:
+            removed = store.repair()
+            if removed:
+                log.info("store repair removed %d orphan or temp file(s)", removed)
+        except (OSError, lmdb.Error) as exc:
+            log.warning("store repair at start failed (serving anyway): %s", exc)
+    log.info("KV checkpoint store at %s%s", config.directory,
+             f" (read-only: {store.writes_off})" if store.writes_off else "")
+    return store
 
-        async def deny_stream(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong worker token")
-            yield  # pragma: no cover
 
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
+def memory_plan(config: WorkerConfig, model):
+    """The worker's memory budgets (`worker.sizing.plan_memory`) from the loaded model, the
+    machine and the flags given; logged. Also sets MLX's buffer cache limit from it and
+    hands back what loading left in MLX's cache."""
+    import gc
 
-    async def intercept_service(self, continuation, handler_call_details):
-        import hmac
+    import mlx.core as mx
 
-        md = dict(handler_call_details.invocation_metadata or ())
-        if hmac.compare_digest(md.get("authorization", ""), self._expected):
-            return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if handler is not None and handler.response_streaming:
-            return self._deny_stream
-        return self._deny_unary
+    from kvrouter.worker.sizing import machine_memory_bytes, measure_model, plan_memory
+
+    kv_per_token, weights = measure_model(model)
+    machine, backend = machine_memory_bytes()
+    m = config.memory
+    plan = plan_memory(
+        kv_bytes_per_token=kv_per_token, weights_bytes=weights, machine_bytes=machine,
+        workers_on_host=m.workers_on_host, backend=backend, prompt_concurrency=config.batching.prompt_concurrency,
+        prefill_chunk_tokens=config.prefill_chunk_tokens, running_kv_bytes=m.running_kv_bytes,
+        live_state_bytes=config.batching.live_state_bytes, ram_tier_bytes=config.ram_bytes,
+        writer_queue_bytes=m.writer_queue_bytes, mlx_cache_limit_bytes=m.mlx_cache_limit_bytes)
+    gc.collect()  # the loader's temporaries (GGUF dequantization) ...
+    mx.set_cache_limit(plan.mlx_cache_limit_bytes)
+    mx.clear_cache()  # ... and MLX's freed buffers go back to the system now
+    log.info("%s (machine %.1f GiB, %s, %d worker(s) on it)", plan.describe(), machine / 2**30, backend,
+             m.workers_on_host)
+    return plan
 
 
 def build_engine(config: WorkerConfig):
@@ -106,7 +127,6 @@ def build_engine(config: WorkerConfig):
     Raises the model loader's errors (ModelNotFoundError, ...) unchanged, and
     ValueError for `--kv-bits` on a model that is not all plain KVCache layers.
     """
-    from kvrouter.cachestore import CheckpointStore
     from kvrouter.worker.blas import describe_blas
     from kvrouter.worker.cache_events import StoreListeners
     from kvrouter.worker.checkpoints import CheckpointManager
@@ -127,19 +147,20 @@ def build_engine(config: WorkerConfig):
                 else "one request at a time (a cache layer mlx-lm cannot batch: no merge)")
     log.info("model %s: caches %s; states cut back: %s; %s", bundle.name, spec.layout, spec.rules.label, batching)
     hf_tok = build_hf_tokenizer(bundle.tokenizer_json, bundle.chat_template, bundle.eos_token_ids, bundle.bos_token_id)
+    plan = memory_plan(config, bundle.model)
     listeners = StoreListeners()
     store = None
-    if config.store is None:
-        log.info("KV checkpoint store off (--no-kv-cache)")
-    elif not spec.serializable:
+    if config.store is not None and not spec.serializable:
         log.warning("KV checkpoint store off: mlx-lm cannot save and load this model's caches (%s)", spec.layout)
     else:
-        store = CheckpointStore(config.store, on_event=listeners)
-        log.info("KV checkpoint store at %s", config.store.directory)
-    checkpoints = CheckpointManager(bundle.identity, spec, store, RamTier(config.ram_bytes), listeners)
+        store = open_store(config.store, listeners)
+    checkpoints = CheckpointManager(bundle.identity, spec, store, RamTier(plan.ram_tier_bytes), listeners)
     engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(
-        config.prefill_chunk_tokens, config.max_queue, config.batching.decode_concurrency,
-        config.batching.prompt_concurrency, config.batching.live_state_bytes))
+        plan.prefill_chunk_tokens, config.max_queue, config.batching.decode_concurrency,
+        config.batching.prompt_concurrency, plan.live_state_bytes,
+        writer_max_items=config.memory.writer_max_items, writer_max_bytes=plan.writer_queue_bytes,
+        shutdown_timeout_s=config.memory.shutdown_timeout_s, running_kv_bytes=plan.running_kv_bytes,
+        kv_bytes_per_token=plan.kv_bytes_per_token))
     listeners.add(engine.on_store_event)
     info = worker_pb2.ModelInfo(
         model_name=bundle.name,
@@ -169,21 +190,15 @@ def create_server(address: str, engine, model_info, *, token: str | None = None,
     """
     from kvrouter.worker.servicer import WorkerServicer
 
-    if not token and not is_loopback(address):
-        raise ValueError(f"listening on {address} (not loopback) requires --worker-token")
+    check_exposure(address, token)
     interceptors = [TokenInterceptor(token)] if token else []
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 2**20)], interceptors=interceptors)
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 2**20), *KEEPALIVE_SERVER_OPTIONS],
+                             interceptors=interceptors)
     servicer = WorkerServicer(engine, model_info, store_id=store_id, worker_name=worker_name, hub=hub, store=store)
-    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    add_servicer(worker_pb2_grpc.add_WorkerServicer_to_server, servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if tls is not None:
-        port = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"cannot listen on {address}")
-    return server, port, health_servicer
+    return server, bind(server, address, tls), health_servicer
 
 
 async def _watch_health(engine, health_servicer, parent_pid: int | None, stop: asyncio.Event,
@@ -232,8 +247,9 @@ async def serve(config: WorkerConfig) -> int:
     Returns the process exit status (ENGINE_DEATH_EXIT_STATUS when the engine thread died)."""
     from kvrouter.worker.servicer import CacheEventHub
 
-    if not config.worker_token and not is_loopback(config.listen):
-        raise ValueError(f"--listen {config.listen} is not loopback: give --worker-token (and --tls-cert/--tls-key)")
+    check_exposure(config.listen, config.worker_token)
+    if config.smg_listen is not None:
+        check_exposure(config.smg_listen, config.worker_token, "--smg-listen")
     if config.parent_pid is not None:
         die_with_parent(config.parent_pid)
     tls = _read_tls(config)
@@ -261,7 +277,7 @@ async def serve(config: WorkerConfig) -> int:
         from kvrouter.worker.smg_servicer import SMG_SERVICE_NAME, create_smg_server, model_directory, model_source
 
         smg = create_smg_server(config.smg_listen, engine, model_source(config.model, config.cache_dir),
-                                model_directory(config.model))
+                                model_directory(config.model), token=config.worker_token, tls=tls)
         await smg[0].start()
         smg_health = ((smg[3], ""), (smg[3], SMG_SERVICE_NAME))
         log.info("worker %s serving SMG's mlx.grpc.engine.MlxEngine on %s:%d",

@@ -278,6 +278,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                          for s in lives],
             decode_concurrency=engine.batch_width,
             prompt_concurrency=min(engine.config.prompt_concurrency, engine.batch_width),
+            progress=engine.progress,
         )
 
     async def SubscribeCacheEvents(self, request, context):

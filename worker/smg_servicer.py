@@ -32,6 +32,8 @@ from smg_grpc_proto.generated import common_pb2, mlx_engine_pb2, mlx_engine_pb2_
 from kvrouter.worker.servicer import submit_or_abort
 from kvrouter.worker.events import ErrorEvent, FinishEvent, GenerationRequest, SamplingConfig, TokenEvent
 from kvrouter.worker import smg_tokenizer
+from kvrouter.worker.grpc_security import KEEPALIVE_SERVER_OPTIONS, TokenInterceptor, bind, check_exposure
+from kvrouter.worker.grpc_strict import add_servicer
 
 log = logging.getLogger("kvrouter.worker.smg")
 
@@ -147,7 +149,7 @@ class SmgServicer(mlx_engine_pb2_grpc.MlxEngineServicer):
         self.model_path = model_path
         self.model_dir = model_dir
         self.started = time.time()
-        self.jobs: dict[str, object] = {}  # request_id -> engine Job, while streaming
+        self.jobs: dict[str, object] = {}  # request_id -> engine EngineJob, while streaming
         self._aborted: dict[str, None] = {}  # ordered set, bounded
         self._archive: tuple[bytes, str] | None = None
         self._anchor = ChatmlAnchor.for_tokenizer(self.bundle.tokenizer_json)
@@ -289,20 +291,23 @@ class SmgServicer(mlx_engine_pb2_grpc.MlxEngineServicer):
         return smg_tokenizer.build_archive(files)
 
 
-def create_smg_server(address: str, engine, model_path: str, model_dir: Path | None = None):
+def create_smg_server(address: str, engine, model_path: str, model_dir: Path | None = None, *,
+                      token: str | None = None, tls: tuple[bytes, bytes] | None = None):
     """A grpc.aio server for SMG's MlxEngine (+ grpc.health.v1) bound to `address`.
 
-    Returns (server, bound port, SmgServicer, health servicer). Raises RuntimeError
-    when the address cannot be bound.
+    token: the worker token every call must carry (`authorization: Bearer`, what
+    `smg launch --api-key TOKEN` sends); required when `address` is not loopback, like
+    every worker port (`worker.grpc_security`). tls: (certificate chain PEM, key PEM).
+    Returns (server, bound port, SmgServicer, health servicer). Raises ValueError for a
+    non-loopback address without a token, RuntimeError when it cannot be bound.
     """
+    check_exposure(address, token, "--smg-listen")
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 2**20),
-                                      ("grpc.max_receive_message_length", 64 * 2**20)])
+                                      ("grpc.max_receive_message_length", 64 * 2**20), *KEEPALIVE_SERVER_OPTIONS],
+                             interceptors=[TokenInterceptor(token)] if token else [])
     servicer = SmgServicer(engine, model_path, model_dir)
-    mlx_engine_pb2_grpc.add_MlxEngineServicer_to_server(servicer, server)
+    add_servicer(mlx_engine_pb2_grpc.add_MlxEngineServicer_to_server, servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"cannot listen on {address}")
-    return server, port, servicer, health_servicer
+    return server, bind(server, address, tls), servicer, health_servicer
 

@@ -42,7 +42,8 @@ def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
                                                     "it is not restarted (summary says restarted: false)")
     p.add_argument("--model-name", default=None, help="`model` to send (default: the first of /v1/models)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sessions", type=int, default=12, help="sessions (default 12: more than a 10-entry cache)")
+    p.add_argument("--sessions", type=int, default=None,
+                   help="sessions (default 12: more than a 10-entry cache; with --memory, 50 distinct ones)")
     p.add_argument("--concurrency", type=int, default=3, help="requests at once (default 3)")
     p.add_argument("--turns", type=int, default=3, help="requests per session (default 3)")
     p.add_argument("--users", type=int, default=3)
@@ -66,6 +67,20 @@ def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
     p.add_argument("--overhead", action="store_true",
                    help="measure what the router adds over calling a worker directly (time to first token, "
                         "p50; target: under 3 ms)")
+    p.add_argument("--loop-stall", action="store_true",
+                   help="measure how long routing decisions wait while /metrics and /v1/router/state are scraped "
+                        "every second, with 10,000 stored checkpoints (target: no decision waits over 5 ms)")
+    p.add_argument("--memory", action="store_true",
+                   help="start kvrouter (one worker), send --sessions distinct sessions at once (default here 50) and "
+                        "print the worker's RSS at start, peak, after the burst and idle, against its memory plan")
+    p.add_argument("--soak", action="store_true",
+                   help="load-and-kill soak: --concurrency streaming clients for --soak-seconds against 2 workers, "
+                        "one killed every --kill-every seconds; prints completed, clean errors, hung, corrupted, "
+                        "p50/p99 and RSS over time")
+    p.add_argument("--soak-seconds", type=float, default=120.0, help="length of the soak (default 120)")
+    p.add_argument("--kill-every", type=float, default=30.0, help="seconds between worker kills (default 30)")
+    p.add_argument("--server-flags", default="", metavar="'FLAGS'",
+                   help="with --memory / --soak: extra `kvrouter serve` flags, one string (e.g. '--running-kv-mb 512')")
     p.add_argument("--routing-checkpoints", type=int, default=10_000, help=argparse.SUPPRESS)
     p.add_argument("--routing-prompt-tokens", type=int, default=32_768, help=argparse.SUPPRESS)
     return p
@@ -91,6 +106,35 @@ def run(ns: argparse.Namespace) -> int:
         (ns.output / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return 0 if result["router_adds_p50_ms"] < 3.0 else 1
+    if ns.memory or ns.soak:
+        import shlex
+
+        ns.output.mkdir(parents=True, exist_ok=True)
+        flags = tuple(shlex.split(ns.server_flags))
+        if ns.memory:
+            from kvrouter.router.bench.memory import run_memory_bench
+
+            result = run_memory_bench(ns.cache_dir, sessions=ns.sessions or 50, max_tokens=ns.max_tokens,
+                                      extra_flags=flags)
+            name = "memory.json"
+        else:
+            from kvrouter.router.bench.soak import run_soak_bench
+
+            result = run_soak_bench(ns.cache_dir, seconds=ns.soak_seconds, concurrency=ns.concurrency,
+                                    kill_every_s=ns.kill_every, max_tokens=ns.max_tokens, seed=ns.seed,
+                                    extra_flags=flags)
+            name = "soak.json"
+        (ns.output / name).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return 0
+    if ns.loop_stall:
+        from kvrouter.router.bench.loop_stall import run_loop_stall_bench
+
+        ns.output.mkdir(parents=True, exist_ok=True)
+        result = run_loop_stall_bench(ns.routing_checkpoints, ns.routing_prompt_tokens)
+        (ns.output / "loop_stall.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return 0 if result["target_met"] else 1
     if ns.routing:
         from kvrouter.router.bench.routing import run_routing_bench
 
@@ -107,8 +151,11 @@ async def _run(ns: argparse.Namespace) -> int:
     from kvrouter.router.bench.client import run_workload
     from kvrouter.router.bench.workload import WorkloadSpec, distinct_prefixes, make_workload
 
-    spec = WorkloadSpec(seed=ns.seed, sessions=ns.sessions, users=ns.users, turns=ns.turns,
-                        env_every=ns.env_every, system_words=ns.system_words)
+    from kvrouter.router.usage import flag_errors
+
+    with flag_errors():
+        spec = WorkloadSpec(seed=ns.seed, sessions=ns.sessions or 12, users=ns.users, turns=ns.turns,
+                            env_every=ns.env_every, system_words=ns.system_words)
     sessions = make_workload(spec)
     from kvrouter.router.bench.tokenize import chat_tokenizer
 

@@ -28,8 +28,8 @@ from pydantic import Field
 from kvrouter.router.client_hints import PromptMarks, anthropic_marks, remove_billing_header
 from kvrouter.router.errors import ApiError, BadRequest, UnexpectedRole, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, METRICS, ROUTER_CONFIG
-from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, render_prompt,
-                                          route_header, send_event, sse_response)
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, prepare_sse, read_json,
+                                          render_prompt, route_header, send_event, sse_response)
 from kvrouter.router.views.streaming import KEEPALIVE, paced
 from kvrouter.router.views.generation import Outcome, StopStrings, collect, generate
 from kvrouter.router.views.openai_request import MaxTokens, ModelName, UnitNumber, cap_max_tokens
@@ -367,7 +367,7 @@ async def _stream(request, dispatcher, job, route, req, syntax, msg_id, header) 
         if event != "ping":
             last_event = loop.time()
 
-    await resp.prepare(request)
+    await prepare_sse(resp, request, header)
     cached = min(route.cached, len(job.tokens))
     await send("message_start", {"message": {
         "id": msg_id, "type": "message", "role": "assistant", "model": job.model.name,

@@ -20,7 +20,10 @@ PREVIEW_CHARS = 80
 KEEPALIVE_S = 10.0  # seconds between SSE keep-alives on an open stream (--stream-keepalive-s's default)
 # perf_counter() at arrival, set by router.app.error_middleware (a typed key where aiohttp has them)
 ARRIVED_KEY = web.RequestKey("kvrouter_arrived", float) if hasattr(web, "RequestKey") else "kvrouter_arrived"
-NAMESPACE_KEY = "kvrouter_namespace"  # set on the request by router.app.auth_middleware
+# set on the request by router.app.auth_middleware
+NAMESPACE_KEY = web.RequestKey("kvrouter_namespace", str) if hasattr(web, "RequestKey") else "kvrouter_namespace"
+# the API key's name (None without --api-keys-file), set by the same middleware
+KEY_NAME_KEY = web.RequestKey("kvrouter_key_name", object) if hasattr(web, "RequestKey") else "kvrouter_key_name"
 
 
 async def read_json(request: web.Request):
@@ -93,6 +96,14 @@ def route_header(route, notes: tuple[str, ...] = ()) -> str:
     if notes:
         header += "; normalised=" + ",".join(notes)
     return header
+
+
+async def prepare_sse(resp: web.StreamResponse, request: web.Request, header: str) -> None:
+    """Sends a stream's headers with `x-kvrouter-route` = `header` (`route_header`): a
+    stream starts as soon as its request is accepted, so the header carries the route's
+    prediction (the final usage carries the real reuse)."""
+    resp.headers["x-kvrouter-route"] = header
+    await resp.prepare(request)
 
 
 def sse_response(route_header: str, keepalive_s: float | None = None) -> EventSourceResponse:

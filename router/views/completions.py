@@ -16,8 +16,8 @@ from pydantic import BeforeValidator, Field
 
 from kvrouter.router.errors import ApiError, BadRequest, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, send_event,
-                                          sse_response)
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, prepare_sse, read_json,
+                                          send_event, sse_response)
 from kvrouter.router.views.generation import StopStrings, collect, generate
 from kvrouter.router.views.openai import usage_body
 from kvrouter.router.views.openai_request import (MODEL_TEXT, MaxTokens, ModelName, Seed, StreamOptions, Temperature,
@@ -144,7 +144,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             try:
                 async for item in items:
                     if not started:
-                        await resp.prepare(request)
+                        await prepare_sse(resp, request, route)
                         started = True
                     if isinstance(item, str):
                         await send_event(resp, choice(item))

@@ -12,8 +12,8 @@ from aiohttp import web
 from kvrouter.router.errors import ApiError, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.client_hints import prompt_cache_key
-from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, render_prompt,
-                                          send_event, sse_response)
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, prepare_sse, read_json,
+                                          render_prompt, send_event, sse_response)
 from kvrouter.router.views.streaming import paced
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import parse_chat_request
@@ -109,7 +109,7 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
     def chunk(delta: dict, finish=None) -> dict:
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
-    await resp.prepare(request)
+    await prepare_sse(resp, request, route.header())
     await send(chunk({"role": "assistant", "content": ""}))
     splitter = ToolCallSplitter(syntax, req.tools)
     async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:

@@ -18,8 +18,8 @@ from kvrouter.router.client_hints import prompt_cache_key
 from kvrouter.router.dispatch import check_context
 from kvrouter.router.errors import ApiError, ContextTooLong, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
-from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, read_json, render_prompt,
-                                          send_event, sse_response)
+from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, prepare_sse, read_json,
+                                          render_prompt, send_event, sse_response)
 from kvrouter.router.views.streaming import paced
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import (ARGUMENTS_TEXT, MODEL_TEXT, TOOL_CHOICE_TEXT, MaxTokens, ModelName,
@@ -270,7 +270,7 @@ def failed_body(resp_id, created, model, req, exc: ApiError) -> dict:
 async def _failed_stream(request, job, req, resp_id, created, exc: ApiError) -> web.StreamResponse:
     """A stream that fails at once: response.created, then response.failed."""
     resp = sse_response("", request.app[ROUTER_CONFIG].stream_keepalive_s)
-    await resp.prepare(request)
+    await prepare_sse(resp, request, "")
     shell = response_body(resp_id, created, job.model.name, req, [], None, "in_progress")
     await send_event(resp, {"type": "response.created", "sequence_number": 0, "response": shell}, "response.created")
     await send_event(resp, {"type": "response.failed", "sequence_number": 1,
@@ -294,7 +294,7 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
     splitter = ToolCallSplitter(syntax, req.tools)
     text_parts: list[str] = []
     part = {"item_id": msg_id, "output_index": 0, "content_index": 0}
-    await resp.prepare(request)
+    await prepare_sse(resp, request, route.header())
     shell = response_body(resp_id, created, job.model.name, req, [], None, "in_progress")
     await send("response.created", {"response": shell})
     await send("response.in_progress", {"response": shell})

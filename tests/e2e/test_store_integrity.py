@@ -157,7 +157,7 @@ def test_poison_checkpoint_is_quarantined_and_never_loaded_again(server, kv_dir)
         mx.save_safetensors(str(path), bad, metadata=meta)
         fixed = replace(entry, payload_bytes=path.stat().st_size, checksum=checksum_file(path))
         store.index.write(lambda txn: txn.update_row(fixed))
-        store.index.write(lambda txn: txn.set_live_bytes(txn.live_bytes() - entry.payload_bytes + fixed.payload_bytes))
+        store.index.write(lambda txn: txn.recount())  # the byte counters follow the edited row
     recs = replay(c, MODEL, [Step("poisoned", msgs, 2), Step("o2", other, 2), Step("after", msgs, 2)])
     assert recs["poisoned"].text  # the request succeeded...
     assert recs["poisoned"].cached_tokens == 0  # ...cold, after the poison failed its prefill

@@ -44,17 +44,21 @@ def test_c10_kill_mid_store_leaves_no_row(cfg: StoreConfig, monkeypatch, point):
     leftovers = set(os.listdir(cfg.directory / "payloads")) - {old.payload_name}
     assert len(leftovers) == 1  # the killed writer's file
     with CheckpointStore(cfg) as store:
-        remaining = set(os.listdir(store.payload_dir)) - {old.payload_name}
         if point == "after_payload_write":
-            # a temp file names its writer's pid: a dead writer's file goes at once
-            assert remaining == set()
+            # a temp file names its writer's pid: verify reports a dead writer's file at once...
+            assert store.verify() == [f"{name}: temp file of a dead writer" for name in leftovers]
+            assert set(os.listdir(store.payload_dir)) - {old.payload_name} == leftovers  # ...and leaves it
+            assert store.repair() == 1
+            assert set(os.listdir(store.payload_dir)) == {old.payload_name}
             assert store.verify() == []
         else:
-            # a young renamed orphan may belong to a writer about to commit: kept at open
-            assert remaining == leftovers
+            # a young renamed orphan may belong to a writer about to commit: kept by repair
+            assert store.verify() == [] and store.repair() == 0
+            assert set(os.listdir(store.payload_dir)) - {old.payload_name} == leftovers
         assert store.lookup("m", "ns", prompt).entry.id == old.id
     monkeypatch.setattr(store_mod, "ORPHAN_AGE_S", 0.0)
     with CheckpointStore(cfg) as store:
+        store.repair()
         assert os.listdir(store.payload_dir) == [old.payload_name]
         assert [e.id for e in store.entries()] == [old.id]
         assert store.lookup("m", "ns", prompt).entry.id == old.id

@@ -18,7 +18,9 @@ def test_doctor_reports_store_size_and_damage_without_repairing(tmp_path):
     report = format_report(checks)
     assert "2 checkpoints" in checks[0].detail and "anchor 1" in checks[0].detail
     assert "1 rows have no payload file" in report and "fix:" in report
-    with CheckpointStore(StoreConfig(directory=kv)) as store:  # doctor changed nothing; the open repairs
+    with CheckpointStore(StoreConfig(directory=kv)) as store:  # doctor changed nothing; repair fixes it
+        assert len(store.entries()) == 2
+        store.repair()
         assert len(store.entries()) == 1
 
 

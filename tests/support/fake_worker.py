@@ -28,7 +28,13 @@ class FakeWorkerClient:
     Its store: `store_id` names it ("" none) and `stored` holds its entries by id
     (pass the same dict to fakes of one host: they share the store).
     `store_checkpoint` / `remove_checkpoint` change it and send the `checkpoint`
-    event a worker sends; `list_checkpoints` lists it.
+    event a worker sends; `list_checkpoints` lists it. `store_anchors`: a request's
+    prefill stores its anchor (its first `anchor_tokens` tokens), as a worker does.
+
+    Faults: `freeze()` makes it a SIGSTOPped process (calls hang, status does not
+    answer, requests get no token) until `thaw()`; `quarantine_next` makes the next
+    request report no reuse (its checkpoint turned out damaged). `progress` counts
+    its steps of work, as a worker's status reports them.
     """
 
     LIVE_ID = 1  # its one live state (one batch slot)
@@ -44,6 +50,7 @@ class FakeWorkerClient:
         self.prefill_tps = prefill_tps
         self.time_scale = time_scale
         self.max_queue = max_queue
+        self.decode_s = 0.0  # seconds per generated token
         self.live: tuple[int, ...] = ()
         self.live_namespace = ""
         self.requests: list[GenerateRequest] = []
@@ -57,6 +64,21 @@ class FakeWorkerClient:
         self._seq = 0
         self.store_id = store_id
         self.stored: dict[str, Checkpoint] = stored if stored is not None else {}
+        self.store_anchors = False
+        self.quarantine_next = False
+        self.progress = 0
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+
+    def freeze(self) -> None:
+        self._thawed.clear()
+
+    def thaw(self) -> None:
+        self._thawed.set()
+
+    @property
+    def frozen(self) -> bool:
+        return not self._thawed.is_set()
 
     async def wait_ready(self, timeout_s: float) -> None:
         if not self.healthy:
@@ -68,12 +90,15 @@ class FakeWorkerClient:
     async def model_info(self, chat_template: str | None = None) -> ModelInfo:
         return ModelInfo(self.model_name, f"id-{self.model_name}", 4096)
 
-    async def status(self, live_states: bool = False) -> WorkerStatus:
+    async def status(self, live_states: bool = False, timeout_s: float = 5.0) -> WorkerStatus:
+        if self.frozen:
+            await asyncio.sleep(timeout_s)
+            raise WorkerUnavailable(f"worker {self.name} status: DEADLINE_EXCEEDED")
         lives = (LiveStateInfo(self.LIVE_ID, self.live_namespace, self.live),) if self.live and live_states else ()
         return WorkerStatus(
             model_name=self.model_name, queue_depth=self._queued, requests_served=self.served, pid=0,
             rates=Rates(prefill_tps=self.prefill_tps), max_queue=self.max_queue, event_seq=self._seq,
-            store_id=self.store_id, slots=1, prompt_slots=1, live_states=lives,
+            store_id=self.store_id, slots=1, prompt_slots=1, live_states=lives, progress=self.progress,
         )
 
     async def cache_events(self) -> AsyncIterator[CacheUpdate]:
@@ -124,17 +149,28 @@ class FakeWorkerClient:
         prompt = tuple(request.prompt)
         self._queued += 1
         try:
+            await self._thawed.wait()
             async with self._lock:
+                await self._thawed.wait()
                 cached = 0
                 if request.namespace == self.live_namespace:
                     for a, b in zip(self.live, prompt[:-1]):
                         if a != b:
                             break
                         cached += 1
+                if self.quarantine_next:
+                    cached, self.quarantine_next = 0, False
                 prefilled = len(prompt) - cached
                 self.prefilled_tokens += prefilled
-                if self.time_scale:
-                    await asyncio.sleep(prefilled / self.prefill_tps * self.time_scale)
+                if self.time_scale:  # in chunks of at most 0.1 s, each a step of progress
+                    left = prefilled / self.prefill_tps * self.time_scale
+                    while left > 0:
+                        await asyncio.sleep(min(0.1, left))
+                        left -= 0.1
+                        self.progress += 1
+                self.progress += 1
+                if self.store_anchors and request.anchor_tokens:
+                    self.store_checkpoint(prompt[: request.anchor_tokens], request.namespace)
                 out = []
                 for i in range(max(1, request.max_tokens)):
                     if i == 1 and self.fail_next is not None and self.fail_mid_stream:
@@ -142,8 +178,11 @@ class FakeWorkerClient:
                         raise exc(f"worker {self.name}: injected failure mid-stream")
                     token = 1000 + i
                     out.append(token)
-                    yield Delta((token,), f"t{i} ")
-                    await asyncio.sleep(0)
+                    await self._thawed.wait()
+                    self.progress += 1
+                    reuse = (cached, "live" if cached else "none") if i == 0 else None
+                    yield Delta((token,), f"t{i} ", reuse)
+                    await asyncio.sleep(self.decode_s)
                 self.live, self.live_namespace = prompt + tuple(out), request.namespace
                 self.served += 1
                 self._emit_live()

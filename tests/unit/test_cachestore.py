@@ -10,9 +10,11 @@ import stat
 import time
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from kvrouter import cachestore
+from kvrouter.cachestore import store as store_module
 from kvrouter.cachestore import CheckpointStore, Entry, PayloadError, StoreConfig, keys
 
 
@@ -22,6 +24,7 @@ from tests.support.store_data import cfg, store, toks, writer  # noqa: F401  (cf
 def test_public_api():
     assert set(cachestore.__all__) == {
         "KINDS", "StoreConfig", "Entry", "Hit", "StoreEvent", "CheckpointStore", "PayloadError", "PlannedStore", "SkippedStore",
+        "StoreUnavailableError", "IndexStats",
         "StorePlan", "align_down", "eviction_score", "eviction_victims", "plan_stores",
     }
     assert cachestore.KINDS == ("anchor", "waypoint", "evict", "shutdown", "hint")
@@ -109,33 +112,125 @@ def test_c9_forged_namespace_collides_with_nothing(store: CheckpointStore, victi
     assert store.lookup(*forged, prompt).entry.namespace == forged[1]
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """Writes resume at once after a failure (the backoff has its own test)."""
+    monkeypatch.setattr(store_module, "WRITE_BACKOFF_INITIAL_S", 0.0)
+
+
+@pytest.mark.parametrize("code,reason", [(errno.ENOSPC, "disk_full"), (errno.EIO, "io_error")])
 @pytest.mark.parametrize("after_bytes", [0, 4096])
-def test_c12_failed_store_never_visible(store: CheckpointStore, caplog, code, after_bytes):
+def test_c12_failed_store_never_visible(cfg: StoreConfig, caplog, code, reason, after_bytes, no_backoff):
     prompt = toks(300)
+    events = []
 
     def failing(path: Path) -> None:
         with open(path, "wb") as f:
             f.write(b"z" * after_bytes)
         raise OSError(code, os.strerror(code))
 
-    with caplog.at_level(logging.WARNING, logger="kvrouter.cachestore"):
-        assert store.save("anchor", "m", "ns", prompt, failing) is None
-    assert "io_error" in caplog.text and os.strerror(code) in caplog.text
-    assert store.lookup("m", "ns", prompt) is None
-    assert store.entries() == [] and os.listdir(store.payload_dir) == [] and store.total_bytes() == 0
-    # the request goes on and a later store of the same prefix succeeds
-    assert store.save("anchor", "m", "ns", prompt, writer(b"ok")) is not None
+    with CheckpointStore(cfg, on_event=events.append) as store:
+        with caplog.at_level(logging.WARNING, logger="kvrouter.cachestore"):
+            assert store.save("anchor", "m", "ns", prompt, failing) is None
+        assert f"reason={reason}" in caplog.text and os.strerror(code) in caplog.text
+        assert [(e.action, e.reason) for e in events] == [("skipped", reason)]
+        assert store.lookup("m", "ns", prompt) is None
+        assert store.entries() == [] and os.listdir(store.payload_dir) == [] and store.total_bytes() == 0
+        # the request goes on and a later store of the same prefix succeeds
+        assert store.save("anchor", "m", "ns", prompt, writer(b"ok")) is not None
 
 
-def test_other_exception_propagates_after_cleanup(store: CheckpointStore):
+@pytest.mark.parametrize("exc,reason", [
+    (RuntimeError("[write] Unable to write 86933 bytes to file."), "write_failed"),  # what mx.save_safetensors raises
+    (lmdb.DiskError("mdb_txn_commit: No space left on device"), "index_error"),
+])
+def test_mlx_and_lmdb_write_errors_are_skips(cfg: StoreConfig, exc, reason, no_backoff):
+    events = []
+
     def boom(path: Path) -> None:
         path.write_bytes(b"half")
-        raise RuntimeError("mlx failed")
+        raise exc
 
-    with pytest.raises(RuntimeError):
+    with CheckpointStore(cfg, on_event=events.append) as store:
+        assert store.save("anchor", "m", "ns", toks(10), boom) is None
+        assert [(e.action, e.reason) for e in events] == [("skipped", reason)]
+        assert os.listdir(store.payload_dir) == [] and store.entries() == []
+
+
+def test_a_failing_commit_is_a_skip(store: CheckpointStore, monkeypatch, no_backoff):
+    def full(fn):
+        raise lmdb.MapFullError("mdb_put: MDB_MAP_FULL")
+
+    monkeypatch.setattr(store.index, "write", full)
+    assert store.save("anchor", "m", "ns", toks(10), writer(b"x")) is None
+    assert os.listdir(store.payload_dir) == [] and store.entries() == []
+
+
+def test_programming_errors_propagate_after_cleanup(store: CheckpointStore):
+    def boom(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise TypeError("bug")
+
+    with pytest.raises(TypeError):
         store.save("anchor", "m", "ns", toks(10), boom)
     assert os.listdir(store.payload_dir) == [] and store.entries() == []
+
+
+def test_writes_back_off_after_a_failure_then_recheck_free_space(cfg: StoreConfig, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock[0])
+    free = [10 * 2**30]
+    monkeypatch.setattr(store_module.payload, "disk_space", lambda d: (free[0], 100 * 2**30))
+    events, calls = [], []
+
+    def full(path: Path) -> None:
+        calls.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with CheckpointStore(cfg, on_event=events.append) as store:
+        assert store.save("anchor", "m", "ns", toks(10), full) is None
+        assert not store.writable
+        # during the backoff nothing is written: a full disk costs later requests nothing
+        assert store.save("anchor", "m", "ns", toks(20), full) is None
+        assert len(calls) == 1 and events[-1].reason == "write_backoff"
+        clock[0] += store_module.WRITE_BACKOFF_INITIAL_S + 0.1
+        free[0] = 2**20  # still full when the backoff ends: checked before writing
+        assert store.save("anchor", "m", "ns", toks(30), full, size_hint=4096) is None
+        assert len(calls) == 1 and events[-1].reason == "disk_full"
+        clock[0] += store_module.WRITE_BACKOFF_MAX_S
+        free[0] = 10 * 2**30
+        assert store.save("anchor", "m", "ns", toks(40), writer(b"ok")) is not None
+        assert store.writable and [e.action for e in events] == ["skipped"] * 3 + ["stored"]
+
+
+def test_hit_counter_and_quarantine_failures_are_dropped(store: CheckpointStore, monkeypatch, caplog):
+    e = store.save("anchor", "m", "ns", toks(100), writer(b"x"))
+    real_write = store.index.write
+
+    def disk_error(fn):
+        raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+
+    monkeypatch.setattr(store.index, "write", disk_error)
+    with caplog.at_level(logging.WARNING, logger="kvrouter.cachestore"):
+        store.touch(e.id)  # no exception
+        store.quarantine(e.id, "load failed")  # no exception
+    assert "hit counter" in caplog.text and "not recorded" in caplog.text
+    monkeypatch.setattr(store.index, "write", real_write)
+    # this process never loads it again, and its payload is gone for the others
+    assert store.lookup("m", "ns", toks(100)) is None
+    with pytest.raises(PayloadError):
+        store.payload_path(e)
+    assert not (store.payload_dir / e.payload_name).exists()
+
+
+def test_lookup_on_a_broken_index_is_a_miss(store: CheckpointStore, monkeypatch):
+    store.save("anchor", "m", "ns", toks(100), writer(b"x"))
+
+    def broken():
+        raise lmdb.CorruptedError("mdb_txn_begin: MDB_CORRUPTED")
+
+    monkeypatch.setattr(store.index, "read", broken)
+    assert store.lookup("m", "ns", toks(100)) is None
 
 
 def test_c11_checksum_mismatch_quarantines(store: CheckpointStore, caplog):
@@ -217,14 +312,17 @@ def test_touch_remove_entries(store: CheckpointStore):
         store.tokens_of(e.id)
 
 
-def test_open_drops_rows_without_payload(cfg: StoreConfig):
+def test_repair_drops_rows_without_payload_open_does_not(cfg: StoreConfig):
     with CheckpointStore(cfg) as store:
         e = store.save("anchor", "m", "ns", toks(100), writer(b"x"))
         keep = store.save("anchor", "m", "ns", toks(100, 5), writer(b"y"))
     (cfg.directory / "payloads" / e.payload_name).unlink()
     with CheckpointStore(cfg) as store:
+        assert len(store.entries()) == 2  # opening changes nothing
+        assert store.repair() == 0
         assert [x.id for x in store.entries()] == [keep.id]
         assert store.lookup("m", "ns", toks(100)) is None and store.total_bytes() == 1
+        assert store.stats().entries["anchor"] == 1 and store.stats().payload_bytes["anchor"] == 1
 
 
 # ---- lookup cost ----------------------------------------------------------------------------
@@ -323,7 +421,7 @@ def test_store_events_name_the_entry_and_stores_carry_its_tokens(cfg: StoreConfi
     assert (r.entry_id, r.namespace, r.model_id, r.n_tokens) == (c.id, "ns", "m2", 300)
 
 
-def test_failed_store_leaves_the_schedule_for_a_later_try(store: CheckpointStore):
+def test_failed_store_leaves_the_schedule_for_a_later_try(store: CheckpointStore, no_backoff):
     """Policy rule 1: the plan is derived from what the index holds, so a store
     that failed (ENOSPC) is planned again by the next request, and succeeds then."""
     from kvrouter.cachestore import plan_stores
@@ -345,6 +443,75 @@ def test_failed_store_leaves_the_schedule_for_a_later_try(store: CheckpointStore
     hit = store.lookup("m", "ns", prompt)
     assert hit.n_tokens == 700
     assert plan_stores(len(prompt), hit.n_tokens, 700, cfg).stores == ()
+
+
+# ---- concurrency inside a process -----------------------------------------------------------
+
+
+def test_reads_and_writes_never_wait_for_a_long_read(store: CheckpointStore):
+    """Issue 13: a scan (the metrics scrape, a listing) holds a read transaction; routing
+    lookups and stores go on meanwhile (an ordering: they finish while it is still open)."""
+    import threading
+
+    e = store.save("anchor", "m", "ns", toks(300), writer(b"a"))
+    inside, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def long_read() -> None:
+        with store.index.read() as txn:
+            txn.rows()
+            inside.set()
+            release.wait(30)
+        done.set()
+
+    t = threading.Thread(target=long_read)
+    t.start()
+    assert inside.wait(10)
+    try:
+        assert store.lookup("m", "ns", toks(300) + [1]).entry.id == e.id
+        assert store.save("waypoint", "m", "ns", toks(500, 9), writer(b"w")) is not None
+        store.touch(e.id)
+        assert store.stats().entries == {"anchor": 1, "waypoint": 1, "evict": 0, "shutdown": 0, "hint": 0}
+        assert not done.is_set()
+    finally:
+        release.set()
+        t.join(10)
+
+
+def test_map_growth_waits_for_open_reads(tmp_path: Path, monkeypatch):
+    """Resizing the map is the one thing that must not overlap a transaction of the process."""
+    import threading
+
+    from kvrouter.cachestore import index as index_mod
+
+    monkeypatch.setattr(index_mod, "INITIAL_MAP_SIZE", 64 * 1024)
+    with CheckpointStore(StoreConfig(directory=tmp_path / "s", min_tokens=1)) as s:
+        inside, release = threading.Event(), threading.Event()
+
+        def long_read() -> None:
+            with s.index.read() as txn:
+                txn.rows()
+                inside.set()
+                release.wait(30)
+
+        t = threading.Thread(target=long_read)
+        t.start()
+        assert inside.wait(10)
+        writer_done = threading.Event()
+
+        def fill() -> None:
+            for i in range(40):
+                s.save("waypoint", "m", "ns", toks(2000, i), writer(b"x"))
+            writer_done.set()
+
+        w = threading.Thread(target=fill)
+        w.start()
+        assert not writer_done.wait(1)  # the growth waits for the open read
+        release.set()
+        t.join(10)
+        assert writer_done.wait(60)
+        w.join()
+        assert len(s.entries()) == 40
+        assert s.index._handle.env.info()["map_size"] > 64 * 1024
 
 
 def _safetensors_writer(metadata: dict):

@@ -44,6 +44,7 @@ class FakeEngine:
         self.rates = Rates(prefill_tps=250.0, disk_bps=5e8)
         self.queue_depth = 0
         self.requests_served = 0
+        self.progress = 0
         self.live_prefix_tokens = 3
         self.jobs = []
 
@@ -167,6 +168,36 @@ def test_non_loopback_listen_needs_a_token():
     assert not is_loopback("0.0.0.0:50051") and not is_loopback("10.0.0.2:1")
     with pytest.raises(ValueError, match="worker-token"):
         create_server("0.0.0.0:0", FakeEngine(), INFO)
+
+
+async def test_smg_port_off_loopback_needs_the_worker_token():
+    """Issue 13: the SMG port bound any address without a token; every non-loopback
+    worker port needs --worker-token (SMG sends it: `smg launch --api-key TOKEN`)."""
+    pytest.importorskip("smg_grpc_proto")
+    from grpc_health.v1 import health_pb2_grpc
+
+    from kvrouter.worker.smg_servicer import create_smg_server
+
+    from tokenizers import Tokenizer, models
+
+    engine = FakeEngine()
+    engine.bundle = SimpleNamespace(tokenizer_json=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).to_str())
+    with pytest.raises(ValueError, match="worker-token"):
+        create_smg_server("0.0.0.0:0", engine, "model")
+    server, port, _, health_servicer = create_smg_server("127.0.0.1:0", engine, "model", token="s3cret")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10,
+                                  metadata=(("authorization", "Bearer s3cret"),))
+            assert ok.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(None)
 
 
 async def test_cache_events_are_numbered_and_start_with_the_live_states():

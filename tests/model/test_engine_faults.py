@@ -1,0 +1,189 @@
+"""The engine in process with the real default model, under the faults of issue 13 (and
+the checkpoint writer shared with issue 15): a checkpoint write never holds a first
+token, a request's Final still reports its stores, and a writer that is behind skips
+stores instead of queueing them without bound."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kvrouter.worker import cache_state
+from kvrouter.worker.events import FinishEvent, TokenEvent
+from tests.model.test_engine_batching import prompt_of
+from tests.support.engine import Call, make_engine
+
+SMOLLM_KV_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 4  # layers x kv heads x head dim x (keys, values) x fp32
+
+
+@pytest.fixture
+def blocked_writes(monkeypatch):
+    """Payload writes wait until `release` is set (a slow disk); `started` is set by the first."""
+    started, release = threading.Event(), threading.Event()
+    real = cache_state.payload_writer
+
+    def slow_writer(caches, n_tokens, model_id):
+        write = real(caches, n_tokens, model_id)
+
+        def blocked(path):
+            started.set()
+            assert release.wait(120)
+            write(path)
+
+        return blocked
+
+    monkeypatch.setattr(cache_state, "payload_writer", slow_writer)
+    yield started, release
+    release.set()
+
+
+def test_a_checkpoint_write_never_holds_the_first_token(tmp_path, blocked_writes):
+    started, release = blocked_writes
+    engine = make_engine(tmp_path / "kv", decode_concurrency=2)
+    try:
+        call = Call(engine, prompt_of(300, 21), max_tokens=3)  # a cold store at 256 tokens
+        assert started.wait(120)  # the write is under way (and stuck)...
+        first = call.next_event()
+        assert isinstance(first, TokenEvent)  # ...and the first token came anyway
+        while len(call.tokens) < 3:
+            assert isinstance(call.next_event(), TokenEvent)
+        assert call.final is None and engine.writer.pending() == 1  # the Final waits for its store
+        release.set()
+        final = call.wait()
+        assert isinstance(final, FinishEvent)
+        assert [(e.action, e.kind, e.n_tokens) for e in final.store_events] == [("stored", "anchor", 256)]
+    finally:
+        release.set()
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_a_writer_behind_skips_lower_value_stores(tmp_path, blocked_writes):
+    started, release = blocked_writes
+    engine = make_engine(tmp_path / "kv", decode_concurrency=1)
+    object.__setattr__(engine.writer, "max_items", 1)
+    try:
+        a = Call(engine, prompt_of(300, 31), max_tokens=1)  # its store blocks the writer
+        assert started.wait(120)
+        b = Call(engine, prompt_of(300, 32), max_tokens=1)  # its store waits in the queue (1 item)
+        for call in (a, b):
+            while not call.tokens:
+                call.next_event()
+        c = Call(engine, prompt_of(300, 33), max_tokens=1)  # evicts b's live state: queue full
+        while not c.tokens:
+            c.next_event()
+        release.set()
+        events = {name: call.wait().store_events for name, call in zip("abc", (a, b, c))}
+        # b's anchor displaced a's queued evict store; b's evict store and c's anchor (no
+        # lower-valued store queued) were skipped; the queue never held more than one
+        assert [(e.action, e.kind) for e in events["a"]] == [("stored", "anchor")]
+        assert sorted((e.action, e.kind, e.reason) for e in events["b"]) == [
+            ("skipped", "evict", "writer_behind"), ("stored", "anchor", "")]
+        assert sorted((e.action, e.kind, e.reason) for e in events["c"]) == [
+            ("skipped", "anchor", "writer_behind"), ("skipped", "evict", "writer_behind")]
+    finally:
+        release.set()
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_a_burst_on_a_new_prefix_stays_within_the_admitted_bytes_budget(tmp_path):
+    """Issue 13 item 5: admission counts the KV each running sequence will hold (padded
+    as mlx-lm pads the batch) against the worker's budget, so a burst queues."""
+    from kvrouter.worker.config import MemoryConfig
+    from kvrouter.worker.sizing import batch_bytes
+
+    kv_per_token = SMOLLM_KV_BYTES_PER_TOKEN
+    shared = prompt_of(200, 41)
+    prompts = [shared + prompt_of(20, 50 + i) for i in range(6)]
+    per_request = batch_bytes([len(prompts[0]) + 2], kv_per_token)
+    budget = 2 * per_request  # room for two sequences at a time
+    engine = make_engine(tmp_path / "kv", decode_concurrency=6, prompt_concurrency=6,
+                         memory=MemoryConfig(running_kv_bytes=budget))
+    try:
+        calls = [Call(engine, p, max_tokens=2) for p in prompts]
+        finals = [c.wait() for c in calls]
+        assert all(f.finish_reason in ("stop", "length") for f in finals)
+        assert engine.peak_admitted_kv_bytes == budget  # two at a time, never three
+        assert engine.admitted_kv_bytes == 0
+        # the shared prefix was still computed once (prefill sharing inside the budget)
+        assert sum(f.usage.prefilled_tokens for f in finals) < 2 * len(shared) + 6 * 20 + 6
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_a_seeded_request_is_reproducible_alone_or_in_a_busy_batch():
+    """Issue 13 item 6: a seeded sampling request runs unbatched, so other requests'
+    draws never change its own, and it never changes theirs."""
+    engine = make_engine(decode_concurrency=4, prompt_concurrency=4)
+    try:
+        seeded_prompt = prompt_of(24, 61)
+
+        def seeded():
+            return Call(engine, seeded_prompt, max_tokens=8, temperature=1.0, seed=1234)
+
+        warm = seeded()
+        warm.wait()  # its live state now exists: the next two start from the same state
+        alone = seeded()
+        alone.wait()
+        busy = [Call(engine, prompt_of(24, 70 + i), max_tokens=12, temperature=1.0) for i in range(2)]
+        for b in busy:
+            while not b.tokens:
+                b.next_event()
+        crowded = seeded()  # submitted while two sampling requests decode
+        crowded.wait()
+        for b in busy:
+            b.wait()
+        assert crowded.tokens == alone.tokens
+        assert len(alone.tokens) == 8
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_memory_is_handed_back_after_load_and_the_cache_limit_set():
+    import mlx.core as mx
+
+    engine = make_engine(decode_concurrency=1)
+    try:
+        limit = mx.set_cache_limit(0)
+        mx.set_cache_limit(limit)
+        assert 0 < limit <= 2048 * 2**20  # the sized default, not MLX's own (the memory limit)
+        assert mx.get_cache_memory() <= limit
+        assert engine.config.running_kv_bytes > 0
+        assert engine.config.kv_bytes_per_token == SMOLLM_KV_BYTES_PER_TOKEN
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_requests_admitted_together_share_one_restored_checkpoint(tmp_path, monkeypatch):
+    """Issue 13 item 5: two requests restored from the same disk checkpoint in one
+    admission round load it once (the RAM tier is off here, so nothing else would share)."""
+    first = make_engine(tmp_path / "kv", decode_concurrency=1, ram_bytes=0)
+    shared = prompt_of(300, 81)
+    try:
+        stored = Call(first, shared, max_tokens=1).wait()
+        assert [(e.action, e.n_tokens) for e in stored.store_events] == [("stored", 256)]
+    finally:
+        first.stop(shutdown_checkpoint=False)
+    loads = []
+    real = cache_state.load_payload
+
+    def counting(path, *args):
+        loads.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(cache_state, "load_payload", counting)
+    engine = make_engine(tmp_path / "kv", decode_concurrency=3, prompt_concurrency=3, ram_bytes=0)
+    try:
+        # an unrelated long prefill keeps the engine inside a batch step while the two arrive,
+        # so they wait in the queue together and are admitted in one round
+        busy = Call(engine, prompt_of(300, 84), max_tokens=1)
+        while engine.progress == 0:
+            threading.Event().wait(0.01)
+        b = Call(engine, shared[:256] + prompt_of(30, 82), max_tokens=1)
+        c = Call(engine, shared[:256] + prompt_of(30, 83), max_tokens=1)
+        busy.wait()
+        fb, fc = b.wait(), c.wait()
+        assert (fb.usage.cached_tokens, fc.usage.cached_tokens) == (256, 256)
+        assert len(loads) == 1  # one read of the payload for both
+    finally:
+        engine.stop(shutdown_checkpoint=False)
