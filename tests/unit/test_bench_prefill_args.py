@@ -1,5 +1,6 @@
-"""`python -P -m kvrouter.worker.bench_prefill`'s command line (no model): the
-GPU driver calls it as `--model DIR --through-engine --tokens 32768 --json FILE`."""
+"""Command lines of the long-prefill work (no model): `python -P -m
+kvrouter.worker.bench_prefill` (the GPU driver calls it as `--model DIR
+--through-engine --tokens 32768 --json FILE`) and `--long-prefill-tokens`."""
 
 from __future__ import annotations
 
@@ -27,3 +28,16 @@ def test_bad_lengths_are_a_usage_error(bad, capsys):
         build_parser().parse_args(["--tokens", bad])
     assert e.value.code == 2
     assert "--tokens" in capsys.readouterr().err
+
+
+def test_long_prefill_tokens_reaches_a_spawned_worker():
+    """`serve` passes --long-prefill-tokens to its workers (BatchingConfig.as_args),
+    and the worker's command line parses it back."""
+    from kvrouter.router.cli import batching_config
+    from kvrouter.router.cli import build_parser as cli_parser
+    from kvrouter.worker.config import DEFAULT_LONG_PREFILL_TOKENS, BatchingConfig
+
+    assert batching_config(cli_parser().parse_args(["worker"])).long_prefill_tokens == DEFAULT_LONG_PREFILL_TOKENS
+    for value in (0, 1024):
+        config = BatchingConfig(4, 2, long_prefill_tokens=value)
+        assert batching_config(cli_parser().parse_args(["worker", *config.as_args()])) == config
