@@ -94,8 +94,10 @@ def _engine(bundle, hf_tok, plan, long_prefill_tokens: int):
     from kvrouter.worker.engine import Engine, EngineConfig
 
     b = BatchingConfig()
+    # live_state_bytes 1: a finished request's state is dropped at once (each run is a new
+    # prompt; long states would only fill memory)
     engine = Engine(bundle, hf_tok, CheckpointManager(bundle.identity, bundle.state, None), EngineConfig(
-        plan.prefill_chunk_tokens, 0, b.decode_concurrency, b.prompt_concurrency, plan.live_state_bytes,
+        plan.prefill_chunk_tokens, 0, b.decode_concurrency, b.prompt_concurrency, 1,
         running_kv_bytes=plan.running_kv_bytes, kv_bytes_per_token=plan.kv_bytes_per_token,
         long_prefill_tokens=long_prefill_tokens))
     engine.start()
@@ -105,7 +107,8 @@ def _engine(bundle, hf_tok, plan, long_prefill_tokens: int):
 def measure(model: str | None = None, lengths=(2048, 8192), repeat: int = 2, chunk: int | None = None,
             modes=MODES, cache_dir: Path | None = None, long_prefill_tokens: int | None = None, log=print) -> dict:
     """Times to first token of `lengths`-token prompts (tokens) through each of `modes`
-    (see the module docstring), `repeat` times each after a warm-up.
+    (see the module docstring), `repeat` times each, the modes taking turns, after one
+    short warm-up request each.
 
     model: an mlx-lm directory, GGUF path or None for the default model. chunk: the
     prefill chunk, tokens (None: the worker's default for this backend,
@@ -136,31 +139,33 @@ def measure(model: str | None = None, lengths=(2048, 8192), repeat: int = 2, chu
     report = {"device": str(mx.default_device()), "model": bundle.name, "prefill_chunk_tokens": chunk,
               "long_prefill_tokens": long_prefill_tokens, "lengths": []}
     rows = {n: {"tokens": n} for n in lengths}
+    engines = {m: _engine(bundle, hf_tok, plan, long_prefill_tokens if m == "worker" else 0)
+               for m in modes if m != "plain"}
     seed = 1
-    for mode in modes:
-        engine = None
-        if mode != "plain":
-            engine = _engine(bundle, hf_tok, plan, long_prefill_tokens if mode == "worker" else 0)
-        try:
-            for n in lengths:
-                seed += 1
-                # warm-up at this length (buffers, kernels), then the measured runs
-                _run(mode, bundle.model, engine, _prompt(min(n, 2 * chunk + 1), seed), chunk)
-                times, prefill = [], []
-                for _ in range(repeat):
+    try:
+        for mode in modes:  # warm-up: buffers, kernels, the engine thread
+            seed += 1
+            _run(mode, bundle.model, engines.get(mode), _prompt(2 * chunk + 1, seed), chunk)
+        for n in lengths:
+            # modes take turns within each repeat, so a busy machine slows them alike
+            times: dict[str, list[float]] = {m: [] for m in modes}
+            prefill: dict[str, list[float]] = {m: [] for m in modes}
+            for _ in range(repeat):
+                for mode in modes:
                     seed += 1
-                    t, p = _run(mode, bundle.model, engine, _prompt(n, seed), chunk)
-                    times.append(t)
-                    prefill.append(p)
-                row = rows[n]
-                row[f"{mode}_s"], row[f"{mode}_all_s"] = min(times), times
-                if engine is not None:
-                    row[f"{mode}_prefill_s"] = min(prefill)
-                log(f"{mode:>12} {n:>6} tokens: best {min(times):7.3f} s, median {statistics.median(times):7.3f} s "
-                    f"({n / min(times):7.1f} tok/s)")
-        finally:
-            if engine is not None:
-                engine.stop(shutdown_checkpoint=False)
+                    t, p = _run(mode, bundle.model, engines.get(mode), _prompt(n, seed), chunk)
+                    times[mode].append(t)
+                    prefill[mode].append(p)
+            for mode in modes:
+                row, ts = rows[n], times[mode]
+                row[f"{mode}_s"], row[f"{mode}_all_s"] = min(ts), ts
+                if mode in engines:
+                    row[f"{mode}_prefill_s"] = min(prefill[mode])
+                log(f"{mode:>12} {n:>6} tokens: best {min(ts):7.3f} s, median {statistics.median(ts):7.3f} s "
+                    f"({n / min(ts):7.1f} tok/s)")
+    finally:
+        for engine in engines.values():
+            engine.stop(shutdown_checkpoint=False)
     for n in lengths:
         row = rows[n]
         if "plain_s" in row:
