@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -270,3 +271,9 @@ if __name__ == "__main__":
 
     reexec_with_preload([*module_command("kvrouter.worker.bench_prefill"), *sys.argv[1:]])
     main()
+    # A process that ran an engine aborts in MLX's native teardown at interpreter exit
+    # ("terminate called without an active exception", status 134; bench_batching does the
+    # same): the figures are out, so leave at once with the true status for the driver.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
