@@ -7,8 +7,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("anchor", "waypoint", "evict", "shutdown")
-"""Checkpoint kinds (ds4 vocabulary): cold anchor, continued waypoint, evict-time and shutdown-time stores."""
+KINDS = ("anchor", "waypoint", "evict", "shutdown", "hint")
+"""Checkpoint kinds (ds4 vocabulary): cold anchor, continued waypoint, evict-time and shutdown-time
+stores; and `hint`, a position the client marked as the end of a stable prefix (Anthropic
+`cache_control`)."""
 
 
 @dataclass(frozen=True)

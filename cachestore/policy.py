@@ -16,7 +16,7 @@ from .entry import Entry
 
 @dataclass(frozen=True)
 class PlannedStore:
-    """A checkpoint to write during this prefill: its length in tokens and kind ("anchor" or "waypoint")."""
+    """A checkpoint to write during this prefill: its length in tokens and kind ("anchor", "waypoint" or "hint")."""
 
     n_tokens: int
     kind: str
@@ -26,11 +26,14 @@ class PlannedStore:
 class SkippedStore:
     """A checkpoint the policy considered and refused, for logging and counting (case C2: no silent skips).
 
-    reason: "below_min_tokens", "over_cold_max" or "anchor_past_prompt".
+    reason: "below_min_tokens", "over_cold_max", "anchor_past_prompt" or (hints) "hint_near_store",
+    "hint_spacing".
+    kind: the kind the store would have had ("anchor", "waypoint" or "hint").
     """
 
     n_tokens: int
     reason: str
+    kind: str = "anchor"
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,15 @@ def align_down(n: int, align: int) -> int:
     return max(0, n) // align * align
 
 
-def plan_stores(prompt_len: int, hit_len: int, anchor_len: int | None, cfg: StoreConfig) -> StorePlan:
+def plan_stores(prompt_len: int, hit_len: int, anchor_len: int | None, cfg: StoreConfig,
+                hints: Iterable[int] = ()) -> StorePlan:
     """Checkpoints to write while prefilling a prompt.
 
     Inputs (tokens): ``prompt_len`` the prompt length; ``hit_len`` the length of the reused
     prefix (0 = fully cold); ``anchor_len`` the stable chat prefix the router computed
-    (everything before the last user turn preceding the first assistant turn), or None.
+    (everything before the last user turn preceding the first assistant turn), or None;
+    ``hints`` positions where the client marked the end of a stable prefix (Anthropic
+    ``cache_control`` breakpoints, placed on tokens by the router), in any order.
 
     Rules:
       - cold anchor (ds4), when hit_len == 0: at ``anchor_len`` when it is valid
@@ -64,6 +70,17 @@ def plan_stores(prompt_len: int, hit_len: int, anchor_len: int | None, cfg: Stor
       - continued waypoints (ds4): every multiple of ``cfg.interval_tokens`` in
         (hit_len, prompt_len], kind "waypoint", not limited by cold_max; a waypoint at the
         position of the anchor is dropped (one store per position).
+      - client hints (kind "hint"), after the rules above, in ascending order: a hint
+        position p with hit_len < p <= prompt_len is stored when p >= min_tokens, no
+        planned store lies within HINT_MERGE_TOKENS of it (either side), and p lies at
+        least ``cfg.interval_tokens`` past the nearest of what already ends a stable
+        prefix below it: the stored prefix ``hit_len`` (when > 0), the planned anchor,
+        hints kept so far. At most one hint checkpoint per waypoint interval, so a
+        breakpoint on the final user message of every request (Claude Code puts one
+        there) does not mean a store per request; a hint before the anchor (the end of
+        a stable block ahead of a volatile one) is kept. Waypoints do not count: their
+        positions are multiples of the interval, not ends of blocks. Hints are not
+        limited by cold_max (waypoints are not either).
     No store is ever planned past prompt_len (the caller keeps the last token out on restore).
 
     Returns a StorePlan. Raises ValueError when 0 <= hit_len <= prompt_len does not hold.
@@ -96,14 +113,41 @@ def plan_stores(prompt_len: int, hit_len: int, anchor_len: int | None, cfg: Stor
         if pos in stores:
             continue
         if pos < cfg.min_tokens:
-            skipped.append(SkippedStore(pos, "below_min_tokens"))
+            skipped.append(SkippedStore(pos, "below_min_tokens", "waypoint"))
             continue
         stores[pos] = PlannedStore(pos, "waypoint")
 
+    _plan_hints(stores, skipped, prompt_len, hit_len, hints, cfg)
     return StorePlan(
         stores=tuple(stores[k] for k in sorted(stores)),
         skipped=tuple(sorted(skipped, key=lambda s: s.n_tokens)),
     )
+
+
+HINT_MERGE_TOKENS = 64
+"""A hint this close to another planned store is that store's position for reuse purposes
+(what it would save is recomputed in a fraction of one 256-token prefill chunk); e.g. the end
+of a system block and the anchor just after the template's end-of-turn tokens."""
+
+
+def _plan_hints(stores: dict[int, PlannedStore], skipped: list[SkippedStore], prompt_len: int, hit_len: int,
+                hints: Iterable[int], cfg: StoreConfig) -> None:
+    """Adds the client hints `plan_stores` keeps to `stores` (see its rules), the others to `skipped`."""
+    interval = cfg.interval_tokens
+    for pos in sorted(set(hints)):
+        if not hit_len < pos <= prompt_len or pos in stores:
+            continue  # already stored, past the prompt, or planned as another kind
+        if pos < cfg.min_tokens:
+            skipped.append(SkippedStore(pos, "below_min_tokens", "hint"))
+            continue
+        if any(abs(p - pos) <= HINT_MERGE_TOKENS for p in stores):
+            skipped.append(SkippedStore(pos, "hint_near_store", "hint"))
+            continue
+        below = [p for p, s in stores.items() if p < pos and s.kind != "waypoint"] + ([hit_len] if hit_len else [])
+        if below and pos - max(below) < interval:
+            skipped.append(SkippedStore(pos, "hint_spacing", "hint"))
+            continue
+        stores[pos] = PlannedStore(pos, "hint")
 
 
 def eviction_score(entry: Entry, now: float, half_life_s: float) -> float:

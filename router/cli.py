@@ -55,6 +55,17 @@ def port_number(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be above 0")
+    return value
+
+
 def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
@@ -255,6 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: off)")
     api.add_argument("--chat-template", type=Path, default=None,
                      help="a Jinja chat template FILE that replaces the model's own (e.g. one with tool-call syntax)")
+    api.add_argument("--stream-keepalive-s", type=positive_float, default=10.0,
+                     help="while a stream has nothing to send (a long prefill before the first token), send a "
+                          "keep-alive this often: an SSE comment, and an Anthropic `ping` event (default 10)")
+    api.add_argument("--stream-idle-delta-s", type=positive_float, default=60.0,
+                     help="an Anthropic stream that has sent nothing but pings for this many seconds also gets an "
+                          "empty text delta: Claude Code's stream watchdog ignores pings and aborts after 300 s "
+                          "(default 60)")
+    agents = serve.add_argument_group("agent clients (Claude Code, Codex CLI)")
+    agents.add_argument("--keep-billing-header", action="store_true",
+                        help="keep Claude Code's `x-anthropic-billing-header:` line in the prompt (default: removed; "
+                             "it changes with every first prompt and would end reuse across sessions at its 24th "
+                             "token; `x-kvrouter-route` says `normalised=billing-header` when it was removed)")
+    agents.add_argument("--tools-before-system", action="store_true",
+                        help="render tool definitions before the system text where the chat template can (ChatML/"
+                             "Qwen-style templates list them after it): a changed system text (Claude Code's git "
+                             "status) then keeps the tools' KV state reusable (default off: the model's own order)")
 
     worker = sub.add_parser("worker", help="run one worker process alone (gRPC)",
                             description="Serve one model over gRPC (kvrouter.worker.v1.Worker + grpc.health.v1).")
@@ -321,6 +348,10 @@ def api_config(ns: argparse.Namespace) -> dict:
         "grpc_port": ns.grpc_port,
         "grpc_host": ns.host,
         "chat_template": template,
+        "keep_billing_header": ns.keep_billing_header,
+        "tools_before_system": ns.tools_before_system,
+        "stream_keepalive_s": ns.stream_keepalive_s,
+        "stream_idle_delta_s": ns.stream_idle_delta_s,
     }
 
 

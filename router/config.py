@@ -42,6 +42,11 @@ class RouterConfig:
     grpc_port: int | None = None  # public gRPC service (kvrouter.router.v1.Router); 0 picks a free port
     grpc_host: str = "127.0.0.1"
     chat_template: str | None = None  # replaces every model's chat template (--chat-template FILE)
+    # Agent clients (router.client_hints, router.prompting):
+    keep_billing_header: bool = False  # keep Claude Code's x-anthropic-billing-header line in the prompt
+    tools_before_system: bool = False  # render tools before the system text where the template can
+    stream_keepalive_s: float = 10.0  # SSE keep-alive interval while a stream has nothing to send, seconds
+    stream_idle_delta_s: float = 60.0  # an Anthropic stream idle this long gets an empty text delta, seconds
     # Routing (router.cluster, router.routing, router.dispatch):
     remote_workers: tuple[str, ...] = ()  # gRPC "HOST:PORT" of workers on other hosts (--remote-worker)
     worker_token: str | None = None  # sent to remote workers (their --worker-token)

@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from kvrouter.cachestore.costs import Reuse, first_token_work_s
+from kvrouter.router.affinity import AffinityMap
 from kvrouter.router.errors import ContextTooLong, Overloaded, Unavailable, WorkerFailed
 from kvrouter.router.leases import Leases
 from kvrouter.router.metrics import RequestTimer, record_completion
@@ -67,11 +68,13 @@ class Job:
     text_preview: str = ""
     prompt_param: str = "messages"  # the request field holding the prompt, named in context errors
     arrived_s: float | None = None  # perf_counter() when the HTTP request arrived; TTFT counts from here
+    hint_tokens: tuple[int, ...] = ()  # the client's checkpoint positions (router.client_hints), tokens
+    affinity_key: str = ""  # OpenAI prompt_cache_key: routed back to the worker that served it (router.affinity)
 
     def request(self) -> GenerateRequest:
         """What the worker is sent (a fresh request id each time)."""
         return GenerateRequest(uuid.uuid4().hex, self.tokens, self.max_tokens, self.temperature, self.top_p,
-                               self.seed, self.namespace, self.anchor_tokens, self.text_preview)
+                               self.seed, self.namespace, self.anchor_tokens, self.text_preview, self.hint_tokens)
 
 
 @dataclass
@@ -149,6 +152,8 @@ class Dispatcher:
 
     coalesce: wait for another request's prefill of a new shared prefix (see module doc).
     affinity_max_in_flight: see `router.routing.choose_worker`.
+    affinity: which worker served each `prompt_cache_key` last (`router.affinity`); a
+        job's key makes that worker preferred (`choose_worker`'s `prefer`).
     """
 
     def __init__(self, cluster, leases: Leases, metrics, *, coalesce: bool = True, affinity_max_in_flight: int = 4):
@@ -158,6 +163,7 @@ class Dispatcher:
         self.coalesce = coalesce
         self.affinity_max_in_flight = affinity_max_in_flight
         self._leaders: dict[tuple, asyncio.Event] = {}
+        self.affinity = AffinityMap()
         cluster.checkpoint_listeners.append(self.checkpoint_stored)
 
     def checkpoint_stored(self, checkpoint) -> None:
@@ -173,7 +179,9 @@ class Dispatcher:
         if hit is None:
             hit = self.cluster.stored_hit(job.model, job.namespace, job.tokens)
         candidates = self.cluster.snapshot(job.model, job.tokens, job.namespace, self.leases, hit)
-        decision = choose_worker(list(candidates), len(job.tokens), self.affinity_max_in_flight, frozenset(exclude))
+        prefer = self.affinity.worker_for(job.model.name, job.namespace, job.affinity_key)
+        decision = choose_worker(list(candidates), len(job.tokens), self.affinity_max_in_flight, frozenset(exclude),
+                                 prefer)
         if decision.reason == "unavailable":
             raise Unavailable("no healthy worker is available for this model; try again shortly")
         if decision.reason == "overloaded":
@@ -199,6 +207,8 @@ class Dispatcher:
         started = time.perf_counter()
         hit = self.cluster.stored_hit(job.model, job.namespace, job.tokens)
         decision = self.decide(job, hit=hit)
+        if job.affinity_key:
+            self._count_affinity(job, decision)
         stored = min(hit.n_tokens, len(job.tokens) - 1) if hit is not None else 0
         route = Route(decision.worker, decision.reason, stored, started, decision.source, decision.cached_tokens,
                       decision.predicted_ttft_s)
@@ -207,6 +217,15 @@ class Dispatcher:
         self.metrics.routing_seconds.labels(job.model.name).observe(time.perf_counter() - started)
         self.metrics.routing_decisions.labels(job.model.name, route.reason).inc()
         return route
+
+    def _count_affinity(self, job: Job, decision: Decision) -> None:
+        """Logs and counts a request's prompt_cache_key and whether the decision followed it."""
+        hints = self.metrics.client_hints
+        hints.labels(job.model.name, "prompt_cache_key").inc()
+        if decision.affinity:
+            hints.labels(job.model.name, "prompt_cache_key_routed").inc()
+        log.info("prompt_cache_key=%s last_worker=%s chosen=%s", job.affinity_key[:40],
+                 self.affinity.worker_for(job.model.name, job.namespace, job.affinity_key) or "-", decision.worker)
 
     def finish(self, route: Route) -> None:
         """Ends a prepared route: gives its lease back and frees requests waiting on its prefill."""
@@ -244,6 +263,7 @@ class Dispatcher:
         seconds = request_seconds(len(job.tokens), reuse, min(job.max_tokens, DECODE_TOKENS_FOR_QUEUE), rates)
         prefill_s = first_token_work_s(len(job.tokens), reuse, rates)
         route._lease = route._held.enter_context(self.leases.hold(decision.worker, seconds, prefill_s))
+        self.affinity.remember(job.model.name, job.namespace, job.affinity_key, decision.worker)
 
     def _release(self, route: Route) -> None:
         route._lease = None

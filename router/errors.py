@@ -3,7 +3,9 @@ in one middleware (`router.app.error_middleware`).
 
     ApiError (status, type, message, param, code)
     ├── BadRequest            400 invalid_request_error
-    │   └── ContextTooLong    400 (names the prompt length and the context length)
+    │   ├── ContextTooLong    400 context_length_exceeded (names the prompt and context lengths;
+    │   │                         Anthropic: "prompt is too long: N tokens > M maximum")
+    │   └── UnexpectedRole    400 an Anthropic message role, worded as the Anthropic API
     ├── Unauthorized          401 authentication_error
     ├── NotFound              404 not_found_error (unknown model, unknown path)
     ├── RequestTimeout        408 invalid_request_error (the body did not arrive in time)
@@ -14,10 +16,14 @@ in one middleware (`router.app.error_middleware`).
 
 Each error renders in two formats: `openai_body()` ({"error": {"message", "type",
 "param", "code"}}) and `anthropic_body()` ({"type": "error", "error": {"type",
-"message"}}) with `anthropic_status`; `headers()` adds Retry-After where it applies.
+"message"}}) with `anthropic_status` and `anthropic_message` (the Anthropic API's
+wording where clients parse it: context length, overload, unexpected role);
+`headers()` adds Retry-After where it applies.
 """
 
 from __future__ import annotations
+
+import json
 
 
 class ApiError(Exception):
@@ -46,9 +52,14 @@ class ApiError(Exception):
         status = self.anthropic_status
         return ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
 
+    @property
+    def anthropic_message(self) -> str:
+        """The message Anthropic clients see (where they parse it, worded as the Anthropic API)."""
+        return self.message
+
     def anthropic_body(self) -> dict:
         """The Anthropic error object: {"type": "error", "error": {"type", "message"}}."""
-        return {"type": "error", "error": {"type": self.anthropic_type, "message": self.message}}
+        return {"type": "error", "error": {"type": self.anthropic_type, "message": self.anthropic_message}}
 
     def headers(self) -> dict[str, str]:
         """Extra response headers (Retry-After for overload)."""
@@ -75,6 +86,20 @@ class BadRequest(ApiError):
     type = "invalid_request_error"
 
 
+class UnexpectedRole(BadRequest):
+    """An Anthropic message with a role other than user, assistant or system. Worded as
+    the Anthropic API words it ("Unexpected role ... input message role"): Claude Code
+    matches that text to fall back to folding its system text into user turns."""
+
+    def __init__(self, index: int, role):
+        shown = (role if isinstance(role, str) else json.dumps(role))[:80]  # as much as other error texts repeat
+        super().__init__(
+            f'messages.{index}: Unexpected role "{shown}". The Messages API accepts "user" and "assistant" '
+            f'(and "system" mid-conversation) as an input message role.',
+            param=f"messages[{index}].role",
+        )
+
+
 class ContextTooLong(BadRequest):
     """The prompt leaves no room in the context. `param` names the request field
     that holds the prompt ("messages", "prompt", "input")."""
@@ -86,6 +111,14 @@ class ContextTooLong(BadRequest):
             param=param,
             code="context_length_exceeded",
         )
+        self.prompt_tokens = prompt_tokens
+        self.context_tokens = context_tokens
+
+    @property
+    def anthropic_message(self) -> str:
+        """The Anthropic API's wording (M: the longest prompt that leaves room for one output
+        token); Claude Code reads both numbers from it to compact its history by itself."""
+        return f"prompt is too long: {self.prompt_tokens} tokens > {self.context_tokens - 1} maximum"
 
 
 class Unauthorized(ApiError):
@@ -126,6 +159,12 @@ class Overloaded(ApiError):
     @property
     def anthropic_status(self) -> int:
         return 529
+
+    @property
+    def anthropic_message(self) -> str:
+        """The Anthropic API's own text (clients match its type and status; the detail
+        stays in the OpenAI body and the logs)."""
+        return "Overloaded"
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}

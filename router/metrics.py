@@ -27,7 +27,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
 BYTES_BUCKETS = tuple(2.0**i for i in range(20, 36, 2))
-STORE_KINDS = ("anchor", "waypoint", "evict", "shutdown")  # cachestore.KINDS, without importing lmdb here
+STORE_KINDS = ("anchor", "waypoint", "evict", "shutdown", "hint")  # cachestore.KINDS, without importing lmdb here
 WORKER_STATUS_TIMEOUT_S = 1.0
 
 
@@ -58,6 +58,7 @@ class RouterMetrics:
     store_bytes: Gauge
     store_quarantined: Gauge
     store_budget_bytes: Gauge
+    client_hints: Counter
 
 
 def create_metrics() -> RouterMetrics:
@@ -147,6 +148,13 @@ def create_metrics() -> RouterMetrics:
                                 registry=reg),
         store_budget_bytes=Gauge("kvrouter_store_budget_bytes", "The store's disk budget (--kv-cache-disk-mb)",
                                  registry=reg),
+        client_hints=Counter(
+            "kvrouter_client_hints",
+            "What agent clients told the router beyond the conversation (router.client_hints): cache_control "
+            "breakpoints placed on prompt tokens or not placed, prompt_cache_key affinity hints and whether routing "
+            "followed them, client metadata removed from the prompt, system messages folded, tools rendered first",
+            ["model", "hint"], registry=reg,
+        ),
     )
 
 

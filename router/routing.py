@@ -16,7 +16,10 @@ where bringing a prefix costs nothing from the worker's live state, its bytes
 over RAM bandwidth from the RAM tier, its bytes over the worker's measured disk
 load bandwidth from the store on the worker's own host, and is impossible from
 another host's store (stores are per host). The lowest prediction wins; ties go
-to the worker with fewer requests in flight, then by name.
+to the worker with fewer requests in flight, then by name. A worker the
+request's affinity hint names (`router.affinity`: the one that served its
+`prompt_cache_key` last) wins when its prediction is within the affinity slack
+of the best (`AFFINITY_SLACK_FRACTION` of it, at least `AFFINITY_SLACK_S`).
 
 Affinity never becomes a hot spot: a worker with `affinity_max_in_flight` or
 more requests in flight is costed as if it held nothing (it gets no
@@ -34,6 +37,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvrouter.cachestore.costs import NO_REUSE, Rates, Reuse, first_token_work_s, prefill_seconds
+
+AFFINITY_SLACK_FRACTION = 0.1
+"""An affinity worker may be predicted this much slower (a fraction of the best prediction)
+and still win: its live state may be newer than the router's view, and the prediction is an
+estimate."""
+AFFINITY_SLACK_S = 0.05
+"""...and at least this many seconds slower (predictions of a few ms differ by noise only)."""
 
 
 def best_reuse(options: list[Reuse], prompt_tokens: int, rates: Rates) -> tuple[Reuse, float]:
@@ -82,6 +92,7 @@ class Decision:
     "least_loaded" (no reuse), or "overloaded"
     / "unavailable" with worker "" when nothing can take the request.
     retry_after_s: with "overloaded", when a slot should be free.
+    affinity: the worker is the one the affinity hint preferred.
     """
 
     worker: str
@@ -90,6 +101,7 @@ class Decision:
     cached_tokens: int = 0
     predicted_ttft_s: float = 0.0
     retry_after_s: float = 0.0
+    affinity: bool = False
 
 
 def queue_wait_s(c: Candidate) -> float:
@@ -116,10 +128,13 @@ def predict(c: Candidate, prompt_tokens: int, affinity_max_in_flight: int) -> tu
 
 
 def choose_worker(candidates: list[Candidate], prompt_tokens: int,
-                  affinity_max_in_flight: int = 4, exclude: frozenset[str] = frozenset()) -> Decision:
+                  affinity_max_in_flight: int = 4, exclude: frozenset[str] = frozenset(),
+                  prefer: str = "") -> Decision:
     """The worker with the lowest predicted time to first token.
 
-    `exclude`: workers already tried for this request. Returns a Decision with
+    `exclude`: workers already tried for this request. `prefer`: the worker an
+    affinity hint names ("" for none); it wins within the affinity slack of the best
+    prediction, unless it is excluded, full or unhealthy. Returns a Decision with
     worker "" and reason "unavailable" when no candidate is healthy, or
     "overloaded" when every healthy one is full.
     """
@@ -134,9 +149,13 @@ def choose_worker(candidates: list[Candidate], prompt_tokens: int,
     for c in open_:
         ttft, reuse = predict(c, prompt_tokens, affinity_max_in_flight)
         scored.append((round(ttft, 6), c.in_flight, c.name, reuse, c))
-    ttft, _, name, reuse, c = min(scored, key=lambda s: s[:3])
+    best = min(scored, key=lambda s: s[:3])
+    preferred = next((s for s in scored if s[2] == prefer), None) if prefer else None
+    if preferred is not None and preferred[0] <= best[0] + max(AFFINITY_SLACK_S, AFFINITY_SLACK_FRACTION * best[0]):
+        best = preferred
+    ttft, _, name, reuse, c = best
     reason = f"{reuse.source}_prefix" if reuse.tokens > 0 else "least_loaded"
-    return Decision(name, reason, reuse.source, reuse.tokens, ttft)
+    return Decision(name, reason, reuse.source, reuse.tokens, ttft, affinity=bool(prefer) and name == prefer)
 
 
 def request_seconds(prompt_tokens: int, reuse: Reuse, max_tokens: int, rates: Rates) -> float:

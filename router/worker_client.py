@@ -135,6 +135,8 @@ class GenerateRequest:
     """One generation for a worker. prompt: token ids; namespace: the tenant (part of every
     checkpoint key); anchor_tokens: length of the stable chat prefix (0: none);
     text_preview: the prompt's first characters, kept with stored checkpoints.
+    hint_tokens: positions (tokens) the client marked as ends of stable prefixes
+    (candidate checkpoint positions, `cachestore.plan_stores`).
     Sampling: temperature (0 greedy), top_p (1 off), max_tokens, seed (None: unseeded)."""
 
     request_id: str
@@ -146,6 +148,7 @@ class GenerateRequest:
     namespace: str = ""
     anchor_tokens: int = 0
     text_preview: str = ""
+    hint_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ class Completion:
     def stored_tokens(self) -> int:
         """Tokens of the longest checkpoint this request wrote (0 when none)."""
         return max((e.tokens for e in self.store_events
-                    if e.action == "stored" and e.kind in ("anchor", "waypoint")), default=0)
+                    if e.action == "stored" and e.kind in ("anchor", "waypoint", "hint")), default=0)
 
 
 # -- protobuf <-> dataclasses -----------------------------------------------------------------
@@ -277,6 +280,7 @@ def request_to_proto(r: GenerateRequest) -> worker_pb2.GenerateRequest:
         request_id=r.request_id, prompt_token_ids=r.prompt,
         sampling=worker_pb2.SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens),
         namespace=r.namespace, anchor_tokens=r.anchor_tokens, text_preview=r.text_preview,
+        hint_tokens=r.hint_tokens,
     )
     if r.seed is not None:
         msg.sampling.seed = r.seed

@@ -21,6 +21,18 @@ def start_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def agent_clients():
+    """The pinned Claude Code and Codex CLI from npm, installed once into a cached prefix
+    (tests/support/agent_clients.py); skipped only where npm itself is missing."""
+    from tests.support import agent_clients as ac
+
+    try:
+        return ac.install()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Factory: tiny_model(family) -> the directory of a small random-weight mlx-lm
     model of that family (tests/support/tiny_models.py), built once per session."""

@@ -124,16 +124,18 @@ class CheckpointManager:
         self.ram.discard(entry_id)
         self.store.quarantine(entry_id, reason)
 
-    def plan(self, prompt_len: int, stored_prefix: int, anchor_tokens: int) -> tuple[tuple, tuple[StoreEvent, ...]]:
-        """(planned stores, skip events) for this prompt (see `cachestore.plan_stores`);
-        nothing without a store. Skips are logged."""
+    def plan(self, prompt_len: int, stored_prefix: int, anchor_tokens: int,
+             hints=()) -> tuple[tuple, tuple[StoreEvent, ...]]:
+        """(planned stores, skip events) for this prompt (see `cachestore.plan_stores`;
+        `hints`: the client's checkpoint positions, tokens); nothing without a store. Skips
+        are logged."""
         if self.store is None:
             return (), ()
-        plan = plan_stores(prompt_len, stored_prefix, anchor_tokens or None, self.store.config)
+        plan = plan_stores(prompt_len, stored_prefix, anchor_tokens or None, self.store.config, hints)
         skips = []
         for skip in plan.skipped:
-            log.info("store skipped kind=anchor tokens=%d reason=%s", skip.n_tokens, skip.reason)
-            skips.append(StoreEvent("skipped", "anchor", skip.n_tokens, reason=skip.reason))
+            log.info("store skipped kind=%s tokens=%d reason=%s", skip.kind, skip.n_tokens, skip.reason)
+            skips.append(StoreEvent("skipped", skip.kind, skip.n_tokens, reason=skip.reason))
         return plan.stores, tuple(skips)
 
     def can_store(self, held: int, n_tokens: int) -> bool:

@@ -138,7 +138,7 @@ def ewma(old: float, new: float) -> float:
 
 
 @dataclass
-class Job:
+class EngineJob:
     """A submitted request: `emit` gets its events; `cancelled` is set when its
     client goes away. store_events: what the store did for it (its Final's)."""
 
@@ -158,7 +158,7 @@ class Running:
     (`cachestore.PlannedStore`). pos: prompt tokens its state holds so far.
     """
 
-    job: Job
+    job: EngineJob
     prompt: list[int]
     restored: Restored
     plan: list
@@ -211,15 +211,15 @@ class Engine:
         # Called on the engine thread with a LiveChanged or RamChanged; must be
         # thread-safe and must not raise.
         self.on_cache_event: Callable[[CacheEvent], None] | None = None
-        self._waiting: deque[Job] = deque()
+        self._waiting: deque[EngineJob] = deque()
         self._running: dict[int, Running] = {}  # by generator uid
         self._gen = None
         self._stopping: tuple | None = None  # (shutdown_checkpoint,) once stop() was called
         self._prompt_acc = [0, 0.0]  # prompt tokens, seconds since the last prefill-rate update
         self._decode_acc = [0, 0.0]  # decode steps, seconds since the last decode-rate update
-        self._owner: Job | None = None  # the request the engine thread is working for
-        self._store_events: list[tuple[Job | None, StoreEvent]] = []  # this step's, with their request
-        self._finals: list[tuple[Job, FinishEvent]] = []  # requests that ended this step
+        self._owner: EngineJob | None = None  # the request the engine thread is working for
+        self._store_events: list[tuple[EngineJob | None, StoreEvent]] = []  # this step's, with their request
+        self._finals: list[tuple[EngineJob, FinishEvent]] = []  # requests that ended this step
         self._tokens_this_step = 0
         self._failpoint = os.environ.get(FAILPOINT_ENV) or None
         self._events_lock = threading.Lock()  # _store_events: appended by the writer thread too
@@ -251,12 +251,12 @@ class Engine:
         """The idle live states, least recently used first (a snapshot)."""
         return self.lives.snapshot
 
-    def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Job:
+    def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> EngineJob:
         """Queues a request. Raises EngineDeadError when the engine thread is gone,
         EngineBusyError when `max_queue` requests are already waiting or running."""
         if not self.alive or self._stopped.is_set():
             raise EngineDeadError("the generation thread is not running")
-        job = Job(request, emit, threading.Event())
+        job = EngineJob(request, emit, threading.Event())
         with self._lock:
             if self.config.max_queue and self._pending >= self.config.max_queue:
                 raise EngineBusyError(f"{self._pending} requests queued (--max-queue {self.config.max_queue})")
@@ -334,7 +334,7 @@ class Engine:
             pass
 
     @contextlib.contextmanager
-    def _working_for(self, job: Job | None):
+    def _working_for(self, job: EngineJob | None):
         """Store events while the block runs belong to `job` (its Final reports them)."""
         before, self._owner = self._owner, job
         try:
@@ -399,7 +399,7 @@ class Engine:
                      else "duplicates or store skips", time.monotonic() - t0)
 
     # -- the checkpoint writer -----------------------------------------------------
-    def _submit_store(self, job: WriteJob | None, owner: Job | None) -> None:
+    def _submit_store(self, job: WriteJob | None, owner: EngineJob | None) -> None:
         """Hands a checkpoint to the writer (engine thread). `owner`: the request whose
         Final reports the store (it waits for it); None for none."""
         if job is None:
@@ -441,7 +441,7 @@ class Engine:
                 c.job.owner.pending_stores -= 1
         return done
 
-    def _done(self, job: Job, event: Event) -> None:
+    def _done(self, job: EngineJob, event: Event) -> None:
         """The request's last event; it stops counting against the queue."""
         try:
             job.emit(event)
@@ -512,7 +512,7 @@ class Engine:
         self.admitted_kv_bytes = self._batch_bytes()
         self.peak_admitted_kv_bytes = max(self.peak_admitted_kv_bytes, self.admitted_kv_bytes)
 
-    def _plan(self, job: Job, prompt: list[int]) -> RestorePlan:
+    def _plan(self, job: EngineJob, prompt: list[int]) -> RestorePlan:
         """The restore plan of a request (one store lookup)."""
         req = job.request
         hit = None if job.attempts else self.checkpoints.lookup(prompt, req.namespace)
@@ -551,7 +551,7 @@ class Engine:
             return Restored(cache_state.cut(caches, held, plan.n_tokens), plan.n_tokens, "live", plan.stored_tokens)
         return Restored(self.spec.new(), 0, "none", plan.stored_tokens)
 
-    def _admit(self, job: Job, kv_tokens: int = 0) -> bool:
+    def _admit(self, job: EngineJob, kv_tokens: int = 0) -> bool:
         """Restores the request's prefix and puts it in the batch. Returns False
         (nothing done) when it should wait for a request in the batch to prefill
         the prefix they share."""
@@ -562,7 +562,8 @@ class Engine:
             return False
         restored = self._restore(plan)
         self._drop_lives(len(self._running) + 1)
-        stores, skips = self.checkpoints.plan(len(prompt), restored.stored_prefix_tokens, req.anchor_tokens)
+        stores, skips = self.checkpoints.plan(len(prompt), restored.stored_prefix_tokens, req.anchor_tokens,
+                                              req.hint_tokens)
         self._store_events += [(job, s) for s in skips]
         detok = copy.copy(self._detokenizer)
         detok.reset()

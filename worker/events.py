@@ -28,6 +28,8 @@ class GenerationRequest:
     anchor_tokens: length in tokens of the stable chat prefix (the cold-anchor
         candidate), 0 when unknown.
     text_preview: first characters of the prompt, kept with checkpoints.
+    hint_tokens: positions (tokens, each < len(prompt)) where the client marked the end of
+        a stable prefix; candidate checkpoint positions (`cachestore.plan_stores`).
     """
 
     request_id: str
@@ -36,6 +38,7 @@ class GenerationRequest:
     namespace: str = ""
     anchor_tokens: int = 0
     text_preview: str = ""
+    hint_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def request_from_proto(msg: worker_pb2.GenerateRequest, context_length: int) -> 
         namespace=msg.namespace,
         anchor_tokens=msg.anchor_tokens,
         text_preview=msg.text_preview,
+        hint_tokens=tuple(sorted({h for h in msg.hint_tokens if 0 < h < len(prompt)})),
     )
 
 

@@ -149,7 +149,7 @@ class SmgServicer(mlx_engine_pb2_grpc.MlxEngineServicer):
         self.model_path = model_path
         self.model_dir = model_dir
         self.started = time.time()
-        self.jobs: dict[str, object] = {}  # request_id -> engine Job, while streaming
+        self.jobs: dict[str, object] = {}  # request_id -> engine EngineJob, while streaming
         self._aborted: dict[str, None] = {}  # ordered set, bounded
         self._archive: tuple[bytes, str] | None = None
         self._anchor = ChatmlAnchor.for_tokenizer(self.bundle.tokenizer_json)

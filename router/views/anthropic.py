@@ -16,6 +16,8 @@ import asyncio
 
 import contextlib
 import json
+import logging
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -23,14 +25,18 @@ from typing import Annotated, Literal
 from aiohttp import web
 from pydantic import Field
 
-from kvrouter.router.errors import ApiError, WorkerFailed
-from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
+from kvrouter.router.client_hints import PromptMarks, anthropic_marks, remove_billing_header
+from kvrouter.router.errors import ApiError, BadRequest, UnexpectedRole, WorkerFailed
+from kvrouter.router.keys import CLUSTER, DISPATCHER, METRICS, ROUTER_CONFIG
 from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, prepare_sse, read_json,
-                                          send_event, sse_response)
+                                          render_prompt, route_header, send_event, sse_response)
+from kvrouter.router.views.streaming import KEEPALIVE, paced
 from kvrouter.router.views.generation import Outcome, StopStrings, collect, generate
 from kvrouter.router.views.openai_request import MaxTokens, ModelName, UnitNumber, cap_max_tokens
 from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
 from kvrouter.router.views.validation import Body, integer, tagged, validate
+
+log = logging.getLogger("kvrouter.router.views.anthropic")
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,18 @@ class AssistantMessage(Body):
     content: str | list[AssistantBlock]
 
 
-Message = tagged("role", {"user": UserMessage, "assistant": AssistantMessage})
+class SystemMessage(Body):
+    """A system message inside `messages` (Claude Code sends one after the user turn): a
+    system turn where the chat template renders one there, else folded into the user
+    turn before it (router.prompting)."""
+
+    field_texts = {"content": TEXT_TEXT}
+    role: Literal["system"]
+    content: str | list[TextOnly]
+
+
+Message = tagged("role", {"user": UserMessage, "assistant": AssistantMessage, "system": SystemMessage})
+ROLE_PARAM = re.compile(r"messages\[(\d+)\]\.role")
 
 
 class CustomTool(Body):
@@ -174,7 +191,9 @@ def _text(value) -> str:
     return "".join(b.text for b in value if isinstance(b, TextBlock))
 
 
-def _convert_message(m: UserMessage | AssistantMessage) -> list[dict]:
+def _convert_message(m: UserMessage | AssistantMessage | SystemMessage) -> list[dict]:
+    if isinstance(m, SystemMessage):
+        return [{"role": "system", "content": _text(m.content)}]
     if isinstance(m.content, str):
         return [{"role": m.role, "content": m.content}]
     out: list[dict] = []
@@ -211,7 +230,14 @@ def _tools(tools) -> list | None:
 def parse_messages_request(body, limit: int | None, count_only: bool = False) -> MessagesRequest:
     """A validated MessagesRequest from a decoded JSON body (`count_only`: a
     count_tokens body, without max_tokens); raises BadRequest."""
-    b = validate(CountTokensBody if count_only else MessagesBody, body)
+    try:
+        b = validate(CountTokensBody if count_only else MessagesBody, body)
+    except BadRequest as exc:
+        role = ROLE_PARAM.fullmatch(exc.param or "")
+        if role is None:
+            raise
+        # worded as the Anthropic API words it: Claude Code matches that text to fall back
+        raise UnexpectedRole(int(role.group(1)), body["messages"][int(role.group(1))].get("role")) from exc
     messages: list[dict] = []
     system = _text(b.system)
     if system:
@@ -262,31 +288,55 @@ def tool_use_block(call) -> dict:
             "input": args if isinstance(args, dict) else {}}
 
 
+def _client_view(request: web.Request, body) -> tuple[dict, tuple[str, ...], PromptMarks]:
+    """The body as the model should see it (Claude Code's billing line removed unless
+    --keep-billing-header), what was changed (for `x-kvrouter-route`), and the
+    client's cache_control breakpoints."""
+    if not isinstance(body, dict):
+        return body, (), PromptMarks()
+    notes: tuple[str, ...] = ()
+    system = body.get("system")
+    if not request.app[ROUTER_CONFIG].keep_billing_header:
+        system, removed = remove_billing_header(system)
+        if removed:
+            body = {**body, "system": system}
+            notes = ("billing-header",)
+    return body, notes, anthropic_marks(system, body.get("messages"), body.get("tools"))
+
+
 async def count_tokens(request: web.Request) -> web.Response:
-    req = parse_messages_request(await read_json(request), None, count_only=True)
+    body, _, _ = _client_view(request, await read_json(request))
+    req = parse_messages_request(body, None, count_only=True)
     model = request.app[CLUSTER].model(req.model)
-    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
+    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools, None,
+                                     request.app[ROUTER_CONFIG].tools_before_system)
     return web.json_response({"input_tokens": len(prompt.tokens)})
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
-    req = parse_messages_request(await read_json(request), config.max_tokens_limit)
+    body, notes, marks = _client_view(request, await read_json(request))
+    req = parse_messages_request(body, config.max_tokens_limit)
     model = request.app[CLUSTER].model(req.model)
-    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
+    if notes:
+        request.app[METRICS].client_hints.labels(model.name, "billing_header_removed").inc()
+    prompt = await render_prompt(request, model, req.messages, req.tools, marks)
     syntax = tool_syntax(model.tool_parser) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
-                   namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY))
+                   namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY),
+                   hint_tokens=prompt.hint_tokens)
     dispatcher = request.app[DISPATCHER]
     async with dispatcher.route(job) as route:
         msg_id = f"msg_{uuid.uuid4().hex[:24]}"
+        header = route_header(route, notes)
         if req.stream:
-            return await _stream(request, dispatcher, job, route, req, syntax, msg_id)
+            return await _stream(request, dispatcher, job, route, req, syntax, msg_id, header)
         text, outcome = await collect(dispatcher, job, route, req.stop)
         if outcome is None:
             raise WorkerFailed("the worker ended the stream without a final report")
         content, calls = split_text(syntax, req.tools, text)
-        blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [tool_use_block(c) for c in calls]
+        blocks = ([{"type": "text", "text": content}] if content or not calls else []) + \
+            [tool_use_block(c) for c in calls]
         body = {
             "id": msg_id,
             "type": "message",
@@ -297,30 +347,44 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "stop_sequence": outcome.stop_sequence,
             "usage": usage_body(outcome),
         }
-        return web.json_response(body, headers={"x-kvrouter-route": route.header()})
+        return web.json_response(body, headers={"x-kvrouter-route": header})
 
 
-async def _stream(request, dispatcher, job, route, req, syntax, msg_id) -> web.StreamResponse:
-    resp = sse_response(route.header())
+async def _stream(request, dispatcher, job, route, req, syntax, msg_id, header) -> web.StreamResponse:
+    """The SSE event sequence. Headers, `message_start` (usage: the predicted reuse)
+    and the text block's start go out at once; `ping` events while nothing else is
+    sent (and aiohttp-sse's keep-alive comments), and an empty text delta when only
+    pings went out for --stream-idle-delta-s (Claude Code's stream watchdog counts every
+    event but `ping`, and aborts after 300 s); an error after that is an `error` event."""
+    config = request.app[ROUTER_CONFIG]
+    resp = sse_response(header, config.stream_keepalive_s)
+    loop = asyncio.get_running_loop()
+    last_event = loop.time()
 
     async def send(event: str, obj: dict) -> None:
+        nonlocal last_event
         await send_event(resp, {"type": event, **obj}, event)
+        if event != "ping":
+            last_event = loop.time()
 
+    await prepare_sse(resp, request, header)
+    cached = min(route.cached, len(job.tokens))
+    await send("message_start", {"message": {
+        "id": msg_id, "type": "message", "role": "assistant", "model": job.model.name,
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": len(job.tokens) - cached, "output_tokens": 0,
+                  "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}}})
+    await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+    await send("ping", {})
     splitter = ToolCallSplitter(syntax, req.tools)
-    started = False
     async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:
         try:
-            async for item in items:
-                if not started:
-                    await prepare_sse(resp, request, route)
-                    await send("message_start", {"message": {
-                        "id": msg_id, "type": "message", "role": "assistant", "model": job.model.name,
-                        "content": [], "stop_reason": None, "stop_sequence": None,
-                        "usage": {"input_tokens": len(job.tokens), "output_tokens": 0,
-                                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}})
-                    await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+            async for item in paced(items, request, config.stream_keepalive_s):
+                if item is KEEPALIVE:
                     await send("ping", {})
-                    started = True
+                    if loop.time() - last_event >= config.stream_idle_delta_s:
+                        await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": ""}})
+                    continue
                 if isinstance(item, str):
                     text = splitter.feed(item)
                     if text:
@@ -341,8 +405,7 @@ async def _stream(request, dispatcher, job, route, req, syntax, msg_id) -> web.S
                     "usage": usage_body(item)})
                 await send("message_stop", {})
         except ApiError as exc:
-            if not started:
-                raise
+            log.info("stream %s ends with an error event: %s", msg_id, exc.message)
             await send_event(resp, exc.anthropic_body(), "error")
     await end_stream(resp)
     return resp

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import contextlib
 import time
@@ -12,8 +11,10 @@ from aiohttp import web
 
 from kvrouter.router.errors import ApiError, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
+from kvrouter.router.client_hints import prompt_cache_key
 from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, prepare_sse, read_json,
-                                          send_event, sse_response)
+                                          render_prompt, send_event, sse_response)
+from kvrouter.router.views.streaming import paced
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import parse_chat_request
 from kvrouter.router.views.tools import ToolCallSplitter, split_text, tool_syntax
@@ -64,13 +65,14 @@ def _require(outcome: Outcome | None) -> Outcome:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
-    req = parse_chat_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
-    cluster = request.app[CLUSTER]
-    model = cluster.model(req.model)
-    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
+    body = await read_json(request)
+    req = parse_chat_request(body, config.default_max_tokens, config.max_tokens_limit)
+    model = request.app[CLUSTER].model(req.model)
+    prompt = await render_prompt(request, model, req.messages, req.tools)
     syntax = tool_syntax(model.tool_parser) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p,
-                   req.seed, namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY))
+                   req.seed, namespace_of(request), prompt.text, arrived_s=request.get(ARRIVED_KEY),
+                   affinity_key=prompt_cache_key(body))
     dispatcher = request.app[DISPATCHER]
     async with dispatcher.route(job) as route:
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -96,7 +98,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_id, created) -> web.StreamResponse:
-    resp = sse_response(route.header())
+    """The chunk sequence. Headers and the role chunk go out at once (keep-alive comments
+    follow); an error after that is an error chunk, then [DONE]."""
+    resp = sse_response(route.header(), request.app[ROUTER_CONFIG].stream_keepalive_s)
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": job.model.name}
 
     async def send(obj) -> None:
@@ -105,15 +109,12 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
     def chunk(delta: dict, finish=None) -> dict:
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
+    await prepare_sse(resp, request, route.header())
+    await send(chunk({"role": "assistant", "content": ""}))
     splitter = ToolCallSplitter(syntax, req.tools)
-    started = False
     async with contextlib.aclosing(generate(dispatcher, job, route, req.stop)) as items:
         try:
-            async for item in items:
-                if not started:
-                    await prepare_sse(resp, request, route)
-                    await send(chunk({"role": "assistant", "content": ""}))
-                    started = True
+            async for item in paced(items, request):
                 if isinstance(item, str):
                     text = splitter.feed(item)
                     if text:
@@ -128,8 +129,6 @@ async def _stream_chat(request, dispatcher, job, route, req, syntax, completion_
                 if req.include_usage:
                     await send({**base, "choices": [], "usage": usage_body(item)})
         except ApiError as exc:
-            if not started:
-                raise  # nothing sent yet: the error middleware answers with a status code
-            await send(exc.openai_body())  # mid-stream: an error event, never a normal stop
+            await send(exc.openai_body())  # after the start: an error event, never a normal stop
     await end_stream(resp, done_marker=True)
     return resp

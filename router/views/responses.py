@@ -5,8 +5,6 @@ not stored: `previous_response_id` gets a clear 400."""
 
 from __future__ import annotations
 
-import asyncio
-
 import contextlib
 import time
 import uuid
@@ -16,10 +14,13 @@ from typing import Annotated, Literal
 from aiohttp import web
 from pydantic import Field
 
-from kvrouter.router.errors import ApiError, WorkerFailed
+from kvrouter.router.client_hints import prompt_cache_key
+from kvrouter.router.dispatch import check_context
+from kvrouter.router.errors import ApiError, ContextTooLong, WorkerFailed
 from kvrouter.router.keys import CLUSTER, DISPATCHER, ROUTER_CONFIG
 from kvrouter.router.views.common import (ARRIVED_KEY, end_stream, make_job, namespace_of, prepare_sse, read_json,
-                                          send_event, sse_response)
+                                          render_prompt, send_event, sse_response)
+from kvrouter.router.views.streaming import paced
 from kvrouter.router.views.generation import Outcome, collect, generate
 from kvrouter.router.views.openai_request import (ARGUMENTS_TEXT, MODEL_TEXT, TOOL_CHOICE_TEXT, MaxTokens, ModelName,
                                                    Temperature, UnitNumber,
@@ -230,15 +231,24 @@ def response_body(resp_id, created, model, req, output, outcome: Outcome | None,
 
 async def create_response(request: web.Request) -> web.StreamResponse:
     config = request.app[ROUTER_CONFIG]
-    req = parse_responses_request(await read_json(request), config.default_max_tokens, config.max_tokens_limit)
+    body = await read_json(request)
+    req = parse_responses_request(body, config.default_max_tokens, config.max_tokens_limit)
     model = request.app[CLUSTER].model(req.model)
-    prompt = await asyncio.to_thread(model.tokenizer.chat_prompt, req.messages, req.tools)
+    prompt = await render_prompt(request, model, req.messages, req.tools)
     syntax = tool_syntax(model.tool_parser) if req.parse_tools else None
     job = make_job(model, prompt.tokens, prompt.anchor_tokens, req.max_tokens, req.temperature, req.top_p, None,
-                   namespace_of(request), prompt.text, prompt_param="input", arrived_s=request.get(ARRIVED_KEY))
+                   namespace_of(request), prompt.text, prompt_param="input", arrived_s=request.get(ARRIVED_KEY),
+                   affinity_key=prompt_cache_key(body))
     dispatcher = request.app[DISPATCHER]
+    resp_id, created, msg_id = f"resp_{uuid.uuid4().hex[:24]}", int(time.time()), f"msg_{uuid.uuid4().hex[:24]}"
+    if req.stream:
+        try:
+            check_context(job)
+        except ContextTooLong as exc:
+            # Codex CLI recognises a context overflow only as `response.failed` with code
+            # context_length_exceeded inside the stream (an HTTP 400 is a plain error to it).
+            return await _failed_stream(request, job, req, resp_id, created, exc)
     async with dispatcher.route(job) as route:
-        resp_id, created, msg_id = f"resp_{uuid.uuid4().hex[:24]}", int(time.time()), f"msg_{uuid.uuid4().hex[:24]}"
         if req.stream:
             return await _stream(request, dispatcher, job, route, req, syntax, resp_id, created, msg_id)
         text, outcome = await collect(dispatcher, job, route)
@@ -251,8 +261,29 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         return web.json_response(body, headers={"x-kvrouter-route": route.header()})
 
 
+def failed_body(resp_id, created, model, req, exc: ApiError) -> dict:
+    """A response with status "failed" and the error as OpenAI's Responses API reports it."""
+    return {**response_body(resp_id, created, model, req, [], None, "failed"),
+            "error": {"code": exc.code or exc.type, "message": exc.message}}
+
+
+async def _failed_stream(request, job, req, resp_id, created, exc: ApiError) -> web.StreamResponse:
+    """A stream that fails at once: response.created, then response.failed."""
+    resp = sse_response("", request.app[ROUTER_CONFIG].stream_keepalive_s)
+    await prepare_sse(resp, request, "")
+    shell = response_body(resp_id, created, job.model.name, req, [], None, "in_progress")
+    await send_event(resp, {"type": "response.created", "sequence_number": 0, "response": shell}, "response.created")
+    await send_event(resp, {"type": "response.failed", "sequence_number": 1,
+                            "response": failed_body(resp_id, created, job.model.name, req, exc)}, "response.failed")
+    await end_stream(resp)
+    return resp
+
+
 async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created, msg_id) -> web.StreamResponse:
-    resp = sse_response(route.header())
+    """The response.* event sequence. Headers, response.created and response.in_progress
+    (and the message item's start) go out at once, keep-alive comments follow; an error
+    after that is `response.failed` with the error's code."""
+    resp = sse_response(route.header(), request.app[ROUTER_CONFIG].stream_keepalive_s)
     seq = 0
 
     async def send(event: str, obj: dict) -> None:
@@ -261,22 +292,17 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
         seq += 1
 
     splitter = ToolCallSplitter(syntax, req.tools)
-    started = False
     text_parts: list[str] = []
     part = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+    await prepare_sse(resp, request, route.header())
+    shell = response_body(resp_id, created, job.model.name, req, [], None, "in_progress")
+    await send("response.created", {"response": shell})
+    await send("response.in_progress", {"response": shell})
+    await send("response.output_item.added", {"output_index": 0, "item": message_item(msg_id, "", "in_progress")})
+    await send("response.content_part.added", {**part, "part": {"type": "output_text", "text": "", "annotations": []}})
     async with contextlib.aclosing(generate(dispatcher, job, route)) as items:
         try:
-            async for item in items:
-                if not started:
-                    await prepare_sse(resp, request, route)
-                    shell = response_body(resp_id, created, job.model.name, req, [], None, "in_progress")
-                    await send("response.created", {"response": shell})
-                    await send("response.in_progress", {"response": shell})
-                    await send("response.output_item.added",
-                               {"output_index": 0, "item": message_item(msg_id, "", "in_progress")})
-                    await send("response.content_part.added",
-                               {**part, "part": {"type": "output_text", "text": "", "annotations": []}})
-                    started = True
+            async for item in paced(items, request):
                 if isinstance(item, str):
                     text = splitter.feed(item)
                     if text:
@@ -295,7 +321,8 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
                 await send("response.output_item.done", {"output_index": 0, "item": output[0]})
                 for i, call in enumerate(calls, 1):
                     done = call_item(call)
-                    await send("response.output_item.added", {"output_index": i, "item": call_item(call, "in_progress")})
+                    await send("response.output_item.added",
+                               {"output_index": i, "item": call_item(call, "in_progress")})
                     await send("response.function_call_arguments.delta",
                                {"item_id": done["id"], "output_index": i, "delta": call.arguments})
                     await send("response.function_call_arguments.done",
@@ -307,8 +334,6 @@ async def _stream(request, dispatcher, job, route, req, syntax, resp_id, created
                 await send("response.completed" if status == "completed" else "response.incomplete",
                            {"response": final})
         except ApiError as exc:
-            if not started:
-                raise
-            await send("error", {"code": exc.code or exc.type, "message": exc.message, "param": exc.param})
+            await send("response.failed", {"response": failed_body(resp_id, created, job.model.name, req, exc)})
     await end_stream(resp)
     return resp

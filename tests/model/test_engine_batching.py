@@ -80,3 +80,23 @@ def test_requests_arriving_together_prefill_their_shared_prefix_once():
         assert c.wait().usage.cached_tokens == 0 and d.wait().usage.cached_tokens == 0
     finally:
         engine.stop(shutdown_checkpoint=False)
+
+
+def test_a_client_hint_becomes_a_checkpoint_that_another_prompt_reuses(tmp_path):
+    """A cache_control breakpoint placed at token 300 (kind `hint`) is stored while the
+    prefill passes it, besides the cold store the policy plans anyway; after a restart,
+    a prompt that shares only those 300 tokens restores them from the store."""
+    engine = make_engine(tmp_path, decode_concurrency=1)
+    try:
+        stable = prompt_of(300, 21)
+        first = Call(engine, stable + prompt_of(400, 22), max_tokens=1, hint_tokens=(300, 5000)).wait()
+        stored = {(e.kind, e.n_tokens) for e in first.store_events if e.action == "stored"}
+        assert stored == {("hint", 300), ("anchor", 512)}  # the cold store: 700 - 32 aligned down to 256s
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+    engine = make_engine(tmp_path, decode_concurrency=1)  # no live state: only the store
+    try:
+        other = Call(engine, stable + prompt_of(100, 23), max_tokens=1).wait()
+        assert (other.usage.cached_tokens, other.usage.cache_source) == (300, "disk")
+    finally:
+        engine.stop(shutdown_checkpoint=False)

@@ -13,7 +13,7 @@ class Call:
     """One request: its events land in a queue read by `next_event` / `wait`.
     tokens: generated token ids so far; first_reuse: the reuse the first token reported."""
 
-    def __init__(self, engine, prompt, max_tokens=4, temperature=0.0, seed=None, namespace=""):
+    def __init__(self, engine, prompt, max_tokens=4, temperature=0.0, seed=None, namespace="", hint_tokens=()):
         from kvrouter.worker.events import GenerationRequest, SamplingConfig
 
         self.events: queue.Queue = queue.Queue()
@@ -21,7 +21,7 @@ class Call:
         self.final = None
         self.first_reuse = None
         req = GenerationRequest("t", tuple(prompt), SamplingConfig(temperature, 1.0, max_tokens, seed),
-                                namespace=namespace)
+                                namespace=namespace, hint_tokens=tuple(hint_tokens))
         self.job = engine.submit(req, self.events.put)
 
     def next_event(self):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from kvrouter.router.app import error_middleware
 from kvrouter.router.auth import ApiKeys, authorize, make_namespace
-from kvrouter.router.errors import BadRequest, Overloaded, PayloadTooLarge, Unauthorized
+from kvrouter.router.errors import BadRequest, ContextTooLong, Overloaded, PayloadTooLarge, Unauthorized, UnexpectedRole
 from kvrouter.router.keys import METRICS, ROUTER_CONFIG
 from kvrouter.router.config import RouterConfig
 from kvrouter.router.metrics import create_metrics
@@ -145,7 +146,23 @@ async def test_overload_is_openai_429_with_retry_after_and_anthropic_529():
     assert json.loads(resp.body)["error"]["type"] == "rate_limit_error"
     resp = await _render("/v1/messages", Overloaded("queue full"))
     assert resp.status == 529 and "Retry-After" in resp.headers
-    assert json.loads(resp.body) == {"type": "error", "error": {"type": "overloaded_error", "message": "queue full"}}
+    # the Anthropic API's own body: clients match its type (and Claude Code its text)
+    assert json.loads(resp.body) == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+async def test_context_and_role_errors_are_worded_as_each_api():
+    resp = await _render("/v1/messages", ContextTooLong(9000, 8192))
+    assert resp.status == 400
+    err = json.loads(resp.body)["error"]
+    assert err == {"type": "invalid_request_error", "message": "prompt is too long: 9000 tokens > 8191 maximum"}
+    # the pattern Claude Code reads both numbers with, before it compacts its history
+    m = re.search(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)", err["message"], re.I)
+    assert m and m.groups() == ("9000", "8191")
+    resp = await _render("/v1/chat/completions", ContextTooLong(9000, 8192))
+    assert resp.status == 400 and json.loads(resp.body)["error"]["code"] == "context_length_exceeded"
+    resp = await _render("/v1/messages", UnexpectedRole(2, "tool"))
+    message = json.loads(resp.body)["error"]["message"]
+    assert resp.status == 400 and "Unexpected role" in message and "input message role" in message
 
 
 async def test_anthropic_paths_get_anthropic_error_bodies():

@@ -27,7 +27,7 @@ def test_public_api():
         "StoreUnavailableError", "IndexStats",
         "StorePlan", "align_down", "eviction_score", "eviction_victims", "plan_stores",
     }
-    assert cachestore.KINDS == ("anchor", "waypoint", "evict", "shutdown")
+    assert cachestore.KINDS == ("anchor", "waypoint", "evict", "shutdown", "hint")
     assert issubclass(PayloadError, RuntimeError)
 
 
@@ -470,7 +470,7 @@ def test_reads_and_writes_never_wait_for_a_long_read(store: CheckpointStore):
         assert store.lookup("m", "ns", toks(300) + [1]).entry.id == e.id
         assert store.save("waypoint", "m", "ns", toks(500, 9), writer(b"w")) is not None
         store.touch(e.id)
-        assert store.stats().entries == {"anchor": 1, "waypoint": 1, "evict": 0, "shutdown": 0}
+        assert store.stats().entries == {"anchor": 1, "waypoint": 1, "evict": 0, "shutdown": 0, "hint": 0}
         assert not done.is_set()
     finally:
         release.set()

@@ -135,3 +135,52 @@ def test_eviction_score_orders_by_decayed_hits_then_tokens_per_byte():
     victims = eviction_victims([hot, dense, cold, stale], needed_bytes=300, budget_bytes=400, now=1000.0,
                                half_life_s=3600)
     assert [v.id for v in victims] == ["cold", "stale", "dense"]
+
+
+# -- client hints (Anthropic cache_control breakpoints placed on tokens) ----------------------
+
+def test_hint_before_the_anchor_is_stored_on_a_cold_prompt():
+    # tools first: the end of the tools and the stable system block (17,215) sits before the
+    # environment block; the anchor (18,676) includes it
+    plan = plan_stores(prompt_len=20280, hit_len=0, anchor_len=18676, cfg=CFG, hints=[17215, 18674, 18766])
+    assert positions(plan) == [(10240, "waypoint"), (17215, "hint"), (18676, "anchor")]
+    assert SkippedStore(18674, "hint_near_store", "hint") in plan.skipped  # the anchor's position, nearly
+    assert SkippedStore(18766, "hint_spacing", "hint") in plan.skipped  # 90 tokens past the anchor
+
+
+def test_hint_on_the_final_user_message_is_not_a_store_per_request():
+    # a conversation grows by a few hundred tokens a turn; its last message carries a breakpoint
+    stored = 1480  # the anchor, stored on the first request
+    stores = []
+    for prompt_len in range(1700, 30000, 400):
+        plan = plan_stores(prompt_len, stored, 1480, CFG, hints=[prompt_len - 6])
+        hints = [s.n_tokens for s in plan.stores if s.kind == "hint"]
+        stores += hints
+        stored = max([stored] + [s.n_tokens for s in plan.stores])
+    # at most one hint checkpoint per interval of growth (here the waypoints keep up, so none)
+    assert all(b - a >= CFG.interval_tokens for a, b in zip([1480] + stores, stores))
+    assert len(stores) <= (30000 - 1480) // CFG.interval_tokens
+    assert stored == 20480  # what was stored along the way: the anchor and two waypoints
+
+
+def test_hints_below_min_tokens_past_the_prompt_or_already_stored_are_not_planned():
+    plan = plan_stores(3000, 2000, None, CFG, hints=[19, 1500, 2000, 3001])
+    assert plan.stores == ()
+    assert plan.skipped == ()  # 19 is below the stored prefix (2000): nothing to decide
+    plan = plan_stores(3000, 0, 1480, CFG, hints=[19])
+    assert SkippedStore(19, "below_min_tokens", "hint") in plan.skipped
+
+
+def test_hint_spacing_counts_from_the_stored_prefix_the_anchor_and_other_hints():
+    # within one interval of the stored prefix: not stored (the waypoint is planned anyway)
+    assert positions(plan_stores(20000, 5000, None, CFG, hints=[15000])) == [(10240, "waypoint")]
+    # an interval or more past it: stored, even just past a waypoint of the same prefill
+    assert positions(plan_stores(20000, 5000, None, CFG, hints=[15300])) == [(10240, "waypoint"), (15300, "hint")]
+    assert positions(plan_stores(20000, 5000, None, CFG, hints=[10250])) == [(10240, "waypoint")]  # merged
+    # two hints: the second an interval past the first, or not at all
+    assert positions(plan_stores(30000, 0, None, CFG, hints=[3000, 9000, 14000])) == [
+        (3000, "hint"), (10240, "waypoint"), (14000, "hint"), (20480, "waypoint"), (28672, "anchor")]
+    far = StoreConfig(directory="/x", min_tokens=100, continued_interval_tokens=100000, boundary_align_tokens=100)
+    assert positions(plan_stores(5000, 1000, None, far, hints=[4000])) == []  # within one interval of the hit
+    assert positions(plan_stores(5000, 0, 1000, far, hints=[4000])) == [(1000, "anchor")]  # ... of the anchor
+    assert positions(plan_stores(5000, 0, 4500, far, hints=[4000])) == [(4000, "hint"), (4500, "anchor")]

@@ -119,7 +119,9 @@ CASES = [
     (messages, {"model": "m", "messages": HI}, "max_tokens: field required", "max_tokens"),
     (messages, {**MESSAGES, "max_tokens": "5"}, "'max_tokens' must be an integer", "max_tokens"),
     (messages, {**MESSAGES, "messages": [{"role": "tool", "content": "x"}]},
-     "messages[0].role: 'tool' is not supported here (expected one of 'user', 'assistant')", "messages[0].role"),
+     # the Anthropic API's wording: Claude Code matches "Unexpected role" ... "input message role"
+     'messages.0: Unexpected role "tool". The Messages API accepts "user" and "assistant" (and "system" '
+     'mid-conversation) as an input message role.', "messages[0].role"),
     (messages, {**MESSAGES, "messages": [{"role": "user", "content": 5}]},
      "messages[0].content must be a string or an array of content blocks", "messages[0].content"),
     (messages, {**MESSAGES, "messages": [{"role": "user", "content": [{"type": "tool_use", "name": "f", "input": {}}]}]},

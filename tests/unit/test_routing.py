@@ -85,3 +85,36 @@ def test_a_batching_worker_with_a_free_slot_makes_a_request_wait_only_for_prefil
     assert abs(queue_wait_s(full) - (2.0 + 3.0 * 1 / 4)) < 1e-9
     d = choose_worker([serial, batching], 1000)
     assert d.worker == "w0" and abs(d.predicted_ttft_s - (2.0 + 1000 / 250)) < 1e-9
+
+
+def test_prompt_cache_key_worker_wins_within_the_slack_only():
+    from kvrouter.router.routing import AFFINITY_SLACK_S
+
+    a = Candidate("w0", True, 0, (), CPU)  # 1000 tokens: 4.0 s
+    b = Candidate("w1", True, 1, (), CPU, prefill_backlog_s=0.3, slots=4)  # 4.3 s: within 10 %
+    assert choose_worker([a, b], 1000).worker == "w0"
+    d = choose_worker([a, b], 1000, prefer="w1")
+    assert d.worker == "w1" and d.affinity
+    far = Candidate("w1", True, 1, (), CPU, prefill_backlog_s=2.0, slots=4)  # 6.0 s: not close
+    d = choose_worker([a, far], 1000, prefer="w1")
+    assert d.worker == "w0" and not d.affinity
+    # short prompts: the slack is at least AFFINITY_SLACK_S
+    near = Candidate("w1", True, 1, (), CPU, prefill_backlog_s=AFFINITY_SLACK_S / 2, slots=4)
+    assert choose_worker([a, near], 10, prefer="w1").worker == "w1"
+    # an excluded (already tried) or full worker is never preferred
+    assert choose_worker([a, b], 1000, exclude=frozenset({"w1"}), prefer="w1").worker == "w0"
+    full = Candidate("w1", True, 2, (), CPU, max_queue=2)
+    assert choose_worker([a, full], 1000, prefer="w1").worker == "w0"
+
+
+def test_affinity_map_is_bounded_and_scoped():
+    from kvrouter.router.affinity import AffinityMap
+
+    m = AffinityMap(max_keys=2)
+    m.remember("m", "", "k1", "w0")
+    m.remember("m", "", "k2", "w1")
+    assert m.worker_for("m", "", "k1") == "w0"
+    assert m.worker_for("m", "tenant", "k1") == "" and m.worker_for("other", "", "k1") == ""  # never across
+    m.remember("m", "", "k3", "w1")  # the least recently remembered key (k1) is forgotten
+    assert len(m) == 2 and m.worker_for("m", "", "k1") == ""
+    assert m.worker_for("m", "", "") == "" and m.worker_for("m", "", "k3") == "w1"

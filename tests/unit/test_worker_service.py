@@ -287,3 +287,12 @@ async def test_tls_worker_with_token():
         await secure.close()
         await plain.close()
         await server.stop(None)
+
+
+def test_hint_positions_reach_the_engine_request_inside_the_prompt_only():
+    from kvrouter.router.worker_client import request_to_proto
+    from kvrouter.worker.servicer import request_from_proto
+
+    msg = request_to_proto(GenerateRequest("r", tuple(range(10)), 4, hint_tokens=(9, 0, 3, 12, 3, 10)))
+    assert list(msg.hint_tokens) == [9, 0, 3, 12, 3, 10]
+    assert request_from_proto(msg, 100).hint_tokens == (3, 9)  # sorted, unique, within (0, 10)
