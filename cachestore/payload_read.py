@@ -330,6 +330,15 @@ def resident_fraction(fd: int, size: int) -> float | None:
         libc.munmap(ctypes.c_void_p(addr), size)
 
 
+def resident_fraction_of(path) -> float | None:
+    """`resident_fraction` of the whole file at `path`. Raises OSError when it cannot be opened."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        return resident_fraction(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 PROBE_BYTES = 32 << 20  # how much a cold-read probe reads, bytes
 _PROBE_BLOCK = 4 << 20
 

@@ -33,6 +33,7 @@ def measure(spec: str | None, lengths: list[int], kv_bits: int | None, cache_dir
     import mlx.core as mx
 
     from kvrouter.worker import cache_state
+    from kvrouter.worker.checkpoint_load import load_payload
     from kvrouter.worker.config import KvQuantization
     from kvrouter.worker.models import load_model
 
@@ -50,7 +51,7 @@ def measure(spec: str | None, lengths: list[int], kv_bits: int | None, cache_dir
             t0 = time.perf_counter()
             cache_state.payload_writer(cache_state.cut(state, n, n), n, bundle.identity)(path)
             t1 = time.perf_counter()
-            cache_state.load_payload(path, bundle.identity, n, spec_.layout)
+            load_payload(path, bundle.identity, n, spec_.layout)
             t2 = time.perf_counter()
             rows.append({"model": bundle.name, "layout": spec_.layout, "kv_bits": kv_bits, "tokens": n,
                          "bytes": path.stat().st_size, "write_s": round(t1 - t0, 4), "read_s": round(t2 - t1, 4)})

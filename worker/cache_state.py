@@ -247,24 +247,6 @@ def payload_writer(caches, n_tokens: int, model_id: str) -> Callable[[Path], Non
     return write
 
 
-def load_payload(path: Path, model_id: str, n_tokens: int, layout: str) -> list:
-    """Reads a checkpoint file written by `payload_writer`, evaluated, without an index row
-    to check its checksum against (benchmarks, tests, diagnosis; a worker's load goes
-    through the store: `worker.checkpoint_load.load_state`).
-
-    layout: `describe_layout` of the worker's own state; the file must match it.
-    Raises CheckpointFormatError for an unreadable file, another format, model identity,
-    token count or layout (the file is then useless and should be quarantined)."""
-    from kvrouter.cachestore.payload_read import PayloadReadError, SequentialRead
-    from kvrouter.worker.checkpoint_load import load_state
-
-    try:
-        read = SequentialRead(path)
-        return load_state(read, model_id, n_tokens, layout, verify=lambda r: r.finish())[0]
-    except (OSError, PayloadReadError) as exc:
-        raise CheckpointFormatError(f"cannot read checkpoint {Path(path).name}: {exc}") from exc
-
-
 @dataclass(frozen=True)
 class StateSpec:
     """What one model's state looks like, worked out once at load (`state_spec`).

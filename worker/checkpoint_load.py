@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -235,3 +236,18 @@ def load_state(read: SequentialRead, model_id: str, n_tokens: int, layout: str,
     wait = read.wait_seconds - wait0
     return caches, LoadStages(read.size, read.read_seconds, max(0.0, t1 - t0 - wait), t2 - t1, wait, t2 - t0,
                               read.resident)
+
+
+def load_payload(path, model_id: str, n_tokens: int, layout: str) -> list:
+    """Reads a checkpoint file written by `cache_state.payload_writer`, evaluated, without
+    an index row to check its checksum against (benchmarks, tests, diagnosis; a worker's
+    load goes through the store: `CheckpointManager.load`, `load_state` with the store's
+    `finish_read`).
+
+    layout: `cache_state.describe_layout` of the worker's own state; the file must match
+    it. Raises CheckpointFormatError for an unreadable file, another format, model
+    identity, token count or layout (the file is then useless and should be quarantined)."""
+    try:
+        return load_state(SequentialRead(path), model_id, n_tokens, layout, verify=lambda r: r.finish())[0]
+    except (OSError, PayloadReadError) as exc:
+        raise CheckpointFormatError(f"cannot read checkpoint {os.path.basename(os.fspath(path))}: {exc}") from exc
