@@ -56,9 +56,9 @@ class LoadStages:
     waits for the disk excluded; build_s: the mlx-lm cache objects and checks;
     wait_s: the engine thread's time waiting for bytes; total_s: the engine thread's
     time in the load, what the request waited for it. resident: fraction of the file
-    the page cache held when its read began (None: unknown). cost_s: what the load
-    costs without a prefetch, `max(read_s, device_s) + build_s` (the two overlap):
-    the figure the disk rates are learnt from.
+    the page cache held when its read began (None: unknown). cost_s:
+    `max(read_s, device_s) + build_s` (the two overlap), what the load's own work
+    took, whether or not its read started early (a prefetch).
     """
 
     bytes: int

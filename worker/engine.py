@@ -596,9 +596,9 @@ class Engine:
             return
         r, bps = self.rates, restored.loaded_bytes / restored.load_seconds
         if restored.source == "disk":
-            st = restored.stages
-            seconds = st.cost_s if st is not None else restored.load_seconds
-            self.rates = learn_disk_load(r, restored.loaded_bytes, seconds, st.resident if st is not None else None)
+            st = restored.stages  # what the request waited, by how much of the payload the page cache held
+            self.rates = learn_disk_load(r, restored.loaded_bytes, restored.load_seconds,
+                                         st.resident if st is not None else None)
         elif restored.source == "ram":
             self.rates = replace(r, ram_bps=ewma(r.ram_bps, bps))
 
