@@ -31,9 +31,12 @@ from kvrouter.worker.cache_state import CheckpointFormatError, CutError, StateSp
 from kvrouter.worker.checkpoint_load import LoadStages, load_state
 from kvrouter.worker.checkpoint_writer import WriteJob
 from kvrouter.worker.live_states import LiveState
+from kvrouter.worker.prefetch import Prefetcher
 from kvrouter.worker.ram_tier import RamTier
 
 log = logging.getLogger("kvrouter.worker.checkpoints")
+
+PREFETCH_BYTES = 2 << 30  # payload bytes read ahead for queued requests at most (2 reads: worker.prefetch)
 
 
 @dataclass
@@ -64,17 +67,39 @@ class CheckpointManager:
     layout (`cache_state.StateSpec`). store: the shared disk store, or None (then
     only live states are reused). ram: the RAM tier (may have max_bytes 0).
     store_listeners: the store's `on_event` (None: a new, empty one), where the
-    engine and the cache event hub add themselves.
+    engine and the cache event hub add themselves. prefetch_bytes: payload bytes read
+    ahead for queued requests at most (`prefetch_for`; 0: no prefetch).
     """
 
     def __init__(self, model_id: str, spec: StateSpec, store: CheckpointStore | None, ram: RamTier | None = None,
-                 store_listeners: StoreListeners | None = None):
+                 store_listeners: StoreListeners | None = None, prefetch_bytes: int = PREFETCH_BYTES):
         self.model_id = model_id
         self.spec = spec
         self.store = store
         self.ram = ram if ram is not None else RamTier(0)
         self.store_listeners = store_listeners if store_listeners is not None else StoreListeners()
         self._round: dict[str, list] = {}  # checkpoints loaded during this admission round, by entry id
+        self.prefetch = Prefetcher(store, prefetch_bytes) if store is not None and prefetch_bytes > 0 else None
+
+    def prefetch_for(self, prompt, namespace: str, owner) -> bool:
+        """Starts reading the checkpoint `prompt` would load from disk while its request
+        (`owner`) waits in the queue (`worker.prefetch`); `release(owner)` once it is
+        admitted or gone. True when a read was started or joined."""
+        if self.prefetch is None:
+            return False
+        try:
+            hit = self.lookup(prompt, namespace)
+            if hit is None or hit.entry.id in self.ram:
+                return False
+            return self.prefetch.start(hit.entry, owner)
+        except Exception:  # a prefetch is an optimisation: the load at admission reports real failures
+            log.warning("prefetch for a queued request failed", exc_info=True)
+            return False
+
+    def release(self, owner) -> None:
+        """`owner` needs no prefetched read any more; reads nobody needs are cancelled."""
+        if self.prefetch is not None:
+            self.prefetch.release(owner)
 
     def end_admission_round(self) -> None:
         """Forgets the checkpoints loaded for the requests admitted together (see `load`)."""
@@ -112,7 +137,9 @@ class CheckpointManager:
         try:
             if caches is None:
                 source = "disk"
-                read = self.store.open_read(entry)  # one read, hashed as it goes (C11 checked at its end)
+                read = self.prefetch.take(entry.id) if self.prefetch is not None else None
+                if read is None:
+                    read = self.store.open_read(entry)  # one read, hashed as it goes (C11 checked at its end)
                 caches, stages = load_state(read, self.model_id, entry.n_tokens, self.spec.layout,
                                             verify=lambda r: self.store.finish_read(entry, r))
                 self.ram.put(entry.id, caches)

@@ -331,6 +331,8 @@ class Engine:
                     self._stopping = (item[1],)
                 elif item is not _WAKE:
                     self._waiting.append(item)
+                    if self._running and not item.attempts:  # it will wait: start reading its checkpoint
+                        self.checkpoints.prefetch_for(item.request.prompt, item.request.namespace, item)
                 item = self._queue.get_nowait()
         except queue.Empty:
             pass
@@ -493,6 +495,8 @@ class Engine:
             except Exception as exc:
                 log.exception("request %s failed on admission", job.request.request_id)
                 self._done(job, ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
+            finally:
+                self.checkpoints.release(job)
         self._waiting.extendleft(reversed(deferred))
         self.checkpoints.end_admission_round()
         self._account()
@@ -706,6 +710,7 @@ class Engine:
         if any(job.cancelled.is_set() for job in self._waiting):
             for job in [j for j in self._waiting if j.cancelled.is_set()]:
                 self._waiting.remove(job)
+                self.checkpoints.release(job)
                 self._finals.append((job, FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none"))))
         for uid, run in list(self._running.items()):
             if run.job.cancelled.is_set():

@@ -29,7 +29,7 @@ MAX_READS = 2  # prefetched payloads held at once
 class _Held:
     entry: Entry
     read: SequentialRead
-    owners: set = field(default_factory=set)
+    owners: set = field(default_factory=set)  # id() of the requests waiting for it
 
 
 class Prefetcher:
@@ -54,7 +54,7 @@ class Prefetcher:
         with self._lock:
             held = self._held.get(entry.id)
             if held is not None:
-                held.owners.add(owner)
+                held.owners.add(id(owner))
                 return True
             if len(self._held) >= self.max_reads or \
                     sum(h.entry.payload_bytes for h in self._held.values()) + entry.payload_bytes > self.max_bytes:
@@ -67,9 +67,9 @@ class Prefetcher:
         with self._lock:
             if entry.id in self._held:  # another request started it meanwhile
                 read.cancel()
-                self._held[entry.id].owners.add(owner)
+                self._held[entry.id].owners.add(id(owner))
                 return True
-            self._held[entry.id] = _Held(entry, read, {owner})
+            self._held[entry.id] = _Held(entry, read, {id(owner)})
             self.started += 1
         log.debug("prefetch started id=%s mib=%.1f resident=%s", entry.id, entry.payload_bytes / 2**20, read.resident)
         return True
@@ -93,7 +93,7 @@ class Prefetcher:
         drop = []
         with self._lock:
             for entry_id, held in list(self._held.items()):
-                held.owners.discard(owner)
+                held.owners.discard(id(owner))
                 if not held.owners:
                     drop.append(self._held.pop(entry_id))
         for held in drop:
