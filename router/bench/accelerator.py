@@ -24,7 +24,9 @@ run killed from outside still leaves what it measured):
    `--no-kv-cache` cold TTFT, and which one the router took.
 3. `compare`: `kvrouter bench --compare --targets kvrouter[,mlx_lm.server]
    --sessions 16 --concurrency 4 --system-words 5000 --max-tokens 16 --model DIR`
-   with default flags, as a subprocess; its summary (per-request records left out).
+   with default flags, as subprocesses, one program each (kvrouter first, so its
+   figures survive a budget cut); their summaries (per-request records left out) and
+   the bench's ratios to mlx_lm.server.
 4. `prefill`: `python -P -m kvrouter.worker.bench_prefill --model DIR
    --through-engine --tokens MAX_LENGTH --json FILE` (worker vs the plain in-process
    loop), when that module has `--through-engine`; otherwise noted as not available.
@@ -157,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> DriverConfig:
 
 def new_report(cfg: DriverConfig) -> dict:
     """The report's skeleton: config, host, one key per part in `parts` (None until
-    measured), `skipped` (part -> why), `notes`, `elapsed_s`."""
+    measured), `skipped` (part -> why), `notes`, `summary` (see `summarize`), `elapsed_s`."""
     return {
         "driver": "kvrouter.router.bench.accelerator",
         "config": cfg.as_json(),
@@ -167,6 +169,7 @@ def new_report(cfg: DriverConfig) -> dict:
         "parts": {p: None for p in PARTS},
         "skipped": {},
         "notes": [],
+        "summary": {},
         "elapsed_s": 0.0,
     }
 
@@ -200,6 +203,28 @@ def message_tokens(length: int) -> int:
     """Tokens of the user message at prompt length `length`: 500, or a quarter of the
     length for prompts under 2,000 tokens."""
     return min(MESSAGE_TOKENS, length // 4)
+
+
+def summarize(report: dict) -> dict:
+    """The headline ratios of a report (see `new_report`), each keyed by prompt length
+    (tokens, as a string) where it has one; None where the figure is missing:
+    cold_store_vs_no_kv_cache, disk_hit_vs_bound, ram_hit_vs_bound,
+    load_or_recompute_took_vs_faster, compare_vs_mlx_lm_server (the bench's ratios),
+    prefill_worker_vs_plain."""
+    parts = report.get("parts") or {}
+    cold = (parts.get("cold") or {}).get("lengths", {})
+    hits = (parts.get("hits") or {}).get("lengths", {})
+    compare = parts.get("compare") or {}
+    prefill = ((parts.get("prefill") or {}).get("result") or {}).get("lengths", [])
+    return {
+        "cold_store_vs_no_kv_cache": {n: row.get("store_vs_no_kv_cache") for n, row in cold.items()},
+        "disk_hit_vs_bound": {n: row.get("disk_vs_bound") for n, row in hits.items()},
+        "ram_hit_vs_bound": {n: row.get("ram_vs_bound") for n, row in hits.items()},
+        "load_or_recompute_took_vs_faster": {n: (row.get("load_or_recompute") or {}).get("took_vs_faster")
+                                             for n, row in hits.items()},
+        "compare_vs_mlx_lm_server": compare.get("ratios"),
+        "prefill_worker_vs_plain": {str(r.get("tokens")): r.get("worker_vs_plain") for r in prefill},
+    }
 
 
 class Budget:
@@ -344,15 +369,14 @@ def pick(delta: dict[str, float], prefix: str) -> float:
 
 
 def measured_ask(server, model: str, messages, max_tokens: int, budget: Budget) -> dict:
-    """`ask` plus the /metrics deltas the request caused (`metrics`) and the source of
-    its reused tokens (`source`: computed/live/ram/disk, the largest)."""
+    """`ask` plus the /metrics deltas the request caused (`metrics`) and where most of
+    its prompt tokens came from (`source`: computed, live, ram or disk)."""
     before = metric_totals(server.base_url)
     rec = ask(server.base_url, model, messages, max_tokens, budget.left() - STOP_RESERVE_S)
     delta = metric_delta(before, metric_totals(server.base_url))
     sources = {k.split("source=")[1].rstrip("}"): v for k, v in delta.items()
                if k.startswith("kvrouter_prompt_tokens_total{") and "source=" in k}
-    reused = {k: v for k, v in sources.items() if k != "computed"}
-    rec["source"] = max(reused, key=reused.get) if reused else "computed"
+    rec["source"] = max(sources, key=sources.get) if sources else "computed"
     rec["metrics"] = delta
     return rec
 
@@ -446,11 +470,16 @@ class Driver:
         min_prefix = min(n - message_tokens(n) for n in cfg.lengths)
         self.store_flags = ["--kv-cache-cold-max-tokens", str(max(30000, max(cfg.lengths))),
                             "--kv-cache-min-tokens", str(min(512, min_prefix - 32))]
+        # the restart for the hits: one batch slot (an unrelated request drops the live
+        # state, so the next hit comes from the RAM tier) and no new stores (no evict
+        # checkpoint writes competing with the loads; min tokens past every prompt)
+        self.hits_flags = ["--decode-concurrency", "1", "--kv-cache-min-tokens", str(max(cfg.lengths) + 1)]
         self.report["server_flags"] = {"common": ["--model", str(cfg.model)], "store": self.store_flags,
-                                       "hits_restart": ["--decode-concurrency", "1"]}
+                                       "hits_restart": self.hits_flags}
 
     def save(self) -> None:
         self.report["elapsed_s"] = round(self.budget.used(), 1)
+        self.report["summary"] = summarize(self.report)
         tmp = self.cfg.out.with_suffix(self.cfg.out.suffix + ".tmp")
         self.cfg.out.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(self.report, indent=2) + "\n")
@@ -530,7 +559,7 @@ class Driver:
         cold = (self.report["parts"].get("cold") or {}).get("lengths", {})
         copy_bw = self.copy_bandwidth(store_dir)
         out["copy_bandwidth"] = copy_bw
-        server = self.server("acc-store", [*self.store_flags, "--decode-concurrency", "1"])
+        server = self.server("acc-store", [*self.store_flags, *self.hits_flags])
         try:
             drop = drop_page_cache()  # before the start too: the worker's own reads start cold
             model = self.start(server)
@@ -603,27 +632,45 @@ class Driver:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     def part_compare(self) -> None:
-        targets = "kvrouter,mlx_lm.server" if self.cfg.mlx_server else "kvrouter"
-        outdir = self.work / "bench-compare"
-        argv = [*module_command("kvrouter.router.cli"), "bench", "--compare", "--targets", targets, *BENCH_FLAGS,
-                "--model", str(self.cfg.model), "--cache-dir", str(self.cfg.cache_dir), "--output", str(outdir)]
-        out: dict = {"command": " ".join(argv[3:]).replace("kvrouter.router.cli", "kvrouter")}
+        """`kvrouter bench --compare` with the issue's workload flags, one program per
+        invocation (kvrouter first), so kvrouter's figures survive when mlx_lm.server
+        runs out of budget; the ratios are the bench's own (`report.side_by_side`)."""
+        from kvrouter.router.bench.report import side_by_side
+
+        targets = ["kvrouter", "mlx_lm.server"] if self.cfg.mlx_server else ["kvrouter"]
+        out: dict = {"equivalent_to": "kvrouter bench --compare --targets " + ",".join(targets) + " "
+                                      + " ".join(BENCH_FLAGS) + f" --model {self.cfg.model}",
+                     "commands": {}, "results": {}, "returncodes": {}, "seconds": {}}
         if not self.cfg.mlx_server:
             out["note"] = "kvrouter alone (pass --mlx-server to run mlx_lm.server beside it)"
         self.report["parts"]["compare"] = out
-        self.save()
-        rc, seconds, tail = run_bounded(argv, self.budget.left() - 5, self.work / "bench-compare.log")
-        out.update({"returncode": rc, "seconds": seconds})
-        summary = outdir / "summary.json"
-        if summary.is_file():
-            data = json.loads(summary.read_text())
-            for s in data.get("results", {}).values():
-                s.pop("per_request", None)
-            out["summary"] = data
-        if rc is None:
-            raise OutOfBudget(f"kvrouter bench did not finish within the budget ({seconds:.0f} s); log tail: {tail}")
-        if rc != 0:
-            out["log_tail"] = tail
+        for target in targets:
+            if self.budget.left() < PART_MIN_S["compare"]:
+                skip(self.report, f"compare.{target}", f"budget: {self.budget.left():.0f} s left")
+                continue
+            outdir = self.work / f"bench-{target}"
+            argv = [*module_command("kvrouter.router.cli"), "bench", "--compare", "--targets", target, *BENCH_FLAGS,
+                    "--model", str(self.cfg.model), "--cache-dir", str(self.cfg.cache_dir), "--output", str(outdir)]
+            out["commands"][target] = "kvrouter " + " ".join(argv[4:])
+            self.save()
+            rc, seconds, tail = run_bounded(argv, self.budget.left() - 5, self.work / f"bench-{target}.log")
+            out["returncodes"][target], out["seconds"][target] = rc, seconds
+            summary = outdir / "summary.json"
+            if summary.is_file():
+                data = json.loads(summary.read_text())
+                for name, s in data.get("results", {}).items():
+                    s.pop("per_request", None)
+                    out["results"][name] = s
+                out.setdefault("workload", data.get("workload"))
+            if rc is None:
+                skip(self.report, f"compare.{target}", f"did not finish within the budget ({seconds:.0f} s); "
+                                                       f"log tail: {tail[-600:]}")
+            elif rc != 0:
+                out.setdefault("log_tails", {})[target] = tail
+            self.save()
+        if len(out["results"]) > 1 and "mlx_lm.server" in out["results"]:
+            table, out["ratios"] = side_by_side(out["results"], "mlx_lm.server")
+            print(table, file=sys.stderr)
         out["targets"] = "TTFT p50 <= 0.5 x and p95 <= 0.3 x mlx_lm.server's, prefilled tokens <= 0.25 x"
 
     def part_prefill(self) -> None:
@@ -706,6 +753,7 @@ def run_bounded(argv: list[str], timeout_s: float, log_path: Path) -> tuple[int 
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one bar per request is noise; before tqdm is imported
     cfg = parse_args(argv)
     if not (cfg.model / "config.json").is_file():
         print(f"error: {cfg.model} is not an mlx-lm model directory (no config.json)", file=sys.stderr)
