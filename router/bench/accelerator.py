@@ -31,6 +31,12 @@ run killed from outside still leaves what it measured):
    --through-engine --tokens MAX_LENGTH --json FILE` (worker vs the plain in-process
    loop), when that module has `--through-engine`; otherwise noted as not available.
 
+5. `load_or_recompute`: engineer "loadpath"'s `python -P -m
+   kvrouter.worker.bench_load_or_recompute --model DIR --tokens 2048 ... 32768
+   --json FILE` (in process: the worker's decision, both predictions, both real
+   times), when that module is installed; otherwise noted as not available (the
+   `hits` part's per-length `load_or_recompute`, through the server, still stands).
+
 One server process at a time; each is stopped before the next starts. Requests go
 through the bench's own client (`router.bench.client.run_workload`, the official
 `openai` client); figures in seconds, bytes and tokens.
@@ -55,11 +61,12 @@ from pathlib import Path
 
 from kvrouter.worker.launch import module_command
 
-PARTS = ("cold", "hits", "compare", "prefill")
+PARTS = ("cold", "hits", "compare", "prefill", "load_or_recompute")
+LOR_GRID = (2048, 4096, 8192, 16384, 32768)  # issue 15: load-or-recompute at 2K..32K
 # Least seconds a part needs left to be worth starting (a server start, a warm-up
 # and one request on the H200 take 30-60 s: issue 15's kit notes ~20 s of kernel
 # compilation on a fresh machine).
-PART_MIN_S = {"cold": 30.0, "hits": 30.0, "compare": 60.0, "prefill": 20.0}
+PART_MIN_S = {"cold": 30.0, "hits": 30.0, "compare": 60.0, "prefill": 20.0, "load_or_recompute": 20.0}
 STOP_RESERVE_S = 25.0  # kept back for stopping a server (shutdown checkpoints)
 MESSAGE_TOKENS = 500  # the issue's table: 7,680-token prefix + 500-token message at 8K
 BENCH_FLAGS = ("--sessions", "16", "--concurrency", "4", "--system-words", "5000", "--max-tokens", "16")
@@ -210,12 +217,13 @@ def summarize(report: dict) -> dict:
     (tokens, as a string) where it has one; None where the figure is missing:
     cold_store_vs_no_kv_cache, disk_hit_vs_bound, ram_hit_vs_bound,
     load_or_recompute_took_vs_faster, compare_vs_mlx_lm_server (the bench's ratios),
-    prefill_worker_vs_plain."""
+    prefill_worker_vs_plain, load_or_recompute_bench_ok (keyed "tokens page_cache")."""
     parts = report.get("parts") or {}
     cold = (parts.get("cold") or {}).get("lengths", {})
     hits = (parts.get("hits") or {}).get("lengths", {})
     compare = parts.get("compare") or {}
     prefill = ((parts.get("prefill") or {}).get("result") or {}).get("lengths", [])
+    lor = ((parts.get("load_or_recompute") or {}).get("result") or {}).get("rows", [])
     return {
         "cold_store_vs_no_kv_cache": {n: row.get("store_vs_no_kv_cache") for n, row in cold.items()},
         "disk_hit_vs_bound": {n: row.get("disk_vs_bound") for n, row in hits.items()},
@@ -224,6 +232,7 @@ def summarize(report: dict) -> dict:
                                              for n, row in hits.items()},
         "compare_vs_mlx_lm_server": compare.get("ratios"),
         "prefill_worker_vs_plain": {str(r.get("tokens")): r.get("worker_vs_plain") for r in prefill},
+        "load_or_recompute_bench_ok": {f"{r.get('tokens')} {r.get('page_cache')}": r.get("ok") for r in lor},
     }
 
 
@@ -695,6 +704,30 @@ class Driver:
         if rc != 0:
             out["log_tail"] = tail
         out["target"] = "prefill through the worker <= 1.2 x the plain in-process loop"
+
+    def part_load_or_recompute(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("kvrouter.worker.bench_load_or_recompute") is None:
+            skip(self.report, "load_or_recompute", "not available: kvrouter.worker.bench_load_or_recompute is not "
+                                                   "on this branch (engineer 'loadpath' is adding it); see the "
+                                                   "hits part's load_or_recompute rows (through the server)")
+            return
+        grid = sorted({n for n in LOR_GRID if n <= max(self.cfg.lengths)} | set(self.cfg.lengths))
+        out_json = self.work / "bench-load-or-recompute.json"
+        argv = [*module_command("kvrouter.worker.bench_load_or_recompute"), "--model", str(self.cfg.model),
+                "--tokens", *map(str, grid), "--json", str(out_json)]
+        out: dict = {"command": " ".join(argv[3:])}
+        self.report["parts"]["load_or_recompute"] = out
+        rc, seconds, tail = run_bounded(argv, self.budget.left() - 5, self.work / "bench-load-or-recompute.log")
+        out.update({"returncode": rc, "seconds": seconds})
+        if out_json.is_file():
+            out["result"] = json.loads(out_json.read_text())
+        if rc is None:
+            raise OutOfBudget(f"bench_load_or_recompute did not finish within the budget; log tail: {tail}")
+        if rc != 0:
+            out["log_tail"] = tail
+        out["target"] = "the faster path, or one within 10 % of it, at 2K, 4K, 8K, 16K and 32K"
 
     def run(self) -> int:
         if any(p in self.cfg.parts for p in ("cold", "hits")):
