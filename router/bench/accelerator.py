@@ -236,6 +236,36 @@ def summarize(report: dict) -> dict:
     }
 
 
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def kv_bytes_per_token(config: dict) -> int:
+    """KV cache bytes per token of an mlx-lm llama-style `config.json` dict: 2 (keys and
+    values) × layers × KV heads × head dim × the dtype's bytes (`torch_dtype`,
+    bfloat16 when absent). The Llama-3-8B shape in bf16 gives 131,072 (issue 15).
+    Raises KeyError when the config lacks num_hidden_layers or the head counts."""
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES.get(config.get("torch_dtype"), 2)
+
+
+def sized_store_flags(lengths: tuple[int, ...], bytes_per_token: int) -> list[str]:
+    """Store flags that hold what the driver's prompts need (MiB, rounded up): live
+    states and the RAM tier for every length at once with a quarter to spare (at
+    least 256 MiB each: the sized defaults may not hold a 32K state of an 8B model),
+    and a disk budget for 3× that (anchors, shutdown checkpoints; at least the
+    default 4,096 MiB). The cold max covers the longest prompt (one anchor of the
+    whole shared prefix at 32K, where the default 30,000 would leave a waypoint), and
+    prefixes under 512 tokens (CPU test lengths) get a lower min tokens."""
+    state_mib = -(-int(1.25 * sum(lengths) * bytes_per_token) // 2**20)
+    min_prefix = min(n - message_tokens(n) for n in lengths)
+    return ["--live-state-mb", str(max(256, state_mib)), "--kv-cache-ram-mb", str(max(256, state_mib)),
+            "--kv-cache-disk-mb", str(max(4096, 3 * state_mib)),
+            "--kv-cache-cold-max-tokens", str(max(30000, max(lengths))),
+            "--kv-cache-min-tokens", str(min(512, min_prefix - 32))]
+
+
 class Budget:
     """Seconds left of `total_s` from construction (monotonic clock)."""
 
@@ -474,11 +504,9 @@ class Driver:
         self.work.mkdir(parents=True, exist_ok=True)
         self.report["work_dir"] = str(self.work)
         self.prompts: dict[int, LengthPrompts] = {}
-        # whole-prefix anchors at every length (the default cold max, 30,000 tokens,
-        # would leave 32K prompts a waypoint), and stored at the smallest CPU lengths
-        min_prefix = min(n - message_tokens(n) for n in cfg.lengths)
-        self.store_flags = ["--kv-cache-cold-max-tokens", str(max(30000, max(cfg.lengths))),
-                            "--kv-cache-min-tokens", str(min(512, min_prefix - 32))]
+        model_config = json.loads((cfg.model / "config.json").read_text())
+        self.report["kv_bytes_per_token"] = bpt = kv_bytes_per_token(model_config)
+        self.store_flags = sized_store_flags(cfg.lengths, bpt)
         # the restart for the hits: one batch slot (an unrelated request drops the live
         # state, so the next hit comes from the RAM tier) and no new stores (no evict
         # checkpoint writes competing with the loads; min tokens past every prompt)
@@ -537,7 +565,8 @@ class Driver:
     def part_cold(self) -> None:
         out: dict = {"lengths": {}}
         self.report["parts"]["cold"] = out
-        for mode, extra in (("no_kv_cache", ["--no-kv-cache"]), ("store", self.store_flags)):
+        live = self.store_flags[:2]  # the same --live-state-mb for both
+        for mode, extra in (("no_kv_cache", ["--no-kv-cache", *live]), ("store", self.store_flags)):
             server = self.server(f"acc-{mode.replace('_', '-')}", extra)
             try:
                 model = self.start(server)
@@ -644,8 +673,15 @@ class Driver:
         """`kvrouter bench --compare` with the issue's workload flags, one program per
         invocation (kvrouter first), so kvrouter's figures survive when mlx_lm.server
         runs out of budget; the ratios are the bench's own (`report.side_by_side`)."""
-        from kvrouter.router.bench.report import side_by_side
+        import importlib.util
 
+        from kvrouter.router.bench.report import side_by_side
+        from kvrouter.router.extras import EXTRAS
+
+        missing = [m for m in EXTRAS["bench"] if importlib.util.find_spec(m) is None]
+        if missing:  # `kvrouter bench` refuses to start without its extra
+            skip(self.report, "compare", f"kvrouter bench needs the 'bench' extra (missing: {', '.join(missing)})")
+            return
         targets = ["kvrouter", "mlx_lm.server"] if self.cfg.mlx_server else ["kvrouter"]
         out: dict = {"equivalent_to": "kvrouter bench --compare --targets " + ",".join(targets) + " "
                                       + " ".join(BENCH_FLAGS) + f" --model {self.cfg.model}",

@@ -125,3 +125,37 @@ def test_summary_collects_each_parts_headline_ratio():
     # an unmeasured report summarises to empty figures, never an error
     empty = acc.summarize(acc.new_report(acc.parse_args(args())))
     assert empty["disk_hit_vs_bound"] == {} and empty["compare_vs_mlx_lm_server"] is None
+
+
+LLAMA_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "torch_dtype": "bfloat16"}
+
+
+def test_kv_bytes_per_token_of_the_8b_shape_is_the_issues_131kb():
+    assert acc.kv_bytes_per_token(LLAMA_8B) == 131_072
+    no_head_dim = {k: v for k, v in LLAMA_8B.items() if k != "head_dim"}
+    assert acc.kv_bytes_per_token({**no_head_dim, "torch_dtype": "float32"}) == 262_144
+    with pytest.raises(KeyError):
+        acc.kv_bytes_per_token({"hidden_size": 4096})
+
+
+def flag(flags: list[str], name: str) -> str:
+    return flags[len(flags) - 1 - flags[::-1].index(name) + 1]  # the last occurrence wins, as in argparse
+
+
+def test_store_flags_hold_the_32k_states_of_an_8b_model():
+    flags = acc.sized_store_flags((8192, 32768), 131_072)
+    # 1.25 x 40,960 tokens x 128 KiB = 6,400 MiB
+    assert flag(flags, "--live-state-mb") == "6400"
+    assert flag(flags, "--kv-cache-ram-mb") == "6400"
+    assert flag(flags, "--kv-cache-disk-mb") == "19200"
+    assert flag(flags, "--kv-cache-cold-max-tokens") == "32768"
+    assert flag(flags, "--kv-cache-min-tokens") == "512"
+
+
+def test_store_flags_at_cpu_test_lengths_keep_the_defaults_floor():
+    flags = acc.sized_store_flags((512, 1024), 2048)
+    assert flag(flags, "--live-state-mb") == "256"
+    assert flag(flags, "--kv-cache-disk-mb") == "4096"
+    assert flag(flags, "--kv-cache-cold-max-tokens") == "30000"
+    assert flag(flags, "--kv-cache-min-tokens") == "352"  # a 384-token prefix is still stored
