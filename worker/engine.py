@@ -205,7 +205,6 @@ class Engine:
         self._pending = 0
         self._lock = threading.Lock()
         self.lives = LiveStates(config.decode_concurrency, config.live_state_bytes)
-        self.requests_served = 0
         self._stopped = threading.Event()
         self.rates = Rates()
         # Called on the engine thread with a LiveChanged or RamChanged; must be
@@ -448,7 +447,6 @@ class Engine:
         finally:
             with self._lock:
                 self._pending -= 1
-            self.requests_served += 1
 
     def _keep_live(self, live: LiveState) -> None:
         self.lives.add(live)
