@@ -512,7 +512,8 @@ class Driver:
         # checkpoint writes competing with the loads; min tokens past every prompt)
         self.hits_flags = ["--decode-concurrency", "1", "--kv-cache-min-tokens", str(max(cfg.lengths) + 1)]
         self.report["server_flags"] = {"common": ["--model", str(cfg.model)], "store": self.store_flags,
-                                       "hits_restart": self.hits_flags}
+                                       "no_kv_cache": ["--no-kv-cache", *self.store_flags[:2]],
+                                       "hits_restart": [*self.store_flags, *self.hits_flags]}
 
     def save(self) -> None:
         self.report["elapsed_s"] = round(self.budget.used(), 1)
@@ -565,8 +566,8 @@ class Driver:
     def part_cold(self) -> None:
         out: dict = {"lengths": {}}
         self.report["parts"]["cold"] = out
-        live = self.store_flags[:2]  # the same --live-state-mb for both
-        for mode, extra in (("no_kv_cache", ["--no-kv-cache", *live]), ("store", self.store_flags)):
+        flags = self.report["server_flags"]
+        for mode, extra in (("no_kv_cache", flags["no_kv_cache"]), ("store", flags["store"])):
             server = self.server(f"acc-{mode.replace('_', '-')}", extra)
             try:
                 model = self.start(server)
@@ -599,10 +600,10 @@ class Driver:
         out["copy_bandwidth"] = copy_bw
         server = self.server("acc-store", [*self.store_flags, *self.hits_flags])
         try:
-            drop = drop_page_cache()  # before the start too: the worker's own reads start cold
             model = self.start(server)
             out["restart_start_s"] = round(server.start_seconds[-1], 2)
             self.warm_up(server, model, out, 90)
+            drop = drop_page_cache()  # again before each disk hit
             wait_store_idle(store_dir, min(60.0, self.budget.left() - STOP_RESERVE_S))
             out["read_bandwidth"] = cold_read_bandwidth(store_dir)
             if drop:
