@@ -802,12 +802,14 @@ class Driver:
 
 
 def run_bounded(argv: list[str], timeout_s: float, log_path: Path) -> tuple[int | None, float, str]:
-    """Runs `argv` in its own process group, output to `log_path`, killing the whole
-    group (servers it started included) after `timeout_s` seconds. Returns (exit
-    status or None when killed, seconds, the log's last 1,500 characters)."""
+    """Runs `argv` in its own process group, output to `log_path`, temporary files in
+    `log_path`'s folder (TMPDIR), killing the whole group (servers it started
+    included) after `timeout_s` seconds. Returns (exit status or None when killed,
+    seconds, the log's last 1,500 characters)."""
     t0 = time.monotonic()
+    env = {**os.environ, "TMPDIR": str(log_path.parent)}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             rc = proc.wait(max(1.0, timeout_s))
         except subprocess.TimeoutExpired:
