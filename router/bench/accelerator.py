@@ -236,6 +236,22 @@ def summarize(report: dict) -> dict:
     }
 
 
+def load_or_recompute_row(disk_request: dict, recompute_ttft: float | None) -> dict:
+    """What the router chose for a prompt whose prefix is on disk, against recomputing it.
+    disk_request: a `measured_ask` record (ttft seconds, source); recompute_ttft: the
+    `--no-kv-cache` cold TTFT of the same length, seconds. When the router loaded,
+    `faster` and `took_vs_faster` compare both; when it recomputed, the load time is
+    unknown and both are None."""
+    took = "load" if disk_request["source"] == "disk" else "recompute"
+    row = {"router_took": took, "source": disk_request["source"], "taken_ttft": disk_request["ttft"],
+           "recompute_ttft": recompute_ttft, "faster": None, "took_vs_faster": None}
+    if took == "load" and recompute_ttft is not None:
+        load = disk_request["ttft"]
+        row["faster"] = "load" if load <= recompute_ttft else "recompute"
+        row["took_vs_faster"] = ratio(load, min(load, recompute_ttft))
+    return row
+
+
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -627,14 +643,10 @@ class Driver:
                 if rec["source"] == "disk" and loaded and read_bw and live is not None and not drop:
                     row["disk_bound_s"] = round(disk_hit_bound_s(loaded, read_bw, live), 4)
                     row["disk_vs_bound"] = ratio(rec["ttft"], row["disk_bound_s"])
-                row["load_or_recompute"] = {"load_ttft": rec["ttft"], "recompute_ttft": no_kv,
-                                            "router_took": "load" if rec["source"] == "disk" else rec["source"],
-                                            "faster": None if no_kv is None else
-                                            ("load" if rec["ttft"] <= no_kv else "recompute"),
-                                            "took_vs_faster": ratio(rec["ttft"], min(rec["ttft"], no_kv or rec["ttft"]))}
+                row["load_or_recompute"] = load_or_recompute_row(rec, no_kv)
                 self.save()
-                # an unrelated request takes the one batch slot: the live state goes (its
-                # evict checkpoint is written), the RAM tier keeps the loaded checkpoint
+                # an unrelated request takes the one batch slot: the live state goes (no
+                # evict checkpoint: min tokens), the RAM tier keeps the loaded checkpoint
                 ask(server.base_url, model, UNRELATED, 2, self.budget.left() - STOP_RESERVE_S)
                 row["writer_wait_s"] = wait_store_idle(store_dir, min(120.0, self.budget.left() - STOP_RESERVE_S))
                 rec = measured_ask(server, model, pr.chat("ram"), 1, self.budget)

@@ -159,3 +159,13 @@ def test_store_flags_at_cpu_test_lengths_keep_the_defaults_floor():
     assert flag(flags, "--kv-cache-disk-mb") == "4096"
     assert flag(flags, "--kv-cache-cold-max-tokens") == "30000"
     assert flag(flags, "--kv-cache-min-tokens") == "352"  # a 384-token prefix is still stored
+
+
+def test_load_or_recompute_compares_only_what_was_measured():
+    loaded = acc.load_or_recompute_row({"source": "disk", "ttft": 2.0}, 1.0)
+    assert loaded["router_took"] == "load" and loaded["faster"] == "recompute" and loaded["took_vs_faster"] == 2.0
+    fast = acc.load_or_recompute_row({"source": "disk", "ttft": 1.0}, 4.0)
+    assert fast["faster"] == "load" and fast["took_vs_faster"] == 1.0
+    recomputed = acc.load_or_recompute_row({"source": "computed", "ttft": 3.0}, 2.9)
+    assert recomputed["router_took"] == "recompute"
+    assert recomputed["faster"] is None and recomputed["took_vs_faster"] is None
