@@ -31,7 +31,7 @@ run killed from outside still leaves what it measured):
    --through-engine --tokens MAX_LENGTH --json FILE` (worker vs the plain in-process
    loop), when that module has `--through-engine`; otherwise noted as not available.
 
-5. `load_or_recompute`: engineer "loadpath"'s `python -P -m
+5. `load_or_recompute`: `python -P -m
    kvrouter.worker.bench_load_or_recompute --model DIR --tokens 2048 ... 32768
    --json FILE` (in process: the worker's decision, both predictions, both real
    times), when that module is installed; otherwise noted as not available (the
