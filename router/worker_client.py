@@ -116,7 +116,6 @@ class WorkerStatus:
 
     model_name: str
     queue_depth: int = 0
-    requests_served: int = 0
     pid: int = 0
     rates: Rates = Rates()
     ram_entry_ids: tuple[str, ...] = ()
@@ -254,7 +253,7 @@ def model_info_from_proto(m: worker_pb2.ModelInfo) -> ModelInfo:
 
 def status_from_proto(st: worker_pb2.WorkerStatus) -> WorkerStatus:
     return WorkerStatus(
-        model_name=st.model_name, queue_depth=st.queue_depth, requests_served=st.requests_served, pid=st.pid,
+        model_name=st.model_name, queue_depth=st.queue_depth, pid=st.pid,
         rates=rates_from_proto(st.rates), ram_entry_ids=tuple(st.ram_entry_ids), ram_bytes=st.ram_bytes,
         store_id=st.store_id, max_queue=st.max_queue, event_seq=st.event_seq,
         live_states=tuple(LiveStateInfo(s.live_id, s.namespace, tuple(s.token_ids)) for s in st.live_states),

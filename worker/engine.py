@@ -206,7 +206,6 @@ class Engine:
         self._pending = 0
         self._lock = threading.Lock()
         self.lives = LiveStates(config.decode_concurrency, config.live_state_bytes)
-        self.requests_served = 0
         self._stopped = threading.Event()
         self.rates = Rates()
         self._prefill_fit = PrefillFit()  # prefill time by position, from prefills that ran alone
@@ -452,7 +451,6 @@ class Engine:
         finally:
             with self._lock:
                 self._pending -= 1
-            self.requests_served += 1
 
     def _keep_live(self, live: LiveState) -> None:
         self.lives.add(live)

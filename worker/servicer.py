@@ -280,7 +280,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.WorkerStatus(
             model_name=self.model_info.model_name,
             queue_depth=engine.queue_depth,
-            requests_served=engine.requests_served,
             pid=os.getpid(),
             rates=rates_message(engine.rates),
             ram_entry_ids=ram.ids(),

@@ -187,10 +187,9 @@ class StatusRequest(_message.Message):
     def __init__(self, include_live_states: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model_name", "queue_depth", "requests_served", "pid", "rates", "ram_entry_ids", "ram_bytes", "store_id", "max_queue", "event_seq", "live_states", "decode_concurrency", "prompt_concurrency", "progress")
+    __slots__ = ("model_name", "queue_depth", "pid", "rates", "ram_entry_ids", "ram_bytes", "store_id", "max_queue", "event_seq", "live_states", "decode_concurrency", "prompt_concurrency", "progress")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
-    REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     RATES_FIELD_NUMBER: _ClassVar[int]
     RAM_ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -204,7 +203,6 @@ class WorkerStatus(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     queue_depth: int
-    requests_served: int
     pid: int
     rates: Rates
     ram_entry_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -216,7 +214,7 @@ class WorkerStatus(_message.Message):
     decode_concurrency: int
     prompt_concurrency: int
     progress: int
-    def __init__(self, model_name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., requests_served: _Optional[int] = ..., pid: _Optional[int] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ..., ram_entry_ids: _Optional[_Iterable[str]] = ..., ram_bytes: _Optional[int] = ..., store_id: _Optional[str] = ..., max_queue: _Optional[int] = ..., event_seq: _Optional[int] = ..., live_states: _Optional[_Iterable[_Union[LiveState, _Mapping]]] = ..., decode_concurrency: _Optional[int] = ..., prompt_concurrency: _Optional[int] = ..., progress: _Optional[int] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., pid: _Optional[int] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ..., ram_entry_ids: _Optional[_Iterable[str]] = ..., ram_bytes: _Optional[int] = ..., store_id: _Optional[str] = ..., max_queue: _Optional[int] = ..., event_seq: _Optional[int] = ..., live_states: _Optional[_Iterable[_Union[LiveState, _Mapping]]] = ..., decode_concurrency: _Optional[int] = ..., prompt_concurrency: _Optional[int] = ..., progress: _Optional[int] = ...) -> None: ...
 
 class CacheEventsRequest(_message.Message):
     __slots__ = ()

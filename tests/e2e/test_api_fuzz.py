@@ -1,5 +1,6 @@
 """Property-based fuzz of the HTTP API from its own /openapi.json (schemathesis):
-about 20 examples per operation, valid and invalid, against a real server whose
+about 20 examples per operation (examples and fuzzing phases; the coverage phase
+alone made ~1,500 cases and three minutes), valid and invalid, against a real server whose
 --max-tokens-limit keeps valid requests cheap. No input may produce a 5xx or hang."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def test_fuzzing_the_openapi_spec_finds_no_server_error_and_no_hang(server, tmp_
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
     assert st, "schemathesis is a test dependency (pip install -e '.[test]')"
     cmd = [st, "run", server.url + "/openapi.json", "--checks", "not_a_server_error",
-           "--phases", "examples,coverage,fuzzing", "--max-examples", "20", "--workers", "1",
+           "--phases", "examples,fuzzing", "--max-examples", "20", "--workers", "1",
            "--request-timeout", "60", "--seed", "7", "--no-color", "--generation-database", "none",
            "--report-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)

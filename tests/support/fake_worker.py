@@ -57,7 +57,6 @@ class FakeWorkerClient:
         self.prefilled_tokens = 0
         self.fail_next: type[Exception] | None = None
         self.fail_mid_stream = False
-        self.served = 0
         self._lock = asyncio.Lock()
         self._queued = 0
         self._events: asyncio.Queue | None = None
@@ -96,7 +95,7 @@ class FakeWorkerClient:
             raise WorkerUnavailable(f"worker {self.name} status: DEADLINE_EXCEEDED")
         lives = (LiveStateInfo(self.LIVE_ID, self.live_namespace, self.live),) if self.live and live_states else ()
         return WorkerStatus(
-            model_name=self.model_name, queue_depth=self._queued, requests_served=self.served, pid=0,
+            model_name=self.model_name, queue_depth=self._queued, pid=0,
             rates=Rates(prefill_tps=self.prefill_tps), max_queue=self.max_queue, event_seq=self._seq,
             store_id=self.store_id, slots=1, prompt_slots=1, live_states=lives, progress=self.progress,
         )
@@ -184,7 +183,6 @@ class FakeWorkerClient:
                     yield Delta((token,), f"t{i} ", reuse)
                     await asyncio.sleep(self.decode_s)
                 self.live, self.live_namespace = prompt + tuple(out), request.namespace
-                self.served += 1
                 self._emit_live()
                 yield Completion("length", len(prompt), len(out), cached, "live" if cached else "none",
                                  prefilled / self.prefill_tps, 0.0,

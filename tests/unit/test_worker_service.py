@@ -43,7 +43,6 @@ class FakeEngine:
         self.batch_width = 6
         self.rates = Rates(prefill_tps=250.0, disk_bps=5e8)
         self.queue_depth = 0
-        self.requests_served = 0
         self.progress = 0
         self.live_prefix_tokens = 3
         self.jobs = []
