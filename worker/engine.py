@@ -63,7 +63,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from kvrouter.cachestore import StoreEvent
-from kvrouter.cachestore.costs import PrefillFit, Rates, learn_disk_load
+from kvrouter.cachestore.costs import PrefillFit, Rates, ewma, learn_disk_load
 from kvrouter.worker import cache_state
 from kvrouter.worker.cache_events import CacheEvent, LiveChanged, RamChanged
 from kvrouter.worker.checkpoint_writer import DEFAULT_MAX_ITEMS, CheckpointWriter, Completion, WriteJob
@@ -128,13 +128,8 @@ class EngineFailpoint(BaseException):
     """Raised on the engine thread by the test failpoint; nothing catches it."""
 
 
-EWMA_WEIGHT = 0.3  # weight of the newest measurement
 MIN_RATE_TOKENS = 64  # shorter prefills measure per-step overhead more than the rate
 MIN_RATE_STEPS = 8  # decode steps per decode-rate measurement
-
-
-def ewma(old: float, new: float) -> float:
-    return new if old <= 0 else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
 
 
 @dataclass
