@@ -33,10 +33,13 @@ tier changes are published. Events go back through the request's `emit`
 callback, which must be thread-safe.
 
 The engine measures itself (prefill rate of the batch, checkpoint load
-bandwidth from the RAM tier and from disk, decode rate per sequence) as
-exponential moving averages in `rates`; the same figures decide
-load-or-recompute on restore and travel to the router (GetStatus, each
-request's Final) for its cost model. Cache changes (live states, RAM tier) go
+bandwidth from the RAM tier and from disk, cold and warm, decode rate per
+sequence) as exponential moving averages in `rates`, and fits prefill time by
+prompt position on the prefills that ran alone (`cachestore.costs.PrefillFit`);
+the same figures decide load-or-recompute on restore (logged with both
+predictions) and travel to the router (GetStatus, each request's Final) for its
+cost model. A request that arrives while the batch is busy has its checkpoint's
+read started while it waits (`worker.prefetch`). Cache changes (live states, RAM tier) go
 to `on_cache_event` as typed events (`worker.cache_events`) as they happen.
 
 Outputs are not bit-exact across batch compositions (padding and batched
