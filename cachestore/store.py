@@ -39,6 +39,7 @@ from . import keys, payload
 from .config import KINDS, StoreConfig
 from .entry import Entry, Hit, StoreEvent
 from .index import Index, IndexStats, Txn, stats_of
+from .payload_read import AHEAD_BYTES, PayloadReadError, SequentialRead
 from .policy import eviction_victims
 
 log = logging.getLogger("kvrouter.cachestore")
@@ -238,13 +239,10 @@ class CheckpointStore:
                 stats = stats_of(txn.rows())
         return stats
 
-    def payload_path(self, entry: Entry) -> Path:
-        """Path of the entry's payload after checking it exists and matches size and xxh3_64 checksum.
-
-        A mismatch quarantines the entry (its bytes are remembered and never re-added) and
-        raises PayloadError (C11); so does a row that is gone or quarantined. The checksum
-        is computed once per file per process (payload names are never reused).
-        """
+    def _checked_payload(self, entry: Entry) -> tuple[Path, Entry, tuple[int, int, int]]:
+        """(path, current row, (size, mtime_ns, inode)) of an entry's payload after checking
+        that the row is usable and the file exists with the row's size; quarantines and
+        raises PayloadError otherwise."""
         path = self.payload_dir / entry.payload_name
         if entry.id in self._bad_ids:
             raise PayloadError(f"entry {entry.id} was quarantined by this process")
@@ -259,7 +257,17 @@ class CheckpointStore:
         if st.st_size != current.payload_bytes:
             self._quarantine(entry.id, f"size_mismatch {st.st_size}!={current.payload_bytes}", None)
             raise PayloadError(f"payload of {entry.id} has {st.st_size} bytes, row says {current.payload_bytes}")
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        return path, current, (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def payload_path(self, entry: Entry) -> Path:
+        """Path of the entry's payload after checking it exists and matches size and xxh3_64 checksum
+        (a whole read of the file: `kvrouter cache verify/gc`; a worker's load uses `open_read`).
+
+        A mismatch quarantines the entry (its bytes are remembered and never re-added) and
+        raises PayloadError (C11); so does a row that is gone or quarantined. The checksum
+        is computed once per file per process (payload names are never reused).
+        """
+        path, current, stamp = self._checked_payload(entry)
         if self._verified.get(entry.id) == stamp:
             return path
         try:
@@ -267,11 +275,43 @@ class CheckpointStore:
         except OSError as exc:
             self._quarantine(entry.id, f"unreadable {exc.strerror or exc}", None)
             raise PayloadError(f"payload of {entry.id} unreadable: {exc}") from exc
-        if actual != current.checksum:
-            self._quarantine(entry.id, f"checksum_mismatch {actual}!={current.checksum}", actual)
-            raise PayloadError(f"payload of {entry.id} checksum {actual} != {current.checksum}")
+        self._check_digest(entry.id, current, actual)
         self._verified[entry.id] = stamp
         return path
+
+    def open_read(self, entry: Entry, ahead_bytes: int = AHEAD_BYTES) -> SequentialRead:
+        """Starts the one read of an entry's payload (`payload_read.SequentialRead`: a thread
+        reads the file front to back, hashing it as it goes; `ahead_bytes` bounds how far it
+        runs ahead of the consumer). Checks the row and the file's size first, as
+        `payload_path` does, but reads nothing twice: after taking the bytes, call
+        `finish_read`, which checks the checksum. Raises PayloadError (the entry quarantined)
+        for a missing, short or unopenable file, or a row that is gone or quarantined."""
+        path, _, _ = self._checked_payload(entry)
+        try:
+            return SequentialRead(path, ahead_bytes=ahead_bytes)
+        except OSError as exc:
+            self._quarantine(entry.id, f"unreadable {exc.strerror or exc}", None)
+            raise PayloadError(f"payload of {entry.id} unreadable: {exc}") from exc
+
+    def finish_read(self, entry: Entry, read: SequentialRead) -> None:
+        """Ends a read from `open_read`: takes any bytes the consumer left, then compares the
+        xxh3_64 of everything read with the row's checksum. A mismatch or a failed read
+        quarantines the entry (a mismatch also remembers the bad bytes' checksum, so they are
+        never re-added: C11) and raises PayloadError."""
+        try:
+            actual = read.finish()
+        except PayloadReadError as exc:
+            self._quarantine(entry.id, f"unreadable {exc}", None)
+            raise PayloadError(f"payload of {entry.id} unreadable: {exc}") from exc
+        current = self.get(entry.id)
+        if current is None or current.quarantined:
+            raise PayloadError(f"entry {entry.id} left the index while it was read")
+        self._check_digest(entry.id, current, actual)
+
+    def _check_digest(self, entry_id: str, current: Entry, actual: str) -> None:
+        if actual != current.checksum:
+            self._quarantine(entry_id, f"checksum_mismatch {actual}!={current.checksum}", actual)
+            raise PayloadError(f"payload of {entry_id} checksum {actual} != {current.checksum}")
 
     def verify(self) -> list[str]:
         """Problems found, one line each: rows without payload, size or checksum mismatches,

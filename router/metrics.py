@@ -27,6 +27,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
 BYTES_BUCKETS = tuple(2.0**i for i in range(20, 36, 2))
+LOAD_STAGES = ("read", "device", "build")  # kvrouter_checkpoint_load_seconds stages besides "total"
 STORE_KINDS = ("anchor", "waypoint", "evict", "shutdown", "hint")  # cachestore.KINDS, without importing lmdb here
 WORKER_STATUS_TIMEOUT_S = 1.0
 
@@ -120,8 +121,10 @@ def create_metrics() -> RouterMetrics:
             ["model"], buckets=LATENCY_BUCKETS, registry=reg,
         ),
         checkpoint_load_seconds=Histogram(
-            "kvrouter_checkpoint_load_seconds", "Time to load a disk checkpoint into a worker",
-            ["model"], buckets=LATENCY_BUCKETS, registry=reg,
+            "kvrouter_checkpoint_load_seconds", "Time to load a disk checkpoint into a worker, by stage: "
+            "total (what the request waited), read (the one hashed read of the payload; it overlaps the "
+            "others), device (bytes to arrays on the device), build (cache objects)",
+            ["model", "stage"], buckets=LATENCY_BUCKETS, registry=reg,
         ),
         checkpoint_load_bytes=Histogram(
             "kvrouter_checkpoint_load_bytes", "Payload size of disk checkpoints loaded by workers",
@@ -194,7 +197,9 @@ def record_completion(m: RouterMetrics, model: str, c, loaded_bytes: int = 0) ->
     if c.prompt_tokens > c.cached_tokens:
         m.prefill_seconds.labels(model).observe(c.prefill_seconds)
     if c.cache_source == "disk":
-        m.checkpoint_load_seconds.labels(model).observe(c.load_seconds)
+        m.checkpoint_load_seconds.labels(model, "total").observe(c.load_seconds)
+        for stage, seconds in zip(LOAD_STAGES, c.load_stages):
+            m.checkpoint_load_seconds.labels(model, stage).observe(seconds)
         if loaded_bytes:
             m.checkpoint_load_bytes.labels(model).observe(loaded_bytes)
     for e in c.store_events:

@@ -209,6 +209,7 @@ class Completion:
     loaded_bytes: int = 0
     rates: Rates | None = None  # the worker's measurements after this request
     live_id: int = 0  # the live state the request left on the worker (0: none)
+    load_stages: tuple[float, float, float] = (0.0, 0.0, 0.0)  # a disk load's read, device, build seconds
 
     @property
     def stored_tokens(self) -> int:
@@ -229,7 +230,9 @@ _SOURCE_NAMES = {
 
 def rates_from_proto(r: worker_pb2.Rates) -> Rates:
     return Rates(r.prefill_tokens_per_second, r.disk_load_bytes_per_second, r.ram_load_bytes_per_second,
-                 r.decode_tokens_per_second)
+                 r.decode_tokens_per_second, r.prefill_fixed_seconds, r.prefill_linear_seconds_per_token,
+                 r.prefill_quadratic_seconds_per_token2, r.disk_cold_bytes_per_second,
+                 r.disk_warm_bytes_per_second)
 
 
 def reuse_rules_from_proto(info: worker_pb2.ModelInfo) -> ReuseRules:
@@ -299,6 +302,7 @@ def completion_from_proto(final: worker_pb2.Final) -> Completion:
         store_events=tuple(CheckpointEvent(e.action, e.kind, e.tokens, e.bytes, e.seconds, e.reason)
                            for e in final.store_events),
         loaded_bytes=u.loaded_bytes,
+        load_stages=(u.load_read_seconds, u.load_device_seconds, u.load_build_seconds),
         rates=rates_from_proto(final.rates) if final.HasField("rates") else None,
         live_id=final.live_id,
     )

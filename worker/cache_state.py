@@ -6,7 +6,8 @@ layer a cache object (`KVCache`, `RotatingKVCache` for sliding-window layers,
 `ArraysCache` for recurrent layers, `QuantizedKVCache` with `--kv-bits`,
 `ChunkedKVCache`, `CacheList` of several). Checkpoint files are what mlx-lm's
 `save_prompt_cache` writes (each layer's class name and its `state`, scalars
-included) plus our metadata, and are read with `load_prompt_cache`; nothing here
+included) plus our metadata, and are read back in the same layout by
+`worker.checkpoint_load` (one hashed read, arrays built per tensor); nothing here
 slices tensors by layer kind except `cut`, which compacts a state to exactly the
 tokens it keeps.
 
@@ -40,7 +41,6 @@ from mlx_lm.models.cache import (
     KVCache,
     QuantizedKVCache,
     RotatingKVCache,
-    load_prompt_cache,
     make_prompt_cache,
     save_prompt_cache,
 )
@@ -245,30 +245,6 @@ def payload_writer(caches, n_tokens: int, model_id: str) -> Callable[[Path], Non
         save_prompt_cache(str(path), caches, metadata=metadata)
 
     return write
-
-
-def load_payload(path: Path, model_id: str, n_tokens: int, layout: str) -> list:
-    """Reads a checkpoint written by `payload_writer` (mlx-lm's `load_prompt_cache`),
-    evaluated.
-
-    layout: `describe_layout` of the worker's own state; the file must match it.
-    Raises CheckpointFormatError for an unreadable file, another format, model identity,
-    token count or layout (the file is then useless and should be quarantined)."""
-    try:
-        caches, metadata = load_prompt_cache(str(path), return_metadata=True)
-    except Exception as exc:  # mlx raises RuntimeError/ValueError/KeyError on damaged files
-        raise CheckpointFormatError(f"cannot read checkpoint {path.name}: {exc}") from exc
-    if metadata.get("format") != FORMAT_TAG:
-        raise CheckpointFormatError(f"{path.name}: format {metadata.get('format')!r}, expected {FORMAT_TAG}")
-    if metadata.get("model_id") != model_id:
-        raise CheckpointFormatError(f"{path.name}: written for another model identity")
-    if metadata.get("n_tokens") != str(n_tokens):
-        raise CheckpointFormatError(f"{path.name}: holds {metadata.get('n_tokens')} tokens, index says {n_tokens}")
-    if describe_layout(caches) != layout:
-        raise CheckpointFormatError(f"{path.name}: layout {describe_layout(caches)}, expected {layout}")
-    check_tokens(caches, n_tokens, path.name)
-    mx.eval([a for _, a in tree_flatten([c.state for c in caches]) if isinstance(a, mx.array)])
-    return caches
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,19 @@ import mlx.core as mx
 
 from kvrouter.cachestore import CheckpointStore, Entry, Hit, PayloadError, StoreEvent, plan_stores
 from kvrouter.cachestore.costs import lookup_span
+from kvrouter.cachestore.payload_read import PayloadReadError, resident_fraction_of
 from kvrouter.worker import cache_state
 from kvrouter.worker.cache_events import StoreListeners
 from kvrouter.worker.cache_state import CheckpointFormatError, CutError, StateSpec
+from kvrouter.worker.checkpoint_load import LoadStages, load_state
 from kvrouter.worker.checkpoint_writer import WriteJob
 from kvrouter.worker.live_states import LiveState
+from kvrouter.worker.prefetch import Prefetcher
 from kvrouter.worker.ram_tier import RamTier
 
 log = logging.getLogger("kvrouter.worker.checkpoints")
+
+PREFETCH_BYTES = 2 << 30  # payload bytes read ahead for queued requests at most (2 reads: worker.prefetch)
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Restored:
     longest stored checkpoint that matched (the policy's input), whatever source won.
     load_seconds / loaded_bytes: time and payload bytes of a checkpoint load;
     entry_id: the checkpoint it came from (quarantined if the prefill then fails).
+    stages: where a disk load's time went (`checkpoint_load.LoadStages`), else None.
     """
 
     caches: list
@@ -51,6 +57,7 @@ class Restored:
     load_seconds: float = 0.0
     entry_id: str | None = None
     loaded_bytes: int = 0
+    stages: LoadStages | None = None
 
 
 class CheckpointManager:
@@ -60,17 +67,39 @@ class CheckpointManager:
     layout (`cache_state.StateSpec`). store: the shared disk store, or None (then
     only live states are reused). ram: the RAM tier (may have max_bytes 0).
     store_listeners: the store's `on_event` (None: a new, empty one), where the
-    engine and the cache event hub add themselves.
+    engine and the cache event hub add themselves. prefetch_bytes: payload bytes read
+    ahead for queued requests at most (`prefetch_for`; 0: no prefetch).
     """
 
     def __init__(self, model_id: str, spec: StateSpec, store: CheckpointStore | None, ram: RamTier | None = None,
-                 store_listeners: StoreListeners | None = None):
+                 store_listeners: StoreListeners | None = None, prefetch_bytes: int = PREFETCH_BYTES):
         self.model_id = model_id
         self.spec = spec
         self.store = store
         self.ram = ram if ram is not None else RamTier(0)
         self.store_listeners = store_listeners if store_listeners is not None else StoreListeners()
         self._round: dict[str, list] = {}  # checkpoints loaded during this admission round, by entry id
+        self.prefetch = Prefetcher(store, prefetch_bytes) if store is not None and prefetch_bytes > 0 else None
+
+    def prefetch_for(self, prompt, namespace: str, owner) -> bool:
+        """Starts reading the checkpoint `prompt` would load from disk while its request
+        (`owner`) waits in the queue (`worker.prefetch`); `release(owner)` once it is
+        admitted or gone. True when a read was started or joined."""
+        if self.prefetch is None:
+            return False
+        try:
+            hit = self.lookup(prompt, namespace)
+            if hit is None or hit.entry.id in self.ram:
+                return False
+            return self.prefetch.start(hit.entry, owner)
+        except Exception:  # a prefetch is an optimisation: the load at admission reports real failures
+            log.warning("prefetch for a queued request failed", exc_info=True)
+            return False
+
+    def release(self, owner) -> None:
+        """`owner` needs no prefetched read any more; reads nobody needs are cancelled."""
+        if self.prefetch is not None:
+            self.prefetch.release(owner)
 
     def end_admission_round(self) -> None:
         """Forgets the checkpoints loaded for the requests admitted together (see `load`)."""
@@ -83,6 +112,16 @@ class CheckpointManager:
             return None
         return self.store.lookup(self.model_id, namespace, prompt[: lookup_span(len(prompt), self.spec.rules)])
 
+    def resident(self, entry: Entry) -> float | None:
+        """Fraction (0..1) of `entry`'s payload the page cache holds now (mincore; nothing
+        is read), None when unknown (no store, a missing file, no mincore)."""
+        if self.store is None:
+            return None
+        try:
+            return resident_fraction_of(self.store.payload_dir / entry.payload_name)
+        except OSError:
+            return None
+
     def load(self, entry: Entry, n_tokens: int) -> Restored | None:
         """The checkpoint `entry` as a fresh state cut to `n_tokens` tokens (from the
         RAM tier, else from a load made for another request admitted in the same round,
@@ -94,28 +133,33 @@ class CheckpointManager:
         caches = self.ram.get(entry.id)
         if caches is None:
             caches = self._round.get(entry.id)
-        source = "ram"
+        source, stages = "ram", None
         try:
             if caches is None:
                 source = "disk"
-                path = self.store.payload_path(entry)
-                caches = cache_state.load_payload(path, self.model_id, entry.n_tokens, self.spec.layout)
+                read = self.prefetch.take(entry.id) if self.prefetch is not None else None
+                if read is None:
+                    read = self.store.open_read(entry)  # one read, hashed as it goes (C11 checked at its end)
+                caches, stages = load_state(read, self.model_id, entry.n_tokens, self.spec.layout,
+                                            verify=lambda r: self.store.finish_read(entry, r))
                 self.ram.put(entry.id, caches)
                 self._round[entry.id] = caches
             state = cache_state.cut(caches, entry.n_tokens, n_tokens)
-        except (PayloadError, CheckpointFormatError, CutError, OSError) as exc:
+        except (PayloadError, PayloadReadError, CheckpointFormatError, CutError, OSError) as exc:
             self.ram.discard(entry.id)
-            if not isinstance(exc, PayloadError):  # payload_path quarantines by itself
+            if not isinstance(exc, PayloadError):  # open_read/finish_read quarantine by themselves
                 self.store.quarantine(entry.id, f"load failed: {exc}")
             log.warning("checkpoint %s unusable, prefilling without it: %s", entry.id, exc)
             return None
         seconds = time.perf_counter() - t0
         self.store.touch(entry.id)
         log.info(
-            "hit id=%s kind=%s source=%s tokens=%d reused=%d ms=%.0f mib=%.1f",
+            "hit id=%s kind=%s source=%s tokens=%d reused=%d ms=%.0f mib=%.1f%s",
             entry.id, entry.kind, source, entry.n_tokens, n_tokens, seconds * 1000, entry.payload_bytes / 2**20,
+            "" if stages is None else f" read_ms={stages.read_s * 1000:.0f} device_ms={stages.device_s * 1000:.0f} "
+            f"build_ms={stages.build_s * 1000:.0f} resident={stages.resident}",
         )
-        return Restored(state, n_tokens, source, entry.n_tokens, seconds, entry.id, entry.payload_bytes)
+        return Restored(state, n_tokens, source, entry.n_tokens, seconds, entry.id, entry.payload_bytes, stages)
 
     def quarantine(self, entry_id: str, reason: str) -> None:
         """Marks the checkpoint a failed restore came from so it is never loaded again (case C11)."""

@@ -38,10 +38,13 @@ tier changes are published. Events go back through the request's `emit`
 callback, which must be thread-safe.
 
 The engine measures itself (prefill rate of the batch, checkpoint load
-bandwidth from the RAM tier and from disk, decode rate per sequence) as
-exponential moving averages in `rates`; the same figures decide
-load-or-recompute on restore and travel to the router (GetStatus, each
-request's Final) for its cost model. Cache changes (live states, RAM tier) go
+bandwidth from the RAM tier and from disk, cold and warm, decode rate per
+sequence) as exponential moving averages in `rates`, and fits prefill time by
+prompt position on the prefills that ran alone (`cachestore.costs.PrefillFit`);
+the same figures decide load-or-recompute on restore (logged with both
+predictions) and travel to the router (GetStatus, each request's Final) for its
+cost model. A request that arrives while the batch is busy has its checkpoint's
+read started while it waits (`worker.prefetch`). Cache changes (live states, RAM tier) go
 to `on_cache_event` as typed events (`worker.cache_events`) as they happen.
 
 Outputs are not bit-exact across batch compositions (padding and batched
@@ -68,7 +71,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from kvrouter.cachestore import StoreEvent
-from kvrouter.cachestore.costs import Rates
+from kvrouter.cachestore.costs import PrefillFit, Rates, ewma, learn_disk_load
 from kvrouter.worker import cache_state
 from kvrouter.worker.cache_events import CacheEvent, LiveChanged, RamChanged
 from kvrouter.worker.checkpoint_writer import DEFAULT_MAX_ITEMS, CheckpointWriter, Completion, WriteJob
@@ -138,13 +141,8 @@ class EngineFailpoint(BaseException):
     """Raised on the engine thread by the test failpoint; nothing catches it."""
 
 
-EWMA_WEIGHT = 0.3  # weight of the newest measurement
 MIN_RATE_TOKENS = 64  # shorter prefills measure per-step overhead more than the rate
 MIN_RATE_STEPS = 8  # decode steps per decode-rate measurement
-
-
-def ewma(old: float, new: float) -> float:
-    return new if old <= 0 else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * new
 
 
 @dataclass
@@ -179,6 +177,7 @@ class Running:
     pos: int = 0
     prompt_state: list | None = None  # the state holding exactly the prompt (LiveState.prompt_state)
     kv_tokens: int = 0  # tokens its KV state reaches (prompt + max_tokens), for admission
+    crowded: bool = False  # shared a batch step with another request (its prefill time is not its own)
 
 
 _STOP = object()
@@ -217,6 +216,7 @@ class Engine:
         self.lives = LiveStates(config.decode_concurrency, config.live_state_bytes)
         self._stopped = threading.Event()
         self.rates = Rates()
+        self._prefill_fit = PrefillFit()  # prefill time by position, from prefills that ran alone
         # Called on the engine thread with a LiveChanged or RamChanged; must be
         # thread-safe and must not raise.
         self.on_cache_event: Callable[[CacheEvent], None] | None = None
@@ -342,6 +342,8 @@ class Engine:
                     self._stopping = (item[1],)
                 elif item is not _WAKE:
                     self._waiting.append(item)
+                    if self._running and not item.attempts:  # it will wait: start reading its checkpoint
+                        self.checkpoints.prefetch_for(item.request.prompt, item.request.namespace, item)
                 item = self._queue.get_nowait()
         except queue.Empty:
             pass
@@ -503,6 +505,8 @@ class Engine:
             except Exception as exc:
                 log.exception("request %s failed on admission", job.request.request_id)
                 self._done(job, ErrorEvent(f"generation failed: {type(exc).__name__}: {exc}"))
+            finally:
+                self.checkpoints.release(job)
         self._waiting.extendleft(reversed(deferred))
         self.checkpoints.end_admission_round()
         self._account()
@@ -529,15 +533,20 @@ class Engine:
         req = job.request
         hit = None if job.attempts else self.checkpoints.lookup(prompt, req.namespace)
         batch = [InBatch(uid, r.job.request.namespace, r.prompt, r.pos) for uid, r in self._running.items()]
+        resident = None
+        if hit is not None and hit.entry.id not in self.checkpoints.ram:
+            resident = self.checkpoints.resident(hit.entry)
         return plan_restore(prompt, req.namespace, self.lives, batch, hit, self.checkpoints.ram, self.rates,
-                            self.spec.rules, cold=bool(job.attempts))
+                            self.spec.rules, cold=bool(job.attempts), resident=resident)
 
     def _restore(self, plan: RestorePlan) -> Restored:
         """Carries a restore plan out: the state the request starts from."""
-        if plan.declined is not None:
-            e = plan.declined
-            log.info("recomputing instead of loading id=%s tokens=%d mib=%.1f (load slower than prefill)",
-                     e.id, e.n_tokens, e.payload_bytes / 2**20)
+        d = plan.decision
+        if d is not None:
+            e = plan.entry or plan.declined
+            log.info("load-or-recompute id=%s tokens=%d mib=%.1f chose=%s predicted_load_s=%.4f "
+                     "predicted_recompute_s=%.4f", e.id, e.n_tokens, e.payload_bytes / 2**20,
+                     "load" if d.load else "recompute", d.load_s, d.recompute_s)
         if plan.source in ("ram", "disk"):
             restored = self.checkpoints.load(plan.entry, plan.n_tokens)
             if restored is not None:
@@ -604,9 +613,11 @@ class Engine:
             return
         r, bps = self.rates, restored.loaded_bytes / restored.load_seconds
         if restored.source == "disk":
-            self.rates = Rates(r.prefill_tps, ewma(r.disk_bps, bps), r.ram_bps, r.decode_tps)
+            st = restored.stages  # what the request waited, by how much of the payload the page cache held
+            self.rates = learn_disk_load(r, restored.loaded_bytes, restored.load_seconds,
+                                         st.resident if st is not None else None)
         elif restored.source == "ram":
-            self.rates = Rates(r.prefill_tps, r.disk_bps, ewma(r.ram_bps, bps), r.decode_tps)
+            self.rates = replace(r, ram_bps=ewma(r.ram_bps, bps))
 
     # -- one batch step -----------------------------------------------------------
     def _step(self) -> None:
@@ -614,6 +625,9 @@ class Engine:
             prompt_out, gen_out = self._gen.next()
         self.progress += 1
         self._measure_step(stats)
+        if len(self._running) > 1:
+            for run in self._running.values():
+                run.crowded = True
         for r in prompt_out:
             run = self._running.get(r.uid)
             if run is None or not r.end_of_segment:
@@ -621,6 +635,9 @@ class Engine:
             pos = run.pos = run.restored.n_tokens + r.progress[0]
             if r.end_of_prompt:
                 run.prefill_s = time.perf_counter() - run.t_admit
+                if not run.crowded:  # it prefilled alone: a clean sample of prefill time by position
+                    self._prefill_fit.add(run.restored.n_tokens, len(run.prompt), run.prefill_s)
+                    self.rates = self._prefill_fit.apply(self.rates)
             keep_prompt_state = r.end_of_prompt and not self.spec.rules.cut_any
             if keep_prompt_state or any(p.n_tokens <= pos for p in run.plan):
                 caches, _ = self._gen.extract_cache([r.uid])[r.uid]
@@ -675,6 +692,7 @@ class Engine:
             prefill_seconds=run.prefill_s,
             load_seconds=r.load_seconds,
             loaded_bytes=r.loaded_bytes,
+            load_stages=(r.stages.read_s, r.stages.device_s, r.stages.build_s) if r.stages is not None else None,
         )
         self._finals.append((run.job, FinishEvent(reason, usage, (), live_id)))
 
@@ -705,6 +723,7 @@ class Engine:
         if any(job.cancelled.is_set() for job in self._waiting):
             for job in [j for j in self._waiting if j.cancelled.is_set()]:
                 self._waiting.remove(job)
+                self.checkpoints.release(job)
                 self._finals.append((job, FinishEvent("cancelled", Usage(len(job.request.prompt), 0, 0, "none"))))
         for uid, run in list(self._running.items()):
             if run.job.cancelled.is_set():
@@ -724,10 +743,10 @@ class Engine:
         d[1] += stats.decode_time
         r = self.rates
         if p[0] >= MIN_RATE_TOKENS and p[1] > 0:
-            self.rates = r = Rates(ewma(r.prefill_tps, p[0] / p[1]), r.disk_bps, r.ram_bps, r.decode_tps)
+            self.rates = r = replace(r, prefill_tps=ewma(r.prefill_tps, p[0] / p[1]))
             p[0], p[1] = 0, 0.0
         if d[0] >= MIN_RATE_STEPS and d[1] > 0:
-            self.rates = Rates(r.prefill_tps, r.disk_bps, r.ram_bps, ewma(r.decode_tps, d[0] / d[1]))
+            self.rates = replace(r, decode_tps=ewma(r.decode_tps, d[0] / d[1]))
             d[0], d[1] = 0, 0.0
 
     def _batch_failed(self, exc: Exception) -> None:

@@ -55,6 +55,7 @@ class Usage:
     prefill_seconds: float = 0.0
     load_seconds: float = 0.0
     loaded_bytes: int = 0  # payload bytes of the checkpoint restored (RAM tier or disk)
+    load_stages: tuple[float, float, float] | None = None  # a disk load's (read, device, build) seconds
 
     @property
     def prefilled_tokens(self) -> int:

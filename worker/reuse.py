@@ -22,7 +22,9 @@ Sources, cheapest first:
   shared tokens (only where states can be cut back at any point);
 - the longest stored checkpoint (one lookup), from the RAM tier or disk, when
   loading it is faster than prefilling what it adds
-  (`cachestore.costs.should_load`, the router's cost model too).
+  (`cachestore.costs.decide_load`, the router's cost model too: the load's
+  predicted time, by bytes and how much of the payload the page cache holds,
+  against prefilling those positions, by the worker's fitted prefill model).
 
 How much a state gives is `cachestore.costs.reusable_tokens`: at most
 `len(prompt) - 1` tokens (the last prompt token is always fed: store case C6),
@@ -38,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from kvrouter.cachestore import Entry, Hit
-from kvrouter.cachestore.costs import Rates, Reuse, ReuseRules, reusable_tokens, should_load
+from kvrouter.cachestore.costs import LoadDecision, Rates, Reuse, ReuseRules, decide_load, reusable_tokens
 from kvrouter.cachestore.keys import common_prefix_length
 from kvrouter.worker.live_states import LiveState
 
@@ -78,6 +80,8 @@ class RestorePlan:
         then cut to this plan's n_tokens where needed).
     declined: a stored checkpoint that reached further but loading it was slower
         than prefilling its tokens (for the log), else None.
+    decision: the load-or-recompute decision about the stored checkpoint, with both
+        predictions (for the log), else None (no checkpoint weighed, or no rates).
     fallback: what to do when the checkpoint turns out unusable (source "live" or "none").
     """
 
@@ -92,18 +96,20 @@ class RestorePlan:
     entry: Entry | None = None
     declined: Entry | None = None
     fallback: "RestorePlan | None" = None
+    decision: LoadDecision | None = None
 
 
 def plan_restore(prompt: Sequence[int], namespace: str, lives: Iterable[LiveState], batch: Iterable[InBatch],
                  hit: Hit | None, ram_ids, rates: Rates | None, rules: ReuseRules,
-                 cold: bool = False) -> RestorePlan:
+                 cold: bool = False, resident: float | None = None) -> RestorePlan:
     """The restore plan of `prompt` (token ids) in `namespace`.
 
     lives: the idle live states; batch: the requests in the batch; hit: the store
     lookup's answer for this prompt (None: miss or no store); ram_ids: entry ids in
     the RAM tier (supports `in`); rates: the worker's measurements (None: always
     load a checkpoint that reaches further); rules: the model's reuse rules;
-    cold: start from nothing (a retry after a failed batch).
+    cold: start from nothing (a retry after a failed batch); resident: fraction
+    (0..1) of the hit's payload the page cache holds (None: unknown).
     """
     stored = hit.n_tokens if hit is not None else 0
     if cold:
@@ -119,9 +125,13 @@ def plan_restore(prompt: Sequence[int], namespace: str, lives: Iterable[LiveStat
         n = reusable_tokens(hit.n_tokens, hit.n_tokens, total, rules)
         if n > live_plan.n_tokens:
             source = "ram" if hit.entry.id in ram_ids else "disk"
-            if rates is None or should_load(Reuse(source, n, hit.entry.payload_bytes), live_plan.n_tokens, rates):
+            if rates is None:
                 return RestorePlan(source, n, stored, entry=hit.entry, fallback=live_plan)
-            return replace(live_plan, declined=hit.entry)
+            reuse = Reuse(source, n, hit.entry.payload_bytes, resident if source == "disk" else None)
+            decision = decide_load(reuse, live_plan.n_tokens, rates)
+            if decision.load:
+                return RestorePlan(source, n, stored, entry=hit.entry, fallback=live_plan, decision=decision)
+            return replace(live_plan, declined=hit.entry, decision=decision)
     return live_plan
 
 

@@ -75,7 +75,20 @@ CHECKPOINT_ACTIONS = ("stored", "evicted", "quarantined", "removed")  # store ev
 
 def rates_message(rates) -> worker_pb2.Rates:
     return worker_pb2.Rates(prefill_tokens_per_second=rates.prefill_tps, disk_load_bytes_per_second=rates.disk_bps,
-                            ram_load_bytes_per_second=rates.ram_bps, decode_tokens_per_second=rates.decode_tps)
+                            ram_load_bytes_per_second=rates.ram_bps, decode_tokens_per_second=rates.decode_tps,
+                            prefill_fixed_seconds=rates.prefill_fixed_s,
+                            prefill_linear_seconds_per_token=rates.prefill_linear_s,
+                            prefill_quadratic_seconds_per_token2=rates.prefill_quad_s,
+                            disk_cold_bytes_per_second=rates.disk_cold_bps,
+                            disk_warm_bytes_per_second=rates.disk_warm_bps)
+
+
+def _stage_fields(stages) -> dict:
+    """Usage's load_*_seconds fields from `events.Usage.load_stages` (none: all 0)."""
+    if stages is None:
+        return {}
+    read, device, build = stages
+    return {"load_read_seconds": read, "load_device_seconds": device, "load_build_seconds": build}
 
 
 class CacheEventHub:
@@ -232,6 +245,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                 prefill_seconds=u.prefill_seconds,
                                 load_seconds=u.load_seconds,
                                 loaded_bytes=u.loaded_bytes,
+                                **_stage_fields(u.load_stages),
                             ),
                             store_events=[
                                 worker_pb2.StoreEvent(action=e.action, kind=e.kind, tokens=e.n_tokens,

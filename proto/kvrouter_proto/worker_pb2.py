@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvrouter_proto/worker.proto\x12\x12kvrouter.worker.v1\"d\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".kvrouter.worker.v1.SamplingParams\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x15\n\ranchor_tokens\x18\x05 \x01(\r\x12\x14\n\x0ctext_preview\x18\x06 \x01(\t\x12\x13\n\x0bhint_tokens\x18\x07 \x03(\r\"\x92\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\rcached_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x35\n\x0c\x63\x61\x63he_source\x18\x04 \x01(\x0e\x32\x1f.kvrouter.worker.v1.CacheSourceB\x10\n\x0e_cached_tokens\"\xe4\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x35\n\x0c\x63\x61\x63he_source\x18\x04 \x01(\x0e\x32\x1f.kvrouter.worker.v1.CacheSource\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\x12\x14\n\x0cloaded_bytes\x18\x08 \x01(\x04J\x04\x08\x05\x10\x06R\x10prefilled_tokens\"\x93\x01\n\x05Rates\x12!\n\x19prefill_tokens_per_second\x18\x01 \x01(\x01\x12\"\n\x1a\x64isk_load_bytes_per_second\x18\x02 \x01(\x01\x12!\n\x19ram_load_bytes_per_second\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\"j\n\nStoreEvent\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xb9\x01\n\x05\x46inal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.kvrouter.worker.v1.Usage\x12\x34\n\x0cstore_events\x18\x03 \x03(\x0b\x32\x1e.kvrouter.worker.v1.StoreEvent\x12(\n\x05rates\x18\x04 \x01(\x0b\x32\x19.kvrouter.worker.v1.Rates\x12\x0f\n\x07live_id\x18\x05 \x01(\x04\"w\n\x10GenerateResponse\x12/\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1e.kvrouter.worker.v1.TokenDeltaH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.kvrouter.worker.v1.FinalH\x00\x42\x06\n\x04kind\")\n\x10ModelInfoRequest\x12\x15\n\rchat_template\x18\x01 \x01(\t\"\x90\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x03 \x01(\t\x12\x15\n\rchat_template\x18\x04 \x01(\t\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12-\n\x05reuse\x18\t \x01(\x0b\x32\x1e.kvrouter.worker.v1.ReuseRules\x12\x13\n\x0btool_parser\x18\n \x01(\tB\x0f\n\r_bos_token_idJ\x04\x08\x08\x10\tR\tkv_layout\":\n\nReuseRules\x12\x12\n\nwhole_only\x18\x01 \x01(\x08\x12\x18\n\x10\x63ut_below_tokens\x18\x02 \x01(\r\",\n\rStatusRequest\x12\x1b\n\x13include_live_states\x18\x01 \x01(\x08\"\xf2\x02\n\x0cWorkerStatus\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x0b\n\x03pid\x18\x06 \x01(\x03\x12(\n\x05rates\x18\x07 \x01(\x0b\x32\x19.kvrouter.worker.v1.Rates\x12\x15\n\rram_entry_ids\x18\n \x03(\t\x12\x11\n\tram_bytes\x18\x0b \x01(\x04\x12\x10\n\x08store_id\x18\x0c \x01(\t\x12\x11\n\tmax_queue\x18\r \x01(\r\x12\x11\n\tevent_seq\x18\x0e \x01(\x04\x12\x32\n\x0blive_states\x18\x10 \x03(\x0b\x32\x1d.kvrouter.worker.v1.LiveState\x12\x1a\n\x12\x64\x65\x63ode_concurrency\x18\x11 \x01(\r\x12\x1a\n\x12prompt_concurrency\x18\x12 \x01(\r\x12\x10\n\x08progress\x18\x13 \x01(\x04J\x04\x08\x02\x10\x03J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x08\x10\tJ\x04\x08\t\x10\nJ\x04\x08\x0f\x10\x10\"\x14\n\x12\x43\x61\x63heEventsRequest\"Z\n\x10LiveStateChanged\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0f\n\x07live_id\x18\x03 \x01(\x04\x12\x0f\n\x07removed\x18\x04 \x01(\x08\"B\n\tLiveState\x12\x0f\n\x07live_id\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\"1\n\x0eRamTierChanged\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x08\"\xb9\x01\n\x11\x43heckpointChanged\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x08\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x16\n\x0emodel_identity\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\x12\x10\n\x08n_tokens\x18\x07 \x01(\r\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06reason\x18\t \x01(\t\"\x18\n\x16ListCheckpointsRequest\"\xc7\x01\n\nCacheEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x34\n\x04live\x18\x02 \x01(\x0b\x32$.kvrouter.worker.v1.LiveStateChangedH\x00\x12\x31\n\x03ram\x18\x03 \x01(\x0b\x32\".kvrouter.worker.v1.RamTierChangedH\x00\x12;\n\ncheckpoint\x18\x04 \x01(\x0b\x32%.kvrouter.worker.v1.CheckpointChangedH\x00\x42\x06\n\x04kind*h\n\x0b\x43\x61\x63heSource\x12\x15\n\x11\x43\x41\x43HE_SOURCE_NONE\x10\x00\x12\x15\n\x11\x43\x41\x43HE_SOURCE_LIVE\x10\x01\x12\x14\n\x10\x43\x41\x43HE_SOURCE_RAM\x10\x02\x12\x15\n\x11\x43\x41\x43HE_SOURCE_DISK\x10\x03\x32\xd2\x03\n\x06Worker\x12W\n\x08Generate\x12#.kvrouter.worker.v1.GenerateRequest\x1a$.kvrouter.worker.v1.GenerateResponse0\x01\x12S\n\x0cGetModelInfo\x12$.kvrouter.worker.v1.ModelInfoRequest\x1a\x1d.kvrouter.worker.v1.ModelInfo\x12P\n\tGetStatus\x12!.kvrouter.worker.v1.StatusRequest\x1a .kvrouter.worker.v1.WorkerStatus\x12`\n\x14SubscribeCacheEvents\x12&.kvrouter.worker.v1.CacheEventsRequest\x1a\x1e.kvrouter.worker.v1.CacheEvent0\x01\x12\x66\n\x0fListCheckpoints\x12*.kvrouter.worker.v1.ListCheckpointsRequest\x1a%.kvrouter.worker.v1.CheckpointChanged0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvrouter_proto/worker.proto\x12\x12kvrouter.worker.v1\"d\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".kvrouter.worker.v1.SamplingParams\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x15\n\ranchor_tokens\x18\x05 \x01(\r\x12\x14\n\x0ctext_preview\x18\x06 \x01(\t\x12\x13\n\x0bhint_tokens\x18\x07 \x03(\r\"\x92\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\rcached_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x35\n\x0c\x63\x61\x63he_source\x18\x04 \x01(\x0e\x32\x1f.kvrouter.worker.v1.CacheSourceB\x10\n\x0e_cached_tokens\"\xb8\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x35\n\x0c\x63\x61\x63he_source\x18\x04 \x01(\x0e\x32\x1f.kvrouter.worker.v1.CacheSource\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\x12\x14\n\x0cloaded_bytes\x18\x08 \x01(\x04\x12\x19\n\x11load_read_seconds\x18\t \x01(\x01\x12\x1b\n\x13load_device_seconds\x18\n \x01(\x01\x12\x1a\n\x12load_build_seconds\x18\x0b \x01(\x01J\x04\x08\x05\x10\x06R\x10prefilled_tokens\"\xd2\x02\n\x05Rates\x12!\n\x19prefill_tokens_per_second\x18\x01 \x01(\x01\x12\"\n\x1a\x64isk_load_bytes_per_second\x18\x02 \x01(\x01\x12!\n\x19ram_load_bytes_per_second\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\x12\x1d\n\x15prefill_fixed_seconds\x18\x05 \x01(\x01\x12(\n prefill_linear_seconds_per_token\x18\x06 \x01(\x01\x12,\n$prefill_quadratic_seconds_per_token2\x18\x07 \x01(\x01\x12\"\n\x1a\x64isk_cold_bytes_per_second\x18\x08 \x01(\x01\x12\"\n\x1a\x64isk_warm_bytes_per_second\x18\t \x01(\x01\"j\n\nStoreEvent\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xb9\x01\n\x05\x46inal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.kvrouter.worker.v1.Usage\x12\x34\n\x0cstore_events\x18\x03 \x03(\x0b\x32\x1e.kvrouter.worker.v1.StoreEvent\x12(\n\x05rates\x18\x04 \x01(\x0b\x32\x19.kvrouter.worker.v1.Rates\x12\x0f\n\x07live_id\x18\x05 \x01(\x04\"w\n\x10GenerateResponse\x12/\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1e.kvrouter.worker.v1.TokenDeltaH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.kvrouter.worker.v1.FinalH\x00\x42\x06\n\x04kind\")\n\x10ModelInfoRequest\x12\x15\n\rchat_template\x18\x01 \x01(\t\"\x90\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x03 \x01(\t\x12\x15\n\rchat_template\x18\x04 \x01(\t\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12-\n\x05reuse\x18\t \x01(\x0b\x32\x1e.kvrouter.worker.v1.ReuseRules\x12\x13\n\x0btool_parser\x18\n \x01(\tB\x0f\n\r_bos_token_idJ\x04\x08\x08\x10\tR\tkv_layout\":\n\nReuseRules\x12\x12\n\nwhole_only\x18\x01 \x01(\x08\x12\x18\n\x10\x63ut_below_tokens\x18\x02 \x01(\r\",\n\rStatusRequest\x12\x1b\n\x13include_live_states\x18\x01 \x01(\x08\"\xf2\x02\n\x0cWorkerStatus\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x0b\n\x03pid\x18\x06 \x01(\x03\x12(\n\x05rates\x18\x07 \x01(\x0b\x32\x19.kvrouter.worker.v1.Rates\x12\x15\n\rram_entry_ids\x18\n \x03(\t\x12\x11\n\tram_bytes\x18\x0b \x01(\x04\x12\x10\n\x08store_id\x18\x0c \x01(\t\x12\x11\n\tmax_queue\x18\r \x01(\r\x12\x11\n\tevent_seq\x18\x0e \x01(\x04\x12\x32\n\x0blive_states\x18\x10 \x03(\x0b\x32\x1d.kvrouter.worker.v1.LiveState\x12\x1a\n\x12\x64\x65\x63ode_concurrency\x18\x11 \x01(\r\x12\x1a\n\x12prompt_concurrency\x18\x12 \x01(\r\x12\x10\n\x08progress\x18\x13 \x01(\x04J\x04\x08\x02\x10\x03J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x08\x10\tJ\x04\x08\t\x10\nJ\x04\x08\x0f\x10\x10\"\x14\n\x12\x43\x61\x63heEventsRequest\"Z\n\x10LiveStateChanged\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0f\n\x07live_id\x18\x03 \x01(\x04\x12\x0f\n\x07removed\x18\x04 \x01(\x08\"B\n\tLiveState\x12\x0f\n\x07live_id\x18\x01 \x01(\x04\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\"1\n\x0eRamTierChanged\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x08\"\xb9\x01\n\x11\x43heckpointChanged\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x08\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x16\n\x0emodel_identity\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\x12\x10\n\x08n_tokens\x18\x07 \x01(\r\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06reason\x18\t \x01(\t\"\x18\n\x16ListCheckpointsRequest\"\xc7\x01\n\nCacheEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x34\n\x04live\x18\x02 \x01(\x0b\x32$.kvrouter.worker.v1.LiveStateChangedH\x00\x12\x31\n\x03ram\x18\x03 \x01(\x0b\x32\".kvrouter.worker.v1.RamTierChangedH\x00\x12;\n\ncheckpoint\x18\x04 \x01(\x0b\x32%.kvrouter.worker.v1.CheckpointChangedH\x00\x42\x06\n\x04kind*h\n\x0b\x43\x61\x63heSource\x12\x15\n\x11\x43\x41\x43HE_SOURCE_NONE\x10\x00\x12\x15\n\x11\x43\x41\x43HE_SOURCE_LIVE\x10\x01\x12\x14\n\x10\x43\x41\x43HE_SOURCE_RAM\x10\x02\x12\x15\n\x11\x43\x41\x43HE_SOURCE_DISK\x10\x03\x32\xd2\x03\n\x06Worker\x12W\n\x08Generate\x12#.kvrouter.worker.v1.GenerateRequest\x1a$.kvrouter.worker.v1.GenerateResponse0\x01\x12S\n\x0cGetModelInfo\x12$.kvrouter.worker.v1.ModelInfoRequest\x1a\x1d.kvrouter.worker.v1.ModelInfo\x12P\n\tGetStatus\x12!.kvrouter.worker.v1.StatusRequest\x1a .kvrouter.worker.v1.WorkerStatus\x12`\n\x14SubscribeCacheEvents\x12&.kvrouter.worker.v1.CacheEventsRequest\x1a\x1e.kvrouter.worker.v1.CacheEvent0\x01\x12\x66\n\x0fListCheckpoints\x12*.kvrouter.worker.v1.ListCheckpointsRequest\x1a%.kvrouter.worker.v1.CheckpointChanged0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvrouter_proto.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CACHESOURCE']._serialized_start=2751
-  _globals['_CACHESOURCE']._serialized_end=2855
+  _globals['_CACHESOURCE']._serialized_start=3026
+  _globals['_CACHESOURCE']._serialized_end=3130
   _globals['_SAMPLINGPARAMS']._serialized_start=51
   _globals['_SAMPLINGPARAMS']._serialized_end=151
   _globals['_GENERATEREQUEST']._serialized_start=154
@@ -40,39 +40,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENDELTA']._serialized_start=359
   _globals['_TOKENDELTA']._serialized_end=505
   _globals['_USAGE']._serialized_start=508
-  _globals['_USAGE']._serialized_end=736
-  _globals['_RATES']._serialized_start=739
-  _globals['_RATES']._serialized_end=886
-  _globals['_STOREEVENT']._serialized_start=888
-  _globals['_STOREEVENT']._serialized_end=994
-  _globals['_FINAL']._serialized_start=997
-  _globals['_FINAL']._serialized_end=1182
-  _globals['_GENERATERESPONSE']._serialized_start=1184
-  _globals['_GENERATERESPONSE']._serialized_end=1303
-  _globals['_MODELINFOREQUEST']._serialized_start=1305
-  _globals['_MODELINFOREQUEST']._serialized_end=1346
-  _globals['_MODELINFO']._serialized_start=1349
-  _globals['_MODELINFO']._serialized_end=1621
-  _globals['_REUSERULES']._serialized_start=1623
-  _globals['_REUSERULES']._serialized_end=1681
-  _globals['_STATUSREQUEST']._serialized_start=1683
-  _globals['_STATUSREQUEST']._serialized_end=1727
-  _globals['_WORKERSTATUS']._serialized_start=1730
-  _globals['_WORKERSTATUS']._serialized_end=2100
-  _globals['_CACHEEVENTSREQUEST']._serialized_start=2102
-  _globals['_CACHEEVENTSREQUEST']._serialized_end=2122
-  _globals['_LIVESTATECHANGED']._serialized_start=2124
-  _globals['_LIVESTATECHANGED']._serialized_end=2214
-  _globals['_LIVESTATE']._serialized_start=2216
-  _globals['_LIVESTATE']._serialized_end=2282
-  _globals['_RAMTIERCHANGED']._serialized_start=2284
-  _globals['_RAMTIERCHANGED']._serialized_end=2333
-  _globals['_CHECKPOINTCHANGED']._serialized_start=2336
-  _globals['_CHECKPOINTCHANGED']._serialized_end=2521
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=2523
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2547
-  _globals['_CACHEEVENT']._serialized_start=2550
-  _globals['_CACHEEVENT']._serialized_end=2749
-  _globals['_WORKER']._serialized_start=2858
-  _globals['_WORKER']._serialized_end=3324
+  _globals['_USAGE']._serialized_end=820
+  _globals['_RATES']._serialized_start=823
+  _globals['_RATES']._serialized_end=1161
+  _globals['_STOREEVENT']._serialized_start=1163
+  _globals['_STOREEVENT']._serialized_end=1269
+  _globals['_FINAL']._serialized_start=1272
+  _globals['_FINAL']._serialized_end=1457
+  _globals['_GENERATERESPONSE']._serialized_start=1459
+  _globals['_GENERATERESPONSE']._serialized_end=1578
+  _globals['_MODELINFOREQUEST']._serialized_start=1580
+  _globals['_MODELINFOREQUEST']._serialized_end=1621
+  _globals['_MODELINFO']._serialized_start=1624
+  _globals['_MODELINFO']._serialized_end=1896
+  _globals['_REUSERULES']._serialized_start=1898
+  _globals['_REUSERULES']._serialized_end=1956
+  _globals['_STATUSREQUEST']._serialized_start=1958
+  _globals['_STATUSREQUEST']._serialized_end=2002
+  _globals['_WORKERSTATUS']._serialized_start=2005
+  _globals['_WORKERSTATUS']._serialized_end=2375
+  _globals['_CACHEEVENTSREQUEST']._serialized_start=2377
+  _globals['_CACHEEVENTSREQUEST']._serialized_end=2397
+  _globals['_LIVESTATECHANGED']._serialized_start=2399
+  _globals['_LIVESTATECHANGED']._serialized_end=2489
+  _globals['_LIVESTATE']._serialized_start=2491
+  _globals['_LIVESTATE']._serialized_end=2557
+  _globals['_RAMTIERCHANGED']._serialized_start=2559
+  _globals['_RAMTIERCHANGED']._serialized_end=2608
+  _globals['_CHECKPOINTCHANGED']._serialized_start=2611
+  _globals['_CHECKPOINTCHANGED']._serialized_end=2796
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=2798
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=2822
+  _globals['_CACHEEVENT']._serialized_start=2825
+  _globals['_CACHEEVENT']._serialized_end=3024
+  _globals['_WORKER']._serialized_start=3133
+  _globals['_WORKER']._serialized_end=3599
 # @@protoc_insertion_point(module_scope)

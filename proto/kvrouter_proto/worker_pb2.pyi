@@ -61,7 +61,7 @@ class TokenDelta(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., cache_source: _Optional[_Union[CacheSource, str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_source", "prefill_seconds", "load_seconds", "loaded_bytes")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_source", "prefill_seconds", "load_seconds", "loaded_bytes", "load_read_seconds", "load_device_seconds", "load_build_seconds")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,9 @@ class Usage(_message.Message):
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -76,19 +79,32 @@ class Usage(_message.Message):
     prefill_seconds: float
     load_seconds: float
     loaded_bytes: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cache_source: _Optional[_Union[CacheSource, str]] = ..., prefill_seconds: _Optional[float] = ..., load_seconds: _Optional[float] = ..., loaded_bytes: _Optional[int] = ...) -> None: ...
+    load_read_seconds: float
+    load_device_seconds: float
+    load_build_seconds: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cache_source: _Optional[_Union[CacheSource, str]] = ..., prefill_seconds: _Optional[float] = ..., load_seconds: _Optional[float] = ..., loaded_bytes: _Optional[int] = ..., load_read_seconds: _Optional[float] = ..., load_device_seconds: _Optional[float] = ..., load_build_seconds: _Optional[float] = ...) -> None: ...
 
 class Rates(_message.Message):
-    __slots__ = ("prefill_tokens_per_second", "disk_load_bytes_per_second", "ram_load_bytes_per_second", "decode_tokens_per_second")
+    __slots__ = ("prefill_tokens_per_second", "disk_load_bytes_per_second", "ram_load_bytes_per_second", "decode_tokens_per_second", "prefill_fixed_seconds", "prefill_linear_seconds_per_token", "prefill_quadratic_seconds_per_token2", "disk_cold_bytes_per_second", "disk_warm_bytes_per_second")
     PREFILL_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     DISK_LOAD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     RAM_LOAD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIXED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_LINEAR_SECONDS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_QUADRATIC_SECONDS_PER_TOKEN2_FIELD_NUMBER: _ClassVar[int]
+    DISK_COLD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    DISK_WARM_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     prefill_tokens_per_second: float
     disk_load_bytes_per_second: float
     ram_load_bytes_per_second: float
     decode_tokens_per_second: float
-    def __init__(self, prefill_tokens_per_second: _Optional[float] = ..., disk_load_bytes_per_second: _Optional[float] = ..., ram_load_bytes_per_second: _Optional[float] = ..., decode_tokens_per_second: _Optional[float] = ...) -> None: ...
+    prefill_fixed_seconds: float
+    prefill_linear_seconds_per_token: float
+    prefill_quadratic_seconds_per_token2: float
+    disk_cold_bytes_per_second: float
+    disk_warm_bytes_per_second: float
+    def __init__(self, prefill_tokens_per_second: _Optional[float] = ..., disk_load_bytes_per_second: _Optional[float] = ..., ram_load_bytes_per_second: _Optional[float] = ..., decode_tokens_per_second: _Optional[float] = ..., prefill_fixed_seconds: _Optional[float] = ..., prefill_linear_seconds_per_token: _Optional[float] = ..., prefill_quadratic_seconds_per_token2: _Optional[float] = ..., disk_cold_bytes_per_second: _Optional[float] = ..., disk_warm_bytes_per_second: _Optional[float] = ...) -> None: ...
 
 class StoreEvent(_message.Message):
     __slots__ = ("action", "kind", "tokens", "bytes", "seconds", "reason")

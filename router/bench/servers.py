@@ -45,13 +45,14 @@ class ManagedServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        """Starts the process and waits until GET /health answers 200. Raises RuntimeError."""
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Starts the process and waits up to `timeout_s` seconds until GET /health
+        answers 200. Raises RuntimeError (the process is stopped on a timeout)."""
         t0 = time.monotonic()
         argv = [a.replace("{port}", str(self.port)) for a in self.argv]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = t0 + START_TIMEOUT_S
+        deadline = t0 + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with status {self.proc.returncode}; see {self.log_path}")
@@ -64,16 +65,17 @@ class ManagedServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"{self.name} not healthy after {START_TIMEOUT_S:.0f} s; see {self.log_path}")
+        raise RuntimeError(f"{self.name} not healthy after {timeout_s:.0f} s; see {self.log_path}")
 
-    def stop(self) -> None:
-        """SIGTERM (kvrouter stores its live state as a `shutdown` checkpoint), then wait."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM (kvrouter stores its live state as a `shutdown` checkpoint), then wait
+        up to `timeout_s` seconds before SIGKILL."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(STOP_TIMEOUT_S)
+                self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

@@ -92,6 +92,7 @@ def test_checkpoints_round_trip_and_states_cut_only_where_their_layers_allow(bun
     from mlx.utils import tree_flatten
 
     from kvrouter.worker import cache_state as cs
+    from kvrouter.worker.checkpoint_load import load_payload
 
     bundle = bundles(case)
     model, spec = bundle.model, bundle.state
@@ -100,12 +101,12 @@ def test_checkpoints_round_trip_and_states_cut_only_where_their_layers_allow(bun
     model(mx.array(prompt[:64])[None], cache=state)
     path = tmp_path / "cp.safetensors"
     cs.payload_writer(cs.cut(state, 64, 64), 64, "m")(path)
-    loaded = cs.load_payload(path, "m", 64, spec.layout)
+    loaded = load_payload(path, "m", 64, spec.layout)
     saved = [a for _, a in tree_flatten([c.state for c in cs.cut(state, 64, 64)]) if isinstance(a, mx.array)]
     read = [a for _, a in tree_flatten([c.state for c in loaded]) if isinstance(a, mx.array)]
     assert len(saved) == len(read) and all(mx.array_equal(a, b) for a, b in zip(saved, read))
     with pytest.raises(cs.CheckpointFormatError):
-        cs.load_payload(path, "m", 63, spec.layout)  # the index must say what the state holds
+        load_payload(path, "m", 63, spec.layout)  # the index must say what the state holds
     restored = model(mx.array(prompt[64:])[None], cache=loaded)[0, -1]
     ref = greedy_reference(model, prompt, 1, spec.quant).first_logits
     assert float(mx.abs(restored - ref).max()) <= TOLERANCE

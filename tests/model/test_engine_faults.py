@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from kvrouter.worker import cache_state
+from kvrouter.worker import cache_state, checkpoints
 from kvrouter.worker.events import FinishEvent, TokenEvent
 from tests.model.test_engine_batching import prompt_of
 from tests.support.engine import Call, make_engine
@@ -165,13 +165,13 @@ def test_requests_admitted_together_share_one_restored_checkpoint(tmp_path, monk
     finally:
         first.stop(shutdown_checkpoint=False)
     loads = []
-    real = cache_state.load_payload
+    real = checkpoints.load_state
 
-    def counting(path, *args):
-        loads.append(path)
-        return real(path, *args)
+    def counting(read, *args, **kwargs):
+        loads.append(read.path)
+        return real(read, *args, **kwargs)
 
-    monkeypatch.setattr(cache_state, "load_payload", counting)
+    monkeypatch.setattr(checkpoints, "load_state", counting)
     engine = make_engine(tmp_path / "kv", decode_concurrency=3, prompt_concurrency=3, ram_bytes=0)
     try:
         # an unrelated long prefill keeps the engine inside a batch step while the two arrive,

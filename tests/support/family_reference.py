@@ -79,13 +79,14 @@ def scenario(model_dir: str, kv_bits: int | None) -> list[dict]:
 
 def stored_state_errors(model_dir: str, kv_bits: int | None, kv_dir: str) -> list[dict]:
     """Every usable entry of the store at `kv_dir`: loaded (its layers' token counts
-    must equal its length: `cache_state.load_payload` checks them), then fed two probe
+    must equal its length: `checkpoint_load.load_payload` checks them), then fed two probe
     tokens, as is a fresh prefill of the entry's own tokens. Returns {"kind",
     "n_tokens", "error"}: the largest logit difference over the largest logit."""
     import mlx.core as mx
 
     from kvrouter.cachestore import CheckpointStore, StoreConfig
     from kvrouter.worker import cache_state
+    from kvrouter.worker.checkpoint_load import load_payload
 
     bundle, _, _ = _load(model_dir, kv_bits)
     model, spec = bundle.model, bundle.state
@@ -93,7 +94,7 @@ def stored_state_errors(model_dir: str, kv_bits: int | None, kv_dir: str) -> lis
     out = []
     with CheckpointStore(StoreConfig(directory=kv_dir)) as store:
         for e in store.entries():
-            loaded = cache_state.load_payload(store.payload_dir / e.payload_name, e.model_id, e.n_tokens, spec.layout)
+            loaded = load_payload(store.payload_dir / e.payload_name, e.model_id, e.n_tokens, spec.layout)
             fresh = spec.new()
             model(mx.array(store.tokens_of(e.id))[None], cache=fresh)
             got, want = model(probe, cache=loaded)[0, -1], model(probe, cache=fresh)[0, -1]
