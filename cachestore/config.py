@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass
@@ -13,13 +14,21 @@ stores; and `hint`, a position the client marked as the end of a stable prefix (
 `cache_control`)."""
 
 
+DEFAULT_DISK_BUDGET_BYTES = 4096 * 2**20
+"""Budget of a StoreConfig built without one (tools, tests); the CLI passes None instead
+when ``--kv-cache-disk-mb`` is not given, and the worker sizes it."""
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Settings of one store directory.
 
     Fields (units in the name or noted):
       directory: store root; created with mode 0o700 if missing.
-      disk_budget_bytes: upper bound on the sum of payload sizes, bytes (``--kv-cache-disk-mb``).
+      disk_budget_bytes: upper bound on the sum of payload sizes, bytes (``--kv-cache-disk-mb``);
+        None: not given, to be sized by the worker once its model is loaded
+        (``kvrouter.worker.sizing.plan_disk_budget``; ``with_budget`` sets it). A store
+        with None stores nothing (``CheckpointStore.save`` raises ValueError).
       min_tokens: no checkpoint shorter than this is planned, tokens (``--kv-cache-min-tokens``).
       cold_max_tokens: a cold anchor longer than this is skipped, tokens; checked against the
         anchor, never the prompt (store case C2) and never on load (C3).
@@ -35,7 +44,7 @@ class StoreConfig:
     """
 
     directory: Path
-    disk_budget_bytes: int = 4096 * 2**20
+    disk_budget_bytes: int | None = DEFAULT_DISK_BUDGET_BYTES
     min_tokens: int = 512
     cold_max_tokens: int = 30000
     continued_interval_tokens: int = 10000
@@ -54,15 +63,26 @@ class StoreConfig:
         )
         for name in positive + ("boundary_trim_tokens",):
             value = getattr(self, name)
+            if name == "disk_budget_bytes" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"StoreConfig.{name} must be an int, got {value!r}")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"StoreConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.boundary_trim_tokens < 0:
             raise ValueError(f"StoreConfig.boundary_trim_tokens must be >= 0, got {self.boundary_trim_tokens}")
         if not self.hit_half_life_s > 0:
             raise ValueError(f"StoreConfig.hit_half_life_s must be > 0 seconds, got {self.hit_half_life_s!r}")
+
+    @property
+    def budget_given(self) -> bool:
+        """True when the disk budget was given (a flag, a caller); False: to be sized."""
+        return self.disk_budget_bytes is not None
+
+    def with_budget(self, budget_bytes: int) -> "StoreConfig":
+        """This config with ``disk_budget_bytes`` set (bytes, >= 1; ValueError otherwise)."""
+        return dataclasses.replace(self, disk_budget_bytes=budget_bytes)
 
     @property
     def interval_tokens(self) -> int:

@@ -134,3 +134,26 @@ def disk_space(directory: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return usage.free, usage.total
+
+
+def store_room(store_dir: Path) -> tuple[int, int]:
+    """(free bytes on the filesystem that holds or will hold `store_dir`, bytes of the
+    finished payload files already in its "payloads" folder): the room a store's disk
+    budget is sized from. A missing directory is measured at its nearest existing parent
+    (0 stored bytes); an unreadable one gives (0, 0)."""
+    probe = Path(store_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    space = disk_space(probe)
+    stored = 0
+    try:
+        with os.scandir(Path(store_dir) / "payloads") as it:
+            for e in it:
+                if e.name.endswith(PAYLOAD_SUFFIX) and not is_temp(e.name):
+                    try:
+                        stored += e.stat().st_size
+                    except FileNotFoundError:  # evicted meanwhile
+                        pass
+    except OSError:  # no store there yet
+        pass
+    return (space[0] if space else 0), stored

@@ -388,11 +388,14 @@ class CheckpointStore:
         RuntimeError (what MLX raises when a write fails) or lmdb.Error (ENOSPC, EIO...;
         C12): temp files are removed, no row is written, one warning is logged, a
         ``skipped`` event carries the reason and writes back off. Raises ValueError for an
+        unsized budget (``disk_budget_bytes`` None: the worker sizes it first), an
         unknown kind or empty/invalid tokens; other exceptions from ``write_payload``
         (programming errors) propagate after cleanup.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if self.config.disk_budget_bytes is None:
+            raise ValueError("the store's disk budget is not sized (StoreConfig.with_budget)")
         packed = keys.pack_tokens(tokens)
         n = len(packed) // 4
         if n == 0:

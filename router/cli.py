@@ -83,8 +83,12 @@ def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV checkpoint store (on by default)")
     g.add_argument("--kv-cache-dir", "--kv-disk-dir", type=Path, default=None,
                    help="store directory (default: a 'kv' folder in the cache directory)")
-    g.add_argument("--kv-cache-disk-mb", "--kv-disk-space-mb", type=positive_int, default=4096,
-                   help="disk budget of the store in MiB; the lowest-value checkpoints are evicted past it (default 4096)")
+    g.add_argument("--kv-cache-disk-mb", "--kv-disk-space-mb", type=positive_int, default=None,
+                   help="disk budget of the store in MiB; the lowest-value checkpoints are evicted past it (default: "
+                        "sized by each worker from the model, printed at start: room for 10 checkpoints of "
+                        "min(context, --kv-cache-cold-max-tokens) tokens, at least 4096, at most half of the "
+                        "store disk's free space plus what the store holds; give it when several models share "
+                        "one store)")
     g.add_argument("--kv-cache-min-tokens", type=positive_int, default=512,
                    help="do not store checkpoints shorter than this many tokens (default 512)")
     g.add_argument("--kv-cache-cold-max-tokens", type=positive_int, default=30000,
@@ -151,12 +155,12 @@ def _store_flags_as_args(ns: argparse.Namespace) -> list[str]:
         return ["--no-kv-cache"]
     return [
         "--kv-cache-dir", str(store_dir(ns)),
-        "--kv-cache-disk-mb", str(ns.kv_cache_disk_mb),
         "--kv-cache-min-tokens", str(ns.kv_cache_min_tokens),
         "--kv-cache-cold-max-tokens", str(ns.kv_cache_cold_max_tokens),
         "--kv-cache-continued-interval-tokens", str(ns.kv_cache_continued_interval_tokens),
         "--kv-cache-boundary-trim-tokens", str(ns.kv_cache_boundary_trim_tokens),
         "--kv-cache-boundary-align-tokens", str(ns.kv_cache_boundary_align_tokens),
+        *(["--kv-cache-disk-mb", str(ns.kv_cache_disk_mb)] if ns.kv_cache_disk_mb is not None else []),
         *(["--kv-cache-ram-mb", str(ns.kv_cache_ram_mb)] if ns.kv_cache_ram_mb is not None else []),
     ]
 
@@ -166,15 +170,17 @@ def store_dir(ns: argparse.Namespace) -> Path:
 
 
 def store_config(ns: argparse.Namespace):
-    """A cachestore.StoreConfig from the flags, or None with --no-kv-cache.
-    Raises ValueError with a message naming the bad flag value."""
+    """A cachestore.StoreConfig from the flags, or None with --no-kv-cache. Its disk budget
+    is None when --kv-cache-disk-mb is not given: each worker sizes it once its model is
+    loaded (`worker.sizing.plan_disk_budget`). Raises ValueError with a message naming
+    the bad flag value."""
     if ns.no_kv_cache:
         return None
     from kvrouter.cachestore import StoreConfig
 
     return StoreConfig(
         directory=store_dir(ns),
-        disk_budget_bytes=ns.kv_cache_disk_mb * 2**20,
+        disk_budget_bytes=None if ns.kv_cache_disk_mb is None else ns.kv_cache_disk_mb * 2**20,
         min_tokens=ns.kv_cache_min_tokens,
         cold_max_tokens=ns.kv_cache_cold_max_tokens,
         continued_interval_tokens=ns.kv_cache_continued_interval_tokens,

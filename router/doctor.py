@@ -99,7 +99,8 @@ def check_store(store_dir: Path, budget_bytes: int | None = None) -> list[Check]
         k[1] += e.payload_bytes
     total = sum(e.payload_bytes for e in usable)
     kinds = ", ".join(f"{k} {n} ({b / 2**20:.0f} MiB)" for k, (n, b) in sorted(by_kind.items())) or "empty"
-    budget = f" of {budget_bytes / 2**20:.0f} MiB" if budget_bytes else ""
+    budget = (f" of {budget_bytes / 2**20:.0f} MiB" if budget_bytes
+              else " (disk budget: sized by each worker from its model, printed at start)")
     out = [Check(name, "ok", f"{store_dir}: {len(usable)} checkpoints, {total / 2**20:.0f} MiB{budget}: {kinds}")]
     pdir = store_dir / "payloads"
     files = set(os.listdir(pdir)) if pdir.is_dir() else set()

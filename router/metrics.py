@@ -149,7 +149,7 @@ def create_metrics() -> RouterMetrics:
                           ["kind"], registry=reg),
         store_quarantined=Gauge("kvrouter_store_quarantined_entries", "Quarantined index rows (never reused)",
                                 registry=reg),
-        store_budget_bytes=Gauge("kvrouter_store_budget_bytes", "The store's disk budget (--kv-cache-disk-mb)",
+        store_budget_bytes=Gauge("kvrouter_store_budget_bytes", "The store's disk budget (--kv-cache-disk-mb, or sized by the workers)",
                                  registry=reg),
         client_hints=Counter(
             "kvrouter_client_hints",
@@ -261,10 +261,14 @@ async def refresh_scrape_gauges(m: RouterMetrics, cluster) -> None:
     for c in clients:
         m.worker_healthy.labels(c.name).set(1 if cluster.serving(c) else 0)
 
+    budgets: list[int] = []  # disk budgets the workers reading this host's store apply
+
     async def depth(c):
         try:
             status = await asyncio.wait_for(c.status(), WORKER_STATUS_TIMEOUT_S)
             m.queue_depth.labels(c.name).set(status.queue_depth)
+            if status.store_budget_bytes and status.store_id == getattr(cluster, "local_store_id", ""):
+                budgets.append(status.store_budget_bytes)
         except Exception as exc:  # a worker that does not answer must not break the scrape
             log.debug("no status from %s: %s", c.name, exc)
             try:
@@ -284,4 +288,8 @@ async def refresh_scrape_gauges(m: RouterMetrics, cluster) -> None:
             m.store_entries.labels(kind).set(entries[kind])
             m.store_bytes.labels(kind).set(size[kind])
         m.store_quarantined.set(quarantined)
-        m.store_budget_bytes.set(store.config.disk_budget_bytes)
+        # the budget given to the router (--kv-cache-disk-mb), else the one its workers sized
+        # (the same on every worker of one model: `worker.sizing.plan_disk_budget`)
+        budget = store.config.disk_budget_bytes or max(budgets, default=0)
+        if budget:
+            m.store_budget_bytes.set(budget)

@@ -18,7 +18,9 @@ def add_parsers(sub, default_cache_dir: Path) -> None:
     doctor.add_argument("--cache-dir", type=Path, default=default_cache_dir)
     doctor.add_argument("--kv-cache-dir", "--kv-disk-dir", type=Path, default=None,
                         help="store directory (default: a 'kv' folder in the cache directory)")
-    doctor.add_argument("--kv-cache-disk-mb", "--kv-disk-space-mb", type=int, default=4096)
+    doctor.add_argument("--kv-cache-disk-mb", "--kv-disk-space-mb", type=int, default=None,
+                        help="the store's disk budget in MiB, to check the store and the free disk against "
+                             "(default: none; `kvrouter serve` sizes it from the model and prints it at start)")
     export = sub.add_parser("export-mlx", help="write the imported model as an mlx-lm model directory",
                             description="Write the model (default: the default GGUF model) as an mlx-lm directory "
                                         "(config.json, float32 model.safetensors, tokenizer files), e.g. for "
@@ -38,7 +40,8 @@ def _bench(ns: argparse.Namespace) -> int:
 def _doctor(ns: argparse.Namespace) -> int:
     from kvrouter.router.doctor import format_report, run_checks
 
-    checks = run_checks(ns.cache_dir, ns.kv_cache_dir or ns.cache_dir / "kv", ns.kv_cache_disk_mb * 2**20)
+    budget = None if ns.kv_cache_disk_mb is None else ns.kv_cache_disk_mb * 2**20
+    checks = run_checks(ns.cache_dir, ns.kv_cache_dir or ns.cache_dir / "kv", budget)
     print(format_report(checks))
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 

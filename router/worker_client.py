@@ -111,7 +111,9 @@ class WorkerStatus:
     max_queue: requests it accepts (0: no limit). slots / prompt_slots: its
     --decode-concurrency / --prompt-concurrency. progress: steps of work it has done
     (admissions, batch steps, checkpoints written): a worker holding requests whose
-    progress stands still is stalled.
+    progress stands still is stalled. store_budget_bytes: its store's disk budget, bytes,
+    as the worker applies it (`--kv-cache-disk-mb`, or sized from the model and the free
+    disk; 0: no store).
     """
 
     model_name: str
@@ -127,6 +129,7 @@ class WorkerStatus:
     slots: int = 1
     prompt_slots: int = 1
     progress: int = 0
+    store_budget_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,7 @@ def status_from_proto(st: worker_pb2.WorkerStatus) -> WorkerStatus:
         store_id=st.store_id, max_queue=st.max_queue, event_seq=st.event_seq,
         live_states=tuple(LiveStateInfo(s.live_id, s.namespace, tuple(s.token_ids)) for s in st.live_states),
         slots=max(1, st.decode_concurrency), prompt_slots=max(1, st.prompt_concurrency), progress=st.progress,
+        store_budget_bytes=st.store_budget_bytes,
     )
 
 

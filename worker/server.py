@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -89,10 +90,12 @@ def open_store(config, on_event=None):
     return store
 
 
-def memory_plan(config: WorkerConfig, model):
+def memory_plan(config: WorkerConfig, model, context_length: int | None = None):
     """The worker's memory budgets (`worker.sizing.plan_memory`) from the loaded model, the
-    machine and the flags given; logged. Also sets MLX's buffer cache limit from it and
-    hands back what loading left in MLX's cache."""
+    machine and the flags given, and with a store (`config.store`) and `context_length`
+    (tokens) its disk budget (`sized_store_config`: `plan.disk`, `plan.store_config`);
+    logged in one line. Also sets MLX's buffer cache limit from it and hands back what
+    loading left in MLX's cache."""
     import gc
 
     import mlx.core as mx
@@ -111,9 +114,28 @@ def memory_plan(config: WorkerConfig, model):
     gc.collect()  # the loader's temporaries (GGUF dequantization) ...
     mx.set_cache_limit(plan.mlx_cache_limit_bytes)
     mx.clear_cache()  # ... and MLX's freed buffers go back to the system now
+    if config.store is not None:  # unknown context: the longest cold anchor bounds a checkpoint
+        disk, store_config = sized_store_config(config.store, kv_per_token,
+                                                context_length or config.store.cold_max_tokens)
+        plan = dataclasses.replace(plan, disk=disk, store_config=store_config)
     log.info("%s (machine %.1f GiB, %s, %d worker(s) on it)", plan.describe(), machine / 2**30, backend,
              m.workers_on_host)
     return plan
+
+
+def sized_store_config(store_config, kv_bytes_per_token: int, context_length: int):
+    """(DiskPlan, `store_config` with its disk budget set): the budget given
+    (`--kv-cache-disk-mb`), or `worker.sizing.plan_disk_budget` from the model's KV bytes per
+    token, its context length (tokens) and the store directory's free disk plus the
+    payloads it holds (`cachestore.payload.store_room`)."""
+    from kvrouter.cachestore.payload import store_room
+    from kvrouter.worker.sizing import plan_disk_budget
+
+    free, stored = store_room(store_config.directory)
+    disk = plan_disk_budget(kv_bytes_per_token=kv_bytes_per_token, context_length=context_length,
+                            cold_max_tokens=store_config.cold_max_tokens, free_bytes=free, stored_bytes=stored,
+                            given_bytes=store_config.disk_budget_bytes)
+    return disk, (store_config if disk.given else store_config.with_budget(disk.budget_bytes))
 
 
 def build_engine(config: WorkerConfig):
@@ -147,13 +169,13 @@ def build_engine(config: WorkerConfig):
                 else "one request at a time (a cache layer mlx-lm cannot batch: no merge)")
     log.info("model %s: caches %s; states cut back: %s; %s", bundle.name, spec.layout, spec.rules.label, batching)
     hf_tok = build_hf_tokenizer(bundle.tokenizer_json, bundle.chat_template, bundle.eos_token_ids, bundle.bos_token_id)
-    plan = memory_plan(config, bundle.model)
+    plan = memory_plan(config, bundle.model, bundle.context_length)
     listeners = StoreListeners()
     store = None
     if config.store is not None and not spec.serializable:
         log.warning("KV checkpoint store off: mlx-lm cannot save and load this model's caches (%s)", spec.layout)
     else:
-        store = open_store(config.store, listeners)
+        store = open_store(plan.store_config, listeners)
     checkpoints = CheckpointManager(bundle.identity, spec, store, RamTier(plan.ram_tier_bytes), listeners)
     engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(
         plan.prefill_chunk_tokens, config.max_queue, config.batching.decode_concurrency,

@@ -19,6 +19,11 @@ host), less the weights and the working set, split among the KV terms in KV_SPLI
 
 `plan_memory` is pure (no MLX): `measure_model` and `machine_memory_bytes` read the
 inputs from a loaded model and the machine.
+
+The store's disk budget (`--kv-cache-disk-mb`) comes from `plan_disk_budget`, also pure:
+DISK_CHECKPOINTS long checkpoints of this model, at least DISK_BUDGET_FLOOR_BYTES, at
+most DISK_FRACTION of the disk open to the store; logged on the same line as the memory
+plan and reported to the router in `WorkerStatus.store_budget_bytes`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class MemoryPlan:
     holders. mlx_cache_limit_bytes: `mx.set_cache_limit`. working_set_bytes: the
     estimate of one batch step's activations. weights_bytes, kv_bytes_per_token,
     share_bytes (this worker's share of the machine): the inputs, kept for the log.
+    disk: the store's disk budget (`plan_disk_budget`; None: no store, or not sized here);
+    store_config: the `cachestore.StoreConfig` with that budget set (None: no store).
     """
 
     share_bytes: int
@@ -70,6 +77,8 @@ class MemoryPlan:
     writer_queue_bytes: int
     mlx_cache_limit_bytes: int
     prefill_chunk_tokens: int
+    disk: "DiskPlan | None" = None
+    store_config: object = None
 
     @property
     def peak_bytes(self) -> int:
@@ -85,7 +94,7 @@ class MemoryPlan:
                 f"{m(self.ram_tier_bytes)} + writer queue {m(self.writer_queue_bytes)} + working set "
                 f"{m(self.working_set_bytes)} + MLX cache {m(self.mlx_cache_limit_bytes)}; peak "
                 f"{m(self.peak_bytes)}; KV {self.kv_bytes_per_token / 1024:.1f} KiB/token; prefill chunk "
-                f"{self.prefill_chunk_tokens} tokens")
+                f"{self.prefill_chunk_tokens} tokens" + (f"; {self.disk.describe()}" if self.disk else ""))
 
 
 def plan_memory(*, kv_bytes_per_token: int, weights_bytes: int, machine_bytes: int, workers_on_host: int = 1,
@@ -191,3 +200,86 @@ def measure_model(model) -> tuple[int, int]:
     del cache
     mx.clear_cache()
     return max(1, per_token), weights
+
+
+# -- the store's disk budget ---------------------------------------------------------------
+
+DISK_CHECKPOINTS = 10
+"""Long checkpoints the default disk budget holds. On the H200 bench (issue 15: 16 agent
+sessions on a ~5.2K-token shared block, 8B shape) the hand-tuned `--kv-cache-disk-mb 40000`
+is about ten 30K-token checkpoints of that model (3.7 GiB each at 128 KiB/token); the
+fixed 4096 MiB default held one and evicted the rest."""
+
+DISK_FRACTION = 0.5
+"""Share of the disk space open to the store (free bytes plus the store's own payloads)
+the default budget may take: the store is a cache, and models, logs and other programs
+keep the other half."""
+
+DISK_BUDGET_FLOOR_BYTES = 4096 * MIB
+"""The default budget is never below this while the disk allows it: the fixed default it
+replaces (enough for a small model: the 135M default model's 8K-token context is 360 MiB)."""
+
+DISK_BUDGET_STEP_BYTES = 256 * MIB
+"""The default budget is a multiple of this (at least one step), so that workers on one
+host that see slightly different free space (another one's temp file) agree on it."""
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """A store's disk budget and how it was chosen, bytes (checkpoint_tokens in tokens).
+
+    budget_bytes: the budget (`StoreConfig.disk_budget_bytes`). given: True when
+    `--kv-cache-disk-mb` set it (the other fields are then the inputs, unused).
+    checkpoint_tokens / checkpoint_bytes: one long checkpoint, the unit of the default.
+    room_bytes: free disk plus the store's own payloads; cap_bytes: DISK_FRACTION of it.
+    """
+
+    budget_bytes: int
+    given: bool
+    checkpoint_tokens: int
+    checkpoint_bytes: int
+    room_bytes: int
+    cap_bytes: int
+
+    def describe(self) -> str:
+        """One log line: the budget in MiB and where it came from."""
+        if self.given:
+            return f"disk budget {self.budget_bytes / MIB:.0f} MiB (--kv-cache-disk-mb)"
+        return (f"disk budget {self.budget_bytes / MIB:.0f} MiB = min(max({DISK_CHECKPOINTS} x "
+                f"{self.checkpoint_tokens}-token checkpoints of {self.checkpoint_bytes / MIB:.0f} MiB, floor "
+                f"{DISK_BUDGET_FLOOR_BYTES / MIB:.0f}), {DISK_FRACTION:g} x {self.room_bytes / 2**30:.1f} GiB free "
+                f"+ stored)")
+
+
+def plan_disk_budget(*, kv_bytes_per_token: int, context_length: int, cold_max_tokens: int, free_bytes: int,
+                     stored_bytes: int = 0, given_bytes: int | None = None) -> DiskPlan:
+    """The store's disk budget: `given_bytes` (`--kv-cache-disk-mb`) when set, else
+
+        min(max(DISK_CHECKPOINTS x one long checkpoint, DISK_BUDGET_FLOOR_BYTES),
+            DISK_FRACTION x (free_bytes + stored_bytes))
+
+    rounded down to DISK_BUDGET_STEP_BYTES, at least one step. One long checkpoint is
+    min(context_length, cold_max_tokens) tokens x kv_bytes_per_token: the longest cold
+    anchor the store keeps (`--kv-cache-cold-max-tokens`), or the whole context when that
+    is shorter. `stored_bytes` (the store's own payloads) counts as room, so a restarted
+    worker sizes the same budget as the first one did: workers of one model on one host
+    (same inputs) agree.
+
+    kv_bytes_per_token: bytes (> 0); context_length, cold_max_tokens: tokens (> 0);
+    free_bytes, stored_bytes: bytes (>= 0). Raises ValueError on a value out of range.
+    """
+    if kv_bytes_per_token <= 0 or context_length <= 0 or cold_max_tokens <= 0:
+        raise ValueError("kv_bytes_per_token, context_length and cold_max_tokens must be positive")
+    if free_bytes < 0 or stored_bytes < 0:
+        raise ValueError("free_bytes and stored_bytes must be >= 0")
+    tokens = min(context_length, cold_max_tokens)
+    checkpoint = tokens * kv_bytes_per_token
+    room = free_bytes + stored_bytes
+    cap = int(room * DISK_FRACTION)
+    if given_bytes is not None:
+        if given_bytes < 1:
+            raise ValueError(f"given_bytes must be >= 1, got {given_bytes}")
+        return DiskPlan(given_bytes, True, tokens, checkpoint, room, cap)
+    want = min(max(DISK_CHECKPOINTS * checkpoint, DISK_BUDGET_FLOOR_BYTES), cap)
+    budget = max(DISK_BUDGET_STEP_BYTES, want // DISK_BUDGET_STEP_BYTES * DISK_BUDGET_STEP_BYTES)
+    return DiskPlan(budget, False, tokens, checkpoint, room, cap)

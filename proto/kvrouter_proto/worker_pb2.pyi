@@ -187,7 +187,7 @@ class StatusRequest(_message.Message):
     def __init__(self, include_live_states: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("model_name", "queue_depth", "pid", "rates", "ram_entry_ids", "ram_bytes", "store_id", "max_queue", "event_seq", "live_states", "decode_concurrency", "prompt_concurrency", "progress")
+    __slots__ = ("model_name", "queue_depth", "pid", "rates", "ram_entry_ids", "ram_bytes", "store_id", "max_queue", "event_seq", "live_states", "decode_concurrency", "prompt_concurrency", "progress", "store_budget_bytes")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class WorkerStatus(_message.Message):
     DECODE_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    STORE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     queue_depth: int
     pid: int
@@ -214,7 +215,8 @@ class WorkerStatus(_message.Message):
     decode_concurrency: int
     prompt_concurrency: int
     progress: int
-    def __init__(self, model_name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., pid: _Optional[int] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ..., ram_entry_ids: _Optional[_Iterable[str]] = ..., ram_bytes: _Optional[int] = ..., store_id: _Optional[str] = ..., max_queue: _Optional[int] = ..., event_seq: _Optional[int] = ..., live_states: _Optional[_Iterable[_Union[LiveState, _Mapping]]] = ..., decode_concurrency: _Optional[int] = ..., prompt_concurrency: _Optional[int] = ..., progress: _Optional[int] = ...) -> None: ...
+    store_budget_bytes: int
+    def __init__(self, model_name: _Optional[str] = ..., queue_depth: _Optional[int] = ..., pid: _Optional[int] = ..., rates: _Optional[_Union[Rates, _Mapping]] = ..., ram_entry_ids: _Optional[_Iterable[str]] = ..., ram_bytes: _Optional[int] = ..., store_id: _Optional[str] = ..., max_queue: _Optional[int] = ..., event_seq: _Optional[int] = ..., live_states: _Optional[_Iterable[_Union[LiveState, _Mapping]]] = ..., decode_concurrency: _Optional[int] = ..., prompt_concurrency: _Optional[int] = ..., progress: _Optional[int] = ..., store_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class CacheEventsRequest(_message.Message):
     __slots__ = ()
