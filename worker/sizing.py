@@ -247,8 +247,8 @@ class DiskPlan:
             return f"disk budget {self.budget_bytes / MIB:.0f} MiB (--kv-cache-disk-mb)"
         return (f"disk budget {self.budget_bytes / MIB:.0f} MiB = min(max({DISK_CHECKPOINTS} x "
                 f"{self.checkpoint_tokens}-token checkpoints of {self.checkpoint_bytes / MIB:.0f} MiB, floor "
-                f"{DISK_BUDGET_FLOOR_BYTES / MIB:.0f}), {DISK_FRACTION:g} x {self.room_bytes / 2**30:.1f} GiB free "
-                f"+ stored)")
+                f"{DISK_BUDGET_FLOOR_BYTES / MIB:.0f}), {DISK_FRACTION:g} x {self.room_bytes / 2**30:.1f} GiB "
+                f"free-or-stored on the store's disk)")
 
 
 def plan_disk_budget(*, kv_bytes_per_token: int, context_length: int, cold_max_tokens: int, free_bytes: int,

@@ -77,7 +77,10 @@ def test_metrics_cover_requests_workers_routing_errors_and_store(server, traffic
     assert total(m, "kvrouter_checkpoint_store_bytes_count", kind="anchor") >= 1
     assert total(m, "kvrouter_store_entries", kind="anchor") >= 1
     assert total(m, "kvrouter_store_bytes", kind="anchor") > 10 * 2**20  # 46 KB per token, fp32
+    # no --kv-cache-disk-mb: the worker sized the budget (10 checkpoints of the 135M model's
+    # context, 46 KB/token, are below the 4096 MiB floor), printed it at start and reported it
     assert total(m, "kvrouter_store_budget_bytes") == 4096 * 2**20
+    assert "disk budget 4096 MiB = " in server.log_path.read_text()
     assert total(m, "kvrouter_errors_total", error_class="NotFound", status="404") == 1
     assert total(m, "kvrouter_worker_healthy", worker="w0") == 1
     assert [s.value for s in m["kvrouter_worker_queue_depth"]] == [0.0]  # read from the worker's GetStatus

@@ -41,8 +41,9 @@ class FakeWorkerClient:
 
     def __init__(self, name: str, model_name: str = "fake", *, prefill_tps: float = 1000.0,
                  time_scale: float = 0.0, max_queue: int = 0, healthy: bool = True, local: bool = True,
-                 store_id: str = "", stored: dict[str, Checkpoint] | None = None):
+                 store_id: str = "", stored: dict[str, Checkpoint] | None = None, store_budget_bytes: int = 0):
         self.name = name
+        self.store_budget_bytes = store_budget_bytes  # reported in its status, as a worker's store applies it
         self.address = f"fake://{name}"
         self.local = local
         self.model_name = model_name
@@ -98,6 +99,7 @@ class FakeWorkerClient:
             model_name=self.model_name, queue_depth=self._queued, pid=0,
             rates=Rates(prefill_tps=self.prefill_tps), max_queue=self.max_queue, event_seq=self._seq,
             store_id=self.store_id, slots=1, prompt_slots=1, live_states=lives, progress=self.progress,
+            store_budget_bytes=self.store_budget_bytes,
         )
 
     async def cache_events(self) -> AsyncIterator[CacheUpdate]:

@@ -12,6 +12,8 @@ import pytest
 from kvrouter.cachestore import CheckpointStore, StoreConfig
 from kvrouter.cachestore.payload import store_room
 from kvrouter.router.cli import _store_flags_as_args, build_parser, store_config
+from kvrouter.router.cluster import Cluster
+from kvrouter.router.metrics import create_metrics, refresh_scrape_gauges
 from kvrouter.router.worker_client import status_from_proto
 from kvrouter.worker.sizing import (
     DISK_BUDGET_FLOOR_BYTES,
@@ -21,6 +23,7 @@ from kvrouter.worker.sizing import (
     plan_disk_budget,
 )
 from kvrouter_proto import worker_pb2
+from tests.support.fake_worker import FakeWorkerClient
 
 MiB, GiB = 2**20, 2**30
 SMOLLM = dict(kv_bytes_per_token=46080, context_length=8192)  # 135M default model, fp32 KV
@@ -111,3 +114,26 @@ def test_the_router_reads_the_budget_a_worker_applies():
     st = status_from_proto(worker_pb2.WorkerStatus(model_name="m", store_id="h:/kv", store_budget_bytes=5 * GiB))
     assert st.store_budget_bytes == 5 * GiB
     assert status_from_proto(worker_pb2.WorkerStatus(model_name="m")).store_budget_bytes == 0
+
+
+async def test_the_gauge_shows_the_budget_the_local_workers_sized(tmp_path):
+    def gauge(m) -> float:
+        return m.registry.get_sample_value("kvrouter_store_budget_bytes")
+
+    local = "host:/kv"
+    workers = [FakeWorkerClient("w0", store_id=local, store_budget_bytes=36 * GiB),
+               FakeWorkerClient("w1", store_id="other:/kv", store_budget_bytes=99 * GiB)]  # another host's store
+    store = CheckpointStore(StoreConfig(directory=tmp_path / "kv", disk_budget_bytes=None))
+    try:
+        m = create_metrics()
+        await refresh_scrape_gauges(m, Cluster(workers, store, local_store_id=local))
+        assert gauge(m) == 36 * GiB
+        given = CheckpointStore(StoreConfig(directory=tmp_path / "kv2", disk_budget_bytes=40000 * MiB))
+        try:
+            m = create_metrics()
+            await refresh_scrape_gauges(m, Cluster(workers, given, local_store_id=local))
+            assert gauge(m) == 40000 * MiB  # the flag given to the router
+        finally:
+            given.close()
+    finally:
+        store.close()
