@@ -285,7 +285,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             ram_entry_ids=ram.ids(),
             ram_bytes=ram.bytes,
             store_id=self.store_id,
-            store_budget_bytes=self.store.config.disk_budget_bytes or 0 if self.store is not None else 0,
+            store_budget_bytes=(self.store.config.disk_budget_bytes or 0) if self.store is not None else 0,
             max_queue=engine.config.max_queue,
             event_seq=self.hub.seq if self.hub is not None else 0,
             live_states=[worker_pb2.LiveState(live_id=s.live_id, namespace=s.namespace, token_ids=s.tokens)

@@ -30,6 +30,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvrouter.cachestore import StoreConfig
 
 MIB = 2**20
 
@@ -77,8 +81,8 @@ class MemoryPlan:
     writer_queue_bytes: int
     mlx_cache_limit_bytes: int
     prefill_chunk_tokens: int
-    disk: "DiskPlan | None" = None
-    store_config: object = None
+    disk: DiskPlan | None = None
+    store_config: StoreConfig | None = None
 
     @property
     def peak_bytes(self) -> int:
