@@ -144,7 +144,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             try:
                 async for item in items:
                     if not started:
-                        await prepare_sse(resp, request, route)
+                        await prepare_sse(resp, request, route.header())
                         started = True
                     if isinstance(item, str):
                         await send_event(resp, choice(item))
