@@ -24,7 +24,7 @@ from tests.support.server import model_cache_dir
 from tests.support.tiny_models import WINDOW, greedy_reference
 
 MARGIN = 1e-3  # top-2 logit margin below which a greedy token is not compared
-TOLERANCE = 1e-4  # max abs logit difference allowed after a restore (float32; measured 0 to 3e-5)
+TOLERANCE = 1e-3  # max abs logit difference allowed after a restore (float32 logits up to ~60: 0 to 3e-5 measured on the reference BLAS, up to 1.6e-4 with OpenBLAS threads; a wrong state differs by whole units)
 EXACT = ReuseRules(cut_any=False, window_tokens=0)
 
 # case: (family, --kv-bits, reuse rules, batched by mlx-lm, cache classes)
