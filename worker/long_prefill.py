@@ -45,6 +45,7 @@ from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
 from mlx_lm.generate_utils import BatchCounters, BatchCountersSnapshot, BatchStats
 from mlx_lm.models.cache import make_prompt_cache
 
+from kvrouter.worker.segments import generator_inputs
 
 
 @dataclass
@@ -118,19 +119,9 @@ class LongPrefillGenerator:
         segments (token id lists, not all empty), max tokens to generate (default 128),
         caches (None: new ones), the tokens those caches hold already, and sampler
         (None: the batch's). Returns their uids. Raises ValueError for an empty prompt."""
-        n = len(segments)
-        max_tokens = max_tokens or [self.batch.max_tokens] * n
-        caches = caches or [None] * n
-        all_tokens = all_tokens or [[] for _ in range(n)]
-        samplers = samplers or [None] * n
         uids = []
-        for seq, m, c, held, s in zip(segments, max_tokens, caches, all_tokens, samplers):
-            seq = [list(x) for x in seq if x]
-            if not seq:
-                raise ValueError("a sequence has an empty prompt")
-            if len(seq[-1]) != 1:  # the last prompt token is a segment of its own, as in the batch
-                seq.append(seq[-1][-1:])
-                seq[-2] = seq[-2][:-1]
+        for seq, m, c, held, s in generator_inputs(segments, max_tokens, caches, all_tokens, samplers,
+                                                   self.batch.max_tokens):
             total = sum(len(x) for x in seq)
             uid, self._uid = self._uid, self._uid + 1
             if total > 1 and len(held) + total >= self.min_tokens:

@@ -39,3 +39,25 @@ def prefill_segments(prompt: list[int], start: int, chunk: int, store_points=())
     points = [start, *sorted(cuts), end]
     segments = [prompt[a:b] for a, b in zip(points, points[1:]) if b > a]
     return segments + [prompt[end:]]
+
+
+def generator_inputs(segments, max_tokens, caches, all_tokens, samplers, default_max_tokens: int):
+    """The per-sequence arguments of a generator's `insert_segments` (mlx-lm's
+    `BatchGenerator.insert_segments` and the engine's own generators), defaults filled
+    in: yields (segments, max_tokens, cache, tokens the cache holds, sampler) per
+    sequence. Empty segments are dropped and the last prompt token becomes a segment of
+    its own (as the batch prefills it: its logits start decoding). Raises ValueError
+    for a sequence with an empty prompt."""
+    n = len(segments)
+    max_tokens = max_tokens or [default_max_tokens] * n
+    caches = caches or [None] * n
+    all_tokens = all_tokens or [[] for _ in range(n)]
+    samplers = samplers or [None] * n
+    for seq, m, c, held, s in zip(segments, max_tokens, caches, all_tokens, samplers):
+        seq = [list(x) for x in seq if x]
+        if not seq:
+            raise ValueError("a sequence has an empty prompt")
+        if len(seq[-1]) != 1:
+            seq.append(seq[-1][-1:])
+            seq[-2] = seq[-2][:-1]
+        yield seq, m, c, held, s

@@ -24,6 +24,8 @@ from mlx_lm.generate import GenerationBatch, PromptProcessingBatch, StopSequence
 from mlx_lm.generate_utils import BatchCounters, BatchCountersSnapshot, BatchStats
 from mlx_lm.sample_utils import greedy_sampler
 
+from kvrouter.worker.segments import generator_inputs
+
 
 @dataclass
 class _Sequence:
@@ -71,19 +73,8 @@ class SequentialGenerator:
         """Queues sequences: per sequence its prompt segments (token id lists), max
         tokens to generate, cache (None: an empty one is not made here, pass one),
         tokens its cache holds already, and sampler (None: greedy). Returns their uids."""
-        n = len(segments)
-        max_tokens = max_tokens or [128] * n
-        caches = caches or [None] * n
-        all_tokens = all_tokens or [[] for _ in range(n)]
-        samplers = samplers or [None] * n
         uids = []
-        for seq, m, c, at, s in zip(segments, max_tokens, caches, all_tokens, samplers):
-            seq = [list(x) for x in seq if x]
-            if not seq:
-                raise ValueError("a sequence has an empty prompt")
-            if len(seq[-1]) != 1:
-                seq.append(seq[-1][-1:])
-                seq[-2] = seq[-2][:-1]
+        for seq, m, c, at, s in generator_inputs(segments, max_tokens, caches, all_tokens, samplers, 128):
             if c is None:
                 raise ValueError("SequentialGenerator needs a cache per sequence")
             uids.append(self._uid)
