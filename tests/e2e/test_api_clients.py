@@ -336,7 +336,8 @@ def test_client_that_closes_a_stream_frees_the_worker(server):
     conn.sock.close()  # abandon 2000 tokens (~100 s of decoding) after 3 events
     conn.close()
     t0 = time.monotonic()
-    r = oai(server).chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+    # Greedy, as the abandoned stream: sampled at temperature 1 the model may end after one token.
+    r = oai(server).chat.completions.create(model=MODEL, messages=HI, max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2
     # Waiting for the abandoned generation would take ~100 s (2000 tokens); 40 s leaves room
     # for a busy machine (15 s failed once with the whole suite on two cores).
