@@ -78,6 +78,7 @@ class WorkerView:
     slots: int = 1
     prompt_slots: int = 1
     lives: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    in_batch: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     # Highest live id its events (or GetStatus) reported: the worker numbers live states in
     # order and publishes each before the Final naming it, so a completion naming an id
     # at or below this one is known to the event stream already (and may be gone).
@@ -322,15 +323,17 @@ class Cluster:
         return min([q for q in (self.max_queue, v.max_queue) if q], default=0)
 
     def live_reusable(self, name: str, tokens, namespace: str, rules: ReuseRules) -> int:
-        """Prompt tokens the best live state of worker `name` can give `tokens` under the
-        model's reuse rules (`costs.reusable_tokens`: all it holds when the prompt
-        extends it; cut back to the first differing token only where the rules allow;
-        never the last prompt token). 0: none."""
+        """Prompt tokens the best live state of worker `name`, or the best prompt in its
+        batch (`WorkerView.in_batch`), can give `tokens` under the model's reuse rules
+        (`costs.reusable_tokens`: all it holds when the prompt extends it; cut back to
+        the first differing token only where the rules allow; never the last prompt
+        token). 0: none."""
         v = self.views.get(name)
         if v is None:
             return 0
+        states = list(v.lives.values()) + (list(v.in_batch.values()) if rules.cut_any else [])
         return max((reusable_tokens(len(t), common_prefix_length(t, tokens), len(tokens), rules)
-                    for ns, t in list(v.lives.values()) if ns == namespace and t), default=0)
+                    for ns, t in states if ns == namespace and t), default=0)
 
     def snapshot(self, model: ServedModel, tokens, namespace: str, leases: Leases,
                  hit=None) -> tuple[Candidate, ...]:

@@ -20,9 +20,11 @@ against a worker (case C14).
 Coalescing: when a request's stable chat prefix (its cold anchor, long enough
 to be stored) is held by nobody (not in the store, not in any worker's live
 state) and another request is already prefilling it, the request waits for that
-one (bounded) and is routed afterwards, when the prefix can be reused. The
-first becomes the "leader" in `prepare`, which runs without awaiting, so the
-order is exactly arrival order.
+one (bounded) and is routed afterwards, when the prefix can be reused: at the
+leader's first token its prompt is in its worker's batch (the routing view
+counts it there, `WorkerView.in_batch`, and the worker copies it for a request
+sharing the prefix). The first becomes the "leader" in `prepare`, which runs
+without awaiting, so the order is exactly arrival order.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Route:
     _lease: object = field(default=None, repr=False)
     _follow: object = field(default=None, repr=False)  # the leader's asyncio.Event to wait for
     _lead: object = field(default=None, repr=False)  # (key, event) of the prefix this request leads
+    _in_batch: object = field(default=None, repr=False)  # (worker view, key) while its prompt is in that batch
 
     def header(self) -> str:
         return (f"worker={self.worker}; source={self.source}; cached={self.cached}; "
@@ -163,6 +166,7 @@ class Dispatcher:
         self.coalesce = coalesce
         self.affinity_max_in_flight = affinity_max_in_flight
         self._leaders: dict[tuple, asyncio.Event] = {}
+        self._batch_keys = 0  # last key of a `WorkerView.in_batch` entry
         self.affinity = AffinityMap()
         cluster.checkpoint_listeners.append(self.checkpoint_stored)
 
@@ -231,6 +235,25 @@ class Dispatcher:
         """Ends a prepared route: gives its lease back and frees requests waiting on its prefill."""
         self._release(route)
         self._end_lead(route)
+        self._left_batch(route)
+
+    def _in_batch_now(self, job: Job, route: Route, worker_name: str) -> None:
+        """At the request's first token: its prompt is in `worker_name`'s batch, where a
+        request sharing its prefix can copy it (where the model's states can be cut
+        anywhere), so the routing view counts it until the request ends; requests
+        waiting on its prefill go now."""
+        if job.model.rules.cut_any and route._in_batch is None:
+            view = self.cluster.view(worker_name)
+            self._batch_keys += 1
+            view.in_batch[self._batch_keys] = (job.namespace, tuple(job.tokens))
+            route._in_batch = (view, self._batch_keys)
+        self._end_lead(route)
+
+    @staticmethod
+    def _left_batch(route: Route) -> None:
+        if route._in_batch is not None:
+            (view, key), route._in_batch = route._in_batch, None
+            view.in_batch.pop(key, None)
 
     def _coalesce(self, job: Job, route: Route, hit):
         """Makes `route` the leader of its new prefix, or a follower of the request
@@ -333,13 +356,16 @@ class Dispatcher:
                             route.cached, route.source = item.reuse
                         if route._lease is not None:
                             route._lease.first_token()
+                        if not generated:
+                            self._in_batch_now(job, route, worker.name)
                         generated.extend(item.token_ids)
                         timer.tokens(len(item.token_ids))
                     else:
                         route.cached, route.source = item.cached_tokens, item.cache_source
                         timer.done()
+                        self._left_batch(route)  # its live state replaces it (`_completed`)
                         self._completed(job, item, worker.name, tuple(generated))
-                        self._end_lead(route)  # its live state is known now, even if its store was skipped
+                        self._end_lead(route)  # a request that ended without a token
                     yield item
             except WorkerUnavailable as exc:
                 if generated:  # tokens reached the client: never start over elsewhere

@@ -156,6 +156,7 @@ class EngineJob:
     attempts: int = 0  # batch failures survived (the retry runs cold)
     store_events: list = field(default_factory=list)
     pending_stores: int = 0  # its checkpoints the writer has not finished (its Final waits for them)
+    t_submit: float = field(default_factory=time.perf_counter)  # when it was queued (perf_counter seconds)
 
 
 @dataclass
@@ -172,6 +173,7 @@ class Running:
     plan: list
     detok: BPEStreamingDetokenizer
     t_admit: float
+    restore_s: float = 0.0  # its admission: lookup, restore plan and restore, seconds
     generated: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     pos: int = 0
@@ -578,6 +580,7 @@ class Engine:
         the prefix they share."""
         req = job.request
         prompt = list(req.prompt)
+        t0 = time.perf_counter()
         plan = self._plan(job, prompt)
         if plan.source == "batch" and plan.wait:
             return False
@@ -588,8 +591,9 @@ class Engine:
         self._store_events += [(job, s) for s in skips]
         detok = copy.copy(self._detokenizer)
         detok.reset()
-        run = Running(job, prompt, restored, list(stores), detok, time.perf_counter(), pos=restored.n_tokens,
-                      kv_tokens=kv_tokens)
+        t_admit = time.perf_counter()
+        run = Running(job, prompt, restored, list(stores), detok, t_admit, restore_s=t_admit - t0,
+                      pos=restored.n_tokens, kv_tokens=kv_tokens)
         run.plan = self._store_reached(run, restored.caches, restored.n_tokens)  # e.g. an anchor inside a live state
         segments = prefill_segments(prompt, restored.n_tokens, self.config.prefill_chunk_tokens,
                                     [p.n_tokens for p in run.plan])
@@ -657,10 +661,24 @@ class Engine:
             run.detok.add_token(r.token)
             rs = run.restored
             reuse = (rs.n_tokens, rs.source if rs.n_tokens else "none") if first else None
+            if first:
+                self._log_first_token(run)
             run.job.emit(TokenEvent((r.token,), run.detok.last_segment, reuse))
             self._tokens_this_step += 1
         if r.finish_reason is not None:
             self._finish(r.uid, run, r.finish_reason, r.prompt_cache, r.all_tokens)
+
+    def _log_first_token(self, run: Running) -> None:
+        """One line per request at its first token: where its time to first token went,
+        as the engine saw it (milliseconds): queued (submit to admission), restore
+        (lookup + load or copy), prefill (admission to the end of its prompt) and the
+        whole; the batch size it shared."""
+        now, rs, job = time.perf_counter(), run.restored, run.job
+        t_start = run.t_admit - run.restore_s
+        log.info("first token request=%s prompt=%d reused=%d source=%s queued_ms=%.0f restore_ms=%.0f "
+                 "prefill_ms=%.0f ttft_ms=%.0f batch=%d", job.request.request_id, len(run.prompt), rs.n_tokens,
+                 rs.source if rs.n_tokens else "none", (t_start - job.t_submit) * 1000, run.restore_s * 1000,
+                 (now - run.t_admit) * 1000, (now - job.t_submit) * 1000, len(self._running))
 
     def _finish(self, uid: int, run: Running, reason: str, caches, tokens) -> None:
         """Ends a request that left the batch with `caches` holding `tokens`; its Final

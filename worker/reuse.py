@@ -19,7 +19,10 @@ Sources, cheapest first:
   the client-sent part ended);
 - a request in the batch whose prompt shares a longer prefix (prefill sharing
   inside the worker): a copy of its state once its prefill has passed the
-  shared tokens (only where states can be cut back at any point);
+  shared tokens (only where states can be cut back at any point); also when a
+  longer stored checkpoint is declined because recomputing is faster than
+  loading it (a burst after a restart on a fast GPU then prefills the shared
+  prefix once, not once per request);
 - the longest stored checkpoint (one lookup), from the RAM tier or disk, when
   loading it is faster than prefilling what it adds
   (`cachestore.costs.decide_load`, the router's cost model too: the load's
@@ -117,10 +120,13 @@ def plan_restore(prompt: Sequence[int], namespace: str, lives: Iterable[LiveStat
     total = len(prompt)
     live_plan = _best_live(prompt, namespace, lives, rules, stored)
     shared = _best_in_batch(prompt, namespace, batch, rules)
+    batch_plan = None  # sharing a running request's prefill, where it gives more than a live state
     if shared is not None:
         uid, n, pos = shared
-        if n >= live_plan.n_tokens + MIN_SHARED_GAIN and n >= stored + MIN_SHARED_GAIN:
-            return RestorePlan("batch", n, stored, uid=uid, wait=pos < n)
+        if n >= live_plan.n_tokens + MIN_SHARED_GAIN:
+            batch_plan = RestorePlan("batch", n, stored, uid=uid, wait=pos < n)
+            if n >= stored + MIN_SHARED_GAIN:
+                return batch_plan
     if hit is not None:
         n = reusable_tokens(hit.n_tokens, hit.n_tokens, total, rules)
         if n > live_plan.n_tokens:
@@ -131,7 +137,8 @@ def plan_restore(prompt: Sequence[int], namespace: str, lives: Iterable[LiveStat
             decision = decide_load(reuse, live_plan.n_tokens, rates)
             if decision.load:
                 return RestorePlan(source, n, stored, entry=hit.entry, fallback=live_plan, decision=decision)
-            return replace(live_plan, declined=hit.entry, decision=decision)
+            # Recomputing beats loading: better still, share what a running request prefills anyway.
+            return replace(batch_plan or live_plan, declined=hit.entry, decision=decision)
     return live_plan
 
 

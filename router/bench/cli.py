@@ -59,6 +59,10 @@ def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
                    help=f"with --compare: which programs, in order ({', '.join(TARGETS)}); SMG programs named "
                         "here are installed into venvs of their own under --cache-dir when missing")
     p.add_argument("--no-restart", action="store_true", help="do not restart started servers mid-run")
+    p.add_argument("--warmup", type=int, default=None, metavar="N",
+                   help="requests of unrelated text (about --system-words words each) sent at once before the "
+                        "measured ones and again after the restart, left out of the figures, so kernel compiles "
+                        "and first allocations are not measured (default: --concurrency; 0: none)")
     p.add_argument("--model", default=None, help="model for the servers the bench starts: a .gguf or an mlx-lm "
                                               "model directory (default: the default model)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir)
@@ -80,7 +84,8 @@ def add_parser(sub, default_cache_dir: Path) -> argparse.ArgumentParser:
     p.add_argument("--soak-seconds", type=float, default=120.0, help="length of the soak (default 120)")
     p.add_argument("--kill-every", type=float, default=30.0, help="seconds between worker kills (default 30)")
     p.add_argument("--server-flags", default="", metavar="'FLAGS'",
-                   help="with --memory / --soak: extra `kvrouter serve` flags, one string (e.g. '--running-kv-mb 512')")
+                   help="with --memory / --soak / --compare: extra `kvrouter serve` flags, one string (e.g. "
+                        "'--running-kv-mb 512'); with --compare they go to the kvrouter targets only")
     p.add_argument("--routing-checkpoints", type=int, default=10_000, help=argparse.SUPPRESS)
     p.add_argument("--routing-prompt-tokens", type=int, default=32_768, help=argparse.SUPPRESS)
     return p
@@ -149,7 +154,7 @@ def run(ns: argparse.Namespace) -> int:
 async def _run(ns: argparse.Namespace) -> int:
     from kvrouter.router.bench import report, servers
     from kvrouter.router.bench.client import run_workload
-    from kvrouter.router.bench.workload import WorkloadSpec, distinct_prefixes, make_workload
+    from kvrouter.router.bench.workload import WorkloadSpec, distinct_prefixes, make_workload, warmup_requests
 
     from kvrouter.router.usage import flag_errors
 
@@ -177,8 +182,10 @@ async def _run(ns: argparse.Namespace) -> int:
         if server is not None and name.startswith("kvrouter"):
             async def snapshot():
                 return await asyncio.to_thread(server.metrics_text)
+        n_warm = ns.concurrency if ns.warmup is None else max(0, ns.warmup)
         result = await run_workload(base_url, model, sessions, ns.concurrency, ns.max_tokens,
-                                    restart=restart, snapshot=snapshot, label=name)
+                                    restart=restart, snapshot=snapshot, label=name,
+                                    warmup=lambda round_: warmup_requests(spec, n_warm, round_))
         s = report.summarize(result, oracle, total_prompt)
         s["endpoint"] = base_url
         if server is not None:
@@ -209,6 +216,9 @@ async def _run(ns: argparse.Namespace) -> int:
                 model_dir = export_mlx_model(ns.model, ns.cache_dir, work / "mlx-model")
             return model_dir
 
+        import shlex
+
+        server_flags = shlex.split(ns.server_flags)
         for name in targets:
             extra = ["--model", ns.model] if ns.model else []
             try:
@@ -219,7 +229,7 @@ async def _run(ns: argparse.Namespace) -> int:
                 elif name == "smg+mlx":
                     server = await asyncio.to_thread(smg.smg_mlx, work, ns.cache_dir, exported(), explicit)
                 else:
-                    extra = (["--no-kv-cache"] if name == "kvrouter-no-kv-cache" else []) + extra
+                    extra = (["--no-kv-cache"] if name == "kvrouter-no-kv-cache" else []) + extra + server_flags
                     server = servers.kvrouter_server(name, work, ns.cache_dir, extra)
                 print(f"starting {name} (log: {server.log_path})", file=sys.stderr)
                 await asyncio.to_thread(server.start)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Awaitable, Callable
 
 from openai import AsyncOpenAI
@@ -46,6 +46,7 @@ class RunResult:
     restarted: bool
     restart_seconds: float
     metrics_snapshots: list[str]  # /metrics text before the restart and at the end (kvrouter only)
+    warmup: list[RequestRecord] = field(default_factory=list)  # not in `records`: phase says before/after the restart
 
 
 async def _one(client: AsyncOpenAI, model: str, req: BenchRequest, max_tokens: int, t_run: float,
@@ -85,9 +86,13 @@ async def run_workload(
     restart: Callable[[], Awaitable[None]] | None = None,
     snapshot: Callable[[], Awaitable[str | None]] | None = None,
     label: str = "",
+    warmup: Callable[[int], list[BenchRequest]] | None = None,
 ) -> RunResult:
     """Runs every request once, C at a time, ready requests in (turn, session) order;
-    after half of them, waits for the in-flight ones and calls `restart` (if given)."""
+    after half of them, waits for the in-flight ones and calls `restart` (if given).
+    `warmup(round)`: requests sent all at once, and awaited, before the first
+    request and again after the restart (round 0, then 1); they are timed apart
+    (`RunResult.warmup`) and left out of `records`."""
     client = AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=900)
     total = sum(len(s) for s in sessions)
     ready: list[tuple[int, int]] = [(0, s) for s in range(len(sessions)) if sessions[s]]
@@ -101,6 +106,15 @@ async def run_workload(
     t_run = time.perf_counter()
     wake = asyncio.Event()
     in_flight = 0
+    warm: list[RequestRecord] = []
+
+    async def warm_up(round_: int) -> None:
+        if warmup is not None and (reqs := warmup(round_)):
+            bar.set_description(f"{label} (warm-up)")
+            t0 = time.perf_counter()
+            warm.extend(await asyncio.gather(*(_one(client, model, r, max_tokens, t0, round_) for r in reqs)))
+            bar.set_description(label or base_url)
+
     bar = tqdm(total=total, desc=label or base_url, unit="req", leave=True)
 
     async def finish(task_req: BenchRequest) -> None:
@@ -117,6 +131,8 @@ async def run_workload(
     tasks = set()
     issued = 0
     try:
+        await warm_up(0)
+        t_run = time.perf_counter()
         while len(records) < total:
             if restart_at is not None and not restarted and issued >= restart_at:
                 if in_flight == 0:
@@ -128,6 +144,9 @@ async def run_workload(
                     restart_seconds = time.perf_counter() - t0
                     bar.set_description(label or base_url)
                     restarted, phase = True, 1
+                    t_warm = time.perf_counter()
+                    await warm_up(1)
+                    t_run += time.perf_counter() - t_warm  # started times and the wall exclude warm-ups
                     continue
             elif ready and in_flight < concurrency:
                 turn, s = heapq.heappop(ready)
@@ -148,4 +167,4 @@ async def run_workload(
         await client.close()
     wall = time.perf_counter() - t_run
     records.sort(key=lambda r: r.started)
-    return RunResult(records, wall, restarted, restart_seconds, snapshots)
+    return RunResult(records, wall, restarted, restart_seconds, snapshots, warm)

@@ -56,6 +56,7 @@ def summarize(result: RunResult, oracle: int, workload_prompt_tokens: int) -> di
         "oracle_prefilled_tokens": oracle,
         "prefilled_over_oracle": round(prefilled / oracle, 3) if oracle else None,
         "per_request": [r.as_dict() for r in result.records],
+        "warmup_ttft": [round(r.ttft, 4) for r in result.warmup],
     }
     sources = reuse_by_source(result.metrics_snapshots)
     summary["reuse_by_source"] = sources or {"computed": prefilled, "cached (source not reported)":

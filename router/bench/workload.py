@@ -111,6 +111,20 @@ def make_workload(spec: WorkloadSpec) -> list[list[BenchRequest]]:
     return sessions
 
 
+def warmup_requests(spec: WorkloadSpec, count: int, round_: int = 0) -> list[BenchRequest]:
+    """`count` requests whose text shares nothing with the workload (nor with another
+    round's: `round_` seeds them), each a single user message of about
+    `spec.system_words` words: sent at once before the measured requests, they make a
+    server compile its kernels and grow its buffers for prompts and batches of the
+    workload's sizes (a CUDA backend compiles for ~20 s on first use)."""
+    out = []
+    for i in range(count):
+        rng = random.Random(f"{spec.seed}:warmup:{round_}:{i}")
+        text = f"Warm-up {round_}.{i}: " + _words(rng, spec.system_words)
+        out.append(BenchRequest(-1, 0, "warmup", ({"role": "user", "content": text},)))
+    return out
+
+
 def schedule_order(sessions: list[list[BenchRequest]]) -> list[BenchRequest]:
     """The order requests are issued in with one client at a time: (turn, session).
     With C clients the runner keeps this priority among ready requests."""

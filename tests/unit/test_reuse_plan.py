@@ -101,6 +101,22 @@ def test_prefill_sharing_inside_the_batch_only_where_states_can_be_cut():
         assert plan_restore(prompt, "", [], [done], None, set(), None, rules).source == "none"
 
 
+def test_a_declined_checkpoint_falls_back_to_sharing_the_batchs_prefill():
+    """A longer stored checkpoint that is slower to load than to recompute: the request
+    shares what a running request prefills anyway instead of recomputing it all."""
+    prompt = list(range(400))
+    running = InBatch(uid=3, namespace="", prompt=list(range(300)) + [9] * 50, pos=0)
+    slow_disk = Rates(prefill_tps=1e6, disk_bps=1.0)
+    plan = plan_restore(prompt, "", [], [running], hit(380), set(), slow_disk, CUT_ANY)
+    assert (plan.source, plan.n_tokens, plan.uid, plan.wait, plan.declined.id) == ("batch", 300, 3, True, "e1")
+    # the load wins when it is faster: the checkpoint, not the batch
+    fast_disk = Rates(prefill_tps=1.0, disk_bps=1e12)
+    assert plan_restore(prompt, "", [], [running], hit(380), set(), fast_disk, CUT_ANY).source == "disk"
+    # a live state giving as much: no waiting on the batch
+    assert plan_restore(prompt, "", [live(range(300))], [running], hit(380), set(), slow_disk,
+                        CUT_ANY).source == "live"
+
+
 def test_a_retry_after_a_failed_batch_runs_cold():
     plan = plan_restore(list(range(100)), "", [live(range(90))], [], hit(64), set(), None, CUT_ANY, cold=True)
     assert (plan.source, plan.n_tokens, plan.stored_tokens) == ("none", 0, 64)

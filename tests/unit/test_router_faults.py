@@ -141,6 +141,41 @@ async def test_followers_go_when_the_leaders_checkpoint_is_stored_not_at_its_end
             t.cancel()
 
 
+async def test_followers_go_at_the_leaders_first_token_to_the_leaders_worker(coalescing):
+    """Nothing is stored (the fake stores no anchor): the follower goes at the leader's
+    first token, to the worker whose batch holds the prefix, predicted as a reuse there."""
+    cluster, model, (w0, w1), d = coalescing
+    w0.store_anchors = w1.store_anchors = False
+    w0.decode_s = w1.decode_s = 0.1
+    for w in (w0, w1):  # batching workers: a request joins the batch at once
+        cluster.view(w.name).slots = 4
+    shared = list(range(1, 2001))  # 2 s to prefill at the fakes' 1,000 tokens/s
+    events: list[str] = []
+
+    async def one(name: str, suffix: int):
+        j = job(model, shared + [suffix] * 5, max_tokens=10, anchor=len(shared))
+        async with d.route(j) as route:
+            async for item in d.run(j, route):
+                if isinstance(item, Delta) and f"{name} first" not in events:
+                    events.append(f"{name} first")
+                    if name == "leader":  # its prompt now counts as in its worker's batch
+                        assert any(t[:2000] == tuple(shared) for _, t in cluster.view(route.worker).in_batch.values())
+                if isinstance(item, Completion):
+                    events.append(f"{name} done")
+                    sent[name] = len(w0.requests) + len(w1.requests)
+        return route
+
+    sent: dict[str, int] = {}  # requests the workers had been sent when each one ended
+    leader_task = asyncio.create_task(one("leader", 1))
+    await asyncio.sleep(0)
+    follower = await one("follower", 2)
+    leader = await leader_task
+    assert follower.coalesced and follower.worker == leader.worker
+    # the follower was sent before the leader ended (this fake worker runs one request at a time)
+    assert sent["leader"] == 2, (sent, events)
+    assert cluster.view(leader.worker).in_batch == {}  # gone when the requests ended
+
+
 async def test_a_follower_that_times_out_goes_ahead_once(coalescing, monkeypatch, caplog):
     cluster, model, (w0, w1), d = coalescing
     monkeypatch.setattr(dispatch_module, "COALESCE_MAX_WAIT_S", 0.3)
