@@ -8,7 +8,7 @@ For each prefix length n (a checkpoint of n tokens, then a suffix of `--suffix`
 new tokens, as a request that extends a stored conversation):
 
 - live hit: prefill the suffix on a state that already holds the n tokens
-  (what a request continuing a live state computes), seconds;
+  (what a request continuing a live state computes), the best of two, seconds;
 - disk hit: the checkpoint's payload dropped from the page cache, then load it
   and prefill the suffix; bound = payload bytes ÷ the cold read bandwidth (a
   plain sequential read of the same file, page cache dropped) + the live hit;
@@ -95,10 +95,13 @@ def run(spec: str | None, lengths: list[int], suffix_tokens: int, chunk: int, ca
                                cache_state.payload_writer(cache_state.cut(state, n, n), n, bundle.identity))
             if entry is None:
                 raise RuntimeError(f"storing the {n}-token checkpoint failed")
-            live = cache_state.cut(state, n, n)
-            mx.eval([c.state for c in live])
-            live_s = _suffix_s(bundle, live, suffix, chunk)
-            del state, live
+            live_s = float("inf")
+            for _ in range(2):  # the best of two: the first suffix after a long prefill ran slow on the H200
+                live = cache_state.cut(state, n, n)
+                mx.eval([c.state for c in live])
+                live_s = min(live_s, _suffix_s(bundle, live, suffix, chunk))
+                del live
+            del state
             path = store.payload_dir / entry.payload_name
             read_bps = _read_bps(path)
             manager.ram.discard(entry.id)

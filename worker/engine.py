@@ -15,7 +15,7 @@ hands the checkpoint to the checkpoint writer (`worker.checkpoint_writer`: one
 thread, a bounded queue), exactly there, so states that cannot be cut back
 (recurrent layers, wrapped sliding windows) are stored too; no write delays a
 first token or the next chunk, and a request's Final waits for its own stores
-so it still reports them. A request that finishes (or is cancelled) leaves the
+so it still reports them (not for the evict checkpoints its admission caused). A request that finishes (or is cancelled) leaves the
 batch with its state, which stays as a live state (`worker.live_states`) until
 its slot is needed: then its `evict` checkpoint goes to the writer and it is
 dropped. A seeded sampling request runs alone (MLX's random state is global).
@@ -185,6 +185,14 @@ class Running:
 _STOP = object()
 _WAKE = object()  # put on the queue by the checkpoint writer: a write finished
 _NO_OWNER = object()
+
+
+def _waits_for(job: WriteJob) -> bool:
+    """Whether the Final of the store's owner waits for it: for the request's own
+    checkpoints, not for the `evict` checkpoint of another session's live state that
+    its admission displaced (its skip is still reported to the request; its write,
+    ~0.6 GiB for an 8B model at 5K tokens, must not hold the request's end)."""
+    return job.owner is not None and job.kind != "evict"
 
 
 def seeded(req: GenerationRequest) -> bool:
@@ -432,7 +440,7 @@ class Engine:
                 self._writer_owner.job = _NO_OWNER
 
         job.write = write_for_owner
-        if owner is not None:
+        if _waits_for(job):
             owner.pending_stores += 1
         for skipped in self.writer.submit(job):
             self._writer_skipped(skipped, "writer_behind")
@@ -444,7 +452,7 @@ class Engine:
         with self._events_lock:
             self._store_events.append((job.owner, StoreEvent("skipped", job.kind, job.n_tokens, job.n_bytes, 0.0,
                                                              reason)))
-        if job.owner is not None:
+        if _waits_for(job):
             job.owner.pending_stores -= 1
 
     def _collect_writes(self) -> list[Completion]:
@@ -454,7 +462,7 @@ class Engine:
         self.progress += len(done)
         for c in done:
             self.checkpoints.stored(c.job, c.entry)
-            if c.job.owner is not None:
+            if _waits_for(c.job):
                 c.job.owner.pending_stores -= 1
         return done
 

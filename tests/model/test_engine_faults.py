@@ -6,6 +6,7 @@ stores instead of queueing them without bound."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -55,6 +56,46 @@ def test_a_checkpoint_write_never_holds_the_first_token(tmp_path, blocked_writes
         assert [(e.action, e.kind, e.n_tokens) for e in final.store_events] == [("stored", "anchor", 256)]
     finally:
         release.set()
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_a_final_does_not_wait_for_the_evict_checkpoint_its_admission_caused(tmp_path, monkeypatch):
+    """One batch slot: b's admission drops a's live state, whose evict checkpoint goes to
+    a stuck writer; b has no store of its own (under min_tokens), so its Final comes at
+    once, and the evict checkpoint is still written once the disk moves."""
+    gate, started = threading.Event(), threading.Event()
+    gate.set()
+    real = cache_state.payload_writer
+
+    def gated_writer(caches, n_tokens, model_id):
+        write = real(caches, n_tokens, model_id)
+
+        def gated(path):
+            started.set()
+            assert gate.wait(120)
+            write(path)
+
+        return gated
+
+    monkeypatch.setattr(cache_state, "payload_writer", gated_writer)
+    engine = make_engine(tmp_path / "kv", decode_concurrency=1)
+    try:
+        a = Call(engine, prompt_of(300, 41), max_tokens=1)
+        assert [e.kind for e in a.wait().store_events] == ["anchor"]  # its own store: waited for
+        gate.clear()
+        started.clear()
+        b = Call(engine, prompt_of(100, 42), max_tokens=1)
+        assert started.wait(120)  # a's evict checkpoint is being written (and stuck)...
+        final = b.wait()  # ...and b ends anyway (before: it waited for that write)
+        assert isinstance(final, FinishEvent) and engine.writer.pending() == 1
+        gate.set()
+        deadline = time.monotonic() + 60
+        while engine.writer.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.writer.pending() == 0
+        assert engine.checkpoints.store.stats().entries["evict"] == 1
+    finally:
+        gate.set()
         engine.stop(shutdown_checkpoint=False)
 
 
