@@ -328,12 +328,14 @@ class Engine:
             if idle and busy:  # the burst is over: memory nothing holds goes back to the system
                 return_free_memory()
             busy = not idle
+            # Before the writes are collected: a stored checkpoint joins the RAM tier there,
+            # and `_end_step` publishes what changed since this snapshot.
+            ram_before = set(self.checkpoints.ram.ids())
             self._take_jobs(block=idle)
             self._collect_writes()
             if self._stopping is not None and not self._running and not self._waiting:
-                self._shutdown(self._stopping[0])
+                self._shutdown(self._stopping[0], ram_before)
                 return
-            ram_before = set(self.checkpoints.ram.ids())
             self._cancel_requested()
             self._admit_waiting()
             if self._running:
@@ -399,7 +401,7 @@ class Engine:
             return False
         return True
 
-    def _shutdown(self, shutdown_checkpoint: bool) -> None:
+    def _shutdown(self, shutdown_checkpoint: bool, ram_before: set) -> None:
         """Writes a `shutdown` checkpoint of every live state, in parallel with what the
         writer still holds, within the shutdown timeout; logs what was stored and
         skipped; sends the Finals that waited for their stores."""
@@ -414,7 +416,7 @@ class Engine:
         for job in not_written:
             self._writer_skipped(job, "shutdown_timeout")
         done = self._collect_writes()
-        self._end_step(set(self.checkpoints.ram.ids()))
+        self._end_step(ram_before)
         stored = sum(1 for c in done if c.job.kind == "shutdown" and c.entry is not None)
         self.shutdown_report = (stored, len(jobs) - stored)
         if jobs:

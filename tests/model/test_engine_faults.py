@@ -99,6 +99,29 @@ def test_a_final_does_not_wait_for_the_evict_checkpoint_its_admission_caused(tmp
         engine.stop(shutdown_checkpoint=False)
 
 
+def test_a_stored_checkpoint_is_published_as_joining_the_ram_tier(tmp_path):
+    """The stored checkpoint joins the RAM tier when its write is collected; the RAM tier
+    event must go out (the router routes RAM hits by these events; it once missed
+    every one of them and learnt the RAM tier only from a status resync)."""
+    from kvrouter.worker.cache_events import RamChanged
+
+    engine = make_engine(tmp_path / "kv", decode_concurrency=2)
+    events = []
+    engine.on_cache_event = events.append
+    try:
+        call = Call(engine, prompt_of(300, 51), max_tokens=1)
+        stored = [e for e in call.wait().store_events if e.action == "stored"]
+        assert [e.kind for e in stored] == ["anchor"]
+        deadline = time.monotonic() + 10
+        while not any(isinstance(e, RamChanged) for e in events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ram = [e for e in events if isinstance(e, RamChanged)]
+        assert [(e.entry_id, e.added) for e in ram] == [(stored[0].entry_id, True)]
+        assert stored[0].entry_id in engine.checkpoints.ram
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+
+
 def test_a_writer_behind_skips_lower_value_stores(tmp_path, blocked_writes):
     started, release = blocked_writes
     engine = make_engine(tmp_path / "kv", decode_concurrency=1)
