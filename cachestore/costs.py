@@ -155,6 +155,7 @@ def first_token_work_s(prompt_tokens: int, reuse: Reuse, rates: Rates) -> float:
 
 EWMA_WEIGHT = 0.3  # weight of the newest measurement in `ewma`
 FIT_SAMPLES = 48  # prefills a PrefillFit keeps (the newest)
+FIT_OUTLIER_RATIO = 3.0  # a prefill this many times slower than the others' fit predicts is left out
 
 
 def ewma(old: float, new: float, weight: float = EWMA_WEIGHT) -> float:
@@ -195,22 +196,24 @@ class PrefillFit:
             self.samples.append((p0, p1, seconds))
 
     def coefficients(self) -> tuple[float, float, float] | None:
-        if len(self.samples) < 2:
-            return None
-        rows = [(1.0, float(p1 - p0), float(p1 * p1 - p0 * p0)) for p0, p1, _ in self.samples]
-        ys = [s for _, _, s in self.samples]
-        best = None
-        for terms in ((0, 1, 2), (1, 2), (0, 1), (1,)):  # b always; drop a or c when they come out negative
-            coef = _least_squares([[r[t] for t in terms] for r in rows], ys)
-            if coef is None or any(c < 0 for c in coef) or coef[terms.index(1)] <= 0:
-                continue
-            full = [0.0, 0.0, 0.0]
-            for t, c in zip(terms, coef):
-                full[t] = c
-            err = sum((full[0] + full[1] * r[1] + full[2] * r[2] - y) ** 2 for r, y in zip(rows, ys))
-            if best is None or err < best[0] - 1e-15:
-                best = (err, tuple(full))
-        return None if best is None else best[1]
+        """(a, b, c) of the fit, seconds, seconds/token, seconds/token²; None without one.
+
+        Outliers: a prefill that took more than `FIT_OUTLIER_RATIO` times what the fit
+        of the other samples predicts is left out (the worst first, while at least
+        three samples remain). Only slow outliers exist: a GPU backend compiles its
+        kernels during the first prefill of a new shape (about 20 s on the H200 for an
+        8B model, against 0.5 s for the prefill itself), and a busy machine only slows
+        a prefill down."""
+        samples = list(self.samples)
+        coef = _fit(samples)
+        while coef is not None and len(samples) > 3:
+            _, i = max((s / max(_predict(coef, p0, p1), 1e-12), i) for i, (p0, p1, s) in enumerate(samples))
+            rest = samples[:i] + samples[i + 1:]  # the slowest against the fit, left out to see
+            refit = _fit(rest)
+            if refit is None or samples[i][2] <= FIT_OUTLIER_RATIO * _predict(refit, *samples[i][:2]):
+                break  # not an outlier against the others' fit
+            samples, coef = rest, refit
+        return coef
 
     def apply(self, rates: Rates) -> Rates:
         """`rates` with the fitted coefficients (unchanged while there is no fit)."""
@@ -219,6 +222,33 @@ class PrefillFit:
             return rates
         a, b, c = coef
         return replace(rates, prefill_fixed_s=a, prefill_linear_s=b, prefill_quad_s=c)
+
+
+def _predict(coef: tuple[float, float, float], p0: int, p1: int) -> float:
+    """Seconds the fit `coef` = (a, b, c) predicts for prefilling positions [p0, p1)."""
+    a, b, c = coef
+    return a + b * (p1 - p0) + c * (p1 * p1 - p0 * p0)
+
+
+def _fit(samples: list[tuple[int, int, float]]) -> tuple[float, float, float] | None:
+    """The least-squares (a, b, c) of `PrefillFit` for (p0, p1, seconds) samples, or
+    None when they do not determine b (fewer than two)."""
+    if len(samples) < 2:
+        return None
+    rows = [(1.0, float(p1 - p0), float(p1 * p1 - p0 * p0)) for p0, p1, _ in samples]
+    ys = [s for _, _, s in samples]
+    best = None
+    for terms in ((0, 1, 2), (1, 2), (0, 1), (1,)):  # b always; drop a or c when they come out negative
+        coef = _least_squares([[r[t] for t in terms] for r in rows], ys)
+        if coef is None or any(c < 0 for c in coef) or coef[terms.index(1)] <= 0:
+            continue
+        full = [0.0, 0.0, 0.0]
+        for t, c in zip(terms, coef):
+            full[t] = c
+        err = sum((full[0] + full[1] * r[1] + full[2] * r[2] - y) ** 2 for r, y in zip(rows, ys))
+        if best is None or err < best[0] - 1e-15:
+            best = (err, tuple(full))
+    return None if best is None else best[1]
 
 
 def _least_squares(x: list[list[float]], y: list[float]) -> list[float] | None:

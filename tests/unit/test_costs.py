@@ -58,6 +58,27 @@ def test_the_fit_recovers_a_quadratic_model_from_noisy_prefills():
         assert prefill_span_seconds(p0, p1, fitted) == pytest.approx(true_prefill(p0, p1), rel=0.1)
 
 
+def test_kernel_compile_outliers_are_left_out_of_the_fit():
+    """The first prefills of new shapes on a GPU include kernel compiles (~20 s against
+    ~0.5 s on the H200): such outliers must not skew the predictions (they once made a
+    remote RAM hit look slower than recomputing on another worker)."""
+    rnd = random.Random(5)
+    clean, skewed = PrefillFit(), PrefillFit()
+    for i in range(24):
+        p1 = rnd.randrange(256, 8000)
+        t = true_prefill(0, p1) * rnd.uniform(0.97, 1.03)
+        clean.add(0, p1, t)
+        skewed.add(0, p1, t * (40 if i in (0, 7) else 1))  # two prefills paid for compiles
+    for p0, p1 in ((0, 2048), (0, 8000)):
+        assert prefill_span_seconds(p0, p1, skewed.apply(Rates())) == pytest.approx(
+            prefill_span_seconds(p0, p1, clean.apply(Rates())), rel=0.05)
+    # with three samples or fewer nothing is left out: nothing tells an outlier apart
+    few = PrefillFit()
+    for p1, t in ((1000, 1.0), (2000, 2.0), (3000, 30.0)):
+        few.add(0, p1, t)
+    assert prefill_span_seconds(0, 3000, few.apply(Rates())) > 10
+
+
 def test_the_fit_never_goes_negative_and_keeps_only_the_newest_samples():
     fit = PrefillFit(max_samples=4)
     for n in (100, 200, 300, 400, 500, 600):
