@@ -176,7 +176,8 @@ def build_engine(config: WorkerConfig):
         log.warning("KV checkpoint store off: mlx-lm cannot save and load this model's caches (%s)", spec.layout)
     else:
         store = open_store(plan.store_config, listeners)
-    checkpoints = CheckpointManager(bundle.identity, spec, store, RamTier(plan.ram_tier_bytes), listeners)
+    checkpoints = CheckpointManager(bundle.identity, spec, store, RamTier(plan.ram_tier_bytes), listeners,
+                                    prefetch_bytes=plan.prefetch_bytes)
     engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(
         plan.prefill_chunk_tokens, config.max_queue, config.batching.decode_concurrency,
         config.batching.prompt_concurrency, plan.live_state_bytes,

@@ -8,13 +8,15 @@ A worker's peak memory is, by construction of these budgets,
          + live_states       (idle live states kept for the next turn)
          + ram_tier          (recent checkpoints kept in memory)
          + writer_queue      (snapshots waiting for the checkpoint writer)
+         + prefetch          (checkpoint reads started for queued requests: `worker.prefetch`)
          + working_set       (activations of one batch step: prompt_concurrency x
                               prefill_chunk_tokens tokens through the model)
          + mlx_cache_limit   (freed buffers MLX keeps for reuse; beyond it they go back)
 
 Each term is bounded by its flag; every flag left unset comes from `plan_memory`: the
 worker's share of the machine (MEMORY_FRACTION of it, divided among the workers on the
-host), less the weights and the working set, split among the KV terms in KV_SPLIT.
+host), less the weights, the working set and the prefetch buffers (PREFETCH_FRACTION of
+what is left, at most PREFETCH_MAX_BYTES), split among the KV terms in KV_SPLIT.
 `kvrouter bench --memory` prints the formula's figure next to measured RSS.
 
 `plan_memory` is pure (no MLX): `measure_model` and `machine_memory_bytes` read the
@@ -46,6 +48,12 @@ KV_SPLIT = {"running_kv": 0.45, "live_states": 0.2, "ram_tier": 0.2, "writer_que
 """How the KV memory of a worker is split by default (fractions of what is left after
 weights and working set)."""
 
+PREFETCH_FRACTION = 0.05
+PREFETCH_MAX_BYTES = 2 << 30
+"""Payload bytes read ahead for queued requests: at most two reads (`worker.prefetch`),
+PREFETCH_FRACTION of the KV memory, never more than PREFETCH_MAX_BYTES (2 GiB: two
+8K-token checkpoints of an 8B model)."""
+
 MIN_BUDGET_BYTES = 64 * MIB  # no default budget below this (a tiny machine still serves)
 MLX_CACHE_RANGE = (128 * MIB, 2048 * MIB)  # the buffer cache limit's default stays within this
 WORKING_SET_TOKEN_FACTOR = 8
@@ -64,7 +72,8 @@ class MemoryPlan:
 
     running_kv_bytes: KV the sequences in the batch may hold together (admission waits
     past it). live_state_bytes / ram_tier_bytes / writer_queue_bytes: the other KV
-    holders. mlx_cache_limit_bytes: `mx.set_cache_limit`. working_set_bytes: the
+    holders. prefetch_bytes: checkpoint bytes read ahead for queued requests
+    (`worker.prefetch`). mlx_cache_limit_bytes: `mx.set_cache_limit`. working_set_bytes: the
     estimate of one batch step's activations. weights_bytes, kv_bytes_per_token,
     share_bytes (this worker's share of the machine): the inputs, kept for the log.
     disk: the store's disk budget (`plan_disk_budget`; None: no store, or not sized here);
@@ -81,6 +90,7 @@ class MemoryPlan:
     writer_queue_bytes: int
     mlx_cache_limit_bytes: int
     prefill_chunk_tokens: int
+    prefetch_bytes: int = 0
     disk: DiskPlan | None = None
     store_config: StoreConfig | None = None
 
@@ -88,14 +98,16 @@ class MemoryPlan:
     def peak_bytes(self) -> int:
         """The formula in the module docstring: the most this worker should hold."""
         return (self.weights_bytes + self.running_kv_bytes + self.live_state_bytes + self.ram_tier_bytes
-                + self.writer_queue_bytes + self.working_set_bytes + self.mlx_cache_limit_bytes)
+                + self.writer_queue_bytes + self.prefetch_bytes + self.working_set_bytes
+                + self.mlx_cache_limit_bytes)
 
     def describe(self) -> str:
         """One log line: every budget in MiB."""
         m = lambda b: f"{b / MIB:.0f}"  # noqa: E731
         return (f"memory plan (MiB): share {m(self.share_bytes)} = weights {m(self.weights_bytes)} + running KV "
                 f"{m(self.running_kv_bytes)} + live states {m(self.live_state_bytes)} + RAM tier "
-                f"{m(self.ram_tier_bytes)} + writer queue {m(self.writer_queue_bytes)} + working set "
+                f"{m(self.ram_tier_bytes)} + writer queue {m(self.writer_queue_bytes)} + prefetch "
+                f"{m(self.prefetch_bytes)} + working set "
                 f"{m(self.working_set_bytes)} + MLX cache {m(self.mlx_cache_limit_bytes)}; peak "
                 f"{m(self.peak_bytes)}; KV {self.kv_bytes_per_token / 1024:.1f} KiB/token; prefill chunk "
                 f"{self.prefill_chunk_tokens} tokens" + (f"; {self.disk.describe()}" if self.disk else ""))
@@ -105,7 +117,7 @@ def plan_memory(*, kv_bytes_per_token: int, weights_bytes: int, machine_bytes: i
                 backend: str = "cpu", prompt_concurrency: int = 8, prefill_chunk_tokens: int | None = None,
                 running_kv_bytes: int | None = None, live_state_bytes: int | None = None,
                 ram_tier_bytes: int | None = None, writer_queue_bytes: int | None = None,
-                mlx_cache_limit_bytes: int | None = None) -> MemoryPlan:
+                mlx_cache_limit_bytes: int | None = None, prefetch_bytes: int | None = None) -> MemoryPlan:
     """The budgets for one worker. Keyword arguments left None get their default from
     the machine (see the module docstring); given ones are kept as they are.
 
@@ -120,6 +132,9 @@ def plan_memory(*, kv_bytes_per_token: int, weights_bytes: int, machine_bytes: i
     share = int(machine_bytes * MEMORY_FRACTION / workers_on_host)
     working_set = max(MIN_BUDGET_BYTES, prompt_concurrency * chunk * kv_bytes_per_token * WORKING_SET_TOKEN_FACTOR)
     kv = max(0, share - weights_bytes - working_set)
+    if prefetch_bytes is None:
+        prefetch_bytes = min(PREFETCH_MAX_BYTES, int(kv * PREFETCH_FRACTION))
+    kv = max(0, kv - prefetch_bytes)
 
     def part(name: str, given: int | None) -> int:
         return given if given is not None else max(MIN_BUDGET_BYTES, int(kv * KV_SPLIT[name]))
@@ -132,7 +147,7 @@ def plan_memory(*, kv_bytes_per_token: int, weights_bytes: int, machine_bytes: i
         working_set_bytes=working_set, running_kv_bytes=part("running_kv", running_kv_bytes),
         live_state_bytes=part("live_states", live_state_bytes), ram_tier_bytes=part("ram_tier", ram_tier_bytes),
         writer_queue_bytes=part("writer_queue", writer_queue_bytes), mlx_cache_limit_bytes=cache,
-        prefill_chunk_tokens=chunk,
+        prefill_chunk_tokens=chunk, prefetch_bytes=prefetch_bytes,
     )
 
 

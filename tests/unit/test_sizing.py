@@ -10,6 +10,8 @@ from kvrouter.worker.sizing import (
     MEMORY_FRACTION,
     MIN_BUDGET_BYTES,
     MLX_CACHE_RANGE,
+    PREFETCH_FRACTION,
+    PREFETCH_MAX_BYTES,
     batch_bytes,
     plan_memory,
     sequence_bytes,
@@ -25,6 +27,8 @@ def test_budgets_split_what_the_weights_leave_and_add_up_to_the_share():
     share = int(24 * GiB * MEMORY_FRACTION / 2)
     assert plan.share_bytes == share
     kv = share - plan.weights_bytes - plan.working_set_bytes
+    assert plan.prefetch_bytes == min(PREFETCH_MAX_BYTES, int(kv * PREFETCH_FRACTION))  # reads for queued requests
+    kv -= plan.prefetch_bytes
     assert plan.running_kv_bytes == int(kv * KV_SPLIT["running_kv"])
     assert plan.live_state_bytes == int(kv * KV_SPLIT["live_states"])
     assert plan.ram_tier_bytes == int(kv * KV_SPLIT["ram_tier"])
@@ -39,6 +43,7 @@ def test_a_big_model_on_a_gpu_gets_large_chunks_and_room_for_long_contexts():
     assert plan.running_kv_bytes // LLAMA_8B["kv_bytes_per_token"] > 150_000  # tokens in flight
     assert plan.ram_tier_bytes > 10 * GiB and plan.live_state_bytes > 10 * GiB
     assert plan.mlx_cache_limit_bytes == MLX_CACHE_RANGE[1]
+    assert plan.prefetch_bytes == PREFETCH_MAX_BYTES  # two reads of 8K-token checkpoints fit
 
 
 def test_given_flags_are_kept_and_a_tiny_machine_still_gets_minimums():
