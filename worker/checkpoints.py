@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from kvrouter.cachestore import CheckpointStore, Entry, Hit, PayloadError, StoreEvent, plan_stores
 from kvrouter.cachestore.costs import lookup_span
-from kvrouter.cachestore.payload_read import PayloadReadError, resident_fraction_of
+from kvrouter.cachestore.payload_read import PayloadReadError, probe_cold_read_bps, resident_fraction_of
 from kvrouter.worker import cache_state
 from kvrouter.worker.cache_events import StoreListeners
 from kvrouter.worker.cache_state import CheckpointFormatError, CutError, StateSpec
@@ -119,6 +119,27 @@ class CheckpointManager:
             return None
         try:
             return resident_fraction_of(self.store.payload_dir / entry.payload_name)
+        except OSError:
+            return None
+
+    def probe_disk(self, entry: Entry | None = None) -> float | None:
+        """Cold read bandwidth of the store's disk, bytes per second: up to
+        `cachestore.payload_read.PROBE_BYTES` of `entry`'s payload (None: the largest
+        payload in the store) read with the page cache bypassed. None without a store,
+        a payload, or a filesystem that allows such reads. Seeds load-or-recompute
+        before the first real load (a prior that is too slow would never be corrected:
+        a worker that never loads never measures a load)."""
+        if self.store is None:
+            return None
+        try:
+            if entry is not None:
+                path = self.store.payload_dir / entry.payload_name
+            else:
+                files = [(f.stat().st_size, f) for f in self.store.payload_dir.glob("*.safetensors")]
+                if not files:
+                    return None
+                path = max(files)[1]
+            return probe_cold_read_bps(path)
         except OSError:
             return None
 

@@ -227,6 +227,7 @@ class Engine:
         self._stopped = threading.Event()
         self.rates = Rates()
         self._prefill_fit = PrefillFit()  # prefill time by position, from prefills that ran alone
+        self._disk_probes_left = 2  # cold-read probes that may still seed the disk rates (`_seed_disk_rate`)
         # Called on the engine thread with a LiveChanged or RamChanged; must be
         # thread-safe and must not raise.
         self.on_cache_event: Callable[[CacheEvent], None] | None = None
@@ -322,6 +323,7 @@ class Engine:
     def _loop(self) -> None:
         self._stream = mx.new_stream(mx.default_device())
         self._gen = self._new_generator()
+        self._seed_disk_rate(None)
         busy = False
         while True:
             idle = not self._running and not self._waiting
@@ -462,6 +464,10 @@ class Engine:
         the RAM tier keeps them, and their requests stop waiting for them (engine thread)."""
         done = self.writer.take_completed()
         self.progress += len(done)
+        if self._disk_probes_left and self.rates.disk_bps == 0:  # no payload to probe at start: the first one
+            entry = next((c.entry for c in done if c.entry is not None), None)
+            if entry is not None:
+                self._seed_disk_rate(entry)
         for c in done:
             self.checkpoints.stored(c.job, c.entry)
             if _waits_for(c.job):
@@ -621,6 +627,22 @@ class Engine:
         self._running[uid] = run
         self.progress += 1
         return True
+
+    def _seed_disk_rate(self, entry) -> None:
+        """Before the first real load: the disk rates start from a cold-read probe of a
+        payload (`CheckpointManager.probe_disk`; `entry`, or the store's largest) instead
+        of the 1 GB/s prior. A prior too slow for the machine made every load look slower
+        than recomputing on the H200, so the worker never loaded and never learnt."""
+        if self.rates.disk_bps > 0 or self.checkpoints.store is None:
+            return
+        bps = self.checkpoints.probe_disk(entry)
+        if bps is None:
+            if entry is not None:
+                self._disk_probes_left -= 1
+            return
+        self._disk_probes_left = 0
+        self.rates = replace(self.rates, disk_bps=bps, disk_cold_bps=bps)
+        log.info("disk read probe (page cache bypassed): %.2f GB/s; load-or-recompute starts from it", bps / 1e9)
 
     def _measure_load(self, restored: Restored) -> None:
         if not (restored.loaded_bytes and restored.load_seconds > 0):

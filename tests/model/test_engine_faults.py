@@ -122,6 +122,31 @@ def test_a_stored_checkpoint_is_published_as_joining_the_ram_tier(tmp_path):
         engine.stop(shutdown_checkpoint=False)
 
 
+def test_disk_rates_start_from_a_cold_read_probe_not_the_prior(tmp_path):
+    """Before any load the worker probes the store's disk (page cache bypassed): after
+    its first stored checkpoint, and at start when the store holds payloads already."""
+    def seeded(engine) -> float:
+        deadline = time.monotonic() + 10
+        while engine.rates.disk_bps == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return engine.rates.disk_bps
+
+    engine = make_engine(tmp_path / "kv", decode_concurrency=2)
+    try:
+        assert engine.rates.disk_bps == 0  # an empty store: nothing to probe yet
+        call = Call(engine, prompt_of(300, 61), max_tokens=1)
+        assert [e.kind for e in call.wait().store_events if e.action == "stored"] == ["anchor"]
+        bps = seeded(engine)
+        assert bps > 0 and engine.rates.disk_cold_bps == bps
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+    again = make_engine(tmp_path / "kv", decode_concurrency=2)  # a restart: the payload is there
+    try:
+        assert seeded(again) > 0
+    finally:
+        again.stop(shutdown_checkpoint=False)
+
+
 def test_a_writer_behind_skips_lower_value_stores(tmp_path, blocked_writes):
     started, release = blocked_writes
     engine = make_engine(tmp_path / "kv", decode_concurrency=1)
