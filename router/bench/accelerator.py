@@ -36,6 +36,10 @@ run killed from outside still leaves what it measured):
    --json FILE` (in process: the worker's decision, both predictions, both real
    times), when that module is installed; otherwise noted as not available (the
    `hits` part's per-length `load_or_recompute`, through the server, still stands).
+6. `hits_inproc`: `python -P -m kvrouter.worker.bench_hits --model DIR --tokens
+   LENGTHS --json FILE` (in process, the worker's load path: a disk hit and a
+   RAM-tier hit against their bounds; through the server the worker may rightly
+   recompute instead of loading, and then the `hits` part measures no load).
 
 One server process at a time; each is stopped before the next starts. Requests go
 through the bench's own client (`router.bench.client.run_workload`, the official
@@ -61,12 +65,13 @@ from pathlib import Path
 
 from kvrouter.worker.launch import module_command
 
-PARTS = ("cold", "hits", "compare", "prefill", "load_or_recompute")
+PARTS = ("cold", "hits", "compare", "prefill", "load_or_recompute", "hits_inproc")
 LOR_GRID = (2048, 4096, 8192, 16384, 32768)  # issue 15: load-or-recompute at 2K..32K
 # Least seconds a part needs left to be worth starting (a server start, a warm-up
 # and one request on the H200 take 30-60 s: issue 15's kit notes ~20 s of kernel
 # compilation on a fresh machine).
-PART_MIN_S = {"cold": 30.0, "hits": 30.0, "compare": 60.0, "prefill": 20.0, "load_or_recompute": 20.0}
+PART_MIN_S = {"cold": 30.0, "hits": 30.0, "compare": 60.0, "prefill": 20.0, "load_or_recompute": 20.0,
+              "hits_inproc": 20.0}
 STOP_RESERVE_S = 25.0  # kept back for stopping a server (shutdown checkpoints)
 MESSAGE_TOKENS = 500  # the issue's table: 7,680-token prefix + 500-token message at 8K
 BENCH_FLAGS = ("--sessions", "16", "--concurrency", "4", "--system-words", "5000", "--max-tokens", "16")
@@ -217,13 +222,15 @@ def summarize(report: dict) -> dict:
     (tokens, as a string) where it has one; None where the figure is missing:
     cold_store_vs_no_kv_cache, disk_hit_vs_bound, ram_hit_vs_bound,
     load_or_recompute_took_vs_faster, compare_vs_mlx_lm_server (the bench's ratios),
-    prefill_worker_vs_plain, load_or_recompute_bench_ok (keyed "tokens page_cache")."""
+    prefill_worker_vs_plain, load_or_recompute_bench_ok (keyed "tokens page_cache"),
+    inproc_disk_hit_vs_bound, inproc_ram_hit_vs_bound (the `hits_inproc` part)."""
     parts = report.get("parts") or {}
     cold = (parts.get("cold") or {}).get("lengths", {})
     hits = (parts.get("hits") or {}).get("lengths", {})
     compare = parts.get("compare") or {}
     prefill = ((parts.get("prefill") or {}).get("result") or {}).get("lengths", [])
     lor = ((parts.get("load_or_recompute") or {}).get("result") or {}).get("rows", [])
+    inproc = ((parts.get("hits_inproc") or {}).get("result") or {}).get("rows", [])
     return {
         "cold_store_vs_no_kv_cache": {n: row.get("store_vs_no_kv_cache") for n, row in cold.items()},
         "disk_hit_vs_bound": {n: row.get("disk_vs_bound") for n, row in hits.items()},
@@ -233,6 +240,8 @@ def summarize(report: dict) -> dict:
         "compare_vs_mlx_lm_server": compare.get("ratios"),
         "prefill_worker_vs_plain": {str(r.get("tokens")): r.get("worker_vs_plain") for r in prefill},
         "load_or_recompute_bench_ok": {f"{r.get('tokens')} {r.get('page_cache')}": r.get("ok") for r in lor},
+        "inproc_disk_hit_vs_bound": {str(r.get("tokens")): r.get("disk_vs_bound") for r in inproc},
+        "inproc_ram_hit_vs_bound": {str(r.get("tokens")): r.get("ram_vs_bound") for r in inproc},
     }
 
 
@@ -777,6 +786,23 @@ class Driver:
         if rc != 0:
             out["log_tail"] = tail
         out["target"] = "the faster path, or one within 10 % of it, at 2K, 4K, 8K, 16K and 32K"
+
+    def part_hits_inproc(self) -> None:
+        out_json = self.work / "bench-hits.json"
+        argv = [*module_command("kvrouter.worker.bench_hits"), "--model", str(self.cfg.model),
+                "--tokens", *map(str, self.cfg.lengths), "--json", str(out_json)]
+        out: dict = {"command": " ".join(argv[3:])}
+        self.report["parts"]["hits_inproc"] = out
+        rc, seconds, tail = run_bounded(argv, self.budget.left() - 5, self.work / "bench-hits.log")
+        out.update({"returncode": rc, "seconds": seconds})
+        if out_json.is_file():
+            out["result"] = json.loads(out_json.read_text())
+        if rc is None:
+            raise OutOfBudget(f"bench_hits did not finish within the budget; log tail: {tail}")
+        if rc != 0:
+            out["log_tail"] = tail
+        out["targets"] = {"disk": "disk hit <= 1.2 x (bytes / cold read bandwidth + suffix prefill)",
+                          "ram": "RAM-tier hit <= 1.2 x (live-state hit + bytes / copy bandwidth)"}
 
     def run(self) -> int:
         if any(p in self.cfg.parts for p in ("cold", "hits")):

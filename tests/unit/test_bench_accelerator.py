@@ -20,7 +20,7 @@ def test_defaults_are_the_issue_lengths_and_one_device_call():
     assert cfg.model == Path("/models/m8b")
     assert cfg.lengths == (8192, 32768)
     assert cfg.budget_s == 540.0
-    assert cfg.parts == acc.PARTS == ("cold", "hits", "compare", "prefill", "load_or_recompute")
+    assert cfg.parts == acc.PARTS == ("cold", "hits", "compare", "prefill", "load_or_recompute", "hits_inproc")
     assert cfg.mlx_server is False
     assert cfg.work_dir is None
 
@@ -114,6 +114,8 @@ def test_summary_collects_each_parts_headline_ratio():
     report["parts"]["prefill"] = {"result": {"lengths": [{"tokens": 8192, "worker_vs_plain": 1.05}]}}
     report["parts"]["load_or_recompute"] = {"result": {"rows": [{"tokens": 8192, "page_cache": "cold", "ok": True},
                                                                 {"tokens": 8192, "page_cache": "warm", "ok": False}]}}
+    report["parts"]["hits_inproc"] = {"result": {"rows": [{"tokens": 8192, "disk_vs_bound": 1.15,
+                                                           "ram_vs_bound": 0.98}]}}
     s = acc.summarize(report)
     assert s["cold_store_vs_no_kv_cache"] == {"8192": 1.02}
     assert s["disk_hit_vs_bound"] == {"8192": 1.1}
@@ -122,6 +124,7 @@ def test_summary_collects_each_parts_headline_ratio():
     assert s["compare_vs_mlx_lm_server"] == {"kvrouter": {"ttft_p50": 0.4}}
     assert s["prefill_worker_vs_plain"] == {"8192": 1.05}
     assert s["load_or_recompute_bench_ok"] == {"8192 cold": True, "8192 warm": False}
+    assert s["inproc_disk_hit_vs_bound"] == {"8192": 1.15} and s["inproc_ram_hit_vs_bound"] == {"8192": 0.98}
     # an unmeasured report summarises to empty figures, never an error
     empty = acc.summarize(acc.new_report(acc.parse_args(args())))
     assert empty["disk_hit_vs_bound"] == {} and empty["compare_vs_mlx_lm_server"] is None
