@@ -29,13 +29,12 @@ run killed from outside still leaves what it measured):
    the bench's ratios to mlx_lm.server.
 4. `prefill`: `python -P -m kvrouter.worker.bench_prefill --model DIR
    --through-engine --tokens MAX_LENGTH --json FILE` (worker vs the plain in-process
-   loop), when that module has `--through-engine`; otherwise noted as not available.
+   loop).
 
 5. `load_or_recompute`: `python -P -m
    kvrouter.worker.bench_load_or_recompute --model DIR --tokens 2048 ... 32768
    --json FILE` (in process: the worker's decision, both predictions, both real
-   times), when that module is installed; otherwise noted as not available (the
-   `hits` part's per-length `load_or_recompute`, through the server, still stands).
+   times).
 6. `hits_inproc`: `python -P -m kvrouter.worker.bench_hits --model DIR --tokens
    LENGTHS --json FILE` (in process, the worker's load path: a disk hit and a
    RAM-tier hit against their bounds; through the server the worker may rightly
@@ -741,68 +740,38 @@ class Driver:
         out["targets"] = "TTFT p50 <= 0.5 x and p95 <= 0.3 x mlx_lm.server's, prefilled tokens <= 0.25 x"
 
     def part_prefill(self) -> None:
-        probe = subprocess.run([*module_command("kvrouter.worker.bench_prefill"), "--help"], capture_output=True,
-                               text=True, timeout=120)
-        if "--through-engine" not in probe.stdout:
-            skip(self.report, "prefill", "not available: kvrouter.worker.bench_prefill has no --through-engine "
-                                         "on this branch (engineer 'prefill' is adding it)")
-            return
-        n = max(self.cfg.lengths)
-        out_json = self.work / "bench-prefill.json"
-        argv = [*module_command("kvrouter.worker.bench_prefill"), "--model", str(self.cfg.model), "--through-engine",
-                "--tokens", str(n), "--repeat", "1", "--json", str(out_json)]
-        out: dict = {"command": " ".join(argv[3:])}
-        self.report["parts"]["prefill"] = out
-        rc, seconds, tail = run_bounded(argv, self.budget.left() - 5, self.work / "bench-prefill.log")
-        out.update({"returncode": rc, "seconds": seconds})
-        if out_json.is_file():
-            out["result"] = json.loads(out_json.read_text())
-        if rc is None:
-            raise OutOfBudget(f"bench_prefill did not finish within the budget; log tail: {tail}")
-        if rc != 0:
-            out["log_tail"] = tail
+        out = self._module_part("prefill", "kvrouter.worker.bench_prefill",
+                                ["--through-engine", "--tokens", str(max(self.cfg.lengths)), "--repeat", "1"])
         out["target"] = "prefill through the worker <= 1.2 x the plain in-process loop"
 
     def part_load_or_recompute(self) -> None:
-        import importlib.util
-
-        if importlib.util.find_spec("kvrouter.worker.bench_load_or_recompute") is None:
-            skip(self.report, "load_or_recompute", "not available: kvrouter.worker.bench_load_or_recompute is not "
-                                                   "on this branch (engineer 'loadpath' is adding it); see the "
-                                                   "hits part's load_or_recompute rows (through the server)")
-            return
         grid = sorted({n for n in LOR_GRID if n <= max(self.cfg.lengths)} | set(self.cfg.lengths))
-        out_json = self.work / "bench-load-or-recompute.json"
-        argv = [*module_command("kvrouter.worker.bench_load_or_recompute"), "--model", str(self.cfg.model),
-                "--tokens", *map(str, grid), "--json", str(out_json)]
-        out: dict = {"command": " ".join(argv[3:])}
-        self.report["parts"]["load_or_recompute"] = out
-        rc, seconds, tail = run_bounded(argv, self.budget.left() - 5, self.work / "bench-load-or-recompute.log")
-        out.update({"returncode": rc, "seconds": seconds})
-        if out_json.is_file():
-            out["result"] = json.loads(out_json.read_text())
-        if rc is None:
-            raise OutOfBudget(f"bench_load_or_recompute did not finish within the budget; log tail: {tail}")
-        if rc != 0:
-            out["log_tail"] = tail
+        out = self._module_part("load_or_recompute", "kvrouter.worker.bench_load_or_recompute",
+                                ["--tokens", *map(str, grid)])
         out["target"] = "the faster path, or one within 10 % of it, at 2K, 4K, 8K, 16K and 32K"
 
     def part_hits_inproc(self) -> None:
-        out_json = self.work / "bench-hits.json"
-        argv = [*module_command("kvrouter.worker.bench_hits"), "--model", str(self.cfg.model),
-                "--tokens", *map(str, self.cfg.lengths), "--json", str(out_json)]
+        out = self._module_part("hits_inproc", "kvrouter.worker.bench_hits", ["--tokens", *map(str, self.cfg.lengths)])
+        out["targets"] = {"disk": "disk hit <= 1.2 x (bytes / cold read bandwidth + suffix prefill)",
+                          "ram": "RAM-tier hit <= 1.2 x (live-state hit + bytes / copy bandwidth)"}
+
+    def _module_part(self, part: str, module: str, args: list[str]) -> dict:
+        """Runs `python -P -m module --model DIR *args --json FILE` within the budget; the
+        part's report: command, returncode, seconds, result (its JSON), log_tail on a
+        failure. Raises OutOfBudget when it did not finish in time."""
+        out_json = self.work / f"{part}.json"
+        argv = [*module_command(module), "--model", str(self.cfg.model), *args, "--json", str(out_json)]
         out: dict = {"command": " ".join(argv[3:])}
-        self.report["parts"]["hits_inproc"] = out
-        rc, seconds, tail = run_bounded(argv, self.budget.left() - 5, self.work / "bench-hits.log")
+        self.report["parts"][part] = out
+        rc, seconds, tail = run_bounded(argv, self.budget.left() - 5, self.work / f"{part}.log")
         out.update({"returncode": rc, "seconds": seconds})
         if out_json.is_file():
             out["result"] = json.loads(out_json.read_text())
         if rc is None:
-            raise OutOfBudget(f"bench_hits did not finish within the budget; log tail: {tail}")
+            raise OutOfBudget(f"{module} did not finish within the budget; log tail: {tail}")
         if rc != 0:
             out["log_tail"] = tail
-        out["targets"] = {"disk": "disk hit <= 1.2 x (bytes / cold read bandwidth + suffix prefill)",
-                          "ram": "RAM-tier hit <= 1.2 x (live-state hit + bytes / copy bandwidth)"}
+        return out
 
     def run(self) -> int:
         if any(p in self.cfg.parts for p in ("cold", "hits")):

@@ -59,25 +59,12 @@ def test_a_checkpoint_write_never_holds_the_first_token(tmp_path, blocked_writes
         engine.stop(shutdown_checkpoint=False)
 
 
-def test_a_final_does_not_wait_for_the_evict_checkpoint_its_admission_caused(tmp_path, monkeypatch):
+def test_a_final_does_not_wait_for_the_evict_checkpoint_its_admission_caused(tmp_path, blocked_writes):
     """One batch slot: b's admission drops a's live state, whose evict checkpoint goes to
     a stuck writer; b has no store of its own (under min_tokens), so its Final comes at
     once, and the evict checkpoint is still written once the disk moves."""
-    gate, started = threading.Event(), threading.Event()
-    gate.set()
-    real = cache_state.payload_writer
-
-    def gated_writer(caches, n_tokens, model_id):
-        write = real(caches, n_tokens, model_id)
-
-        def gated(path):
-            started.set()
-            assert gate.wait(120)
-            write(path)
-
-        return gated
-
-    monkeypatch.setattr(cache_state, "payload_writer", gated_writer)
+    started, gate = blocked_writes
+    gate.set()  # a's own store goes through
     engine = make_engine(tmp_path / "kv", decode_concurrency=1)
     try:
         a = Call(engine, prompt_of(300, 41), max_tokens=1)
