@@ -15,8 +15,9 @@ hands the checkpoint to the checkpoint writer (`worker.checkpoint_writer`: one
 thread, a bounded queue), exactly there, so states that cannot be cut back
 (recurrent layers, wrapped sliding windows) are stored too; no write delays a
 first token or the next chunk, and a request's Final waits for its own stores
-so it still reports them (not for the evict checkpoints its admission caused). A request that finishes (or is cancelled) leaves the
-batch with its state, which stays as a live state (`worker.live_states`) until
+so it still reports them (not for the evict checkpoints its admission caused).
+A request that finishes (or is cancelled) leaves the batch with its state,
+which stays as a live state (`worker.live_states`) until
 its slot is needed: then its `evict` checkpoint goes to the writer and it is
 dropped. A seeded sampling request runs alone (MLX's random state is global).
 When the engine goes idle, memory nothing holds goes back to the system.
