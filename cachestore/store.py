@@ -224,6 +224,23 @@ class CheckpointStore:
             rows = [e for e in rows if not e.quarantined]
         return sorted(rows, key=lambda e: (e.created, e.id))
 
+    def largest_bytes_per_token(self, exclude_model: str = "") -> float:
+        """The most payload bytes per token of any model with usable rows here (its
+        largest row's bytes / tokens, so header overhead barely counts), other than
+        `exclude_model`; 0.0 when there is none. A scan: for sizing at start (several
+        models sharing one store directory size one budget, the largest model's)."""
+        best: dict[str, tuple[int, int]] = {}
+        for e in self.entries():
+            if e.model_id != exclude_model and e.n_tokens > 0 and e.n_tokens > best.get(e.model_id, (0, 0))[0]:
+                best[e.model_id] = (e.n_tokens, e.payload_bytes)
+        return max((b / n for n, b in best.values()), default=0.0)
+
+    def set_disk_budget(self, budget_bytes: int) -> None:
+        """Sets the budget later saves evict under, bytes (>= 1; ValueError otherwise)."""
+        if budget_bytes < 1:
+            raise ValueError(f"budget_bytes must be >= 1, got {budget_bytes}")
+        self.config = self.config.with_budget(budget_bytes)
+
     def total_bytes(self) -> int:
         """Sum of the payload sizes of usable rows, bytes (kept in the index, O(1))."""
         with self._index.read() as txn:

@@ -138,6 +138,27 @@ def sized_store_config(store_config, kv_bytes_per_token: int, context_length: in
     return disk, (store_config if disk.given else store_config.with_budget(disk.budget_bytes))
 
 
+SHARED_STORE_MARGIN = 1.1  # another model's bytes per token must pass ours by this much to resize
+
+
+def size_for_shared_store(plan, store, config: WorkerConfig, identity: str, context_length: int | None):
+    """`plan` with its disk budget sized from the largest model's KV bytes per token in
+    `store` (`CheckpointStore.largest_bytes_per_token`) when another model's checkpoints
+    there are larger than this one's: every worker sharing the directory then sizes the
+    same budget (the store evicts under the budget of whichever worker writes). The
+    store's budget is set to it. A given `--kv-cache-disk-mb` is kept."""
+    if plan.disk.given:
+        return plan
+    widest = store.largest_bytes_per_token(exclude_model=identity)
+    if widest <= plan.kv_bytes_per_token * SHARED_STORE_MARGIN:
+        return plan
+    disk, store_config = sized_store_config(config.store, int(widest), context_length or config.store.cold_max_tokens)
+    store.set_disk_budget(store_config.disk_budget_bytes)
+    log.info("%s, for the largest model sharing the store (%.1f KiB/token against this one's %.1f)",
+             disk.describe(), widest / 1024, plan.kv_bytes_per_token / 1024)
+    return dataclasses.replace(plan, disk=disk, store_config=store_config)
+
+
 def build_engine(config: WorkerConfig):
     """Loads the model and store and returns (engine, ModelInfo message).
 
@@ -176,6 +197,8 @@ def build_engine(config: WorkerConfig):
         log.warning("KV checkpoint store off: mlx-lm cannot save and load this model's caches (%s)", spec.layout)
     else:
         store = open_store(plan.store_config, listeners)
+        if store is not None and plan.disk is not None:
+            plan = size_for_shared_store(plan, store, config, bundle.identity, bundle.context_length)
     checkpoints = CheckpointManager(bundle.identity, spec, store, RamTier(plan.ram_tier_bytes), listeners,
                                     prefetch_bytes=plan.prefetch_bytes)
     engine = Engine(bundle, hf_tok, checkpoints, EngineConfig(

@@ -3,6 +3,8 @@ per token, its weights and the machine's memory; given flags kept; the peak form
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kvrouter.worker.sizing import (
@@ -61,3 +63,31 @@ def test_batch_bytes_pads_to_the_longest_sequence_in_256_token_steps():
     assert sequence_bytes(1, 10) == 2560 and sequence_bytes(256, 10) == 2560 and sequence_bytes(257, 10) == 5120
     assert batch_bytes([], 10) == 0
     assert batch_bytes([100, 3000], 10) == 2 * 3072 * 10
+
+
+def test_workers_of_different_models_sharing_a_store_size_the_largest_models_budget(tmp_path):
+    """A small model's worker on a store that holds a big model's checkpoints sizes the
+    big model's budget, so it does not evict them down to its own (the store evicts
+    under the budget of whichever worker writes)."""
+    from kvrouter.cachestore import CheckpointStore, StoreConfig
+    from kvrouter.worker.config import WorkerConfig
+    from kvrouter.worker.server import size_for_shared_store, sized_store_config
+    from tests.support.store_data import toks, writer
+
+    base = StoreConfig(directory=tmp_path / "kv", min_tokens=1, disk_budget_bytes=None)  # no --kv-cache-disk-mb
+    small_kv, big_kv = SMOLLM["kv_bytes_per_token"], LLAMA_8B["kv_bytes_per_token"]
+    disk, store_cfg = sized_store_config(base, small_kv, 8192)
+    plan = dataclasses.replace(plan_memory(**SMOLLM, machine_bytes=24 * GiB), disk=disk, store_config=store_cfg)
+    config = WorkerConfig(model=None, listen="127.0.0.1:0", store=base, cache_dir=tmp_path)
+    with CheckpointStore(store_cfg) as store:
+        assert size_for_shared_store(plan, store, config, "small", 8192) is plan  # nothing else stored
+        store.save("anchor", "small", "", toks(100), writer(b"s" * 100 * small_kv))
+        assert store.largest_bytes_per_token(exclude_model="small") == 0
+        assert size_for_shared_store(plan, store, config, "small", 8192) is plan  # its own rows do not count
+        store.save("anchor", "big", "", toks(64, seed=1), writer(b"b" * 64 * big_kv))
+        assert store.largest_bytes_per_token(exclude_model="small") == big_kv
+        sized = size_for_shared_store(plan, store, config, "small", 8192)
+        assert sized.disk.checkpoint_bytes == 8192 * big_kv > plan.disk.checkpoint_bytes
+        assert store.config.disk_budget_bytes == sized.disk.budget_bytes == sized.store_config.disk_budget_bytes
+        given = dataclasses.replace(plan, disk=dataclasses.replace(plan.disk, given=True))
+        assert size_for_shared_store(given, store, config, "small", 8192) is given  # --kv-cache-disk-mb wins
