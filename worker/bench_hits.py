@@ -34,21 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvrouter.worker.bench_load_or_recompute import _load, _page_cache, _prefill
+from kvrouter.worker.bench_load_or_recompute import load_timed, prefill_timed, set_page_cache
 from kvrouter.worker.launch import module_command
 
 SUFFIX = 500  # new tokens after the reused prefix
 WITHIN = 1.2  # issue 15: a hit within 1.2 x its bound
-
-
-def _suffix_s(bundle, state, suffix: list[int], chunk: int) -> float:
-    """Seconds to prefill `suffix` on `state` (which it extends) and evaluate the logits."""
-    import mlx.core as mx
-
-    t0 = time.perf_counter()
-    for i in range(0, len(suffix), chunk):
-        mx.eval(bundle.model(mx.array(suffix[i: i + chunk])[None], cache=state))
-    return time.perf_counter() - t0
 
 
 def _read_bps(path: Path) -> float:
@@ -89,8 +79,8 @@ def run(spec: str | None, lengths: list[int], suffix_tokens: int, chunk: int, ca
         manager = CheckpointManager(bundle.identity, bundle.state, store, ram=RamTier(1 << 40))
         for n in lengths:
             prefix, suffix = tokens[:n], tokens[n: n + suffix_tokens]
-            _prefill(bundle, tokens[: n + suffix_tokens], chunk)  # warm-up: kernels for these lengths
-            state, _ = _prefill(bundle, prefix, chunk)
+            prefill_timed(bundle, tokens[: n + suffix_tokens], chunk)  # warm-up: kernels for these lengths
+            state, _ = prefill_timed(bundle, prefix, chunk)
             entry = store.save("waypoint", bundle.identity, "bench", prefix,
                                cache_state.payload_writer(cache_state.cut(state, n, n), n, bundle.identity))
             if entry is None:
@@ -99,28 +89,28 @@ def run(spec: str | None, lengths: list[int], suffix_tokens: int, chunk: int, ca
             for _ in range(2):  # the best of two: the first suffix after a long prefill ran slow on the H200
                 live = cache_state.cut(state, n, n)
                 mx.eval([c.state for c in live])
-                live_s = min(live_s, _suffix_s(bundle, live, suffix, chunk))
+                live_s = min(live_s, prefill_timed(bundle, suffix, chunk, live)[1])
                 del live
             del state
             path = store.payload_dir / entry.payload_name
             read_bps = _read_bps(path)
             manager.ram.discard(entry.id)
-            resident = _page_cache(manager, entry, cold=True)
+            resident = set_page_cache(manager, entry, cold=True)
             t0 = time.perf_counter()
-            disk_load_s, restored = _load(manager, entry, n)
+            disk_load_s, restored = load_timed(manager, entry, n)
             mx.eval([c.state for c in restored.caches])
-            _suffix_s(bundle, restored.caches, suffix, chunk)
+            prefill_timed(bundle, suffix, chunk, restored.caches)
             disk_s = time.perf_counter() - t0
             del restored
             if entry.id not in manager.ram:
                 raise RuntimeError("the disk load did not keep the checkpoint in the RAM tier (--kv-cache-ram-mb)")
             t0 = time.perf_counter()
-            ram_load_s, restored = _load(manager, entry, n)
+            ram_load_s, restored = load_timed(manager, entry, n)
             if restored.source != "ram":
                 raise RuntimeError(f"expected a RAM-tier restore, got {restored.source}")
             mx.eval([c.state for c in restored.caches])
             ram_load_s = time.perf_counter() - t0
-            ram_s = ram_load_s + _suffix_s(bundle, restored.caches, suffix, chunk)
+            ram_s = ram_load_s + prefill_timed(bundle, suffix, chunk, restored.caches)[1]
             del restored
             copy = measure_copy(entry.payload_bytes)
             disk_bound = entry.payload_bytes / read_bps + live_s

@@ -39,18 +39,19 @@ CHUNK = 512  # prefill chunk, tokens
 WITHIN = 1.10  # a choice is "ok" when its real time is at most this times the faster path's
 
 
-def _prefill(bundle, tokens: list[int], chunk: int):
-    """(state, seconds): the state of `tokens` prefilled from nothing in `chunk`-token steps."""
+def prefill_timed(bundle, tokens: list[int], chunk: int, state=None):
+    """(state, seconds): `tokens` prefilled in `chunk`-token steps into `state` (None:
+    from nothing), each step evaluated."""
     import mlx.core as mx
 
-    state = bundle.state.new()
+    state = bundle.state.new() if state is None else state
     t0 = time.perf_counter()
     for i in range(0, len(tokens), chunk):
         mx.eval(bundle.model(mx.array(tokens[i: i + chunk])[None], cache=state))
     return state, time.perf_counter() - t0
 
 
-def _page_cache(manager, entry, cold: bool) -> float | None:
+def set_page_cache(manager, entry, cold: bool) -> float | None:
     """Drops the payload of `entry` from the page cache (cold) or reads it into it (warm);
     returns the fraction the page cache then holds (mincore), None when unknown."""
     from kvrouter.cachestore.payload_read import drop_from_page_cache
@@ -63,7 +64,7 @@ def _page_cache(manager, entry, cold: bool) -> float | None:
     return manager.resident(entry)
 
 
-def _load(manager, entry, n: int):
+def load_timed(manager, entry, n: int):
     """(seconds, Restored) of one load of `entry` through the worker's own path."""
     t0 = time.perf_counter()
     restored = manager.load(entry, n)
@@ -95,14 +96,14 @@ def run(spec: str | None, lengths: list[int], chunk: int, modes: list[str], cach
     # Warm-up over the whole grid's longest prompt: on a GPU backend each new attention
     # length compiles kernels, and a calibration that paid for them overestimated
     # prefill about 2x on the H200 (2026-12-02).
-    _prefill(bundle, prompt[:top], chunk)
+    prefill_timed(bundle, prompt[:top], chunk)
     fit, rates, rows = PrefillFit(), Rates(), []
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         store = CheckpointStore(StoreConfig(Path(tmp), disk_budget_bytes=1 << 40, min_tokens=1))
         manager = CheckpointManager(bundle.identity, bundle.state, store)
         entries = {}
         for n in lengths:  # 1: calibration
-            state, prefill_s = _prefill(bundle, prompt[:n], chunk)
+            state, prefill_s = prefill_timed(bundle, prompt[:n], chunk)
             fit.add(0, n, prefill_s)
             entry = store.save("waypoint", bundle.identity, "bench", prompt[:n],
                                cache_state.payload_writer(cache_state.cut(state, n, n), n, bundle.identity))
@@ -111,19 +112,19 @@ def run(spec: str | None, lengths: list[int], chunk: int, modes: list[str], cach
             entries[n] = entry
             del state
             for cold in (True, False):
-                _page_cache(manager, entry, cold)
-                seconds, restored = _load(manager, entry, n)
+                set_page_cache(manager, entry, cold)
+                seconds, restored = load_timed(manager, entry, n)
                 rates = learn_disk_load(rates, restored.loaded_bytes, seconds, restored.stages.resident)
             print(f"calibrated {n:>6} tokens: prefill {prefill_s:.3f} s, payload {entry.payload_bytes / 2**20:.1f} MiB",
                   file=sys.stderr)
         rates = fit.apply(rates)
         for n in lengths:  # 2: evaluation
             entry = entries[n]
-            _, recompute_s = _prefill(bundle, prompt[:n], chunk)
+            _, recompute_s = prefill_timed(bundle, prompt[:n], chunk)
             for mode in modes:
-                resident = _page_cache(manager, entry, mode == "cold")
+                resident = set_page_cache(manager, entry, mode == "cold")
                 d = decide_load(Reuse("disk", n, entry.payload_bytes, resident), 0, rates)
-                load_s, _ = _load(manager, entry, n)
+                load_s, _ = load_timed(manager, entry, n)
                 best = min(load_s, recompute_s)
                 chosen = load_s if d.load else recompute_s
                 rows.append({"tokens": n, "bytes": entry.payload_bytes, "page_cache": mode, "resident": resident,

@@ -124,24 +124,18 @@ class CheckpointManager:
 
     def probe_disk(self, entry: Entry | None = None) -> float | None:
         """Cold read bandwidth of the store's disk, bytes per second: up to
-        `cachestore.payload_read.PROBE_BYTES` of `entry`'s payload (None: the largest
-        payload in the store) read with the page cache bypassed. None without a store,
+        `cachestore.payload_read.PROBE_BYTES` of `entry`'s payload (None: the store's
+        largest usable payload, by its index) read with the page cache bypassed. None without a store,
         a payload, or a filesystem that allows such reads. Seeds load-or-recompute
         before the first real load (a prior that is too slow would never be corrected:
         a worker that never loads never measures a load)."""
         if self.store is None:
             return None
-        try:
-            if entry is not None:
-                path = self.store.payload_dir / entry.payload_name
-            else:
-                files = [(f.stat().st_size, f) for f in self.store.payload_dir.glob("*.safetensors")]
-                if not files:
-                    return None
-                path = max(files)[1]
-            return probe_cold_read_bps(path)
-        except OSError:
-            return None
+        if entry is None:  # the index knows every payload's size: no directory listing
+            entry = max(self.store.entries(), key=lambda e: e.payload_bytes, default=None)
+            if entry is None:
+                return None
+        return probe_cold_read_bps(self.store.payload_dir / entry.payload_name)
 
     def load(self, entry: Entry, n_tokens: int) -> Restored | None:
         """The checkpoint `entry` as a fresh state cut to `n_tokens` tokens (from the

@@ -45,7 +45,7 @@ from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
 from mlx_lm.generate_utils import BatchCounters, BatchCountersSnapshot, BatchStats
 from mlx_lm.models.cache import make_prompt_cache
 
-from kvrouter.worker.segments import generator_inputs
+from kvrouter.worker.segments import advance_prefill, generator_inputs
 
 
 @dataclass
@@ -196,13 +196,7 @@ class LongPrefillGenerator:
         self.model(mx.array(chunk, dtype=mx.int32)[None], cache=s.caches)
         mx.eval([c.state for c in s.caches])  # the logits are never evaluated: only the caches are computed
         s.tokens += chunk
-        del segment[: len(chunk)]
-        end = not segment
-        if end:
-            s.segments.pop(0)
-        s.done += len(chunk)
-        self._counters.prompt_tokens += len(chunk)
-        self._counters.prompt_time += time.perf_counter() - tic
+        end = advance_prefill(s, len(chunk), self._counters, tic)
         if len(s.segments) == 1:  # its last token: decoding starts in the batch's next step
             self._long.popleft()
             (inner,) = self.batch.insert_segments([s.segments], max_tokens=[s.max_tokens], caches=[s.caches],

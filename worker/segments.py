@@ -15,6 +15,8 @@ first decode step, which produces the first token's logits.
 
 from __future__ import annotations
 
+import time
+
 
 def prefill_segments(prompt: list[int], start: int, chunk: int, store_points=()) -> list[list[int]]:
     """Splits `prompt[start:]` into segments for `BatchGenerator.insert_segments`.
@@ -61,3 +63,20 @@ def generator_inputs(segments, max_tokens, caches, all_tokens, samplers, default
             seq.append(seq[-1][-1:])
             seq[-2] = seq[-2][:-1]
         yield seq, m, c, held, s
+
+
+def advance_prefill(seq, chunk_len: int, counters, tic: float) -> bool:
+    """Bookkeeping after `chunk_len` tokens of `seq`'s first segment went through the
+    model (`seq`: a sequence prefilled one chunk at a time, with `segments` (token id
+    lists) and `done` (prompt tokens processed)): the chunk leaves the segment, an
+    emptied segment is dropped, and `counters` (mlx-lm `BatchCounters`) count the tokens
+    and the seconds since `tic` (perf_counter). Returns True when the segment ended."""
+    segment = seq.segments[0]
+    del segment[:chunk_len]
+    end = not segment
+    if end:
+        seq.segments.pop(0)
+    seq.done += chunk_len
+    counters.prompt_tokens += chunk_len
+    counters.prompt_time += time.perf_counter() - tic
+    return end

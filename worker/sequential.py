@@ -24,7 +24,7 @@ from mlx_lm.generate import GenerationBatch, PromptProcessingBatch, StopSequence
 from mlx_lm.generate_utils import BatchCounters, BatchCountersSnapshot, BatchStats
 from mlx_lm.sample_utils import greedy_sampler
 
-from kvrouter.worker.segments import generator_inputs
+from kvrouter.worker.segments import advance_prefill, generator_inputs
 
 
 @dataclass
@@ -108,21 +108,12 @@ class SequentialGenerator:
         segment = s.segments[0]
         if len(s.segments) == 1:  # the last prompt token: its logits give the first token
             self._sample(s, self._forward(s, segment))
-            s.segments.pop(0)
-            s.done += 1
-            self._counters.prompt_tokens += 1
-            self._counters.prompt_time += time.perf_counter() - tic
+            advance_prefill(s, len(segment), self._counters, tic)
             return [PromptProcessingBatch.Response(s.uid, (s.total, s.total), True, True)]
         chunk = segment[: self.prefill_step_size]
         self._forward(s, chunk)
         mx.eval([c.state for c in s.cache])
-        del segment[: len(chunk)]
-        end = not segment
-        if end:
-            s.segments.pop(0)
-        s.done += len(chunk)
-        self._counters.prompt_tokens += len(chunk)
-        self._counters.prompt_time += time.perf_counter() - tic
+        end = advance_prefill(s, len(chunk), self._counters, tic)
         return [PromptProcessingBatch.Response(s.uid, (s.done, s.total), end, False)]
 
     def _decode(self, s: _Sequence) -> list:

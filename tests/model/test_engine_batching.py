@@ -61,19 +61,26 @@ def test_a_session_sharing_only_a_prefix_does_not_take_another_sessions_live_sta
         engine.stop(shutdown_checkpoint=False)
 
 
+def assert_the_second_shares_the_prefix(engine, shared_tokens: int, seed: int) -> None:
+    """Two prompts sharing `shared_tokens` tokens, sent together (20 tokens of their own
+    each, seeds seed+1 and seed+2): the first computes everything, the second starts
+    from a copy of the first one's state and computes only its own 20 tokens."""
+    shared = prompt_of(shared_tokens, seed)
+    a = Call(engine, shared + prompt_of(20, seed + 1), max_tokens=2)
+    b = Call(engine, shared + prompt_of(20, seed + 2), max_tokens=2)
+    fa, fb = a.wait(), b.wait()
+    assert (fa.usage.cached_tokens, fa.usage.cache_source) == (0, "none")
+    assert (fb.usage.cached_tokens, fb.usage.cache_source) == (shared_tokens, "live")
+    assert fa.usage.prefilled_tokens + fb.usage.prefilled_tokens == shared_tokens + 20 + 20
+
+
 def test_requests_arriving_together_prefill_their_shared_prefix_once():
     """Prefill sharing inside a worker: the second of two requests that share a
     300-token prefix nobody holds waits for the first one's prefill to pass it,
     then starts from a copy of that KV state instead of computing it again."""
     engine = make_engine(decode_concurrency=2, prompt_concurrency=2)
     try:
-        shared = prompt_of(300, 11)
-        a = Call(engine, shared + prompt_of(20, 12), max_tokens=2)
-        b = Call(engine, shared + prompt_of(20, 13), max_tokens=2)
-        fa, fb = a.wait(), b.wait()
-        assert (fa.usage.cached_tokens, fa.usage.cache_source) == (0, "none")
-        assert (fb.usage.cached_tokens, fb.usage.cache_source) == (300, "live")
-        assert fa.usage.prefilled_tokens + fb.usage.prefilled_tokens == 300 + 20 + 20
+        assert_the_second_shares_the_prefix(engine, 300, seed=11)
         # Unrelated prompts never wait for each other.
         c = Call(engine, prompt_of(40, 14), max_tokens=2)
         d = Call(engine, prompt_of(40, 15), max_tokens=2)

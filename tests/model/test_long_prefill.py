@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.model.test_cache_families import assert_same_greedy, tokens_of
-from tests.model.test_engine_batching import prompt_of
+from tests.model.test_engine_batching import assert_the_second_shares_the_prefix, prompt_of
 from tests.support.engine import Call, make_engine
 from tests.support.server import model_cache_dir
 from tests.support.tiny_models import greedy_reference
@@ -107,13 +107,7 @@ def test_long_prompts_arriving_together_share_their_prefix_prefilled_outside_the
     tokens waits for the first one's prefill to pass them, then starts from a copy."""
     engine = make_engine(decode_concurrency=2, prompt_concurrency=2, long_prefill_tokens=300)
     try:
-        shared = prompt_of(512, 71)
-        a = Call(engine, shared + prompt_of(20, 72), max_tokens=2)
-        b = Call(engine, shared + prompt_of(20, 73), max_tokens=2)
-        fa, fb = a.wait(), b.wait()
-        assert (fa.usage.cached_tokens, fa.usage.cache_source) == (0, "none")
-        assert (fb.usage.cached_tokens, fb.usage.cache_source) == (512, "live")
-        assert fa.usage.prefilled_tokens + fb.usage.prefilled_tokens == 512 + 20 + 20
+        assert_the_second_shares_the_prefix(engine, 512, seed=71)
     finally:
         engine.stop(shutdown_checkpoint=False)
 
