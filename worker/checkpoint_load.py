@@ -238,6 +238,58 @@ def load_state(read: SequentialRead, model_id: str, n_tokens: int, layout: str,
                               read.resident)
 
 
+WARM_PROBE_BYTES = 64 << 20
+"""How much of a payload the warm-load probe (`probe_warm_load_bps`) turns into arrays,
+bytes: enough for several CUDA pieces, a few milliseconds on a GPU."""
+
+
+def probe_warm_load_bps(path, max_bytes: int = WARM_PROBE_BYTES) -> float | None:
+    """Bandwidth of a load whose payload the page cache holds, bytes per second: the
+    first tensors of `path` (up to about `max_bytes`, whole tensors or CUDA pieces) go
+    through the same path as a real load (`SequentialRead`, `mx.load` per tensor, the
+    host-to-device copy) after a plain read has put those bytes in the page cache. The
+    arrays are dropped. None when the file cannot be read, is not a payload, or holds
+    under 1 MiB of tensors.
+
+    Why: a read probe alone (`cachestore.payload_read.probe_cold_read_bps`) leaves out
+    the copy to the device, which on CUDA sets the pace of a warm load (MLX copied host
+    data at ~2.2 GB/s on the H200, the page cache read at ~8 GB/s). Without a warm
+    figure a worker whose payloads sit in the page cache (after a restart) priced every
+    load at the cold rate and recomputed where loading was as fast, and it never learnt
+    otherwise (only a load measures a load)."""
+    try:
+        with open(path, "rb", buffering=0) as f:  # the bytes probed go into the page cache first
+            left = max_bytes + (1 << 20)
+            while left > 0:
+                chunk = f.read(min(left, 8 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        read = SequentialRead(path)
+    except OSError:
+        return None
+    pieces = piece_bytes_for_device()
+    arrays, got = [], 0
+    try:
+        t0 = time.perf_counter()
+        header = read_header(read)
+        for span in header.tensors:
+            if got >= max_bytes:
+                break
+            if span.start > read.consumed:
+                read.skip(span.start - read.consumed)
+            arrays.append(_load_tensor(read, span, pieces))
+            got += span.nbytes
+        mx.eval(arrays)
+        seconds = time.perf_counter() - t0
+    except (PayloadReadError, OSError, ValueError, RuntimeError):
+        return None
+    finally:
+        read.cancel()
+        del arrays
+    return got / seconds if got >= (1 << 20) and seconds > 0 else None
+
+
 def load_payload(path, model_id: str, n_tokens: int, layout: str) -> list:
     """Reads a checkpoint file written by `cache_state.payload_writer`, evaluated, without
     an index row to check its checksum against (benchmarks, tests, diagnosis; a worker's

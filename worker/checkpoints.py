@@ -28,7 +28,7 @@ from kvrouter.cachestore.payload_read import PayloadReadError, probe_cold_read_b
 from kvrouter.worker import cache_state
 from kvrouter.worker.cache_events import StoreListeners
 from kvrouter.worker.cache_state import CheckpointFormatError, CutError, StateSpec
-from kvrouter.worker.checkpoint_load import LoadStages, load_state
+from kvrouter.worker.checkpoint_load import LoadStages, load_state, probe_warm_load_bps
 from kvrouter.worker.checkpoint_writer import WriteJob
 from kvrouter.worker.live_states import LiveState
 from kvrouter.worker.prefetch import Prefetcher
@@ -129,13 +129,26 @@ class CheckpointManager:
         a payload, or a filesystem that allows such reads. Seeds load-or-recompute
         before the first real load (a prior that is too slow would never be corrected:
         a worker that never loads never measures a load)."""
+        path = self._probe_path(entry)
+        return None if path is None else probe_cold_read_bps(path)
+
+    def probe_warm_load(self, entry: Entry | None = None) -> float | None:
+        """Load bandwidth when the page cache holds the payload (read, copy to the
+        device), bytes per second: `checkpoint_load.probe_warm_load_bps` on `entry`'s
+        payload (None: the store's largest). None without a store or a payload."""
+        path = self._probe_path(entry)
+        return None if path is None else probe_warm_load_bps(path)
+
+    def _probe_path(self, entry: Entry | None):
+        """The payload file a probe reads: `entry`'s, else the store's largest (the index
+        knows every payload's size: no directory listing). None without a store or one."""
         if self.store is None:
             return None
-        if entry is None:  # the index knows every payload's size: no directory listing
+        if entry is None:
             entry = max(self.store.entries(), key=lambda e: e.payload_bytes, default=None)
             if entry is None:
                 return None
-        return probe_cold_read_bps(self.store.payload_dir / entry.payload_name)
+        return self.store.payload_dir / entry.payload_name
 
     def load(self, entry: Entry, n_tokens: int) -> Restored | None:
         """The checkpoint `entry` as a fresh state cut to `n_tokens` tokens (from the

@@ -630,10 +630,12 @@ class Engine:
         return True
 
     def _seed_disk_rate(self, entry) -> None:
-        """Before the first real load: the disk rates start from a cold-read probe of a
-        payload (`CheckpointManager.probe_disk`; `entry`, or the store's largest) instead
-        of the 1 GB/s prior. A prior too slow for the machine made every load look slower
-        than recomputing on the H200, so the worker never loaded and never learnt."""
+        """Before the first real load: the disk rates start from probes of a payload
+        (`entry`, or the store's largest) instead of the 1 GB/s prior: a cold read
+        (`CheckpointManager.probe_disk`) for payloads out of the page cache, a warm load
+        (`probe_warm_load`: read and copy to the device) for payloads in it. A prior too
+        slow for the machine made every load look slower than recomputing on the H200, so
+        the worker never loaded and never learnt."""
         if self.rates.disk_bps > 0 or self.checkpoints.store is None:
             return
         bps = self.checkpoints.probe_disk(entry)
@@ -642,8 +644,13 @@ class Engine:
                 self._disk_probes_left -= 1
             return
         self._disk_probes_left = 0
-        self.rates = replace(self.rates, disk_bps=bps, disk_cold_bps=bps)
-        log.info("disk read probe (page cache bypassed): %.2f GB/s; load-or-recompute starts from it", bps / 1e9)
+        warm = self.checkpoints.probe_warm_load(entry)
+        if warm:  # a cold load reads and copies too: never faster than a warm one
+            bps = min(bps, warm)
+        self.rates = replace(self.rates, disk_bps=bps, disk_cold_bps=bps, disk_warm_bps=warm or 0.0)
+        log.info("disk probes: cold read (page cache bypassed) %.2f GB/s, warm load (page cache, copy to the "
+                 "device) %s; load-or-recompute starts from them", bps / 1e9,
+                 f"{warm / 1e9:.2f} GB/s" if warm else "not measured")
 
     def _measure_load(self, restored: Restored) -> None:
         if not (restored.loaded_bytes and restored.load_seconds > 0):

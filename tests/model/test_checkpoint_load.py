@@ -134,3 +134,25 @@ def test_a_load_cut_shorter_than_the_checkpoint_still_reads_it_once(stored, payl
     assert restored is not None and restored.n_tokens == N_TOKENS - 50
     path = store.payload_dir / entry.payload_name
     assert payload_reads == {str(path): path.stat().st_size}
+
+
+def test_the_warm_load_probe_runs_the_load_path_and_refuses_what_is_not_a_payload(bundle, tmp_path):
+    """The warm probe turns a payload's first tensors into arrays as a load does and
+    gives a rate; a file that is not a payload, or a missing one, gives None."""
+    from kvrouter.cachestore import CheckpointStore, StoreConfig
+    from kvrouter.worker import cache_state
+    from kvrouter.worker.checkpoint_load import probe_warm_load_bps
+    from kvrouter.worker.checkpoints import CheckpointManager
+
+    n = 3000  # ~3 MiB of KV on the tiny llama: past the probe's 1 MiB floor
+    store = CheckpointStore(StoreConfig(tmp_path / "kv", min_tokens=64))
+    tokens, state = _state(bundle, n, 2)
+    entry = store.save("anchor", MODEL_ID, "ns", tokens, cache_state.payload_writer(state, n, MODEL_ID))
+    path = store.payload_dir / entry.payload_name
+    assert path.stat().st_size > (2 << 20)
+    assert probe_warm_load_bps(path) > 0
+    assert CheckpointManager(MODEL_ID, bundle.state, store).probe_warm_load() > 0  # the store's largest payload
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\xff" * (4 << 20))
+    assert probe_warm_load_bps(junk) is None
+    assert probe_warm_load_bps(tmp_path / "missing") is None

@@ -125,6 +125,8 @@ def test_disk_rates_start_from_a_cold_read_probe_not_the_prior(tmp_path):
         assert [e.kind for e in call.wait().store_events if e.action == "stored"] == ["anchor"]
         bps = seeded(engine)
         assert bps > 0 and engine.rates.disk_cold_bps == bps
+        # the warm probe went through the real load path: a rate, never below the cold one
+        assert engine.rates.disk_warm_bps >= bps
     finally:
         engine.stop(shutdown_checkpoint=False)
     again = make_engine(tmp_path / "kv", decode_concurrency=2)  # a restart: the payload is there
