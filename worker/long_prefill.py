@@ -18,7 +18,12 @@ does), one chunk of at most `prefill_step_size` tokens per `next()` call, right
 after the batch's own step, so sequences in the batch keep decoding while it
 prefills. Long prompts go first come first served, one at a time (a chunk of a
 few thousand tokens already fills a GPU; taking them in turn gives the first
-its first token soonest). When only the last prompt token is left the sequence
+its first token soonest). A step prefills at most `prefill_step_size` tokens
+here: when the head finishes with budget left, the next sequences whose current
+segment fits whole take the rest,
+so several short suffixes over long stored prefixes (hits arriving together)
+join the batch in the same step instead of one per step (on the H200 four such
+hits got their first tokens 0.33, 0.47, 0.53 and 0.55 s after arrival). When only the last prompt token is left the sequence
 joins the batch with its caches (the batch merges them, as it merges a restored
 state) and decodes there; its first token comes from the batch's next step.
 
@@ -135,15 +140,25 @@ class LongPrefillGenerator:
         return uids
 
     def next(self):
-        """One step: the batch's (a decode step and a chunk of its prompts), then one chunk
-        of the long prompt at the head of the queue. Returns (prompt responses,
+        """One step: the batch's (a decode step and a chunk of its prompts), then up to
+        `prefill_step_size` tokens of the long prompts, from the head of the queue (one
+        chunk per sequence; a sequence that finishes leaves the rest of the budget to the
+        next). Returns (prompt responses,
         generation responses) as `BatchGenerator.next` does, with this object's uids."""
         with mx.stream(self.batch.stream):
             prompt_out, gen_out = self.batch.next()
             prompt_out = [self._outer_prompt(r) for r in prompt_out]
             gen_out = [self._outer_generated(r) for r in gen_out]
-            if self._long:
-                prompt_out.append(self._prefill_chunk(self._long[0]))
+            budget = self.prefill_step_size  # tokens this step prefills here, first come first served
+            while self._long and budget > 0:
+                head = self._long[0]
+                if budget < self.prefill_step_size and len(head.segments[0]) > budget:
+                    break  # after the first: only a segment that fits whole (no sliver chunks)
+                response, n = self._prefill_chunk(head, budget)
+                prompt_out.append(response)
+                budget -= n
+                if self._long and self._long[0] is head:  # not done: the rest waits for the next step
+                    break
         return prompt_out, gen_out
 
     def extract_cache(self, uids) -> dict:
@@ -187,12 +202,13 @@ class LongPrefillGenerator:
         r.uid = uid
         return r
 
-    def _prefill_chunk(self, s: _Long):
-        """One chunk of `s`'s current segment through the model on its own caches (mlx-lm's
-        causal mask for one sequence); when only its last token is left it joins the batch."""
+    def _prefill_chunk(self, s: _Long, limit: int):
+        """One chunk (at most `limit` tokens) of `s`'s current segment through the model on
+        its own caches (mlx-lm's causal mask for one sequence); when only its last token is
+        left it joins the batch. Returns (its prompt response, tokens prefilled)."""
         tic = time.perf_counter()
         segment = s.segments[0]
-        chunk = segment[: self.prefill_step_size]
+        chunk = segment[:limit]
         self.model(mx.array(chunk, dtype=mx.int32)[None], cache=s.caches)
         mx.eval([c.state for c in s.caches])  # the logits are never evaluated: only the caches are computed
         s.tokens += chunk
@@ -202,4 +218,4 @@ class LongPrefillGenerator:
             (inner,) = self.batch.insert_segments([s.segments], max_tokens=[s.max_tokens], caches=[s.caches],
                                                   all_tokens=[s.tokens], samplers=[s.sampler])
             self._link(s.uid, inner, s.done)
-        return PromptProcessingBatch.Response(s.uid, (s.done, s.total), end, False)
+        return PromptProcessingBatch.Response(s.uid, (s.done, s.total), end, False), len(chunk)

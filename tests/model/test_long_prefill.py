@@ -82,6 +82,45 @@ def test_a_long_prompt_prefills_on_its_own_caches_while_the_batch_decodes(tiny_m
     assert gen.extract_cache([su, lu]) == {}
 
 
+def test_hits_arriving_together_join_the_batch_in_one_step_when_their_suffixes_fit_its_budget(tiny_model):
+    """Three requests restored from a 70-token prefix, each with a 5-token suffix
+    (threshold 60: all take the long path): one step prefills all three suffixes (15
+    tokens of a 16-token budget) and they join the batch together, then decode as an
+    uncached run would. A fourth whose segment is longer than the budget left waits for
+the next step (no sliver chunk)."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    from kvrouter.worker import cache_state
+    from kvrouter.worker.long_prefill import LongPrefillGenerator
+    from kvrouter.worker.models import load_model
+    from kvrouter.worker.segments import prefill_segments
+
+    bundle = load_model(str(tiny_model("llama")), model_cache_dir())
+    model, spec = bundle.model, bundle.state
+    batch = BatchGenerator(model, completion_batch_size=4, prefill_batch_size=4, prefill_step_size=CHUNK)
+    gen = LongPrefillGenerator(model, batch, min_tokens=60, prefill_step_size=CHUNK)
+    shared = tokens_of(70, 5)
+    base = spec.new()
+    for a in range(0, 70, CHUNK):
+        model(mx.array(shared[a:a + CHUNK])[None], cache=base)
+    mx.eval([c.state for c in base])
+    prompts = [shared + tokens_of(6, 10 + i) for i in range(3)] + [shared + tokens_of(20, 20)]
+    uids = gen.insert_segments([prefill_segments(p, 70, CHUNK) for p in prompts], max_tokens=[3] * 4,
+                               caches=[cache_state.cut(base, 70, 70) for _ in prompts],
+                               all_tokens=[list(shared)] * 4)
+    assert gen.prefilling == tuple(uids)
+    prompt_out, _ = gen.next()
+    assert gen.prefilling == (uids[3],), "the three short suffixes joined the batch in one step"
+    assert sorted((r.uid, r.progress) for r in prompt_out) == [(u, (5, 6)) for u in uids[:3]]
+    tokens = {u: [] for u in uids}
+    while any(len(t) < 3 for t in tokens.values()):
+        for r in gen.next()[1]:
+            tokens[r.uid].append(r.token)
+    for u, p in zip(uids, prompts):
+        assert_same_greedy(tokens[u], greedy_reference(model, p, 3, eos=(), chunk=CHUNK))
+
+
 def test_a_long_prompt_through_the_engine_stores_its_checkpoint_and_answers_as_uncached(tmp_path):
     """Default model, store on, --long-prefill-tokens 300: a 600-token prompt is
     prefilled outside the batch beside a decoding request; its cold checkpoint is
