@@ -4,9 +4,10 @@ copied, written to a checkpoint file and read back through mlx-lm's cache API.
 A state is the list `mlx_lm.models.cache.make_prompt_cache(model)` returns: per
 layer a cache object (`KVCache`, `RotatingKVCache` for sliding-window layers,
 `ArraysCache` for recurrent layers, `QuantizedKVCache` with `--kv-bits`,
-`ChunkedKVCache`, `CacheList` of several). Checkpoint files are what mlx-lm's
-`save_prompt_cache` writes (each layer's class name and its `state`, scalars
-included) plus our metadata, and are read back in the same layout by
+`ChunkedKVCache`, `CacheList` of several). Checkpoint files have the layout of mlx-lm's
+`save_prompt_cache` (each layer's class name and its `state`, scalars
+included) plus our metadata, written one tensor at a time (`worker.payload_write`),
+and are read back in the same layout by
 `worker.checkpoint_load` (one hashed read, arrays built per tensor); nothing here
 slices tensors by layer kind except `cut`, which compacts a state to exactly the
 tokens it keeps.
@@ -42,12 +43,12 @@ from mlx_lm.models.cache import (
     QuantizedKVCache,
     RotatingKVCache,
     make_prompt_cache,
-    save_prompt_cache,
 )
 
 from kvrouter.cachestore.costs import ReuseRules
 from kvrouter.worker.config import KvQuantization
 from kvrouter.worker.payload_format import FORMAT_TAG
+from kvrouter.worker.payload_write import prompt_cache_arrays, write_safetensors
 
 _FULL = (KVCache, QuantizedKVCache, ConcatenateKVCache)  # keep every token: cut anywhere
 
@@ -234,15 +235,20 @@ def trim(caches, held: int, n: int) -> None:
         c.trim(held - n)
 
 
-def payload_writer(caches, n_tokens: int, model_id: str) -> Callable[[Path], None]:
+def payload_writer(caches, n_tokens: int, model_id: str,
+                   pause: Callable[[], None] | None = None) -> Callable[[Path], None]:
     """A function that writes a state holding exactly `n_tokens` tokens to a path
-    ending in ".safetensors", through mlx-lm's `save_prompt_cache` (each layer's class
-    and `state`), with metadata: format tag, model identity, token count."""
+    ending in ".safetensors", in mlx-lm's `save_prompt_cache` layout (each layer's class
+    and `state`), with metadata: format tag, model identity, token count. It writes one
+    tensor at a time (`worker.payload_write`) and calls `pause()` before each (the
+    worker's writer holds there while first tokens are pending). Raises CutError when
+    the state does not hold `n_tokens` tokens."""
     check_tokens(caches, n_tokens)
     metadata = {"format": FORMAT_TAG, "model_id": model_id, "n_tokens": str(n_tokens)}
 
     def write(path: Path) -> None:
-        save_prompt_cache(str(path), caches, metadata=metadata)
+        arrays, flat_meta = prompt_cache_arrays(caches, metadata)
+        write_safetensors(path, arrays, flat_meta, pause)
 
     return write
 

@@ -16,6 +16,12 @@ caller, which counts them (`skipped`, reason `writer_behind`).
 
 At shutdown `drain` writes what is queued on several threads at once, within a
 deadline, and returns what it could not write.
+
+First tokens go first: a payload is written one tensor at a time
+(`worker.payload_write`), and before each tensor the write holds while the engine
+reports requests waiting for their first token (`first_tokens_pending`), at most
+MAX_WRITE_HOLD_S per write (`pauser`). On the H200 (8B model) hits that overlapped
+a 0.64 GB evict write took ~0.45 s to their first token, against ~0.15 s alone.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ KIND_VALUE = {"anchor": 3, "waypoint": 2, "evict": 1, "shutdown": 0}
 """What a store is worth when the writer is behind (higher is kept)."""
 
 DEFAULT_MAX_ITEMS = 8
+MAX_WRITE_HOLD_S = 2.0
+"""The longest one checkpoint write is held, in all, while first tokens are pending
+(`CheckpointWriter.pauser`): first tokens go first, but a steady stream of requests
+must not stop the writes (the queue would fill and skip stores)."""
+HOLD_POLL_S = 0.002  # how often a held write looks again
 SHUTDOWN_THREADS = 4  # payload writes in parallel at shutdown (disks overlap several streams)
 
 
@@ -95,6 +106,8 @@ class CheckpointWriter:
         self._busy = 0  # jobs being written now
         self._completed: list[Completion] = []
         self._closed = False
+        # Requests waiting for their first token, set by the engine thread (`pauser`).
+        self.first_tokens_pending = 0
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
@@ -131,6 +144,22 @@ class CheckpointWriter:
 
     def _fits(self, job: WriteJob) -> bool:
         return len(self._queue) < self.max_items and self._bytes + job.n_bytes <= self.max_bytes
+
+    def pauser(self, max_hold_s: float = MAX_WRITE_HOLD_S) -> Callable[[], None]:
+        """A `pause` for one payload write (`cache_state.payload_writer`): each call
+        returns at once when no first token is pending, else waits until none is, the
+        writer closes (shutdown), or the write has been held `max_hold_s` seconds in all."""
+        left = [max_hold_s]
+
+        def pause() -> None:
+            if left[0] <= 0 or self._closed or self.first_tokens_pending <= 0:
+                return
+            t0 = time.monotonic()
+            while self.first_tokens_pending > 0 and not self._closed and time.monotonic() - t0 < left[0]:
+                time.sleep(HOLD_POLL_S)
+            left[0] -= time.monotonic() - t0
+
+        return pause
 
     def take_completed(self) -> list[Completion]:
         """Outcomes since the last call, in completion order."""

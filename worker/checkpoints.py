@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -80,6 +81,9 @@ class CheckpointManager:
         self.store_listeners = store_listeners if store_listeners is not None else StoreListeners()
         self._round: dict[str, list] = {}  # checkpoints loaded during this admission round, by entry id
         self.prefetch = Prefetcher(store, prefetch_bytes) if store is not None and prefetch_bytes > 0 else None
+        # Makes the `pause` of each payload write (the engine's `CheckpointWriter.pauser`:
+        # writes hold between tensors while first tokens are pending); None: never held.
+        self.write_pauser: Callable[[], Callable[[], None]] | None = None
 
     def prefetch_for(self, prompt, namespace: str, owner) -> bool:
         """Starts reading the checkpoint `prompt` would load from disk while its request
@@ -227,7 +231,8 @@ class CheckpointManager:
         state = cache_state.cut(caches, held, len(tokens))
         mx.eval([c.state for c in state])  # the writer thread only reads finished arrays
         size = cache_state.nbytes(state)
-        payload_writer = cache_state.payload_writer(state, len(tokens), self.model_id)
+        pause = self.write_pauser() if self.write_pauser is not None else None
+        payload_writer = cache_state.payload_writer(state, len(tokens), self.model_id, pause)
         store, model_id, tokens = self.store, self.model_id, list(tokens)
 
         def write():

@@ -247,6 +247,7 @@ class Engine:
         self._writer_owner = threading.local()  # on a writer thread: the request of the store it runs
         self.writer = CheckpointWriter(config.writer_max_items, config.writer_max_bytes,
                                        on_complete=lambda: self._queue.put(_WAKE))
+        checkpoints.write_pauser = self.writer.pauser  # writes step aside for first tokens
         self.shutdown_report: tuple[int, int] | None = None  # (stored, skipped) shutdown checkpoints
         # Steps of work done: admissions, batch steps (a prefill chunk or a decoded token),
         # checkpoints written. Read from other threads (GetStatus) to tell a stall.
@@ -341,13 +342,21 @@ class Engine:
                 return
             self._cancel_requested()
             self._admit_waiting()
+            self._publish_first_tokens_pending()
             if self._running:
                 try:
                     self._step()
                 except Exception as exc:  # one failure must not kill the thread
                     self._batch_failed(exc)
                 self._account()
+                self._publish_first_tokens_pending()
             self._end_step(ram_before)
+
+    def _publish_first_tokens_pending(self) -> None:
+        """Tells the checkpoint writer how many requests wait for their first token
+        (queued, or in the batch without one): its writes hold between tensors meanwhile."""
+        self.writer.first_tokens_pending = len(self._waiting) + sum(
+            1 for r in self._running.values() if not r.generated)
 
     def _take_jobs(self, block: bool) -> None:
         try:

@@ -156,3 +156,26 @@ def test_the_warm_load_probe_runs_the_load_path_and_refuses_what_is_not_a_payloa
     junk.write_bytes(b"\xff" * (4 << 20))
     assert probe_warm_load_bps(junk) is None
     assert probe_warm_load_bps(tmp_path / "missing") is None
+
+
+def test_a_payload_written_tensor_by_tensor_is_what_mlx_lm_saves_and_pauses_before_each(bundle, tmp_path):
+    """The worker's payload writer (`worker.payload_write`) gives a file mlx-lm's
+    `load_prompt_cache` reads back to the same arrays, classes and metadata as its own
+    `save_prompt_cache`, and it calls pause() once before each tensor."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    from kvrouter.worker import cache_state
+
+    tokens, state = _state(bundle, 300, 3)
+    calls = []
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    cache_state.payload_writer(state, 300, MODEL_ID, pause=lambda: calls.append(1))(ours)
+    meta = {"format": "x", "model_id": MODEL_ID, "n_tokens": "300"}
+    save_prompt_cache(str(theirs), state, metadata=meta)
+    a, a_meta = load_prompt_cache(str(ours), return_metadata=True)
+    b, _ = load_prompt_cache(str(theirs), return_metadata=True)
+    assert [type(c).__name__ for c in a] == [type(c).__name__ for c in b]
+    assert len(_arrays(a)) == len(_arrays(b)) and all(mx.array_equal(x, y) for x, y in zip(_arrays(a), _arrays(b)))
+    assert a_meta["model_id"] == MODEL_ID and a_meta["n_tokens"] == "300"
+    assert len(calls) == len(mx.load(str(ours)))

@@ -24,8 +24,8 @@ def blocked_writes(monkeypatch):
     started, release = threading.Event(), threading.Event()
     real = cache_state.payload_writer
 
-    def slow_writer(caches, n_tokens, model_id):
-        write = real(caches, n_tokens, model_id)
+    def slow_writer(caches, n_tokens, model_id, pause=None):
+        write = real(caches, n_tokens, model_id, pause)
 
         def blocked(path):
             started.set()
@@ -263,5 +263,23 @@ def test_requests_admitted_together_share_one_restored_checkpoint(tmp_path, monk
         fb, fc = b.wait(), c.wait()
         assert (fb.usage.cached_tokens, fc.usage.cached_tokens) == (256, 256)
         assert len(loads) == 1  # one read of the payload for both
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+
+
+def test_the_writer_is_told_while_a_request_waits_for_its_first_token(tmp_path):
+    """While a request is queued or prefilling, the engine reports it to the checkpoint
+    writer (whose payload writes hold between tensors meanwhile); once it has its
+    first token, and at its end, the count is back to 0."""
+    engine = make_engine(tmp_path / "kv", decode_concurrency=2)
+    try:
+        seen = []
+        call = Call(engine, prompt_of(400, 81), max_tokens=8)
+        while call.events.empty():  # until its first token
+            seen.append(engine.writer.first_tokens_pending)
+            time.sleep(0.001)
+        assert max(seen) >= 1
+        call.wait()
+        assert engine.writer.first_tokens_pending == 0
     finally:
         engine.stop(shutdown_checkpoint=False)

@@ -118,3 +118,33 @@ def test_drain_past_the_deadline_returns_what_it_did_not_start():
     left = writer.drain(timeout_s=0.0)
     assert sorted(j.owner for j in left) == ["a", "b"]
     gate.open.set()
+
+
+def test_a_write_holds_while_first_tokens_are_pending_within_its_budget():
+    """pause() returns at once with no first token pending; with one pending it waits
+    until the engine reports none; a write is held at most max_hold_s in all; after
+    close (shutdown) it never holds."""
+    import time
+
+    w = CheckpointWriter()
+    try:
+        pause = w.pauser(max_hold_s=5.0)
+        t0 = time.monotonic()
+        pause()
+        assert time.monotonic() - t0 < 0.05
+        w.first_tokens_pending = 2
+        threading.Timer(0.2, lambda: setattr(w, "first_tokens_pending", 0)).start()
+        t0 = time.monotonic()
+        pause()
+        assert 0.15 < time.monotonic() - t0 < 2.0  # released when the first tokens came
+        w.first_tokens_pending = 1  # never released: the budget ends the holds
+        short = w.pauser(max_hold_s=0.1)
+        t0 = time.monotonic()
+        for _ in range(5):
+            short()
+        assert 0.09 < time.monotonic() - t0 < 1.0
+    finally:
+        w.close()
+    t0 = time.monotonic()
+    w.pauser(max_hold_s=5.0)()
+    assert time.monotonic() - t0 < 0.05  # closed: shutdown writes are never held
