@@ -58,8 +58,9 @@ def test_reopened_on_a_full_disk_it_reads_and_stores_nothing(small_tmpfs, monkey
 
 
 def test_mlx_payload_writer_on_a_full_disk_is_a_skip(small_tmpfs, no_backoff):
-    """mx.save_safetensors raises RuntimeError ("[write] Unable to write ...") on ENOSPC,
-    not OSError: the store turns it into a skip too."""
+    """The worker's payload writer (one tensor at a time, `worker.payload_write`) on a
+    full disk: its OSError (ENOSPC) is a `disk_full` skip, and nothing is left behind.
+    (mx.save_safetensors, used before, raised RuntimeError there: a `write_failed` skip.)"""
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache
 
@@ -70,5 +71,5 @@ def test_mlx_payload_writer_on_a_full_disk_is_a_skip(small_tmpfs, no_backoff):
     layer.keys, layer.values, layer.offset = mx.zeros((1, 4, 4096, 256)), mx.zeros((1, 4, 4096, 256)), 4096  # 32 MiB
     with CheckpointStore(StoreConfig(directory=small_tmpfs / "kv", min_tokens=1), on_event=events.append) as store:
         assert store.save("anchor", "m", "ns", toks(4096), cache_state.payload_writer([layer], 4096, "m")) is None
-        assert [(e.action, e.reason) for e in events] == [("skipped", "write_failed")]
+        assert [(e.action, e.reason) for e in events] == [("skipped", "disk_full")]
         assert os.listdir(store.payload_dir) == [] and store.entries() == []
