@@ -144,6 +144,11 @@ class EngineFailpoint(BaseException):
 
 MIN_RATE_TOKENS = 64  # shorter prefills measure per-step overhead more than the rate
 MIN_RATE_STEPS = 8  # decode steps per decode-rate measurement
+IDLE_RETURN_S = 2.0
+"""Seconds the engine stays idle before it hands free memory back (MLX's buffer cache,
+the C heap: `sizing.return_free_memory`). Not at once: clients send the next request
+within milliseconds (the bench's next group, an agent's next tool call), and on the
+H200 every request then started with fresh allocations for the batch's KV."""
 
 
 @dataclass
@@ -326,16 +331,20 @@ class Engine:
         self._stream = mx.new_stream(mx.default_device())
         self._gen = self._new_generator()
         self._seed_disk_rate(None)
-        busy = False
+        busy, memory_due = False, None
         while True:
             idle = not self._running and not self._waiting
-            if idle and busy:  # the burst is over: memory nothing holds goes back to the system
+            if idle and busy:  # a burst ended: memory nothing holds goes back if no work comes soon
+                memory_due = time.monotonic() + IDLE_RETURN_S
+            if idle and memory_due is not None and time.monotonic() >= memory_due:
                 return_free_memory()
+                memory_due = None
             busy = not idle
             # Before the writes are collected: a stored checkpoint joins the RAM tier there,
             # and `_end_step` publishes what changed since this snapshot.
             ram_before = set(self.checkpoints.ram.ids())
-            self._take_jobs(block=idle)
+            self._take_jobs(block=idle, timeout=max(0.0, memory_due - time.monotonic())
+                            if idle and memory_due is not None else None)
             self._collect_writes()
             if self._stopping is not None and not self._running and not self._waiting:
                 self._shutdown(self._stopping[0], ram_before)
@@ -358,9 +367,9 @@ class Engine:
         self.writer.first_tokens_pending = len(self._waiting) + sum(
             1 for r in self._running.values() if not r.generated)
 
-    def _take_jobs(self, block: bool) -> None:
+    def _take_jobs(self, block: bool, timeout: float | None = None) -> None:
         try:
-            item = self._queue.get(block=block)
+            item = self._queue.get(block=block, timeout=timeout)
             while True:
                 if isinstance(item, tuple) and item[0] is _STOP:
                     self._stopping = (item[1],)
