@@ -1,5 +1,5 @@
 """Benchmark: checkpoint payload size (and write / read time) per model at given
-prompt lengths, in the format workers write (mlx-lm's `save_prompt_cache`).
+prompt lengths, in the format workers write (mlx-lm's `save_prompt_cache` layout, `worker.payload_write`).
 
     python -m kvrouter.worker.bench_checkpoints [--model SPEC ...] [--kv-bits 8] \\
         [--tokens 1024 8192] [--cold] [--json OUT]

@@ -85,7 +85,11 @@ def write_safetensors(path, arrays: dict[str, mx.array], metadata: dict[str, str
             a = arrays[name]
             if a.nbytes == 0:
                 continue
-            raw = mx.contiguous(a.reshape(-1)).view(mx.uint8)  # a state's slices are strided views
-            mx.eval(raw)
-            f.write(memoryview(raw))
+            mx.eval(a)
+            raw = memoryview(a)
+            if not raw.c_contiguous:  # a state's slices of a larger buffer are strided views
+                a = mx.contiguous(a)
+                mx.eval(a)
+                raw = memoryview(a)
+            f.write(raw)
     return 8 + len(head) + offset
