@@ -102,6 +102,10 @@ def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-ram-mb", type=nonneg_int, default=None,
                    help="RAM tier: recently used checkpoints kept in memory per worker, MiB (default: sized from "
                         "the model and the machine's memory, printed at start; on Apple silicon this is GPU memory)")
+    g.add_argument("--kv-cache-warm-mb", type=nonneg_int, default=None,
+                   help="after a start, stored checkpoints loaded into the RAM tier while the worker is idle, MiB: "
+                        "anchors first, then the most reused; a request arriving stops a load between tensors "
+                        "(default: half the RAM tier; 0: off)")
     g.add_argument("--no-kv-cache", action="store_true", help="turn the disk checkpoint store off")
 
 
@@ -162,6 +166,7 @@ def _store_flags_as_args(ns: argparse.Namespace) -> list[str]:
         "--kv-cache-boundary-align-tokens", str(ns.kv_cache_boundary_align_tokens),
         *(["--kv-cache-disk-mb", str(ns.kv_cache_disk_mb)] if ns.kv_cache_disk_mb is not None else []),
         *(["--kv-cache-ram-mb", str(ns.kv_cache_ram_mb)] if ns.kv_cache_ram_mb is not None else []),
+        *(["--kv-cache-warm-mb", str(ns.kv_cache_warm_mb)] if ns.kv_cache_warm_mb is not None else []),
     ]
 
 
@@ -448,6 +453,7 @@ def worker_config(ns: argparse.Namespace):
         prefill_chunk_tokens=ns.prefill_chunk_tokens,
         batching=batching_config(ns),
         ram_bytes=0 if ns.no_kv_cache else None if ns.kv_cache_ram_mb is None else ns.kv_cache_ram_mb * 2**20,
+        warm_bytes=0 if ns.no_kv_cache else None if ns.kv_cache_warm_mb is None else ns.kv_cache_warm_mb * 2**20,
         memory=memory_config(ns),
         port_file=ns.port_file,
         parent_pid=ns.parent_pid,

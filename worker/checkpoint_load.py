@@ -194,17 +194,25 @@ def piece_bytes_for_device() -> int:
         return 0
 
 
+class LoadInterrupted(Exception):
+    """A load given up between tensors because its caller asked (`load_state`'s
+    should_stop): nothing is wrong with the payload."""
+
+
 def load_state(read: SequentialRead, model_id: str, n_tokens: int, layout: str,
-               verify: Callable[[SequentialRead], None], piece_bytes: int | None = None) -> tuple[list, LoadStages]:
+               verify: Callable[[SequentialRead], None], piece_bytes: int | None = None,
+               should_stop: Callable[[], bool] | None = None) -> tuple[list, LoadStages]:
     """The state a checkpoint payload holds, from its one read, with where the time went.
 
     verify: called once every byte is in (before any cache object is built), e.g.
     `CheckpointStore.finish_read`, which compares the checksum; what it raises
     propagates. model_id / n_tokens / layout: what the payload must hold (its
     metadata and `cache_state.describe_layout`). piece_bytes: see `_pieces` (None: by
-    device). Returns (caches, LoadStages); arrays are evaluated. Raises
-    CheckpointFormatError for a payload that is not such a state, PayloadReadError
-    when the read fails; the read is cancelled on any error."""
+    device). should_stop: asked before each tensor; True gives the load up (the RAM
+    tier's warm-up yields to a request that way). Returns (caches, LoadStages); arrays
+    are evaluated. Raises CheckpointFormatError for a payload that is not such a state,
+    PayloadReadError when the read fails, LoadInterrupted when should_stop said so; the
+    read is cancelled on any error."""
     t0 = time.perf_counter()
     wait0 = read.wait_seconds
     pieces = piece_bytes_for_device() if piece_bytes is None else piece_bytes
@@ -212,6 +220,8 @@ def load_state(read: SequentialRead, model_id: str, n_tokens: int, layout: str,
         header = read_header(read)
         arrays = {}
         for span in header.tensors:
+            if should_stop is not None and should_stop():
+                raise LoadInterrupted(f"{read.path}: load given up after {len(arrays)} tensors")
             if span.start > read.consumed:
                 read.skip(span.start - read.consumed)
             arrays[span.name] = _load_tensor(read, span, pieces)

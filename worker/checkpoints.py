@@ -29,7 +29,7 @@ from kvrouter.cachestore.payload_read import PayloadReadError, probe_cold_read_b
 from kvrouter.worker import cache_state
 from kvrouter.worker.cache_events import StoreListeners
 from kvrouter.worker.cache_state import CheckpointFormatError, CutError, StateSpec
-from kvrouter.worker.checkpoint_load import LoadStages, load_state, probe_warm_load_bps
+from kvrouter.worker.checkpoint_load import LoadInterrupted, LoadStages, load_state, probe_warm_load_bps
 from kvrouter.worker.checkpoint_writer import WriteJob
 from kvrouter.worker.live_states import LiveState
 from kvrouter.worker.prefetch import Prefetcher
@@ -192,6 +192,43 @@ class CheckpointManager:
             f"build_ms={stages.build_s * 1000:.0f} resident={stages.resident}",
         )
         return Restored(state, n_tokens, source, entry.n_tokens, seconds, entry.id, entry.payload_bytes, stages)
+
+    def warm_candidates(self, max_bytes: int) -> list[Entry]:
+        """Stored checkpoints of this model to load into the RAM tier while the worker is
+        idle after its start (`warm`), most valuable first: anchors (blocks several
+        sessions share) before other kinds, then the most reused (hits), then the most
+        recently used; as many as fit in `max_bytes` bytes in all. Empty without a store."""
+        if self.store is None or max_bytes <= 0:
+            return []
+        rows = [e for e in self.store.entries() if e.model_id == self.model_id and e.id not in self.ram]
+        rows.sort(key=lambda e: (e.kind == "anchor", e.hits, e.last_used), reverse=True)
+        chosen, total = [], 0
+        for e in rows:
+            if total + e.payload_bytes <= max_bytes:
+                chosen.append(e)
+                total += e.payload_bytes
+        return chosen
+
+    def warm(self, entry: Entry, should_stop: Callable[[], bool]) -> LoadStages | None:
+        """Loads `entry` from disk into the RAM tier (the RAM tier's warm-up after a
+        start), giving way between tensors when `should_stop()` says so. Returns the
+        load's stages; None when it was given up (LoadInterrupted: nothing is wrong
+        with it) or unusable (then quarantined, as a failed load is)."""
+        if self.store is None or entry.id in self.ram:
+            return None
+        try:
+            read = self.store.open_read(entry)
+            caches, stages = load_state(read, self.model_id, entry.n_tokens, self.spec.layout,
+                                        verify=lambda r: self.store.finish_read(entry, r), should_stop=should_stop)
+        except LoadInterrupted:
+            return None
+        except (PayloadError, PayloadReadError, CheckpointFormatError, OSError) as exc:
+            if not isinstance(exc, PayloadError):
+                self.store.quarantine(entry.id, f"load failed: {exc}")
+            log.warning("checkpoint %s unusable, not kept in the RAM tier: %s", entry.id, exc)
+            return None
+        self.ram.put(entry.id, caches)
+        return stages
 
     def quarantine(self, entry_id: str, reason: str) -> None:
         """Marks the checkpoint a failed restore came from so it is never loaded again (case C11)."""

@@ -58,6 +58,11 @@ class BatchingConfig:
 
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
 DEFAULT_WRITER_ITEMS = 8
+DEFAULT_RAM_WARM_FRACTION = 0.5
+"""Share of the RAM tier a worker fills, after its start, with stored checkpoints loaded
+while it is idle (`--kv-cache-warm-mb`, `Engine._plan_warmup`): after a restart the
+shared blocks are RAM-tier hits instead of disk loads or recomputes; the rest of the tier
+is left for new checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,8 @@ class WorkerConfig:
     store: the disk checkpoint store, or None with --no-kv-cache.
     cache_dir: where models and digests are cached.
     ram_bytes: RAM tier budget (recent checkpoints kept in memory), bytes (None: sized).
+    warm_bytes: stored checkpoints loaded into the RAM tier while idle after the start,
+        bytes (None: DEFAULT_RAM_WARM_FRACTION of the RAM tier; 0: none).
     prefill_chunk_tokens: prefill chunk, tokens (None: by backend, `worker.sizing`).
     memory: the other memory bounds (`MemoryConfig`).
     port_file: when set, the bound port is written there once the worker is ready.
@@ -148,6 +155,7 @@ class WorkerConfig:
     prefill_chunk_tokens: int | None = None
     batching: BatchingConfig = BatchingConfig()
     ram_bytes: int | None = None
+    warm_bytes: int | None = None
     port_file: Path | None = None
     parent_pid: int | None = None
     worker_name: str = "w0"

@@ -108,6 +108,8 @@ class EngineConfig:
     long_prefill_tokens: prompts at least this long (tokens) are prefilled outside
         the batch by a plain per-sequence loop, then join it to decode
         (`worker.long_prefill`); 0: every prompt is prefilled in the batch.
+    ram_warmup_bytes: stored checkpoints loaded into the RAM tier while idle after
+        the start (`_plan_warmup`), bytes in all; 0: none.
     """
 
     prefill_chunk_tokens: int = 256
@@ -121,6 +123,7 @@ class EngineConfig:
     running_kv_bytes: int = 0
     kv_bytes_per_token: int = 0
     long_prefill_tokens: int = DEFAULT_LONG_PREFILL_TOKENS
+    ram_warmup_bytes: int = 0
 
 
 class EngineDeadError(RuntimeError):
@@ -233,6 +236,9 @@ class Engine:
         self._stopped = threading.Event()
         self.rates = Rates()
         self._prefill_fit = PrefillFit()  # prefill time by position, from prefills that ran alone
+        self._warmup: deque = deque()  # stored checkpoints still to load into the RAM tier (`_plan_warmup`)
+        self._warmup_tries: dict[str, int] = {}
+        self._warmup_done = [0, 0, 0.0]
         self._disk_probes_left = 2  # cold-read probes that may still seed the disk rates (`_seed_disk_rate`)
         # Called on the engine thread with a LiveChanged or RamChanged; must be
         # thread-safe and must not raise.
@@ -331,6 +337,7 @@ class Engine:
         self._stream = mx.new_stream(mx.default_device())
         self._gen = self._new_generator()
         self._seed_disk_rate(None)
+        self._plan_warmup()
         busy, memory_due = False, None
         while True:
             idle = not self._running and not self._waiting
@@ -340,10 +347,11 @@ class Engine:
                 return_free_memory()
                 memory_due = None
             busy = not idle
+            warming = idle and bool(self._warmup) and self._stopping is None
             # Before the writes are collected: a stored checkpoint joins the RAM tier there,
             # and `_end_step` publishes what changed since this snapshot.
             ram_before = set(self.checkpoints.ram.ids())
-            self._take_jobs(block=idle, timeout=max(0.0, memory_due - time.monotonic())
+            self._take_jobs(block=idle and not warming, timeout=max(0.0, memory_due - time.monotonic())
                             if idle and memory_due is not None else None)
             self._collect_writes()
             if self._stopping is not None and not self._running and not self._waiting:
@@ -359,7 +367,39 @@ class Engine:
                     self._batch_failed(exc)
                 self._account()
                 self._publish_first_tokens_pending()
+            elif warming and not self._waiting and self._stopping is None:
+                self._warm_one()
             self._end_step(ram_before)
+
+    def _plan_warmup(self) -> None:
+        """After a start: the stored checkpoints to load into the RAM tier while idle
+        (`CheckpointManager.warm_candidates`, up to `config.ram_warmup_bytes` and the
+        RAM tier's own bound)."""
+        budget = min(self.config.ram_warmup_bytes, self.checkpoints.ram.max_bytes)
+        self._warmup = deque(self.checkpoints.warm_candidates(budget))
+        self._warmup_done = [0, 0, time.perf_counter()]  # loaded, bytes, start
+        if self._warmup:
+            log.info("RAM tier warm-up: %d stored checkpoints (%.0f MiB) to load while idle", len(self._warmup),
+                     sum(e.payload_bytes for e in self._warmup) / 2**20)
+
+    def _warm_one(self) -> None:
+        """Loads the next warm-up checkpoint into the RAM tier; a request arriving gives
+        it up between tensors (it is tried again at the next idle moment, twice at most)."""
+        entry = self._warmup.popleft()
+        stages = self.checkpoints.warm(entry, should_stop=lambda: not self._queue.empty())
+        if stages is not None:
+            self._warmup_done[0] += 1
+            self._warmup_done[1] += entry.payload_bytes
+            self.rates = learn_disk_load(self.rates, stages.bytes, stages.total_s, stages.resident)
+        elif entry.id not in self.checkpoints.ram and not self._queue.empty():  # given up for a request
+            tries = self._warmup_tries.get(entry.id, 0) + 1
+            self._warmup_tries[entry.id] = tries
+            if tries < 2:
+                self._warmup.append(entry)
+        if not self._warmup:
+            loaded, nbytes, t0 = self._warmup_done
+            log.info("RAM tier warm-up done: %d checkpoints (%.0f MiB) in the RAM tier after %.1f s", loaded,
+                     nbytes / 2**20, time.perf_counter() - t0)
 
     def _publish_first_tokens_pending(self) -> None:
         """Tells the checkpoint writer how many requests wait for their first token

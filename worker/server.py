@@ -29,7 +29,7 @@ from kvrouter_proto import worker_pb2, worker_pb2_grpc
 from kvrouter.cachestore.config import store_id_of
 from kvrouter.worker.grpc_security import KEEPALIVE_SERVER_OPTIONS, TokenInterceptor, bind, check_exposure, is_loopback
 from kvrouter.worker.grpc_strict import add_servicer
-from kvrouter.worker.config import WorkerConfig
+from kvrouter.worker.config import DEFAULT_RAM_WARM_FRACTION, WorkerConfig
 
 log = logging.getLogger("kvrouter.worker")
 
@@ -206,7 +206,9 @@ def build_engine(config: WorkerConfig):
         config.batching.prompt_concurrency, plan.live_state_bytes,
         writer_max_items=config.memory.writer_max_items, writer_max_bytes=plan.writer_queue_bytes,
         shutdown_timeout_s=config.memory.shutdown_timeout_s, running_kv_bytes=plan.running_kv_bytes,
-        kv_bytes_per_token=plan.kv_bytes_per_token, long_prefill_tokens=config.batching.long_prefill_tokens))
+        kv_bytes_per_token=plan.kv_bytes_per_token, long_prefill_tokens=config.batching.long_prefill_tokens,
+        ram_warmup_bytes=(int(plan.ram_tier_bytes * DEFAULT_RAM_WARM_FRACTION) if config.warm_bytes is None
+                          else config.warm_bytes)))
     listeners.add(engine.on_store_event)
     info = worker_pb2.ModelInfo(
         model_name=bundle.name,

@@ -534,7 +534,8 @@ class Driver:
         # the restart for the hits: one batch slot (an unrelated request drops the live
         # state, so the next hit comes from the RAM tier) and no new stores (no evict
         # checkpoint writes competing with the loads; min tokens past every prompt)
-        self.hits_flags = ["--decode-concurrency", "1", "--kv-cache-min-tokens", str(max(cfg.lengths) + 1)]
+        self.hits_flags = ["--decode-concurrency", "1", "--kv-cache-min-tokens", str(max(cfg.lengths) + 1),
+                           "--kv-cache-warm-mb", "0"]  # the disk hit must come from disk, not a warm-up
         self.report["server_flags"] = {"common": ["--model", str(cfg.model)], "store": self.store_flags,
                                        "no_kv_cache": ["--no-kv-cache", *self.store_flags[:2]],
                                        "hits_restart": [*self.store_flags, *self.hits_flags]}

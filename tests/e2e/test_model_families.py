@@ -41,7 +41,8 @@ STATE_ERROR = 1e-5  # stored state vs a fresh prefill: largest logit difference 
 # key one quantization step: measured up to 1.2e-4 of the largest logit.
 QUANTIZED_STATE_ERROR = 1e-3
 FLAGS = ["--decode-concurrency", "1", "--kv-cache-min-tokens", "64", "--kv-cache-boundary-align-tokens", "64",
-         "--kv-cache-boundary-trim-tokens", "8", "--kv-cache-continued-interval-tokens", "4096"]
+         "--kv-cache-boundary-trim-tokens", "8", "--kv-cache-continued-interval-tokens", "4096",
+         "--kv-cache-warm-mb", "0"]  # after the restart the hit must come from disk (no RAM-tier warm-up)
 # family: (--kv-bits, tokens reused by a prompt diverging at 100 inside the live state)
 FAMILIES = {
     "gpt_oss": (None, 0),  # its 32-token window has wrapped: no cutting back

@@ -179,3 +179,27 @@ def test_a_payload_written_tensor_by_tensor_is_what_mlx_lm_saves_and_pauses_befo
     assert len(_arrays(a)) == len(_arrays(b)) and all(mx.array_equal(x, y) for x, y in zip(_arrays(a), _arrays(b)))
     assert a_meta["model_id"] == MODEL_ID and a_meta["n_tokens"] == "300"
     assert len(calls) == len(mx.load(str(ours)))
+
+
+def test_a_warm_up_load_gives_way_when_asked_and_is_kept_in_the_ram_tier_otherwise(stored):
+    """The RAM tier's warm-up (`CheckpointManager.warm`): asked to stop, the load is given
+    up between tensors, the entry stays usable (not quarantined) and out of the RAM tier;
+    not asked, it lands there holding the saved state."""
+    import mlx.core as mx
+
+    from kvrouter.worker.checkpoint_load import LoadInterrupted, load_state
+    from kvrouter.worker.checkpoints import CheckpointManager
+    from kvrouter.worker.ram_tier import RamTier
+
+    store, first, entry, state, _tokens = stored
+    manager = CheckpointManager(MODEL_ID, first.spec, store, ram=RamTier(1 << 30))
+    with pytest.raises(LoadInterrupted):
+        load_state(store.open_read(entry), MODEL_ID, N_TOKENS, manager.spec.layout, verify=lambda r: None,
+                   should_stop=lambda: True)
+    assert manager.warm_candidates(1 << 30) == [entry]
+    assert manager.warm(entry, should_stop=lambda: True) is None
+    assert entry.id not in manager.ram and [e.id for e in store.entries()] == [entry.id]  # not quarantined
+    assert manager.warm(entry, should_stop=lambda: False) is not None
+    assert manager.warm_candidates(1 << 30) == []  # held now
+    held = manager.ram.get(entry.id)
+    assert all(mx.array_equal(x, y) for x, y in zip(_arrays(held), _arrays(state)))

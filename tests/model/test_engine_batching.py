@@ -101,7 +101,7 @@ def test_a_client_hint_becomes_a_checkpoint_that_another_prompt_reuses(tmp_path)
         assert stored == {("hint", 300), ("anchor", 512)}  # the cold store: 700 - 32 aligned down to 256s
     finally:
         engine.stop(shutdown_checkpoint=False)
-    engine = make_engine(tmp_path, decode_concurrency=1)  # no live state: only the store
+    engine = make_engine(tmp_path, decode_concurrency=1, warm_bytes=0)  # no live state, no RAM warm-up: the disk
     try:
         other = Call(engine, stable + prompt_of(100, 23), max_tokens=1).wait()
         assert (other.usage.cached_tokens, other.usage.cache_source) == (300, "disk")

@@ -283,3 +283,26 @@ def test_the_writer_is_told_while_a_request_waits_for_its_first_token(tmp_path):
         assert engine.writer.first_tokens_pending == 0
     finally:
         engine.stop(shutdown_checkpoint=False)
+
+
+def test_after_a_restart_stored_checkpoints_are_loaded_into_the_ram_tier_while_idle(tmp_path):
+    """A restarted worker loads the stored anchor into its RAM tier before any request
+    asks for it; the next request sharing that prefix restores it from the RAM tier."""
+    engine = make_engine(tmp_path / "kv", decode_concurrency=2)
+    try:
+        a = Call(engine, prompt_of(300, 91), max_tokens=1)
+        assert [e.kind for e in a.wait().store_events if e.action == "stored"] == ["anchor"]
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+    again = make_engine(tmp_path / "kv", decode_concurrency=2)
+    try:
+        stored_ids = {e.id for e in again.checkpoints.store.entries()}
+        deadline = time.monotonic() + 60
+        while not stored_ids <= set(again.checkpoints.ram.ids()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stored_ids <= set(again.checkpoints.ram.ids())
+        b = Call(again, prompt_of(300, 91)[:280] + prompt_of(20, 92), max_tokens=1)
+        b.wait()
+        assert b.first_reuse == (256, "ram")
+    finally:
+        again.stop(shutdown_checkpoint=False)

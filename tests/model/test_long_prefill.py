@@ -188,7 +188,8 @@ def test_a_recurrent_model_stores_exact_position_checkpoints_on_the_long_path(ti
         assert [(e.action, e.kind, e.n_tokens) for e in final.store_events] == [("stored", "anchor", 256)]
     finally:
         first.stop(shutdown_checkpoint=False)
-    second = make_engine(tmp_path / "kv", model=model_dir, decode_concurrency=2, long_prefill_tokens=100)
+    second = make_engine(tmp_path / "kv", model=model_dir, decode_concurrency=2, long_prefill_tokens=100,
+                         warm_bytes=0)  # the load from disk, not a RAM-tier warm-up
     try:
         longer = prompt + tokens_of(30, 92)
         call = Call(second, longer, max_tokens=4)
