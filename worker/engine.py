@@ -703,12 +703,11 @@ class Engine:
             return
         self._disk_probes_left = 0
         warm = self.checkpoints.probe_warm_load(entry)
-        if warm:  # a cold load reads and copies too: never faster than a warm one
-            bps = min(bps, warm)
-        self.rates = replace(self.rates, disk_bps=bps, disk_cold_bps=bps, disk_warm_bps=warm or 0.0)
+        cold = min(bps, warm) if warm else bps  # a cold load reads and copies too: never faster than a warm one
+        self.rates = replace(self.rates, disk_bps=cold, disk_cold_bps=cold, disk_warm_bps=warm or 0.0)
         log.info("disk probes: cold read (page cache bypassed) %.2f GB/s, warm load (page cache, copy to the "
-                 "device) %s; load-or-recompute starts from them", bps / 1e9,
-                 f"{warm / 1e9:.2f} GB/s" if warm else "not measured")
+                 "device) %s; load-or-recompute starts from %.2f GB/s cold", bps / 1e9,
+                 f"{warm / 1e9:.2f} GB/s" if warm else "not measured", cold / 1e9)
 
     def _measure_load(self, restored: Restored) -> None:
         if not (restored.loaded_bytes and restored.load_seconds > 0):
