@@ -20,8 +20,9 @@ deadline, and returns what it could not write.
 First tokens go first: a payload is written one tensor at a time
 (`worker.payload_write`), and before each tensor the write holds while the engine
 reports requests waiting for their first token (`first_tokens_pending`), at most
-MAX_WRITE_HOLD_S per write (`pauser`). On the H200 (8B model) hits that overlapped
-a 0.64 GB evict write took ~0.45 s to their first token, against ~0.15 s alone.
+MAX_WRITE_HOLD_S per write (`pauser`). (On the H200 hits that overlapped 0.64 GB
+evict writes took 0.3-0.5 s to their first token; with the writes held they still
+did, so the writes were not what cost them there: README, "Third pass on the H200".)
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ metadata `[ours, class names, scalars]` flattened. `worker.checkpoint_load` and
 `mx.load` read it back.
 
 Why not `mx.save_safetensors`: it writes the whole file in one call (0.64 GB in
-~1.1 s for an 8B model's 5K-token state on the H200), and the batch steps of
-requests waiting for their first token ran beside it: hits there took ~0.45 s
-against ~0.15 s when no write overlapped them. Writing tensor by tensor lets
-`pause` (the writer's `CheckpointWriter.pause`) hold the write while first tokens
-are pending; a tensor is ~1/64 of a payload.
+~1.1 s for an 8B model's 5K-token state on the H200), so nothing can step aside
+for the engine while it runs. Writing tensor by tensor lets `pause` (the writer's
+`CheckpointWriter.pauser`) hold the write while requests wait for their first
+token (issue 15: no checkpoint write delays a first token); a tensor is ~1/64 of
+a payload. Contiguous tensors go to the file without a copy (as fast as
+`mx.save_safetensors`: 189 MB in 0.15 s on the 2-core CPU machine).
 """
 
 from __future__ import annotations
