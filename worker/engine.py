@@ -150,8 +150,8 @@ MIN_RATE_STEPS = 8  # decode steps per decode-rate measurement
 IDLE_RETURN_S = 2.0
 """Seconds the engine stays idle before it hands free memory back (MLX's buffer cache,
 the C heap: `sizing.return_free_memory`). Not at once: clients send the next request
-within milliseconds (the bench's next group, an agent's next tool call), and on the
-H200 every request then started with fresh allocations for the batch's KV."""
+within milliseconds (the bench's next group, an agent's next tool call), and each then
+found MLX's buffer cache emptied and allocated its batch's KV afresh."""
 
 
 @dataclass
