@@ -139,6 +139,10 @@ class EngineBusyError(RuntimeError):
 # that file appears, the engine thread removes it and dies at the end of the next
 # step that generated a token, as an unexpected crash would.
 FAILPOINT_ENV = "KVROUTER_TEST_ENGINE_FAILPOINT"
+TRACE_STEPS_ENV = "KVROUTER_TRACE_STEPS"
+"""Set to 1 in a worker's environment: one log line per batch step (its prompt tokens and
+time, tokens decoded and time, the step's time in mlx-lm's `next` and in the engine's own
+bookkeeping after it), to see where a request's time to first token goes."""
 
 
 class EngineFailpoint(BaseException):
@@ -254,6 +258,7 @@ class Engine:
         self._finals: list[tuple[EngineJob, FinishEvent]] = []  # requests that ended this step
         self._tokens_this_step = 0
         self._failpoint = os.environ.get(FAILPOINT_ENV) or None
+        self._trace_steps = os.environ.get(TRACE_STEPS_ENV, "") not in ("", "0")
         self._events_lock = threading.Lock()  # _store_events: appended by the writer thread too
         self._writer_owner = threading.local()  # on a writer thread: the request of the store it runs
         self.writer = CheckpointWriter(config.writer_max_items, config.writer_max_bytes,
@@ -722,9 +727,22 @@ class Engine:
 
     # -- one batch step -----------------------------------------------------------
     def _step(self) -> None:
+        t0 = time.perf_counter()
         with self._gen.stats() as stats:
             prompt_out, gen_out = self._gen.next()
+        t1 = time.perf_counter()
         self.progress += 1
+        try:
+            self._after_step(stats, prompt_out, gen_out)
+        finally:
+            if self._trace_steps:
+                log.info("step %d running=%d waiting=%d prompt_tokens=%d prompt_ms=%.1f decoded=%d decode_ms=%.1f "
+                         "next_ms=%.1f after_ms=%.1f", self.progress, len(self._running), len(self._waiting),
+                         stats.prompt_tokens, stats.prompt_time * 1000, stats.generation_tokens,
+                         stats.decode_time * 1000, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
+
+    def _after_step(self, stats, prompt_out, gen_out) -> None:
+        """A step's outcome: rates, planned checkpoints at segment ends, tokens out."""
         self._measure_step(stats)
         if len(self._running) > 1:
             for run in self._running.values():

@@ -306,3 +306,25 @@ def test_after_a_restart_stored_checkpoints_are_loaded_into_the_ram_tier_while_i
         assert b.first_reuse == (256, "ram")
     finally:
         again.stop(shutdown_checkpoint=False)
+
+
+def test_the_step_trace_logs_each_batch_step_when_asked(monkeypatch, caplog):
+    """KVROUTER_TRACE_STEPS=1: one line per batch step with its prompt and decode figures
+    (for finding where a time to first token goes); without it, none."""
+    import logging
+
+    monkeypatch.setenv("KVROUTER_TRACE_STEPS", "1")
+    engine = make_engine(decode_concurrency=1)
+    monkeypatch.delenv("KVROUTER_TRACE_STEPS")
+    quiet = make_engine(decode_concurrency=1)
+    try:
+        with caplog.at_level(logging.INFO, logger="kvrouter.worker.engine"):
+            Call(engine, prompt_of(40, 5), max_tokens=3).wait()
+            Call(quiet, prompt_of(40, 6), max_tokens=3).wait()
+        steps = [r for r in caplog.records if r.getMessage().startswith("step ")]
+        assert len(steps) >= 3 and all(r.thread == steps[0].thread for r in steps)  # the traced engine only
+        assert "prompt_tokens=40" in steps[0].getMessage() or "prompt_tokens=39" in steps[0].getMessage()
+        assert "decoded=1" in steps[-1].getMessage()
+    finally:
+        engine.stop(shutdown_checkpoint=False)
+        quiet.stop(shutdown_checkpoint=False)
