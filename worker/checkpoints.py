@@ -178,10 +178,7 @@ class CheckpointManager:
                 self._round[entry.id] = caches
             state = cache_state.cut(caches, entry.n_tokens, n_tokens)
         except (PayloadError, PayloadReadError, CheckpointFormatError, CutError, OSError) as exc:
-            self.ram.discard(entry.id)
-            if not isinstance(exc, PayloadError):  # open_read/finish_read quarantine by themselves
-                self.store.quarantine(entry.id, f"load failed: {exc}")
-            log.warning("checkpoint %s unusable, prefilling without it: %s", entry.id, exc)
+            self._unusable(entry, exc, "prefilling without it")
             return None
         seconds = time.perf_counter() - t0
         self.store.touch(entry.id)
@@ -223,12 +220,18 @@ class CheckpointManager:
         except LoadInterrupted:
             return None
         except (PayloadError, PayloadReadError, CheckpointFormatError, OSError) as exc:
-            if not isinstance(exc, PayloadError):
-                self.store.quarantine(entry.id, f"load failed: {exc}")
-            log.warning("checkpoint %s unusable, not kept in the RAM tier: %s", entry.id, exc)
+            self._unusable(entry, exc, "not kept in the RAM tier")
             return None
         self.ram.put(entry.id, caches)
         return stages
+
+    def _unusable(self, entry: Entry, exc: Exception, outcome: str) -> None:
+        """A load of `entry` failed with `exc`: it leaves the RAM tier and is quarantined
+        (open_read/finish_read quarantine a PayloadError by themselves), and is logged."""
+        self.ram.discard(entry.id)
+        if not isinstance(exc, PayloadError):
+            self.store.quarantine(entry.id, f"load failed: {exc}")
+        log.warning("checkpoint %s unusable, %s: %s", entry.id, outcome, exc)
 
     def quarantine(self, entry_id: str, reason: str) -> None:
         """Marks the checkpoint a failed restore came from so it is never loaded again (case C11)."""

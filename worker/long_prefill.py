@@ -16,15 +16,14 @@ to prefill) is prefilled here instead of in the batch: on its own caches (the
 ones given to `insert_segments`, written in place, as `SequentialGenerator`
 does), one chunk of at most `prefill_step_size` tokens per `next()` call, right
 after the batch's own step, so sequences in the batch keep decoding while it
-prefills. Long prompts go first come first served, one at a time (a chunk of a
-few thousand tokens already fills a GPU; taking them in turn gives the first
-its first token soonest). A step prefills at most `prefill_step_size` tokens
-here: when the head finishes with budget left, the next sequences whose current
-segment fits whole take the rest,
-so several short suffixes over long stored prefixes (hits arriving together)
-join the batch in the same step instead of one per step (on the H200 four such
-hits got their first tokens 0.33, 0.47, 0.53 and 0.55 s after arrival). When only the last prompt token is left the sequence
-joins the batch with its caches (the batch merges them, as it merges a restored
+prefills. Long prompts go first come first served (a chunk of a few thousand
+tokens already fills a GPU; taking them in turn gives the first its first token
+soonest), and a step prefills at most `prefill_step_size` tokens here: when the
+head finishes with budget left, the next sequences whose current segment fits
+whole take the rest, so several short suffixes over long stored prefixes (hits
+arriving together) join the batch in the same step instead of one per step (on
+the H200 four such hits got their first tokens 0.33, 0.47, 0.53 and 0.55 s after
+arrival). When only the last prompt token is left the sequence joins the batch with its caches (the batch merges them, as it merges a restored
 state) and decodes there; its first token comes from the batch's next step.
 
 Same contract as `BatchGenerator`: the segments given are honoured exactly
