@@ -199,6 +199,18 @@ class LoadInterrupted(Exception):
     should_stop): nothing is wrong with the payload."""
 
 
+def _read_tensors(read: SequentialRead, header, pieces: int, should_stop: Callable[[], bool] | None = None):
+    """Yields (TensorSpan, evaluated array on the default device) for `header`'s tensors
+    in file order, from `read`. Raises LoadInterrupted when `should_stop()` is true
+    before a tensor."""
+    for n, span in enumerate(header.tensors):
+        if should_stop is not None and should_stop():
+            raise LoadInterrupted(f"{read.path}: load given up after {n} tensors")
+        if span.start > read.consumed:
+            read.skip(span.start - read.consumed)
+        yield span, _load_tensor(read, span, pieces)
+
+
 def load_state(read: SequentialRead, model_id: str, n_tokens: int, layout: str,
                verify: Callable[[SequentialRead], None], piece_bytes: int | None = None,
                should_stop: Callable[[], bool] | None = None) -> tuple[list, LoadStages]:
@@ -218,13 +230,7 @@ def load_state(read: SequentialRead, model_id: str, n_tokens: int, layout: str,
     pieces = piece_bytes_for_device() if piece_bytes is None else piece_bytes
     try:
         header = read_header(read)
-        arrays = {}
-        for span in header.tensors:
-            if should_stop is not None and should_stop():
-                raise LoadInterrupted(f"{read.path}: load given up after {len(arrays)} tensors")
-            if span.start > read.consumed:
-                read.skip(span.start - read.consumed)
-            arrays[span.name] = _load_tensor(read, span, pieces)
+        arrays = {span.name: a for span, a in _read_tensors(read, header, pieces, should_stop)}
         verify(read)
     except BaseException:
         read.cancel()
@@ -282,14 +288,11 @@ def probe_warm_load_bps(path, max_bytes: int = WARM_PROBE_BYTES) -> float | None
     arrays, got = [], 0
     try:
         t0 = time.perf_counter()
-        header = read_header(read)
-        for span in header.tensors:
+        for span, a in _read_tensors(read, read_header(read), pieces):
+            arrays.append(a)
+            got += span.nbytes
             if got >= max_bytes:
                 break
-            if span.start > read.consumed:
-                read.skip(span.start - read.consumed)
-            arrays.append(_load_tensor(read, span, pieces))
-            got += span.nbytes
         mx.eval(arrays)
         seconds = time.perf_counter() - t0
     except (PayloadReadError, OSError, ValueError, RuntimeError):
