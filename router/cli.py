@@ -104,8 +104,8 @@ def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
                         "the model and the machine's memory, printed at start; on Apple silicon this is GPU memory)")
     g.add_argument("--kv-cache-warm-mb", type=nonneg_int, default=None,
                    help="after a start, stored checkpoints loaded into the RAM tier while the worker is idle, MiB: "
-                        "anchors first, then the most reused; a request arriving stops a load between tensors "
-                        "(default: half the RAM tier; 0: off)")
+                        "the most reused first, anchors before other kinds; a request arriving stops a load "
+                        "between tensors (default: the whole RAM tier; 0: off)")
     g.add_argument("--no-kv-cache", action="store_true", help="turn the disk checkpoint store off")
 
 

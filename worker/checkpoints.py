@@ -192,13 +192,15 @@ class CheckpointManager:
 
     def warm_candidates(self, max_bytes: int) -> list[Entry]:
         """Stored checkpoints of this model to load into the RAM tier while the worker is
-        idle after its start (`warm`), most valuable first: anchors (blocks several
-        sessions share) before other kinds, then the most reused (hits), then the most
-        recently used; as many as fit in `max_bytes` bytes in all. Empty without a store."""
+        idle after its start (`warm`), most valuable first: the most reused (hits), then
+        anchors (blocks several sessions share) before other kinds, then the most
+        recently used; as many as fit in `max_bytes` bytes in all. Empty without a store.
+        (Hits first: an anchor never reused, such as one of a one-off long prompt, is
+        worth less than a conversation's checkpoint that was.)"""
         if self.store is None or max_bytes <= 0:
             return []
         rows = [e for e in self.store.entries() if e.model_id == self.model_id and e.id not in self.ram]
-        rows.sort(key=lambda e: (e.kind == "anchor", e.hits, e.last_used), reverse=True)
+        rows.sort(key=lambda e: (e.hits, e.kind == "anchor", e.last_used), reverse=True)
         chosen, total = [], 0
         for e in rows:
             if total + e.payload_bytes <= max_bytes:

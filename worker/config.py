@@ -58,11 +58,15 @@ class BatchingConfig:
 
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
 DEFAULT_WRITER_ITEMS = 8
-DEFAULT_RAM_WARM_FRACTION = 0.5
+DEFAULT_RAM_WARM_FRACTION = 1.0
 """Share of the RAM tier a worker fills, after its start, with stored checkpoints loaded
 while it is idle (`--kv-cache-warm-mb`, `Engine._plan_warmup`): after a restart the
-shared blocks are RAM-tier hits instead of disk loads or recomputes; the rest of the tier
-is left for new checkpoints."""
+shared blocks and the sessions' last states are RAM-tier hits instead of disk loads or
+recomputes. All of it: the tier is empty after a start and its memory is budgeted
+(`worker.sizing`) whether it is filled or not; new checkpoints push out the least
+valuable warm-up loads (least recently used first). With half the tier, an H200 run
+(issue 15) left one session's state on disk after the restart, and the worker
+recomputed its 5.4K tokens."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ When the engine goes idle, memory nothing holds goes back to the system.
 A prompt of at least `long_prefill_tokens` tokens is prefilled outside the
 batch, one chunk per engine step, by a plain per-sequence loop
 (`worker.long_prefill`: the batch's array mask made a 32K prefill 4x slower on a
-GPU), with the same segments, then joins the batch to decode.
+GPU), with the same segments; its first token is sampled there too, and it joins
+the batch to decode the rest.
 
 A model whose caches mlx-lm cannot batch (a layer without `merge`, e.g.
 `QuantizedKVCache` with `--kv-bits`) runs its requests one at a time through
@@ -243,6 +244,7 @@ class Engine:
         self._warmup: deque = deque()  # stored checkpoints still to load into the RAM tier (`_plan_warmup`)
         self._warmup_tries: dict[str, int] = {}
         self._warmup_done = [0, 0, 0.0]
+        self._warmed: list[str] = []  # warm-up loads done, most valuable first (`_warm_one`)
         self._disk_probes_left = 2  # cold-read probes that may still seed the disk rates (`_seed_disk_rate`)
         # Called on the engine thread with a LiveChanged or RamChanged; must be
         # thread-safe and must not raise.
@@ -336,7 +338,7 @@ class Engine:
         if self.config.long_prefill_tokens <= 0:
             return batch
         return LongPrefillGenerator(self.model, batch, min_tokens=max(2, self.config.long_prefill_tokens),
-                                    prefill_step_size=self.config.prefill_chunk_tokens)
+                                    prefill_step_size=self.config.prefill_chunk_tokens, stop_tokens=self.eos_ids)
 
     def _loop(self) -> None:
         self._stream = mx.new_stream(mx.default_device())
@@ -382,6 +384,7 @@ class Engine:
         RAM tier's own bound)."""
         budget = min(self.config.ram_warmup_bytes, self.checkpoints.ram.max_bytes)
         self._warmup = deque(self.checkpoints.warm_candidates(budget))
+        self._warm_rank = {e.id: i for i, e in enumerate(self._warmup)}
         self._warmup_done = [0, 0, time.perf_counter()]  # loaded, bytes, start
         if self._warmup:
             log.info("RAM tier warm-up: %d stored checkpoints (%.0f MiB) to load while idle", len(self._warmup),
@@ -389,13 +392,18 @@ class Engine:
 
     def _warm_one(self) -> None:
         """Loads the next warm-up checkpoint into the RAM tier; a request arriving gives
-        it up between tensors (it is tried again at the next idle moment, twice at most)."""
+        it up between tensors (it is tried again at the next idle moment, twice at most).
+        The loaded ones are kept in the RAM tier's recency order by value (the most
+        valuable most recent), so new checkpoints push out the least valuable first, not
+        the ones loaded first."""
         entry = self._warmup.popleft()
         stages = self.checkpoints.warm(entry, should_stop=lambda: not self._queue.empty())
         if stages is not None:
             self._warmup_done[0] += 1
             self._warmup_done[1] += entry.payload_bytes
             self.rates = learn_disk_load(self.rates, stages.bytes, stages.total_s, stages.resident)
+            self._warmed = sorted([*self._warmed, entry.id], key=self._warm_rank.__getitem__)
+            self.checkpoints.ram.touch(reversed(self._warmed))
         elif entry.id not in self.checkpoints.ram and not self._queue.empty():  # given up for a request
             tries = self._warmup_tries.get(entry.id, 0) + 1
             self._warmup_tries[entry.id] = tries

@@ -23,8 +23,19 @@ head finishes with budget left, the next sequences whose current segment fits
 whole take the rest, so several short suffixes over long stored prefixes (hits
 arriving together) join the batch in the same step instead of one per step (on
 the H200 four such hits got their first tokens 0.33, 0.47, 0.53 and 0.55 s after
-arrival). When only the last prompt token is left the sequence joins the batch with its caches (the batch merges them, as it merges a restored
-state) and decodes there; its first token comes from the batch's next step.
+arrival). When only the last prompt token is left, it goes through the model here
+too and the sequence's first token is sampled from its logits (its sampler, else the
+batch's; a token in `stop_tokens` ends it with "stop", max_tokens 1 with "length"),
+reported among the generation responses of that same `next()` call; the sequence then
+joins the batch with that token as its input (the batch merges its caches, as it merges
+a restored state) and decodes its next tokens there. Before, the last prompt token went
+to the batch, and the first token came two batch steps later (the merge step, then a
+decode step: 60-100 ms for a hit on a 5K-token prefix on the H200, on top of its
+prefill). Where the sequence's caches can be trimmed (attention layers: the engine can
+cut the state back to any earlier position) that happens in the step that prefills its
+last chunk; otherwise (recurrent layers, a wrapped sliding window) the end of the last
+chunk is reported first, so the engine can read the state exactly there, and the last
+token runs at the start of the next step's long prefills.
 
 Same contract as `BatchGenerator`: the segments given are honoured exactly
 (each chunk stays inside its segment, and `end_of_segment` is reported where a
@@ -34,7 +45,8 @@ engine reads the state of exactly that position afterwards (`extract_cache`):
 checkpoints at planned positions, including exact positions of recurrent and
 sliding-window layers, work as they do in the batch. uids are this object's own
 (the batch's are translated both ways). `stats()` counts the long prefills'
-tokens and time as prompt processing, with the batch's.
+tokens and time (the last token's and the first token's sampling included) as prompt
+processing, with the batch's.
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
+from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 from mlx_lm.generate_utils import BatchCounters, BatchCountersSnapshot, BatchStats
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -74,11 +86,14 @@ class LongPrefillGenerator:
     model: the mlx-lm model; batch: the `BatchGenerator` that decodes (and
     prefills the shorter prompts); min_tokens: a sequence whose prompt (tokens its
     cache holds plus its segments) reaches this many tokens is prefilled here
-    (must be at least 2); prefill_step_size: tokens per chunk (the batch's own).
+    (must be at least 2); prefill_step_size: tokens per chunk (the batch's own);
+    stop_tokens: token ids that end a sequence when sampled as its first token (the
+    batch's single-token stop sequences; the batch checks the later tokens itself).
     Raises ValueError for min_tokens < 2 or prefill_step_size < 1.
     """
 
-    def __init__(self, model, batch: BatchGenerator, *, min_tokens: int, prefill_step_size: int):
+    def __init__(self, model, batch: BatchGenerator, *, min_tokens: int, prefill_step_size: int,
+                 stop_tokens=()):
         if min_tokens < 2:
             raise ValueError("min_tokens must be at least 2")
         if prefill_step_size < 1:
@@ -87,7 +102,9 @@ class LongPrefillGenerator:
         self.batch = batch
         self.min_tokens = min_tokens
         self.prefill_step_size = prefill_step_size
+        self.stop_tokens = frozenset(int(t) for t in stop_tokens)
         self._long: deque[_Long] = deque()
+        self._joined: set[int] = set()  # batch uids that joined with their first token (their prompt response is dropped)
         self._uid = 0
         self._to_inner: dict[int, int] = {}  # our uid -> the batch's
         self._to_outer: dict[int, tuple[int, int]] = {}  # the batch's uid -> (ours, progress prefilled here)
@@ -142,19 +159,21 @@ class LongPrefillGenerator:
         """One step: the batch's (a decode step and a chunk of its prompts), then up to
         `prefill_step_size` tokens of the long prompts, from the head of the queue (one
         chunk per sequence; a sequence that finishes leaves the rest of the budget to the
-        next). Returns (prompt responses,
+        next), with the first tokens of those that finish. Returns (prompt responses,
         generation responses) as `BatchGenerator.next` does, with this object's uids."""
         with mx.stream(self.batch.stream):
             prompt_out, gen_out = self.batch.next()
-            prompt_out = [self._outer_prompt(r) for r in prompt_out]
+            prompt_out = [self._outer_prompt(r) for r in prompt_out if not self._joined_response(r)]
             gen_out = [self._outer_generated(r) for r in gen_out]
             budget = self.prefill_step_size  # tokens this step prefills here, first come first served
             while self._long and budget > 0:
                 head = self._long[0]
                 if budget < self.prefill_step_size and len(head.segments[0]) > budget:
                     break  # after the first: only a segment that fits whole (no sliver chunks)
-                response, n = self._prefill_chunk(head, budget)
+                response, n, first = self._prefill_chunk(head, budget)
                 prompt_out.append(response)
+                if first is not None:
+                    gen_out.append(first)
                 budget -= n
                 if self._long and self._long[0] is head:  # not done: the rest waits for the next step
                     break
@@ -181,6 +200,7 @@ class LongPrefillGenerator:
             self.batch.remove(inner)
             for iu in inner:
                 self._to_outer.pop(iu, None)
+                self._joined.discard(iu)
         return out
 
     # -- inside -------------------------------------------------------------------
@@ -193,28 +213,64 @@ class LongPrefillGenerator:
         return PromptProcessingBatch.Response(uid, (r.progress[0] + offset, r.progress[1] + offset),
                                               r.end_of_segment, r.end_of_prompt)
 
+    def _joined_response(self, r) -> bool:
+        """Whether `r` is the batch's prompt response for a sequence that joined it with
+        its first token: its prompt was reported here already (it is dropped)."""
+        if r.uid not in self._joined:
+            return False
+        if r.end_of_prompt:
+            self._joined.discard(r.uid)
+        return True
+
     def _outer_generated(self, r):
         uid, _ = self._to_outer[r.uid]
         if r.finish_reason is not None:  # it left the batch
             del self._to_outer[r.uid]
             del self._to_inner[uid]
+            self._joined.discard(r.uid)
         r.uid = uid
         return r
 
     def _prefill_chunk(self, s: _Long, limit: int):
         """One chunk (at most `limit` tokens) of `s`'s current segment through the model on
-        its own caches (mlx-lm's causal mask for one sequence); when only its last token is
-        left it joins the batch. Returns (its prompt response, tokens prefilled)."""
+        its own caches (mlx-lm's causal mask for one sequence), and its first token when
+        only its last prompt token is left (`_first_token`; in the same call where its
+        caches can be trimmed back, else in the next). Returns (its prompt response, tokens
+        prefilled, its first token's generation response or None)."""
         tic = time.perf_counter()
-        segment = s.segments[0]
-        chunk = segment[:limit]
+        if len(s.segments) == 1:  # its last chunk's end was reported in the last step
+            response, first = self._first_token(s, tic)
+            return response, 1, first
+        chunk = s.segments[0][:limit]
         self.model(mx.array(chunk, dtype=mx.int32)[None], cache=s.caches)
         mx.eval([c.state for c in s.caches])  # the logits are never evaluated: only the caches are computed
         s.tokens += chunk
         end = advance_prefill(s, len(chunk), self._counters, tic)
-        if len(s.segments) == 1:  # its last token: decoding starts in the batch's next step
-            self._long.popleft()
-            (inner,) = self.batch.insert_segments([s.segments], max_tokens=[s.max_tokens], caches=[s.caches],
+        if len(s.segments) == 1 and all(c.is_trimmable() for c in s.caches):
+            response, first = self._first_token(s, time.perf_counter())
+            return response, len(chunk) + 1, first
+        return PromptProcessingBatch.Response(s.uid, (s.done, s.total), end, False), len(chunk), None
+
+    def _first_token(self, s: _Long, tic: float):
+        """`s`'s last prompt token through the model, its first token sampled from the
+        logits; `s` leaves the queue, and joins the batch with that token as its input
+        unless it is done (a stop token, or max_tokens 1). Returns (the end-of-prompt
+        response, the first token's generation response)."""
+        last = s.segments[0]
+        logits = self.model(mx.array(last, dtype=mx.int32)[None], cache=s.caches)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        sampled = (s.sampler or self.batch.sampler)(logprobs)
+        mx.eval(sampled, logprobs, [c.state for c in s.caches])
+        s.tokens += last
+        advance_prefill(s, len(last), self._counters, tic)
+        self._long.remove(s)
+        token = int(sampled.item())
+        finish = "stop" if token in self.stop_tokens else "length" if s.max_tokens <= 1 else None
+        if finish is None:
+            (inner,) = self.batch.insert_segments([[[token]]], max_tokens=[s.max_tokens - 1], caches=[s.caches],
                                                   all_tokens=[s.tokens], samplers=[s.sampler])
             self._link(s.uid, inner, s.done)
-        return PromptProcessingBatch.Response(s.uid, (s.done, s.total), end, False), len(chunk)
+            self._joined.add(inner)
+        first = GenerationBatch.Response(s.uid, token, logprobs[0], finish, s.caches if finish else None,
+                                         list(s.tokens) if finish else None)
+        return PromptProcessingBatch.Response(s.uid, (s.total, s.total), True, True), first

@@ -40,6 +40,12 @@ class RamTier:
         """The state for `entry_id`, marked most recently used, or None."""
         return self._lru.get(entry_id)
 
+    def touch(self, entry_ids) -> None:
+        """Marks the held ones of `entry_ids` most recently used, in that order (the
+        last one ends most recent); ids not held are ignored."""
+        for entry_id in entry_ids:
+            self._lru.get(entry_id)
+
     def put(self, entry_id: str, caches: list) -> None:
         """Keeps a state, dropping the least recently used ones to fit; a state larger
         than the whole tier is not kept, nor one already held."""

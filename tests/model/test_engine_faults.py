@@ -286,22 +286,33 @@ def test_the_writer_is_told_while_a_request_waits_for_its_first_token(tmp_path):
 
 
 def test_after_a_restart_stored_checkpoints_are_loaded_into_the_ram_tier_while_idle(tmp_path):
-    """A restarted worker loads the stored anchor into its RAM tier before any request
-    asks for it; the next request sharing that prefix restores it from the RAM tier."""
+    """A restarted worker loads the stored anchors into its RAM tier before any request
+    asks for them, and keeps them in recency order by value: the most recently used
+    anchor is loaded first but ends most recent, so when a new checkpoint needs room
+    (a RAM tier that holds just the two), the other one goes. A request sharing the
+    kept prefix restores it from the RAM tier."""
     engine = make_engine(tmp_path / "kv", decode_concurrency=2)
     try:
         a = Call(engine, prompt_of(300, 91), max_tokens=1)
         assert [e.kind for e in a.wait().store_events if e.action == "stored"] == ["anchor"]
+        c = Call(engine, prompt_of(300, 93), max_tokens=1)
+        assert [e.kind for e in c.wait().store_events if e.action == "stored"] == ["anchor"]
     finally:
         engine.stop(shutdown_checkpoint=False)
-    again = make_engine(tmp_path / "kv", decode_concurrency=2)
+    from kvrouter.cachestore import CheckpointStore, StoreConfig
+
+    with CheckpointStore(StoreConfig(tmp_path / "kv")) as store:
+        old, recent = sorted(store.entries(), key=lambda e: e.last_used)
+    again = make_engine(tmp_path / "kv", decode_concurrency=2, ram_bytes=old.payload_bytes + recent.payload_bytes + 2**20)
     try:
-        stored_ids = {e.id for e in again.checkpoints.store.entries()}
         deadline = time.monotonic() + 60
-        while not stored_ids <= set(again.checkpoints.ram.ids()) and time.monotonic() < deadline:
+        while not {old.id, recent.id} <= set(again.checkpoints.ram.ids()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert stored_ids <= set(again.checkpoints.ram.ids())
-        b = Call(again, prompt_of(300, 91)[:280] + prompt_of(20, 92), max_tokens=1)
+        assert {old.id, recent.id} <= set(again.checkpoints.ram.ids())
+        new = Call(again, prompt_of(300, 95), max_tokens=1)
+        assert [e.kind for e in new.wait().store_events if e.action == "stored"] == ["anchor"]
+        assert recent.id in again.checkpoints.ram and old.id not in again.checkpoints.ram
+        b = Call(again, prompt_of(300, 93)[:280] + prompt_of(20, 92), max_tokens=1)
         b.wait()
         assert b.first_reuse == (256, "ram")
     finally:

@@ -33,8 +33,12 @@ def test_a_long_prompt_prefills_on_its_own_caches_while_the_batch_decodes(tiny_m
     """A 100-token prompt (threshold 60) is prefilled chunk by chunk outside the batch,
     one chunk per step, while a short request decodes a token at every step; every
     segment end (chunk multiples and a planned checkpoint at 40) is reported, and the
-    state read there is exactly a plain run's. Then it decodes in the batch: greedy
-    tokens equal the uncached single-sequence run's."""
+    state read there is exactly a plain run's. Its first token comes from the long path
+    itself, in the step of its last chunk where the caches can be trimmed back (llama:
+    the end of that chunk, 99, is then not reported), in the next step where they
+    cannot (gpt_oss's 32-token window has wrapped; qwen3_next, mamba2 are recurrent: 99
+    is reported, so the engine can store exactly there). Then it decodes in the batch: greedy tokens equal the uncached
+    single-sequence run's."""
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
@@ -53,30 +57,36 @@ def test_a_long_prompt_prefills_on_its_own_caches_while_the_batch_decodes(tiny_m
         pass
     (lu,) = gen.insert_segments([prefill_segments(long, 0, CHUNK, [40])], max_tokens=[4], caches=[spec.new()])
     assert gen.prefilling == (lu,)
-    positions = []
+    positions, tokens, end_of_prompt, steps = [], [], [], 0
     while lu in gen.prefilling:
         prompt_out, gen_out = gen.next()
-        assert [r.uid for r in gen_out] == [su], "the batch decodes at every step"
-        (r,) = [r for r in prompt_out if r.uid == lu]
-        assert r.end_of_segment and not r.end_of_prompt and r.progress[1] == 100
-        positions.append(r.progress[0])
-        if r.progress[0] == 40:  # a planned checkpoint: the state is read exactly there
-            caches, held = gen.extract_cache([lu])[lu]
-            assert held == long[:40]
-            ref = spec.new()
-            for a, b in ((0, 16), (16, 32), (32, 40)):
-                model(mx.array(long[a:b])[None], cache=ref)
-            got, want = state_arrays(caches), state_arrays(ref)
-            assert len(got) == len(want) and all(mx.array_equal(x, y) for x, y in zip(got, want))
-    assert positions == [16, 32, 40, 48, 64, 80, 96, 99]
-    tokens, end_of_prompt = [], []
+        steps += 1
+        assert su in [r.uid for r in gen_out], "the batch decodes at every step"
+        tokens += [r.token for r in gen_out if r.uid == lu]
+        for r in [r for r in prompt_out if r.uid == lu]:
+            if r.end_of_prompt:
+                end_of_prompt.append((r.progress, steps))
+                continue
+            assert r.end_of_segment and r.progress[1] == 100
+            positions.append(r.progress[0])
+            if r.progress[0] == 40:  # a planned checkpoint: the state is read exactly there
+                caches, held = gen.extract_cache([lu])[lu]
+                assert held == long[:40]
+                ref = spec.new()
+                for a, b in ((0, 16), (16, 32), (32, 40)):
+                    model(mx.array(long[a:b])[None], cache=ref)
+                got, want = state_arrays(caches), state_arrays(ref)
+                assert len(got) == len(want) and all(mx.array_equal(x, y) for x, y in zip(got, want))
+    trimmable = family == "llama"
+    assert positions == [16, 32, 40, 48, 64, 80, 96] + ([] if trimmable else [99])
+    assert end_of_prompt == [((100, 100), steps)]
+    assert len(tokens) == 1, "the first token comes with the end of the prompt"
     while True:
         prompt_out, gen_out = gen.next()
-        end_of_prompt += [r.progress for r in prompt_out if r.uid == lu and r.end_of_prompt]
+        assert not [r for r in prompt_out if r.uid == lu], "its prompt was reported once"
         tokens += [r.token for r in gen_out if r.uid == lu]
         if any(r.uid == lu and r.finish_reason for r in gen_out):
             break
-    assert end_of_prompt == [(100, 100)]
     assert_same_greedy(tokens, greedy_reference(model, long, 4, eos=(), chunk=CHUNK))
     gen.remove([su])
     assert gen.extract_cache([su, lu]) == {}
@@ -84,10 +94,10 @@ def test_a_long_prompt_prefills_on_its_own_caches_while_the_batch_decodes(tiny_m
 
 def test_hits_arriving_together_join_the_batch_in_one_step_when_their_suffixes_fit_its_budget(tiny_model):
     """Three requests restored from a 70-token prefix, each with a 5-token suffix
-    (threshold 60: all take the long path): one step prefills all three suffixes (15
-    tokens of a 16-token budget) and they join the batch together, then decode as an
-    uncached run would. A fourth whose segment is longer than the budget left waits for
-the next step (no sliver chunk)."""
+    (threshold 60: all take the long path): one step prefills all three suffixes, last
+    tokens included (15 tokens of a 16-token budget), and gives their first tokens; they join the batch together, then decode as an uncached run
+    would. A fourth whose segment is longer than the budget left waits for the next
+    step (no sliver chunk)."""
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
@@ -105,15 +115,18 @@ the next step (no sliver chunk)."""
     for a in range(0, 70, CHUNK):
         model(mx.array(shared[a:a + CHUNK])[None], cache=base)
     mx.eval([c.state for c in base])
-    prompts = [shared + tokens_of(6, 10 + i) for i in range(3)] + [shared + tokens_of(20, 20)]
+    prompts = [shared + tokens_of(5, 10 + i) for i in range(3)] + [shared + tokens_of(20, 20)]
     uids = gen.insert_segments([prefill_segments(p, 70, CHUNK) for p in prompts], max_tokens=[3] * 4,
                                caches=[cache_state.cut(base, 70, 70) for _ in prompts],
                                all_tokens=[list(shared)] * 4)
     assert gen.prefilling == tuple(uids)
-    prompt_out, _ = gen.next()
+    prompt_out, gen_out = gen.next()
     assert gen.prefilling == (uids[3],), "the three short suffixes joined the batch in one step"
-    assert sorted((r.uid, r.progress) for r in prompt_out) == [(u, (5, 6)) for u in uids[:3]]
+    assert sorted((r.uid, r.progress, r.end_of_prompt) for r in prompt_out) == [(u, (5, 5), True) for u in uids[:3]]
     tokens = {u: [] for u in uids}
+    for r in gen_out:
+        tokens[r.uid].append(r.token)
+    assert sorted(tokens) == uids and [len(tokens[u]) for u in uids] == [1, 1, 1, 0], "first tokens in that step"
     while any(len(t) < 3 for t in tokens.values()):
         for r in gen.next()[1]:
             tokens[r.uid].append(r.token)
