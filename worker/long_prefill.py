@@ -16,13 +16,16 @@ to prefill) is prefilled here instead of in the batch: on its own caches (the
 ones given to `insert_segments`, written in place, as `SequentialGenerator`
 does), one chunk of at most `prefill_step_size` tokens per `next()` call, right
 after the batch's own step, so sequences in the batch keep decoding while it
-prefills. Long prompts go first come first served (a chunk of a few thousand
-tokens already fills a GPU; taking them in turn gives the first its first token
-soonest), and a step prefills at most `prefill_step_size` tokens here: when the
-head finishes with budget left, the next sequences whose current segment fits
-whole take the rest, so several short suffixes over long stored prefixes (hits
-arriving together) join the batch in the same step instead of one per step (on
-the H200 four such hits got their first tokens 0.33, 0.47, 0.53 and 0.55 s after
+prefills. A step prefills at most `prefill_step_size` tokens here, one chunk per
+sequence, whole segments only (chunks end where the segments end), the sequences
+with the fewest prompt tokens left first (arrival order among equals): a hit with a
+40-token suffix over a long stored prefix gets its first token in the next step
+instead of waiting behind a cold 5K-token prefill (on the H200 such hits waited three
+2048-token chunks, ~0.4 s, when they arrived together), and several such hits join
+the batch in the same step. A sequence left out of a step for lack of budget goes
+first in the next one, so a long prefill moves at least every other step however
+many short ones arrive (before: first come first served; on the H200 four hits
+arriving together got their first tokens 0.33, 0.47, 0.53 and 0.55 s after
 arrival). When only the last prompt token is left, it goes through the model here
 too and the sequence's first token is sampled from its logits (its sampler, else the
 batch's; a token in `stop_tokens` ends it with "stop", max_tokens 1 with "length"),
@@ -78,6 +81,7 @@ class _Long:
     sampler: object
     total: int  # prompt tokens in its segments
     done: int = 0
+    passed_over: bool = False  # left out of the last step for lack of budget: it goes first in the next
 
 
 class LongPrefillGenerator:
@@ -157,26 +161,26 @@ class LongPrefillGenerator:
 
     def next(self):
         """One step: the batch's (a decode step and a chunk of its prompts), then up to
-        `prefill_step_size` tokens of the long prompts, from the head of the queue (one
-        chunk per sequence; a sequence that finishes leaves the rest of the budget to the
-        next), with the first tokens of those that finish. Returns (prompt responses,
+        `prefill_step_size` tokens of the long prompts, one chunk per sequence in
+        `_turn` order (the first may take part of a segment longer than the budget, the
+        others only whole segments that fit what is left), with the first tokens of
+        those that finish. Returns (prompt responses,
         generation responses) as `BatchGenerator.next` does, with this object's uids."""
         with mx.stream(self.batch.stream):
             prompt_out, gen_out = self.batch.next()
             prompt_out = [self._outer_prompt(r) for r in prompt_out if not self._joined_response(r)]
             gen_out = [self._outer_generated(r) for r in gen_out]
-            budget = self.prefill_step_size  # tokens this step prefills here, first come first served
-            while self._long and budget > 0:
-                head = self._long[0]
-                if budget < self.prefill_step_size and len(head.segments[0]) > budget:
-                    break  # after the first: only a segment that fits whole (no sliver chunks)
-                response, n, first = self._prefill_chunk(head, budget)
+            budget = self.prefill_step_size  # tokens this step prefills here
+            for seq in sorted(self._long, key=self._turn):
+                if budget <= 0 or (budget < self.prefill_step_size and len(seq.segments[0]) > budget):
+                    seq.passed_over = True
+                    continue
+                seq.passed_over = False
+                response, n, first = self._prefill_chunk(seq, budget)
                 prompt_out.append(response)
                 if first is not None:
                     gen_out.append(first)
                 budget -= n
-                if self._long and self._long[0] is head:  # not done: the rest waits for the next step
-                    break
         return prompt_out, gen_out
 
     def extract_cache(self, uids) -> dict:
@@ -204,6 +208,12 @@ class LongPrefillGenerator:
         return out
 
     # -- inside -------------------------------------------------------------------
+    @staticmethod
+    def _turn(s: _Long) -> tuple:
+        """Sort key of a step's order: those passed over last step, then the fewest
+        prompt tokens left (the sort is stable: arrival order among equals)."""
+        return (not s.passed_over, s.total - s.done)
+
     def _link(self, uid: int, inner: int, offset: int) -> None:
         self._to_inner[uid] = inner
         self._to_outer[inner] = (uid, offset)

@@ -134,6 +134,50 @@ def test_hits_arriving_together_join_the_batch_in_one_step_when_their_suffixes_f
         assert_same_greedy(tokens[u], greedy_reference(model, p, 3, eos=(), chunk=CHUNK))
 
 
+def test_a_hit_goes_before_a_cold_long_prefill_which_still_moves_every_other_step(tiny_model):
+    """A cold 100-token prompt is queued first, then hits restored from a 70-token
+    prefix with 5-token suffixes, a new one before every step (threshold 60, 16-token
+    budget): the first hit gets its first token in the first step, before the cold
+    prompt; the cold one, left out for lack of budget, goes first in the next step (a
+    hit left out then goes first in the one after), so the cold prompt moves at least
+    every other step and finishes, and no hit waits more than one extra step."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    from kvrouter.worker import cache_state
+    from kvrouter.worker.long_prefill import LongPrefillGenerator
+    from kvrouter.worker.models import load_model
+    from kvrouter.worker.segments import prefill_segments
+
+    bundle = load_model(str(tiny_model("llama")), model_cache_dir())
+    model, spec = bundle.model, bundle.state
+    batch = BatchGenerator(model, completion_batch_size=16, prefill_batch_size=4, prefill_step_size=CHUNK)
+    gen = LongPrefillGenerator(model, batch, min_tokens=60, prefill_step_size=CHUNK)
+    shared = tokens_of(70, 5)
+    base = spec.new()
+    for a in range(0, 70, CHUNK):
+        model(mx.array(shared[a:a + CHUNK])[None], cache=base)
+    mx.eval([c.state for c in base])
+    (cold,) = gen.insert_segments([prefill_segments(tokens_of(100, 6), 0, CHUNK)], max_tokens=[1],
+                                  caches=[spec.new()])
+    cold_steps, arrived, first_token, step = [], {}, {}, 0
+    while cold in gen.prefilling:
+        step += 1
+        (hit,) = gen.insert_segments([prefill_segments(shared + tokens_of(5, 30 + step), 70, CHUNK)],
+                                     max_tokens=[1], caches=[cache_state.cut(base, 70, 70)],
+                                     all_tokens=[list(shared)])
+        arrived[hit] = step
+        prompt_out, gen_out = gen.next()
+        first_token.update((r.uid, step) for r in gen_out)
+        if cold in [r.uid for r in prompt_out]:
+            cold_steps.append(step)
+        assert step < 30
+    assert first_token[min(arrived)] == 1 and cold_steps[0] == 2, "the hit first; the cold one in the next step"
+    assert all(first_token.get(h, step + 1) - a <= 1 for h, a in arrived.items()), (arrived, first_token)
+    assert all(b - a <= 2 for a, b in zip(cold_steps, cold_steps[1:])), cold_steps
+    assert len(cold_steps) == 7  # 100 tokens: six 16-token chunks, then the last 3 with its last token
+
+
 def test_a_long_prompt_through_the_engine_stores_its_checkpoint_and_answers_as_uncached(tmp_path):
     """Default model, store on, --long-prefill-tokens 300: a 600-token prompt is
     prefilled outside the batch beside a decoding request; its cold checkpoint is
