@@ -28,6 +28,29 @@ def state_arrays(caches) -> list:
     return [a for _, a in tree_flatten([c.state for c in caches]) if isinstance(a, mx.array)]
 
 
+def llama_with_a_stored_prefix(tiny_model, completion_batch_size: int):
+    """(model, its cache spec, a LongPrefillGenerator over a BatchGenerator of
+    `completion_batch_size` (threshold 60, CHUNK budget), 70 prompt tokens, a state
+    holding exactly them) on the tiny llama: what the hit tests restore from."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    from kvrouter.worker.long_prefill import LongPrefillGenerator
+    from kvrouter.worker.models import load_model
+
+    bundle = load_model(str(tiny_model("llama")), model_cache_dir())
+    model, spec = bundle.model, bundle.state
+    batch = BatchGenerator(model, completion_batch_size=completion_batch_size, prefill_batch_size=4,
+                           prefill_step_size=CHUNK)
+    gen = LongPrefillGenerator(model, batch, min_tokens=60, prefill_step_size=CHUNK)
+    shared = tokens_of(70, 5)
+    base = spec.new()
+    for a in range(0, 70, CHUNK):
+        model(mx.array(shared[a:a + CHUNK])[None], cache=base)
+    mx.eval([c.state for c in base])
+    return model, spec, gen, shared, base
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt_oss", "qwen3_next", "mamba2"])
 def test_a_long_prompt_prefills_on_its_own_caches_while_the_batch_decodes(tiny_model, family):
     """A 100-token prompt (threshold 60) is prefilled chunk by chunk outside the batch,
@@ -98,23 +121,10 @@ def test_hits_arriving_together_join_the_batch_in_one_step_when_their_suffixes_f
     tokens included (15 tokens of a 16-token budget), and gives their first tokens; they join the batch together, then decode as an uncached run
     would. A fourth whose segment is longer than the budget left waits for the next
     step (no sliver chunk)."""
-    import mlx.core as mx
-    from mlx_lm.generate import BatchGenerator
-
     from kvrouter.worker import cache_state
-    from kvrouter.worker.long_prefill import LongPrefillGenerator
-    from kvrouter.worker.models import load_model
     from kvrouter.worker.segments import prefill_segments
 
-    bundle = load_model(str(tiny_model("llama")), model_cache_dir())
-    model, spec = bundle.model, bundle.state
-    batch = BatchGenerator(model, completion_batch_size=4, prefill_batch_size=4, prefill_step_size=CHUNK)
-    gen = LongPrefillGenerator(model, batch, min_tokens=60, prefill_step_size=CHUNK)
-    shared = tokens_of(70, 5)
-    base = spec.new()
-    for a in range(0, 70, CHUNK):
-        model(mx.array(shared[a:a + CHUNK])[None], cache=base)
-    mx.eval([c.state for c in base])
+    model, spec, gen, shared, base = llama_with_a_stored_prefix(tiny_model, 4)
     prompts = [shared + tokens_of(5, 10 + i) for i in range(3)] + [shared + tokens_of(20, 20)]
     uids = gen.insert_segments([prefill_segments(p, 70, CHUNK) for p in prompts], max_tokens=[3] * 4,
                                caches=[cache_state.cut(base, 70, 70) for _ in prompts],
@@ -141,23 +151,10 @@ def test_a_hit_goes_before_a_cold_long_prefill_which_still_moves_every_other_ste
     prompt; the cold one, left out for lack of budget, goes first in the next step (a
     hit left out then goes first in the one after), so the cold prompt moves at least
     every other step and finishes, and no hit waits more than one extra step."""
-    import mlx.core as mx
-    from mlx_lm.generate import BatchGenerator
-
     from kvrouter.worker import cache_state
-    from kvrouter.worker.long_prefill import LongPrefillGenerator
-    from kvrouter.worker.models import load_model
     from kvrouter.worker.segments import prefill_segments
 
-    bundle = load_model(str(tiny_model("llama")), model_cache_dir())
-    model, spec = bundle.model, bundle.state
-    batch = BatchGenerator(model, completion_batch_size=16, prefill_batch_size=4, prefill_step_size=CHUNK)
-    gen = LongPrefillGenerator(model, batch, min_tokens=60, prefill_step_size=CHUNK)
-    shared = tokens_of(70, 5)
-    base = spec.new()
-    for a in range(0, 70, CHUNK):
-        model(mx.array(shared[a:a + CHUNK])[None], cache=base)
-    mx.eval([c.state for c in base])
+    _, spec, gen, shared, base = llama_with_a_stored_prefix(tiny_model, 16)
     (cold,) = gen.insert_segments([prefill_segments(tokens_of(100, 6), 0, CHUNK)], max_tokens=[1],
                                   caches=[spec.new()])
     cold_steps, arrived, first_token, step = [], {}, {}, 0
