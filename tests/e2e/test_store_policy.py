@@ -6,6 +6,7 @@ their proportions: interval 512, alignment 128, trim 16, min 128, cold max 1000.
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import openai
@@ -190,13 +191,21 @@ def test_namespaces_never_share_state(servers):
     assert again.text == alice.text
 
 
-def test_ram_tier_serves_a_recent_checkpoint_without_reading_the_disk(servers):
+def test_ram_tier_serves_a_recent_checkpoint_without_reading_the_disk(servers, kv_dir):
     """Rule 9: lookup order live, RAM tier, disk. A checkpoint just written stays
-    in memory: the next request that needs it takes it from there."""
+    in memory: the next request that needs it takes it from there. (The request that
+    displaced the live state does not wait for its `evict` checkpoint's write, so the
+    test waits for it to be stored before the next request; one arriving while it is
+    still being written reuses the anchor below it instead.)"""
     system = long_system_prompt(12, project="Monoceros")
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Hi."}]
     before = metric(servers["s"], "kvrouter_prompt_tokens_total", source="ram")
-    rec = replay(client(servers["s"]), MODEL, [Step("cold", msgs, 2), other_user(20), Step("warm", msgs, 2)])
+    evicts = len(stored(kv_dir, "evict"))
+    rec = replay(client(servers["s"]), MODEL, [Step("cold", msgs, 2), other_user(20)])
+    deadline = time.monotonic() + 60
+    while len(stored(kv_dir, "evict")) == evicts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rec.update(replay(client(servers["s"]), MODEL, [Step("warm", msgs, 2)]))
     assert rec["warm"].cached_tokens == rec["warm"].prompt_tokens - 1  # the evict checkpoint of "cold"
     after = metric(servers["s"], "kvrouter_prompt_tokens_total", source="ram")
     assert after - before == rec["warm"].cached_tokens
