@@ -244,6 +244,7 @@ class Engine:
         self._warmup: deque = deque()  # stored checkpoints still to load into the RAM tier (`_plan_warmup`)
         self._warmup_tries: dict[str, int] = {}
         self._warmup_done = [0, 0, 0.0]
+        self._warm_rank: dict[str, int] = {}  # warm-up candidates' places in value order (`_plan_warmup`)
         self._warmed: list[str] = []  # warm-up loads done, most valuable first (`_warm_one`)
         self._disk_probes_left = 2  # cold-read probes that may still seed the disk rates (`_seed_disk_rate`)
         # Called on the engine thread with a LiveChanged or RamChanged; must be
