@@ -244,8 +244,7 @@ class Engine:
         self._warmup: deque = deque()  # stored checkpoints still to load into the RAM tier (`_plan_warmup`)
         self._warmup_tries: dict[str, int] = {}
         self._warmup_done = [0, 0, 0.0]
-        self._warm_rank: dict[str, int] = {}  # warm-up candidates' places in value order (`_plan_warmup`)
-        self._warmed: list[str] = []  # warm-up loads done, most valuable first (`_warm_one`)
+        self._warm_order: tuple[str, ...] = ()  # warm-up candidates' ids, most valuable first (`_plan_warmup`)
         self._disk_probes_left = 2  # cold-read probes that may still seed the disk rates (`_seed_disk_rate`)
         # Called on the engine thread with a LiveChanged or RamChanged; must be
         # thread-safe and must not raise.
@@ -385,7 +384,7 @@ class Engine:
         RAM tier's own bound)."""
         budget = min(self.config.ram_warmup_bytes, self.checkpoints.ram.max_bytes)
         self._warmup = deque(self.checkpoints.warm_candidates(budget))
-        self._warm_rank = {e.id: i for i, e in enumerate(self._warmup)}
+        self._warm_order = tuple(e.id for e in self._warmup)
         self._warmup_done = [0, 0, time.perf_counter()]  # loaded, bytes, start
         if self._warmup:
             log.info("RAM tier warm-up: %d stored checkpoints (%.0f MiB) to load while idle", len(self._warmup),
@@ -403,8 +402,7 @@ class Engine:
             self._warmup_done[0] += 1
             self._warmup_done[1] += entry.payload_bytes
             self.rates = learn_disk_load(self.rates, stages.bytes, stages.total_s, stages.resident)
-            self._warmed = sorted([*self._warmed, entry.id], key=self._warm_rank.__getitem__)
-            self.checkpoints.ram.touch(reversed(self._warmed))
+            self.checkpoints.ram.touch(reversed(self._warm_order))  # the held ones; the most valuable ends last
         elif entry.id not in self.checkpoints.ram and not self._queue.empty():  # given up for a request
             tries = self._warmup_tries.get(entry.id, 0) + 1
             self._warmup_tries[entry.id] = tries
