@@ -15,6 +15,7 @@ from kvrouter.router import __version__
 from kvrouter.worker.config import (
     DEFAULT_DECODE_CONCURRENCY,
     DEFAULT_LONG_PREFILL_TOKENS,
+    DEFAULT_PLAIN_ATTENTION_TOKENS,
     DEFAULT_PROMPT_CONCURRENCY,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
     DEFAULT_WRITER_ITEMS,
@@ -223,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "by a plain per-sequence loop (mlx-lm's causal mask; the batch's array mask made a "
                             "32K prefill 4x slower on a GPU), then join the batch to decode "
                             f"(default {DEFAULT_LONG_PREFILL_TOKENS}; 0 = every prompt in the batch)")
+        b.add_argument("--plain-attention-tokens", type=nonneg_int, default=DEFAULT_PLAIN_ATTENTION_TOKENS,
+                       help="on MLX's CUDA backend, prefill chunks of up to this many tokens use plain attention "
+                            "operations instead of cuDNN's fused attention, which builds a graph for every new "
+                            "(chunk, cache) shape: tens of milliseconds per hit; longer chunks stay fused "
+                            f"(default {DEFAULT_PLAIN_ATTENTION_TOKENS}; 0 = always fused; no effect on Metal "
+                            "or the CPU)")
         b.add_argument("--live-state-mb", type=nonneg_int, default=None,
                        help="memory a worker may keep in idle live states (the KV state of finished requests, "
                             "reused by their next turn) in MiB; past it the oldest is dropped after its evict "
@@ -384,7 +391,7 @@ def batching_config(ns: argparse.Namespace):
 
     return BatchingConfig(ns.decode_concurrency, ns.prompt_concurrency,
                           None if ns.live_state_mb is None else ns.live_state_mb * 2**20,
-                          ns.long_prefill_tokens)
+                          ns.long_prefill_tokens, ns.plain_attention_tokens)
 
 
 def _serve(ns: argparse.Namespace) -> int:

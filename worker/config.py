@@ -30,6 +30,11 @@ DEFAULT_LONG_PREFILL_TOKENS = 4096
 at 8K and 4x at 32K; shorter prompts stay in the batch, where several prefill in
 one forward pass."""
 
+DEFAULT_PLAIN_ATTENTION_TOKENS = 512
+"""On MLX's CUDA backend, query chunks of 2 to this many tokens take plain attention
+operations instead of cuDNN's fused attention, which builds a graph for every new
+shape (`worker.cuda_attention`); longer chunks stay fused."""
+
 
 @dataclass(frozen=True)
 class BatchingConfig:
@@ -39,18 +44,22 @@ class BatchingConfig:
     None: sized from the model and machine, `worker.sizing`). Defaults are
     mlx_lm.server's. long_prefill_tokens: prompts at least this long (tokens) are
     prefilled outside the batch, one at a time, by a plain per-sequence loop, then
-    join it to decode (0: never; `worker.long_prefill`)."""
+    join it to decode (0: never; `worker.long_prefill`). plain_attention_tokens: on
+    CUDA, query chunks up to this long (tokens) skip cuDNN's per-shape graphs (0: never;
+    `worker.cuda_attention`)."""
 
     decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY
     prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY
     live_state_bytes: int | None = None
     long_prefill_tokens: int = DEFAULT_LONG_PREFILL_TOKENS
+    plain_attention_tokens: int = DEFAULT_PLAIN_ATTENTION_TOKENS
 
     def as_args(self) -> list[str]:
         """The worker command-line flags that rebuild this config."""
         args = ["--decode-concurrency", str(self.decode_concurrency),
                 "--prompt-concurrency", str(self.prompt_concurrency),
-                "--long-prefill-tokens", str(self.long_prefill_tokens)]
+                "--long-prefill-tokens", str(self.long_prefill_tokens),
+                "--plain-attention-tokens", str(self.plain_attention_tokens)]
         if self.live_state_bytes is not None:
             args += ["--live-state-mb", str(self.live_state_bytes // 2**20)]
         return args

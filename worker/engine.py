@@ -261,6 +261,8 @@ class Engine:
         self._tokens_this_step = 0
         self._failpoint = os.environ.get(FAILPOINT_ENV) or None
         self._trace_steps = os.environ.get(TRACE_STEPS_ENV, "") not in ("", "0")
+        self._trace_last = 0.0  # when the last traced step ended (perf_counter)
+        self._trace_ms = [0.0, 0.0]  # this loop turn's admissions, write collection (ms)
         self._events_lock = threading.Lock()  # _store_events: appended by the writer thread too
         self._writer_owner = threading.local()  # on a writer thread: the request of the store it runs
         self.writer = CheckpointWriter(config.writer_max_items, config.writer_max_bytes,
@@ -337,8 +339,11 @@ class Engine:
         )
         if self.config.long_prefill_tokens <= 0:
             return batch
-        return LongPrefillGenerator(self.model, batch, min_tokens=max(2, self.config.long_prefill_tokens),
-                                    prefill_step_size=self.config.prefill_chunk_tokens, stop_tokens=self.eos_ids)
+        gen = LongPrefillGenerator(self.model, batch, min_tokens=max(2, self.config.long_prefill_tokens),
+                                   prefill_step_size=self.config.prefill_chunk_tokens, stop_tokens=self.eos_ids)
+        if self._trace_steps:
+            gen.trace = []
+        return gen
 
     def _loop(self) -> None:
         self._stream = mx.new_stream(mx.default_device())
@@ -360,12 +365,15 @@ class Engine:
             ram_before = set(self.checkpoints.ram.ids())
             self._take_jobs(block=idle and not warming, timeout=max(0.0, memory_due - time.monotonic())
                             if idle and memory_due is not None else None)
+            t_collect = time.perf_counter()
             self._collect_writes()
             if self._stopping is not None and not self._running and not self._waiting:
                 self._shutdown(self._stopping[0], ram_before)
                 return
             self._cancel_requested()
+            t_admit = time.perf_counter()
             self._admit_waiting()
+            self._trace_ms = [(time.perf_counter() - t_admit) * 1000, (t_admit - t_collect) * 1000]
             self._publish_first_tokens_pending()
             if self._running:
                 try:
@@ -743,10 +751,24 @@ class Engine:
             self._after_step(stats, prompt_out, gen_out)
         finally:
             if self._trace_steps:
-                log.info("step %d running=%d waiting=%d prompt_tokens=%d prompt_ms=%.1f decoded=%d decode_ms=%.1f "
-                         "next_ms=%.1f after_ms=%.1f", self.progress, len(self._running), len(self._waiting),
-                         stats.prompt_tokens, stats.prompt_time * 1000, stats.generation_tokens,
-                         stats.decode_time * 1000, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
+                self._log_step(stats, t0, t1)
+
+    def _log_step(self, stats, t0: float, t1: float) -> None:
+        """With KVROUTER_TRACE_STEPS: one line per step (milliseconds): mlx-lm's prompt and
+        decode time, the whole `next` call and the bookkeeping after it, the time since the
+        last step, this turn's admissions and write collection, the writer's queue, and the
+        generator's own parts (`LongPrefillGenerator.trace`: the batch's step, each long
+        chunk as (tokens, tokens its caches held, ms))."""
+        parts = getattr(self._gen, "trace", None)
+        log.info("step %d running=%d waiting=%d prompt_tokens=%d prompt_ms=%.1f decoded=%d decode_ms=%.1f "
+                 "next_ms=%.1f after_ms=%.1f since_last_ms=%.1f admit_ms=%.1f collect_ms=%.1f writer_mib=%.0f "
+                 "parts=%s", self.progress, len(self._running), len(self._waiting), stats.prompt_tokens,
+                 stats.prompt_time * 1000, stats.generation_tokens, stats.decode_time * 1000, (t1 - t0) * 1000,
+                 (time.perf_counter() - t1) * 1000, (t0 - self._trace_last) * 1000 if self._trace_last else 0.0,
+                 self._trace_ms[0], self._trace_ms[1], self.writer.queued_bytes / 2**20, parts)
+        if parts is not None:
+            parts.clear()
+        self._trace_last = time.perf_counter()
 
     def _after_step(self, stats, prompt_out, gen_out) -> None:
         """A step's outcome: rates, planned checkpoints at segment ends, tokens out."""

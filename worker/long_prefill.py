@@ -113,6 +113,10 @@ class LongPrefillGenerator:
         self._to_inner: dict[int, int] = {}  # our uid -> the batch's
         self._to_outer: dict[int, tuple[int, int]] = {}  # the batch's uid -> (ours, progress prefilled here)
         self._counters = BatchCounters()
+        # With `trace` a list, each `next()` appends what its parts took (`KVROUTER_TRACE_STEPS`):
+        # ("batch", ms) and per long chunk ("long", tokens, tokens its caches held, ms); the
+        # device is synchronized before each part, so queued work is not counted in the next.
+        self.trace: list | None = None
 
     @property
     def stream(self):
@@ -167,7 +171,9 @@ class LongPrefillGenerator:
         those that finish. Returns (prompt responses,
         generation responses) as `BatchGenerator.next` does, with this object's uids."""
         with mx.stream(self.batch.stream):
+            tic = self._trace_start()
             prompt_out, gen_out = self.batch.next()
+            self._trace_end(tic, "batch")
             prompt_out = [self._outer_prompt(r) for r in prompt_out if not self._joined_response(r)]
             gen_out = [self._outer_generated(r) for r in gen_out]
             budget = self.prefill_step_size  # tokens this step prefills here
@@ -176,7 +182,9 @@ class LongPrefillGenerator:
                     seq.passed_over = True
                     continue
                 seq.passed_over = False
+                tic, held = self._trace_start(), len(seq.tokens)
                 response, n, first = self._prefill_chunk(seq, budget)
+                self._trace_end(tic, "long", n, held)
                 prompt_out.append(response)
                 if first is not None:
                     gen_out.append(first)
@@ -208,6 +216,17 @@ class LongPrefillGenerator:
         return out
 
     # -- inside -------------------------------------------------------------------
+    def _trace_start(self) -> float:
+        if self.trace is None:
+            return 0.0
+        mx.synchronize()
+        return time.perf_counter()
+
+    def _trace_end(self, tic: float, *what) -> None:
+        if self.trace is not None:
+            mx.synchronize()
+            self.trace.append((*what, round((time.perf_counter() - tic) * 1000, 1)))
+
     @staticmethod
     def _turn(s: _Long) -> tuple:
         """Sort key of a step's order: those passed over last step, then the fewest

@@ -174,6 +174,7 @@ def build_engine(config: WorkerConfig):
     from kvrouter.worker.cache_events import StoreListeners
     from kvrouter.worker.checkpoints import CheckpointManager
     from kvrouter.worker.engine import Engine, EngineConfig
+    from kvrouter.worker import cuda_attention
     from kvrouter.worker.models import build_hf_tokenizer, load_model
     from kvrouter.worker.models.tool_parser import tool_parser_for
     from kvrouter.worker.ram_tier import RamTier
@@ -189,6 +190,7 @@ def build_engine(config: WorkerConfig):
     batching = (f"continuous batching, up to {config.batching.decode_concurrency} sequences" if spec.batchable
                 else "one request at a time (a cache layer mlx-lm cannot batch: no merge)")
     log.info("model %s: caches %s; states cut back: %s; %s", bundle.name, spec.layout, spec.rules.label, batching)
+    cuda_attention.install(config.batching.plain_attention_tokens)
     hf_tok = build_hf_tokenizer(bundle.tokenizer_json, bundle.chat_template, bundle.eos_token_ids, bundle.bos_token_id)
     plan = memory_plan(config, bundle.model, bundle.context_length)
     listeners = StoreListeners()

@@ -118,8 +118,9 @@ def test_a_long_prompt_prefills_on_its_own_caches_while_the_batch_decodes(tiny_m
 def test_hits_arriving_together_join_the_batch_in_one_step_when_their_suffixes_fit_its_budget(tiny_model):
     """Three requests restored from a 70-token prefix, each with a 5-token suffix
     (threshold 60: all take the long path): one step prefills all three suffixes, last
-    tokens included (15 tokens of a 16-token budget), and gives their first tokens; they join the batch together, then decode as an uncached run
-    would. A fourth whose segment is longer than the budget left waits for the next
+    tokens included (15 tokens of a 16-token budget), and gives their first tokens (the
+    step trace times the batch's part and each suffix); they join the batch together,
+    then decode as an uncached run would. A fourth whose segment is longer than the budget left waits for the next
     step (no sliver chunk)."""
     from kvrouter.worker import cache_state
     from kvrouter.worker.segments import prefill_segments
@@ -130,8 +131,12 @@ def test_hits_arriving_together_join_the_batch_in_one_step_when_their_suffixes_f
                                caches=[cache_state.cut(base, 70, 70) for _ in prompts],
                                all_tokens=[list(shared)] * 4)
     assert gen.prefilling == tuple(uids)
+    gen.trace = []  # KVROUTER_TRACE_STEPS: the step's parts, timed
     prompt_out, gen_out = gen.next()
     assert gen.prefilling == (uids[3],), "the three short suffixes joined the batch in one step"
+    assert [p[0] for p in gen.trace] == ["batch", "long", "long", "long"]
+    assert [p[1:3] for p in gen.trace[1:]] == [(5, 70)] * 3 and all(p[-1] >= 0 for p in gen.trace)
+    gen.trace = None
     assert sorted((r.uid, r.progress, r.end_of_prompt) for r in prompt_out) == [(u, (5, 5), True) for u in uids[:3]]
     tokens = {u: [] for u in uids}
     for r in gen_out:
