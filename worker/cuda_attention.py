@@ -8,10 +8,11 @@ milliseconds. A prefill chunk's shape is (its length, the cache's length), so ne
 every hit's suffix is a new shape. Measured on an H200 (8B shape, bf16; README,
 "Fifth pass on the H200"): the attention call alone took 38-44 ms for a new shape
 against 0.2 ms for a repeated one; a 160-token suffix over a 5.4K-token prefix took
-54-80 ms with a new shape against 13 ms with a repeated one, and through this module
-30-48 ms with a new shape (22 ms repeated: the fused kernel stays faster for shapes
-it has seen, which prefill chunks rarely are). In the worker, hits' suffix chunks took 87-121 ms before
-and 30-77 ms after. `mlx_lm.server` pays the same.
+53-80 ms with a new shape against 13 ms with a repeated one, and through this module
+28-48 ms with a new shape (22 ms repeated: the fused kernel stays faster for shapes
+it has seen, which prefill chunks rarely are). In the worker, the suffix chunks of a
+compare run's hits took 74 ms at the median with the fused kernel and 45-48 ms with
+this module. `mlx_lm.server` pays the same graph builds.
 
 `short_query_attention` has the signature of `mx.fast.scaled_dot_product_attention`.
 For a query of `MIN_QUERY_TOKENS` to `max_query_tokens` tokens, with no attention
