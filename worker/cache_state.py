@@ -236,19 +236,20 @@ def trim(caches, held: int, n: int) -> None:
 
 
 def payload_writer(caches, n_tokens: int, model_id: str,
-                   pause: Callable[[], None] | None = None) -> Callable[[Path], None]:
+                   pause: Callable[[], None] | None = None, guard=None) -> Callable[[Path], None]:
     """A function that writes a state holding exactly `n_tokens` tokens to a path
     ending in ".safetensors", in mlx-lm's `save_prompt_cache` layout (each layer's class
     and `state`), with metadata: format tag, model identity, token count. It writes one
     tensor at a time (`worker.payload_write`) and calls `pause()` before each (the
-    worker's writer holds there while first tokens are pending). Raises CutError when
-    the state does not hold `n_tokens` tokens."""
+    worker's writer holds there while first tokens are pending); `guard` (a lock, or
+    None) is held while each tensor is handed to the host. Raises CutError when the
+    state does not hold `n_tokens` tokens."""
     check_tokens(caches, n_tokens)
     metadata = {"format": FORMAT_TAG, "model_id": model_id, "n_tokens": str(n_tokens)}
 
     def write(path: Path) -> None:
         arrays, flat_meta = prompt_cache_arrays(caches, metadata)
-        write_safetensors(path, arrays, flat_meta, pause)
+        write_safetensors(path, arrays, flat_meta, pause, guard)
 
     return write
 

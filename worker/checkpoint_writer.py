@@ -17,6 +17,12 @@ caller, which counts them (`skipped`, reason `writer_behind`).
 At shutdown `drain` writes what is queued on several threads at once, within a
 deadline, and returns what it could not write.
 
+Until a job is written its snapshot stays reusable (`WriteJob.reuse`, `unwritten`):
+the engine may copy it on the device meanwhile, holding `WriteJob.guard`, which the
+payload write also holds while it hands each tensor to the host (on CUDA that moves an
+MLX buffer to unified memory and frees the device copy, which a device copy must not
+overlap).
+
 First tokens go first: a payload is written one tensor at a time
 (`worker.payload_write`), and before each tensor the write holds while the engine
 reports requests waiting for their first token (`first_tokens_pending`), at most
@@ -59,7 +65,10 @@ class WriteJob:
     writer thread and returns (the committed Entry or None, the store events of
     that save). owner: whatever the caller wants back with the outcome (the
     request the store belongs to). payload: the snapshot, kept for the caller
-    (the RAM tier keeps it once stored).
+    (the RAM tier keeps it once stored). reuse: what the caller may reuse from the
+    snapshot until it is written (the engine's copy-only live state), or None.
+    guard: a lock held by the payload write while it moves a tensor to the host and
+    by a reader copying the snapshot on the device (see the module docstring), or None.
     """
 
     kind: str
@@ -68,6 +77,8 @@ class WriteJob:
     write: Callable[[], tuple[Any, tuple]]
     owner: Any = None
     payload: Any = None
+    reuse: Any = None
+    guard: Any = None
     submitted: float = field(default_factory=time.monotonic)
 
     @property
@@ -105,6 +116,7 @@ class CheckpointWriter:
         self._queue: deque[WriteJob] = deque()
         self._bytes = 0
         self._busy = 0  # jobs being written now
+        self._writing: list[WriteJob] = []  # by the writer thread (not by `drain`'s threads)
         self._completed: list[Completion] = []
         self._closed = False
         # Requests waiting for their first token, set by the engine thread (`pauser`).
@@ -142,6 +154,11 @@ class CheckpointWriter:
             self._bytes += job.n_bytes
             self._cond.notify_all()
             return skipped
+
+    def unwritten(self) -> list[WriteJob]:
+        """The jobs being written, then those waiting, oldest first."""
+        with self._cond:
+            return [*self._writing, *self._queue]
 
     def _fits(self, job: WriteJob) -> bool:
         return len(self._queue) < self.max_items and self._bytes + job.n_bytes <= self.max_bytes
@@ -216,11 +233,13 @@ class CheckpointWriter:
                 job = self._queue.popleft()
                 self._bytes -= job.n_bytes
                 self._busy += 1
+                self._writing.append(job)
             try:
                 self._execute(job)
             finally:
                 with self._cond:
                     self._busy -= 1
+                    self._writing.remove(job)
 
     def _execute(self, job: WriteJob) -> None:
         try:

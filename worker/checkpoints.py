@@ -17,6 +17,7 @@ A checkpoint that fails to load is quarantined (case C11).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -265,7 +266,8 @@ class CheckpointManager:
         """A WriteJob for a checkpoint of `tokens` (the first len(tokens) of the `held`
         tokens `caches` holds): the state is cut and evaluated now, on the engine thread;
         `job.write()` stores it from any thread (the worker's `CheckpointWriter`) and
-        returns (the Entry or None, ()); then `stored` keeps it in the RAM tier. None
+        returns (the Entry or None, ()); then `stored` keeps it in the RAM tier. Until
+        then `job.reuse` offers the snapshot as a copy-only `LiveState`. None
         without a store. Store failures are skips (store events), never exceptions.
         Raises CutError when the state cannot be cut to len(tokens) (see `can_store`)."""
         if self.store is None or not tokens:
@@ -274,14 +276,18 @@ class CheckpointManager:
         mx.eval([c.state for c in state])  # the writer thread only reads finished arrays
         size = cache_state.nbytes(state)
         pause = self.write_pauser() if self.write_pauser is not None else None
-        payload_writer = cache_state.payload_writer(state, len(tokens), self.model_id, pause)
+        guard = threading.Lock()
+        payload_writer = cache_state.payload_writer(state, len(tokens), self.model_id, pause, guard)
         store, model_id, tokens = self.store, self.model_id, list(tokens)
 
         def write():
             return store.save(kind, model_id, namespace, tokens, payload_writer, text_preview=preview,
                               size_hint=size), ()
 
-        return WriteJob(kind, len(tokens), size, write, payload=state)
+        job = WriteJob(kind, len(tokens), size, write, payload=state, guard=guard)
+        # Until it is written, the snapshot is a state the engine may copy from (under `guard`).
+        job.reuse = LiveState(namespace, tokens, state, len(tokens), preview, writing=job)
+        return job
 
     def stored(self, job: WriteJob, entry: Entry | None) -> None:
         """After a job's write (engine thread): keeps a stored checkpoint in the RAM tier."""

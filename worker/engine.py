@@ -626,18 +626,22 @@ class Engine:
         self.peak_admitted_kv_bytes = max(self.peak_admitted_kv_bytes, self.admitted_kv_bytes)
 
     def _plan(self, job: EngineJob, prompt: list[int]) -> RestorePlan:
-        """The restore plan of a request (one store lookup)."""
+        """The restore plan of a request (one store lookup). Snapshots the checkpoint
+        writer has not written yet count as copy-only live states."""
         req = job.request
         hit = None if job.attempts else self.checkpoints.lookup(prompt, req.namespace)
         batch = [InBatch(uid, r.job.request.namespace, r.prompt, r.pos) for uid, r in self._running.items()]
         resident = None
         if hit is not None and hit.entry.id not in self.checkpoints.ram:
             resident = self.checkpoints.resident(hit.entry)
-        return plan_restore(prompt, req.namespace, self.lives, batch, hit, self.checkpoints.ram, self.rates,
+        lives = [*self.lives, *(j.reuse for j in self.writer.unwritten() if j.reuse is not None)]
+        return plan_restore(prompt, req.namespace, lives, batch, hit, self.checkpoints.ram, self.rates,
                             self.spec.rules, cold=bool(job.attempts), resident=resident)
 
     def _restore(self, plan: RestorePlan) -> Restored:
-        """Carries a restore plan out: the state the request starts from."""
+        """Carries a restore plan out: the state the request starts from. A copy of a
+        snapshot the writer has not written yet is reported as a RAM-tier restore (it is
+        a checkpoint held in memory)."""
         d = plan.decision
         if d is not None:
             e = plan.entry or plan.declined
@@ -664,6 +668,11 @@ class Engine:
                 self._forget_live(live)
                 cache_state.trim(caches, held, plan.n_tokens)
                 return Restored(caches, plan.n_tokens, "live", plan.stored_tokens)
+            if live.writing is not None:  # a snapshot not written yet: copied while its write cannot move it
+                with live.writing.guard:
+                    state = cache_state.cut(caches, held, plan.n_tokens)
+                    mx.eval([c.state for c in state])
+                return Restored(state, plan.n_tokens, "ram", plan.stored_tokens)
             # Another session sharing a prefix: a copy; the live state stays in its slot for
             # its own next turn (an `evict` checkpoint when its slot is needed).
             return Restored(cache_state.cut(caches, held, plan.n_tokens), plan.n_tokens, "live", plan.stored_tokens)

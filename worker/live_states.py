@@ -36,6 +36,9 @@ class LiveState:
     exactly `prompt_tokens` tokens, taken when the prefill got there): the next turn
     resumes from it when it diverges inside the generated part, and the `evict` and
     `shutdown` checkpoints are written from it. None where states can be cut back.
+    writing: the checkpoint write (a `WriteJob`) whose snapshot this state is, until
+    the writer has written it: such a state is never in `LiveStates`; it is only
+    copied (never taken), under the job's `guard`. None for a live state proper.
     """
 
     namespace: str
@@ -45,6 +48,7 @@ class LiveState:
     preview: str = ""
     live_id: int = 0  # set by `LiveStates.add`
     prompt_state: list | None = None
+    writing: object | None = None
 
     @property
     def held(self) -> int:

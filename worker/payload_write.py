@@ -18,6 +18,7 @@ a payload. Contiguous tensors go to the file without a copy (as fast as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -61,10 +62,12 @@ def prompt_cache_arrays(caches, metadata: dict[str, str]) -> tuple[dict[str, mx.
 
 
 def write_safetensors(path, arrays: dict[str, mx.array], metadata: dict[str, str],
-                      pause: Callable[[], None] | None = None) -> int:
+                      pause: Callable[[], None] | None = None, guard=None) -> int:
     """Writes `arrays` (name -> evaluated or lazy mx.array of a dtype in
     SAFETENSORS_DTYPES) and `metadata` (str to str) to `path` as safetensors, tensors
-    in name order; `pause()` runs before each tensor. Returns the bytes written.
+    in name order; `pause()` runs before each tensor, and `guard` (a lock, or None) is
+    held while a tensor's memory is handed to the host (on CUDA that moves the buffer:
+    a device copy of the same arrays must not run meanwhile). Returns the bytes written.
     Raises ValueError for an unsupported dtype, OSError from the file system."""
     names = sorted(arrays)
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
@@ -86,10 +89,11 @@ def write_safetensors(path, arrays: dict[str, mx.array], metadata: dict[str, str
             a = arrays[name]
             if a.nbytes == 0:
                 continue
-            mx.eval(a)
-            raw = memoryview(a)
+            with guard if guard is not None else contextlib.nullcontext():
+                mx.eval(a)
+                raw = memoryview(a)
             if not raw.c_contiguous:  # a state's slices of a larger buffer are strided views
-                a = mx.contiguous(a)
+                a = mx.contiguous(a)  # a copy of its own: no guard needed
                 mx.eval(a)
                 raw = memoryview(a)
             f.write(raw)

@@ -10,7 +10,11 @@ clock.
 
 Sources, cheapest first:
 
-- a live state (a finished request's state, kept in its batch slot): the
+- a live state (a finished request's state, kept in its batch slot), or a
+  checkpoint's snapshot the writer has not written yet (copied only, and only
+  when the prompt starts with all of it, as a lookup matches it once written: a
+  session's next turn arriving before its `evict` checkpoint is written still
+  reuses all of it, instead of a shorter stored prefix): the
   request continues it (its prompt extends what the state's client sent: the
   state moves into the batch, cut back in place where needed), or shares only
   a prefix with it (another session: a copy of the prefix, the state stays);
@@ -107,8 +111,9 @@ def plan_restore(prompt: Sequence[int], namespace: str, lives: Iterable[LiveStat
                  cold: bool = False, resident: float | None = None) -> RestorePlan:
     """The restore plan of `prompt` (token ids) in `namespace`.
 
-    lives: the idle live states; batch: the requests in the batch; hit: the store
-    lookup's answer for this prompt (None: miss or no store); ram_ids: entry ids in
+    lives: the idle live states (and snapshots not written yet); batch: the requests
+    in the batch; hit: the store lookup's answer for this prompt (None: miss or no
+    store); ram_ids: entry ids in
     the RAM tier (supports `in`); rates: the worker's measurements (None: always
     load a checkpoint that reaches further); rules: the model's reuse rules;
     cold: start from nothing (a retry after a failed batch); resident: fraction
@@ -144,12 +149,17 @@ def plan_restore(prompt: Sequence[int], namespace: str, lives: Iterable[LiveStat
 
 def _best_live(prompt, namespace, lives, rules: ReuseRules, stored: int) -> RestorePlan:
     """The live state giving the most tokens (ties: one the request continues, then
-    its whole state over its prompt state)."""
+    its whole state over its prompt state). A snapshot the checkpoint writer has not
+    written yet (`LiveState.writing`) is copied, never taken, and only where the
+    prompt starts with all of it, as the store's lookup will match the checkpoint
+    once written: the reuse does not depend on how far the writer has got."""
     best, best_key = None, (0, False, False)
     for live in lives:
         if live.namespace != namespace:
             continue
         shared = common_prefix_length(live.tokens, prompt)
+        if live.writing is not None and shared < live.held:
+            continue  # a snapshot being written counts as the checkpoint it becomes: whole or not at all
         continues = shared >= live.prompt_tokens  # it extends what this state's client sent
         options = [(reusable_tokens(live.held, shared, len(prompt), rules), continues, True)]
         if live.prompt_state is not None and continues:
@@ -161,7 +171,7 @@ def _best_live(prompt, namespace, lives, rules: ReuseRules, stored: int) -> Rest
     if best is None:
         return RestorePlan("none", 0, stored)
     n, take, whole = best_key
-    return RestorePlan("live", n, stored, best, take=take, from_prompt_state=not whole)
+    return RestorePlan("live", n, stored, best, take=take and best.writing is None, from_prompt_state=not whole)
 
 
 def _best_in_batch(prompt, namespace, batch, rules: ReuseRules) -> tuple[int, int, int] | None:

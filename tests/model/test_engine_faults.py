@@ -24,8 +24,8 @@ def blocked_writes(monkeypatch):
     started, release = threading.Event(), threading.Event()
     real = cache_state.payload_writer
 
-    def slow_writer(caches, n_tokens, model_id, pause=None):
-        write = real(caches, n_tokens, model_id, pause)
+    def slow_writer(caches, n_tokens, model_id, pause=None, guard=None):
+        write = real(caches, n_tokens, model_id, pause, guard)
 
         def blocked(path):
             started.set()
@@ -84,6 +84,50 @@ def test_a_final_does_not_wait_for_the_evict_checkpoint_its_admission_caused(tmp
     finally:
         gate.set()
         engine.stop(shutdown_checkpoint=False)
+
+
+def test_a_conversation_copies_its_evict_snapshot_while_the_writer_still_holds_it(tmp_path, blocked_writes):
+    """One batch slot and a stuck disk: a's state is dropped for b, and its 300-token
+    evict checkpoint waits in the writer's queue behind another write. a's next turn
+    arrives before any of them is written: it reuses all 300 tokens from that snapshot
+    (reported as a RAM-tier restore; before, it found nothing stored and prefilled
+    everything), answers as an engine without a store does, and the snapshot is still
+    written once the disk moves."""
+    started, gate = blocked_writes
+    engine = make_engine(tmp_path / "kv", decode_concurrency=1)
+    plain = make_engine(decode_concurrency=1)
+    try:
+        x = Call(engine, prompt_of(300, 40), max_tokens=1)
+        assert started.wait(120)  # x's anchor is being written, and stuck: what follows queues
+        a = Call(engine, prompt_of(300, 41), max_tokens=1)
+        while not a.tokens:
+            a.next_event()
+        b = Call(engine, prompt_of(100, 42), max_tokens=1)  # takes the slot: a's evict snapshot queues
+        while not b.tokens:
+            b.next_event()
+        assert any(j.kind == "evict" and j.n_tokens == 300 for j in engine.writer.unwritten())
+        turn = prompt_of(300, 41) + prompt_of(20, 43)
+        again = Call(engine, turn, max_tokens=3)
+        while not again.tokens:
+            again.next_event()
+        assert again.first_reuse == (300, "ram"), again.first_reuse
+        assert engine.checkpoints.store.stats().entries.get("evict", 0) == 0  # nothing written yet
+        gate.set()
+        final = again.wait()
+        assert final.usage.cached_tokens == 300 and final.usage.cache_source == "ram"
+        reference = Call(plain, turn, max_tokens=3)
+        reference.wait()
+        assert again.tokens == reference.tokens
+        for call in (x, a, b):
+            call.wait()
+        deadline = time.monotonic() + 60
+        while engine.writer.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.checkpoints.store.stats().entries["evict"] >= 1
+    finally:
+        gate.set()
+        engine.stop(shutdown_checkpoint=False)
+        plain.stop(shutdown_checkpoint=False)
 
 
 def test_a_stored_checkpoint_is_published_as_joining_the_ram_tier(tmp_path):

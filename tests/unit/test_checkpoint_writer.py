@@ -148,3 +148,55 @@ def test_a_write_holds_while_first_tokens_are_pending_within_its_budget():
     t0 = time.monotonic()
     w.pauser(max_hold_s=5.0)()
     assert time.monotonic() - t0 < 0.05  # closed: shutdown writes are never held
+
+
+
+def test_unwritten_lists_the_job_being_written_then_the_queue_until_each_is_written():
+    """What the engine may still copy from: a job stays listed until its write ends."""
+    gate = Gate()
+    writer = CheckpointWriter(max_items=4, max_bytes=1000)
+    busy = gate.job("busy")
+    writer.submit(busy)
+    assert gate.started.wait(5)
+    a = gate.job("a", block=False)
+    writer.submit(a)
+    assert writer.unwritten() == [busy, a]
+    gate.open.set()
+    wait_for(writer, 2)
+    assert writer.unwritten() == []
+    writer.close()
+
+
+def test_the_payload_write_holds_the_guard_while_it_hands_each_tensor_to_the_host(tmp_path):
+    """A device copy of a snapshot not yet written (the engine, under the job's guard)
+    never overlaps a tensor's move to host memory: the write takes the guard for each
+    tensor, and waits while someone else holds it."""
+    import mlx.core as mx
+
+    from kvrouter.worker.payload_write import write_safetensors
+
+    class Recording:
+        def __init__(self):
+            self.lock, self.entered = threading.Lock(), 0
+
+        def __enter__(self):
+            self.lock.acquire()
+            self.entered += 1
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    guard = Recording()
+    arrays = {"a": mx.arange(6), "b": mx.ones((2, 3)), "empty": mx.zeros((0,))}
+    write_safetensors(tmp_path / "p.safetensors", arrays, {}, guard=guard)
+    assert guard.entered == 2  # one per non-empty tensor
+    assert mx.load(str(tmp_path / "p.safetensors"))["b"].tolist() == [[1.0] * 3] * 2
+    guard.lock.acquire()  # a reader copying the snapshot: the write must wait for it
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (write_safetensors(tmp_path / "q.safetensors", arrays, {}, guard=guard),
+                                         done.set()))
+    t.start()
+    assert not done.wait(0.3)
+    guard.lock.release()
+    assert done.wait(10)
+    t.join()

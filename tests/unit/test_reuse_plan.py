@@ -134,3 +134,23 @@ def test_a_resent_reply_that_differs_resumes_where_the_client_sent_part_ended():
     assert (extends.n_tokens, extends.from_prompt_state) == (100, False)  # the whole state when it extends
     other = list(range(50)) + [999] * 30  # another session: inside the client-sent part
     assert plan_restore(other, "", [state], [], None, set(), None, EXACT).source == "none"
+
+
+def test_a_snapshot_waiting_to_be_written_is_copied_never_taken_and_wins_over_a_shorter_checkpoint():
+    """A session's next turn arriving while its evict checkpoint (300 tokens) waits in
+    the writer's queue reuses the snapshot, a copy (the job still writes it), not the
+    256-token checkpoint the store has; the same state as a live state proper is taken."""
+    prompt = list(range(1, 301)) + [7, 8, 9]
+    snapshot = LiveState("ns", list(range(1, 301)), [], 300, writing=object())
+    plan = plan_restore(prompt, "ns", [snapshot], [], hit(256), set(), None, CUT_ANY)
+    assert (plan.source, plan.n_tokens, plan.live, plan.take) == ("live", 300, snapshot, False)
+    proper = LiveState("ns", list(range(1, 301)), [], 300)
+    plan = plan_restore(prompt, "ns", [proper], [], hit(256), set(), None, CUT_ANY)
+    assert (plan.source, plan.n_tokens, plan.take) == ("live", 300, True)
+    # Sharing only part of it (another session's prompt), the snapshot counts as the
+    # checkpoint it becomes: the store's lookup would not match it, so it is not used.
+    other = list(range(1, 281)) + [999] * 30
+    plan = plan_restore(other, "ns", [snapshot], [], hit(256), set(), None, CUT_ANY)
+    assert (plan.source, plan.n_tokens) == ("disk", 256)
+    plan = plan_restore(other, "ns", [live(range(1, 301), ns="ns")], [], hit(256), set(), None, CUT_ANY)
+    assert (plan.source, plan.n_tokens) == ("live", 280)  # a live state proper is cut back
