@@ -5,7 +5,7 @@ import json, os, sys, threading, time
 import mlx.core as mx
 import numpy as np
 from mlx_lm import load
-from mlx_lm.models.cache import make_prompt_cache
+from gpu_common import prefill
 from kvrouter.worker import cache_state
 
 out = {}
@@ -14,14 +14,7 @@ N, SUF = int(os.environ.get("NTOK", 5400)), 40
 rng = np.random.default_rng(0)
 prompt = rng.integers(100, 20000, N + SUF).tolist()
 
-def prefill(tokens):
-    caches = make_prompt_cache(model)
-    for i in range(0, len(tokens), 2048):
-        model(mx.array(tokens[i:i + 2048])[None], cache=caches)
-        mx.eval([c.state for c in caches])
-    return caches
-
-base = prefill(prompt[:N])
+base = prefill(model, prompt[:N])
 def hit(src, n_suffix=SUF, first_token=True):
     t0 = time.perf_counter()
     c = cache_state.cut(src, N, N)

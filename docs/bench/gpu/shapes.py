@@ -5,7 +5,7 @@ import json, os, sys, time
 import mlx.core as mx
 import numpy as np
 from mlx_lm import load
-from mlx_lm.models.cache import make_prompt_cache
+from gpu_common import prefill
 from kvrouter.worker import cache_state, cuda_attention
 
 out = {}
@@ -14,14 +14,7 @@ N = 5400
 rng = np.random.default_rng(0)
 prompt = rng.integers(100, 20000, N + 800).tolist()
 
-def prefill(tokens):
-    caches = make_prompt_cache(model)
-    for i in range(0, len(tokens), 2048):
-        model(mx.array(tokens[i:i + 2048])[None], cache=caches)
-        mx.eval([c.state for c in caches])
-    return caches
-
-base = prefill(prompt[:N])
+base = prefill(model, prompt[:N])
 
 def hit(n_prefix, n_suffix):
     mx.synchronize(); t0 = time.perf_counter()
