@@ -44,3 +44,15 @@ def chat_tokenizer(model: str | None, cache_dir: Path):
         return tok.encode(text, add_special_tokens=False)
 
     return encode
+
+
+def model_tokenizer(model: str | None, cache_dir: Path):
+    """The router's own `ModelTokenizer` (chat template, incremental tokenization) for the
+    default model, a GGUF file or an mlx-lm directory, built without a worker."""
+    from kvrouter.router.prompting import ModelTokenizer
+    from kvrouter.router.worker_client import ModelInfo
+
+    f = tokenizer_fields(model, cache_dir)
+    name = "default" if model is None else Path(model).stem
+    return ModelTokenizer(ModelInfo(name, "", 1 << 20, f["tokenizer_json"], f["chat_template"] or "",
+                                    tuple(f["eos_token_ids"]), f["bos_token_id"]))
