@@ -135,15 +135,17 @@ class CheckpointWriter:
         with self._cond:
             return len(self._queue) + self._busy
 
-    def submit(self, job: WriteJob) -> list[WriteJob]:
+    def submit(self, job: WriteJob, bounded: bool = True) -> list[WriteJob]:
         """Queues `job`; returns the jobs skipped to respect the bounds (possibly `job`
         itself, possibly lower-valued queued ones), which the caller counts. After
-        `close`, every job is skipped."""
+        `close`, every job is skipped. bounded=False queues it past the bounds (at
+        shutdown, where its snapshot exists already and nothing else will use the
+        memory: `drain` writes them all, within its deadline)."""
         with self._cond:
             if self._closed:
                 return [job]
             skipped: list[WriteJob] = []
-            while self._queue and not self._fits(job):
+            while bounded and self._queue and not self._fits(job):
                 lowest = min(self._queue, key=lambda j: j.value)
                 if lowest.value >= job.value:
                     return [job]

@@ -130,6 +130,24 @@ def test_a_conversation_copies_its_evict_snapshot_while_the_writer_still_holds_i
         plain.stop(shutdown_checkpoint=False)
 
 
+def test_every_live_state_gets_its_shutdown_checkpoint_past_the_writer_queue_bound(tmp_path):
+    """Three live states and a writer queue of one item: a stop stores all three shutdown
+    checkpoints (before, the queue bound skipped the shorter ones as writer_behind; a CPU
+    bench run lost 6 of 15 that way, and with them a session's reuse after the restart)."""
+    from kvrouter.worker.config import MemoryConfig
+
+    engine = make_engine(tmp_path / "kv", decode_concurrency=3, prompt_concurrency=3,
+                         store_kw={"min_tokens": 64}, memory=MemoryConfig(writer_max_items=1))
+    try:
+        for seed in (51, 52, 53):
+            Call(engine, prompt_of(100, seed), max_tokens=1).wait()
+        assert len(engine.live_states) == 3
+    finally:
+        engine.stop(shutdown_checkpoint=True)
+    assert engine.shutdown_report == (3, 0)
+    assert engine.checkpoints.store.stats().entries["shutdown"] == 3
+
+
 def test_a_stored_checkpoint_is_published_as_joining_the_ram_tier(tmp_path):
     """The stored checkpoint joins the RAM tier when its write is collected; the RAM tier
     event must go out (the router routes RAM hits by these events; it once missed

@@ -86,6 +86,20 @@ def test_bytes_bound_and_one_oversized_job_alone():
     writer.close()
 
 
+def test_an_unbounded_submit_queues_past_the_bounds_for_a_shutdown():
+    gate = Gate()
+    writer = CheckpointWriter(max_items=1, max_bytes=10)
+    writer.submit(gate.job("busy"))
+    assert gate.started.wait(10)
+    assert writer.submit(gate.job("a", kind="shutdown", n_bytes=10)) == []
+    assert [j.owner for j in writer.submit(gate.job("b", kind="shutdown", n_bytes=10))] == ["b"]  # bounded: skipped
+    assert writer.submit(gate.job("b", kind="shutdown", n_bytes=10), bounded=False) == []
+    assert writer.submit(gate.job("c", kind="shutdown", n_bytes=10), bounded=False) == []
+    gate.open.set()
+    assert [c.entry for c in wait_for(writer, 4)] == ["busy", "a", "b", "c"]
+    writer.close()
+
+
 def test_drain_writes_in_parallel_within_the_deadline():
     gate = Gate()
     writer = CheckpointWriter(max_items=10, max_bytes=10**6)
