@@ -75,7 +75,10 @@ def short_query_attention(q, k, v, *, scale: float, mask=None, sinks=None, **kwa
         heads = mask.shape[1] != 1
         mask = mask.reshape(mask.shape[0], n_kv if heads else 1, groups if heads else 1, *mask.shape[2:])
         if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.array(-mx.inf, mx.float32))
+            # The lowest finite value, not -inf, as MLX's own fallback: a query that may see
+            # no key (a batch's left padding) gets finite weights instead of NaN, which its
+            # later layers' keys and values would carry into every real query's sums.
+            scores = mx.where(mask, scores, mx.array(mx.finfo(mx.float32).min, mx.float32))
         else:
             scores = scores + mask.astype(mx.float32)
     weights = mx.softmax(scores, axis=-1).astype(v.dtype)
@@ -88,7 +91,8 @@ def install(max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS) -> bool:
     CUDA; returns whether it did. max_query_tokens: the longest query (tokens) computed
     with plain operations; 0 leaves MLX's attention alone."""
     global _max_query_tokens
-    if max_query_tokens <= 0 or not (mx.cuda.is_available() and mx.default_device() == mx.gpu):
+    cuda = getattr(mx, "cuda", None)
+    if max_query_tokens <= 0 or cuda is None or not cuda.is_available() or mx.default_device() != mx.gpu:
         return False
     _max_query_tokens = max_query_tokens
     mx.fast.scaled_dot_product_attention = short_query_attention

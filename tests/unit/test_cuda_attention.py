@@ -48,6 +48,19 @@ def test_plain_attention_matches_the_reference_for_every_mask_form(mask_kind):
     np.testing.assert_allclose(np.array(got), reference(q, k, v, 0.25, mask), atol=1e-4)
 
 
+def test_a_query_that_may_see_no_key_gets_finite_weights_as_the_fused_kernel_gives():
+    """A batch's left padding: a query row with every key masked. NaN there would reach
+    the padded positions' keys and values in the next layers, and from them every real
+    query's sums (0 x NaN is NaN)."""
+    from kvrouter.worker.cuda_attention import _fused
+
+    q, k, v = qkv(b=1, n_q=2, n_kv=2, t_q=3, t_kv=5, d=4)
+    mask = mx.array([[False] * 5, [True, True, False, False, False], [True] * 5])
+    got = short_query_attention(q, k, v, scale=1.0, mask=mask)
+    assert not mx.isnan(got).any().item()
+    np.testing.assert_allclose(np.array(got), np.array(_fused(q, k, v, scale=1.0, mask=mask)), atol=1e-5)
+
+
 def test_a_causal_mask_lets_each_query_see_the_cache_and_the_chunk_up_to_itself():
     q, k, v = qkv(b=1, n_q=2, n_kv=1, t_q=3, t_kv=5, d=4)
     got = np.array(short_query_attention(q, k, v, scale=1.0, mask="causal"))
