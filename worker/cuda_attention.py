@@ -34,16 +34,17 @@ import logging
 
 import mlx.core as mx
 
+from kvrouter.worker.config import DEFAULT_PLAIN_ATTENTION_TOKENS
+
 log = logging.getLogger("kvrouter.worker.cuda_attention")
 
 MIN_QUERY_TOKENS = 2  # one query token is decode: MLX's vector kernel, no graph build
-DEFAULT_MAX_QUERY_TOKENS = 512
 MAX_SCORE_BYTES = 2 * 2**30
 """The plain form holds the float32 scores of one layer at once (batch x query heads x
 query tokens x keys x 4 bytes); a call that would hold more goes to the fused kernel."""
 
 _fused = mx.fast.scaled_dot_product_attention
-_max_query_tokens = DEFAULT_MAX_QUERY_TOKENS
+_max_query_tokens = DEFAULT_PLAIN_ATTENTION_TOKENS
 
 
 def short_query_attention(q, k, v, *, scale: float, mask=None, sinks=None, **kwargs):
@@ -86,7 +87,7 @@ def short_query_attention(q, k, v, *, scale: float, mask=None, sinks=None, **kwa
     return out.reshape(b, n_q, t_q, v.shape[-1])
 
 
-def install(max_query_tokens: int = DEFAULT_MAX_QUERY_TOKENS) -> bool:
+def install(max_query_tokens: int = DEFAULT_PLAIN_ATTENTION_TOKENS) -> bool:
     """Routes short query chunks around cuDNN (see module docstring) when MLX runs on
     CUDA; returns whether it did. max_query_tokens: the longest query (tokens) computed
     with plain operations; 0 leaves MLX's attention alone."""
